@@ -1,0 +1,1 @@
+"""netferry: the Python SDK, frame codecs, address parsing and the `netferry` CLI."""

@@ -1,0 +1,1 @@
+"""guestd: the guest side of netferry (vm-switch, network-setup, wsl-proxy)."""

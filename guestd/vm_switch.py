@@ -1,0 +1,426 @@
+"""`vm-switch`: the guest end of the frame stream, run inside the guest's network namespace.
+
+It owns tap `eth0`: frames the guest kernel sends on it go to hostd over the link, frames
+from hostd are written to it. The tap survives link drops: vm-switch redials with
+backoff and the guest's sockets see a pause, not a dead interface. Once the link is up the
+first time it gets an address by DHCP (pyroute2's client, or udhcpc), sets the default
+route and MTU from the lease, and writes a resolv.conf only to the path it is given.
+
+Flow control: when the link cannot take more (its write buffer is over the high-water
+mark) vm-switch stops reading the tap, so the guest kernel's queue fills and its TCP slows
+down, instead of vm-switch buffering without bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+from importlib import resources
+
+import structlog
+
+from guestd.tap import TapError, configure_link, open_tap, set_mtu
+from netferry.framing import FramingError, StreamDeframer, get_framing
+from netferry.log import add_logging_arguments, configure_logging
+from netferry.uri import LinkUri, parse_link_uri
+
+log = structlog.get_logger("vm-switch")
+
+TAP_READ_BATCH = 128
+HIGH_WATER = 4 << 20
+
+
+class LinkDown(Exception):
+    pass
+
+
+def dial(uri: LinkUri) -> socket.socket:
+    """A connected socket for `uri` (blocking connect; the caller makes it non-blocking)."""
+    if uri.scheme == "unix":
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(uri.path)
+    elif uri.scheme == "unixpacket":
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        s.connect(uri.path)
+    elif uri.scheme == "unixgram":
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        # The server learns us from our source address, so we must bind one.
+        s.bind(os.path.join(tempfile.mkdtemp(prefix="vm-switch-"), "sock"))
+        s.connect(uri.path)
+    elif uri.scheme == "tcp":
+        s = socket.create_connection((uri.host, uri.port))
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    elif uri.scheme == "vsock":
+        if uri.cid is None:
+            raise ValueError(f"{uri}: connecting needs a CID (vsock://2:PORT for the host)")
+        s = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+        s.connect((uri.cid, uri.port))
+    elif uri.scheme == "fd":
+        s = socket.socket(fileno=uri.fd)
+    else:
+        raise ValueError(f"{uri}: vm-switch cannot dial this scheme")
+    return s
+
+
+def _cleanup_bound_path(s: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        name = s.getsockname()
+        if isinstance(name, str) and name:
+            os.unlink(name)
+            os.rmdir(os.path.dirname(name))
+
+
+class Pump:
+    """Moves frames between the tap fd and one connected link socket until it drops."""
+
+    def __init__(self, tap_fd: int, sock: socket.socket, uri: LinkUri) -> None:
+        self.tap_fd = tap_fd
+        self.sock = sock
+        self.uri = uri
+        self.stream = sock.type == socket.SOCK_STREAM
+        self.framing = get_framing(uri.framing)
+        self.deframer = StreamDeframer(self.framing, uri.max_frame)
+        self.loop = asyncio.get_running_loop()
+        self.done: asyncio.Future[str] = self.loop.create_future()
+        self._out = bytearray()
+        self._writing = False
+        self._tap_reading = False
+        self.frames_in = 0
+        self.frames_out = 0
+
+    def start(self) -> None:
+        self.sock.setblocking(False)
+        self.loop.add_reader(self.sock.fileno(), self._sock_readable)
+        self._resume_tap()
+
+    def _resume_tap(self) -> None:
+        if not self._tap_reading:
+            self._tap_reading = True
+            self.loop.add_reader(self.tap_fd, self._tap_readable)
+
+    def _pause_tap(self) -> None:
+        if self._tap_reading:
+            self._tap_reading = False
+            self.loop.remove_reader(self.tap_fd)
+
+    def _fail(self, reason: str) -> None:
+        if not self.done.done():
+            self.done.set_result(reason)
+
+    def _sock_readable(self) -> None:
+        try:
+            data = self.sock.recv(1 << 18)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self._fail(f"read error: {e}")
+            return
+        if not data:
+            self._fail("link closed by hostd")
+            return
+        if self.stream:
+            try:
+                frames = self.deframer.feed(data)
+            except FramingError as e:
+                self._fail(f"framing error: {e}")
+                return
+        else:
+            frames = [data]
+        for frame in frames:
+            try:
+                os.write(self.tap_fd, frame)
+            except BlockingIOError:
+                pass  # the guest's queue is full: drop, as a NIC would
+            except OSError as e:
+                log.warning("tap.write_failed", error=str(e), size=len(frame))
+        self.frames_in += len(frames)
+
+    def _tap_readable(self) -> None:
+        frames = []
+        for _ in range(TAP_READ_BATCH):
+            try:
+                frames.append(os.read(self.tap_fd, 65536 + 14))
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as e:
+                self._fail(f"tap read error: {e}")
+                return
+        if not frames:
+            return
+        self.frames_out += len(frames)
+        if self.stream:
+            self._out += b"".join(self.framing.encode_many(frames))
+            self._flush()
+        else:
+            for frame in frames:
+                try:
+                    self.sock.send(frame)
+                except (BlockingIOError, InterruptedError):
+                    pass  # datagram link full: drop
+                except OSError as e:
+                    self._fail(f"write error: {e}")
+                    return
+
+    def _flush(self) -> None:
+        while self._out:
+            try:
+                n = self.sock.send(self._out)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as e:
+                self._fail(f"write error: {e}")
+                return
+            del self._out[:n]
+        if self._out:
+            if not self._writing:
+                self._writing = True
+                self.loop.add_writer(self.sock.fileno(), self._flush)
+            if len(self._out) > HIGH_WATER:
+                self._pause_tap()
+        else:
+            if self._writing:
+                self._writing = False
+                self.loop.remove_writer(self.sock.fileno())
+            self._resume_tap()
+
+    def stop(self) -> None:
+        self._pause_tap()
+        fd = self.sock.fileno()
+        if fd >= 0:
+            self.loop.remove_reader(fd)
+            if self._writing:
+                self.loop.remove_writer(fd)
+        _cleanup_bound_path(self.sock)
+        self.sock.close()
+
+
+class DhcpRunner:
+    """Gets and keeps a lease on the tap: pyroute2's client, or udhcpc when asked."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.proc: asyncio.subprocess.Process | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.bound = asyncio.Event()
+
+    def start(self) -> None:
+        if self.args.dhcp_client == "udhcpc":
+            self.task = asyncio.get_running_loop().create_task(self._udhcpc())
+        elif self.args.dhcp_client == "pyroute2":
+            self.task = asyncio.get_running_loop().create_task(self._pyroute2())
+
+    async def _udhcpc(self) -> None:
+        exe = shutil.which("udhcpc") or shutil.which("busybox")
+        if exe is None:
+            log.error("dhcp.udhcpc_missing", fix="apt-get install udhcpc")
+            return
+        script = resources.files("guestd").joinpath("udhcpc.script")
+        env = dict(os.environ)
+        env.pop("NETFERRY_RESOLV_CONF", None)
+        if self.args.resolv_conf:
+            env["NETFERRY_RESOLV_CONF"] = self.args.resolv_conf
+        cmd = [exe] if exe.endswith("udhcpc") else [exe, "udhcpc"]
+        cmd += ["-f", "-i", self.args.tap_interface, "-s", str(script), "-t", "20", "-T", "1"]
+        cmd += ["-A", "1", "-R"]  # retry soon after a failed round; release on exit
+        self.proc = await asyncio.create_subprocess_exec(
+            *cmd, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+        )
+        assert self.proc.stdout is not None
+        async for raw in self.proc.stdout:
+            line = raw.decode(errors="replace").strip()
+            if line.startswith("NETFERRY-LEASE"):
+                fields = dict(kv.split("=", 1) for kv in line.split()[1:] if "=" in kv)
+                log.info("dhcp.bound", client="udhcpc", **fields)
+                self.bound.set()
+            elif line:
+                log.debug("dhcp.udhcpc", line=line)
+        await self.proc.wait()
+
+    async def _pyroute2(self) -> None:
+        from pyroute2.dhcp import fsm
+        from pyroute2.dhcp.client import AsyncDHCPClient, ClientConfig
+        from pyroute2.dhcp.enums import dhcp
+        from pyroute2.dhcp.hooks import Trigger, add_default_gw, configure_ip, hook
+        from pyroute2.dhcp.leases import JSONStdoutLease
+
+        args = self.args
+
+        class MemoryLease(JSONStdoutLease):
+            def dump(self) -> None:  # kept in memory only: nothing written anywhere
+                pass
+
+        @hook(Trigger.BOUND, Trigger.RENEWED, Trigger.REBOUND)
+        async def apply_lease(lease: MemoryLease) -> None:
+            with contextlib.suppress(Exception):
+                if lease.mtu and lease.mtu != args.mtu:
+                    await set_mtu(args.tap_interface, int(lease.mtu))
+            servers: list[str] = []
+            with contextlib.suppress(Exception):
+                servers = list(lease.name_servers)
+            if args.resolv_conf:
+                search: list[str] = []
+                with contextlib.suppress(Exception):
+                    search = list(lease.domain_search)
+                write_resolv_conf(args.resolv_conf, servers, search)
+            mtu = None
+            with contextlib.suppress(Exception):
+                mtu = lease.mtu
+            log.info(
+                "dhcp.bound",
+                client="pyroute2",
+                ip=f"{lease.ip}/{lease.prefixlen}",
+                router=lease.default_gateway,
+                dns=",".join(servers),
+                mtu=mtu,
+            )
+            self.bound.set()
+
+        cfg = ClientConfig(
+            interface=args.tap_interface,
+            lease_type=MemoryLease,
+            hooks=[configure_ip, add_default_gw, apply_lease],
+            requested_parameters=(
+                dhcp.Option.SUBNET_MASK,
+                dhcp.Option.ROUTER,
+                dhcp.Option.NAME_SERVER,
+                dhcp.Option.DOMAIN_NAME,
+                dhcp.Option.LEASE_TIME,
+                dhcp.Option.RENEWAL_TIME,
+                dhcp.Option.REBINDING_TIME,
+                dhcp.Option.INTERFACE_MTU,
+                dhcp.Option.DOMAIN_SEARCH,
+            ),
+            handle_signals=False,
+            release=True,
+        )
+        async with AsyncDHCPClient(cfg) as client:
+            await client.bootstrap()
+            await client.wait_for_state(fsm.State.BOUND, timeout=None)
+            await asyncio.Event().wait()  # keep renewing until cancelled
+
+    async def stop(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.terminate()
+            try:
+                await asyncio.wait_for(self.proc.wait(), 3)
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(self.task, 3)
+
+
+def write_resolv_conf(path: str, servers: list[str], search: list[str]) -> None:
+    lines = []
+    if search:
+        lines.append("search " + " ".join(search))
+    lines += [f"nameserver {s}" for s in servers]
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    os.replace(tmp, path)
+
+
+async def run(args: argparse.Namespace) -> int:
+    uri = parse_link_uri(args.connect)
+    if args.resolv_conf and os.path.realpath(args.resolv_conf) == "/etc/resolv.conf":
+        if not args.allow_etc_resolv_conf:
+            log.error(
+                "resolv_conf.refused",
+                path=args.resolv_conf,
+                reason="would overwrite /etc/resolv.conf; pass --allow-etc-resolv-conf inside a "
+                "private mount namespace",
+            )
+            return 2
+    try:
+        tap_fd = open_tap(args.tap_interface)
+        await configure_link(args.tap_interface, args.tap_mac_address, args.mtu)
+    except TapError as e:
+        log.error("tap.failed", error=str(e))
+        return 1
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    dhcp = DhcpRunner(args)
+    backoff = 0.1
+    started_dhcp = False
+    rc = 0
+    try:
+        while not stop.is_set():
+            try:
+                sock = await loop.run_in_executor(None, dial, uri)
+            except (OSError, ValueError) as e:
+                if uri.scheme == "fd" or isinstance(e, ValueError):
+                    log.error("link.dial_failed", uri=str(uri), error=str(e))
+                    rc = 1
+                    break
+                log.info("link.dial_failed", uri=str(uri), error=str(e), retry_in=backoff)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            backoff = 0.1
+            pump = Pump(tap_fd, sock, uri)
+            pump.start()
+            log.info("link.up", uri=str(uri))
+            if not started_dhcp:
+                started_dhcp = True
+                dhcp.start()
+            stopper = loop.create_task(stop.wait())
+            await asyncio.wait([pump.done, stopper], return_when=asyncio.FIRST_COMPLETED)
+            stopper.cancel()
+            pump.stop()
+            if pump.done.done():
+                log.warning("link.down", uri=str(uri), reason=pump.done.result())
+                if uri.scheme == "fd":
+                    rc = 1
+                    break
+    finally:
+        await dhcp.stop()
+        os.close(tap_fd)
+        log.info("vm-switch.stopped")
+    return rc
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vm-switch", description=__doc__.split("\n\n")[0])
+    p.add_argument("--connect", required=True, metavar="URI", help="hostd link URI to dial")
+    p.add_argument("--tap-interface", default="eth0")
+    p.add_argument("--tap-mac-address", default="5a:94:ef:e4:0c:ee")
+    p.add_argument("--mtu", type=int, default=1500)
+    p.add_argument(
+        "--dhcp-client",
+        choices=["pyroute2", "udhcpc", "none"],
+        default="pyroute2",
+        help="how to get the address (default %(default)s)",
+    )
+    p.add_argument(
+        "--resolv-conf",
+        metavar="PATH",
+        help="write the lease's DNS servers here (never /etc/resolv.conf unless allowed)",
+    )
+    p.add_argument("--allow-etc-resolv-conf", action="store_true", help=argparse.SUPPRESS)
+    add_logging_arguments(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_format, "debug" if args.debug else "info", args.log_file)
+    with contextlib.suppress(KeyboardInterrupt):
+        return asyncio.run(run(args))
+    return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

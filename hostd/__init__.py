@@ -1,0 +1,1 @@
+"""hostd: the host side of netferry (the `host-switch` daemon)."""

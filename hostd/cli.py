@@ -1,0 +1,158 @@
+"""`host-switch`: the hostd daemon's command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import sys
+
+import structlog
+
+from hostd.config import DEFAULT_SUBNET, MAX_MTU, MIN_MTU, NetworkConfig, parse_subnet
+from hostd.services.dhcp import parse_static_lease
+from hostd.services.dns import parse_record_spec, parse_upstream, upstreams_from_resolv_conf
+from hostd.stack.ethernet import parse_mac
+from netferry.log import add_logging_arguments, configure_logging
+from netferry.uri import parse_link_uri
+
+log = structlog.get_logger("hostd")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="host-switch",
+        description="netferry's host switch: a userspace network for VMs and namespaces.",
+    )
+    p.add_argument(
+        "--listen",
+        action="append",
+        default=[],
+        metavar="URI",
+        help="link endpoint (repeatable): unix:///path, tcp://host:port, unixpacket:///path, "
+        "unixgram:///path, vsock://[CID]:PORT, fd://N, stdio://; streams take "
+        "?framing=len32be|len16le",
+    )
+    net = p.add_argument_group("network")
+    net.add_argument("--subnet", default=DEFAULT_SUBNET, help="IPv4 subnet (default %(default)s)")
+    net.add_argument("--gateway-mac", default="5a:94:ef:e4:0c:dd")
+    net.add_argument(
+        "--mtu", type=int, default=1500, help=f"guest MTU, {MIN_MTU}..{MAX_MTU} (default 1500)"
+    )
+    net.add_argument(
+        "--static-lease",
+        action="append",
+        default=[],
+        metavar="MAC=IP",
+        help="fixed DHCP lease (repeatable; default 5a:94:ef:e4:0c:ee=.2)",
+    )
+    net.add_argument("--lease-time", type=int, default=3600, metavar="SECONDS")
+    net.add_argument(
+        "--no-host-loopback",
+        action="store_true",
+        help="refuse traffic to the host-loopback address (.254 → 127.0.0.1)",
+    )
+    dns = p.add_argument_group("dns")
+    dns.add_argument(
+        "--dns-upstream",
+        action="append",
+        default=[],
+        metavar="ADDR[:PORT]",
+        help="resolver for names outside the local zones (repeatable; default: the host's "
+        "/etc/resolv.conf)",
+    )
+    dns.add_argument(
+        "--dns-record",
+        action="append",
+        default=[],
+        metavar="NAME=TYPE:VALUE",
+        help="static record, e.g. db.containers.internal=A:192.168.127.2 (repeatable)",
+    )
+    dns.add_argument("--dns-search", action="append", default=[], metavar="DOMAIN")
+    lim = p.add_argument_group("limits")
+    lim.add_argument("--udp-idle-timeout", type=float, default=90.0, metavar="SECONDS")
+    lim.add_argument("--udp-max-flows", type=int, default=4096)
+    lim.add_argument("--icmp-idle-timeout", type=float, default=30.0, metavar="SECONDS")
+    lim.add_argument("--icmp-max-flows", type=int, default=1024)
+    p.add_argument("--pcap", metavar="FILE", help="write every frame through the switch here")
+    add_logging_arguments(p)
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> NetworkConfig:
+    subnet = parse_subnet(args.subnet)
+    static = dict(parse_static_lease(s) for s in args.static_lease)
+    if args.dns_upstream:
+        upstreams = [parse_upstream(u) for u in args.dns_upstream]
+    else:
+        upstreams = upstreams_from_resolv_conf()
+    return NetworkConfig(
+        subnet=subnet,
+        gateway_mac=parse_mac(args.gateway_mac),
+        mtu=args.mtu,
+        host_loopback=not args.no_host_loopback,
+        static_leases=static,
+        dns_upstreams=upstreams,
+        dns_search=list(args.dns_search),
+        udp_idle_timeout=args.udp_idle_timeout,
+        udp_max_flows=args.udp_max_flows,
+        icmp_idle_timeout=args.icmp_idle_timeout,
+        icmp_max_flows=args.icmp_max_flows,
+        lease_time=args.lease_time,
+    )
+
+
+async def run(args: argparse.Namespace, config: NetworkConfig) -> int:
+    from hostd.switch import HostSwitch
+
+    switch = HostSwitch(config, pcap_path=args.pcap)
+    for spec in args.dns_record:
+        zone, record = parse_record_spec(spec, switch.network.zones)
+        switch.network.zones.add_records(zone, [record])
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        for uri in args.listen:
+            await switch.listen(parse_link_uri(uri))
+    except OSError as e:
+        log.error("listen.failed", error=str(e))
+        await switch.close()
+        return 1
+    log.info(
+        "hostd.ready",
+        subnet=str(config.subnet),
+        gateway=str(config.gateway_ip),
+        host_loopback=str(config.host_ip) if config.host_loopback else "refused",
+        mtu=config.mtu,
+        dns_upstreams=[f"{h}:{p}" for h, p in config.dns_upstreams],
+    )
+    await stop.wait()
+    log.info("hostd.stopping", stats=switch.stats())
+    await switch.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    configure_logging(args.log_format, "debug" if args.debug else "info", args.log_file)
+    if not args.listen:
+        parser.error("at least one --listen URI is required")
+    try:
+        for uri in args.listen:
+            parse_link_uri(uri)
+        config = config_from_args(args)
+        for spec in args.dns_record:
+            parse_record_spec(spec)
+    except ValueError as e:
+        parser.error(str(e))
+    with contextlib.suppress(KeyboardInterrupt):
+        return asyncio.run(run(args, config))
+    return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""hostd's configuration: the virtual network's addresses and every limit, as one dataclass.
+
+Defaults match gvproxy and Rancher Desktop (192.168.127.0/24, gateway .1 with MAC
+5a:94:ef:e4:0c:dd, guest .2 for MAC 5a:94:ef:e4:0c:ee, host loopback at .254, MTU 1500)
+so that guests and tools built for them work unchanged.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network
+
+from hostd.stack.ethernet import parse_mac
+
+DEFAULT_SUBNET = "192.168.127.0/24"
+DEFAULT_GATEWAY_MAC = "5a:94:ef:e4:0c:dd"
+DEFAULT_GUEST_MAC = "5a:94:ef:e4:0c:ee"
+MIN_MTU = 576
+MAX_MTU = 65520
+
+
+@dataclass
+class NetworkConfig:
+    subnet: IPv4Network = field(default_factory=lambda: IPv4Network(DEFAULT_SUBNET))
+    gateway_mac: bytes = parse_mac(DEFAULT_GATEWAY_MAC)
+    mtu: int = 1500
+    # .254 (the last usable address) reaches the host's 127.0.0.1, unless refused.
+    host_loopback: bool = True
+    static_leases: dict[str, IPv4Address] = field(default_factory=dict)
+    dns_upstreams: list[tuple[str, int]] = field(default_factory=list)
+    dns_search: list[str] = field(default_factory=list)
+    udp_idle_timeout: float = 90.0  # gvproxy's conntrack timeout
+    udp_max_flows: int = 4096
+    icmp_idle_timeout: float = 30.0
+    icmp_max_flows: int = 1024
+    reassembly_max_bytes: int = 4 << 20
+    reassembly_timeout: float = 30.0
+    lease_time: int = 3600
+
+    def __post_init__(self) -> None:
+        if self.subnet.prefixlen > 29:
+            raise ValueError(f"subnet {self.subnet} is too small: need at least a /29")
+        if not MIN_MTU <= self.mtu <= MAX_MTU:
+            raise ValueError(f"MTU {self.mtu} out of range {MIN_MTU}..{MAX_MTU}")
+        if not self.static_leases:
+            self.static_leases = {DEFAULT_GUEST_MAC: self.guest_ip}
+        for mac, ip in self.static_leases.items():
+            if ip not in self.subnet or ip in (self.gateway_ip, self.host_ip):
+                raise ValueError(f"static lease {mac}={ip}: address not usable in {self.subnet}")
+
+    @property
+    def gateway_ip(self) -> IPv4Address:
+        return self.subnet.network_address + 1
+
+    @property
+    def guest_ip(self) -> IPv4Address:
+        return self.subnet.network_address + 2
+
+    @property
+    def host_ip(self) -> IPv4Address:
+        return self.subnet.broadcast_address - 1
+
+
+def parse_subnet(text: str) -> IPv4Network:
+    try:
+        net = ipaddress.ip_network(text, strict=True)
+    except ValueError as e:
+        raise ValueError(f"bad subnet {text!r}: {e}") from None
+    if not isinstance(net, IPv4Network):
+        raise ValueError(f"bad subnet {text!r}: only IPv4 subnets are supported")
+    return net

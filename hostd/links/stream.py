@@ -1,0 +1,199 @@
+"""Stream links: unix, tcp, vsock, inherited fds and stdio, with a length prefix per frame.
+
+Reads go through `StreamDeframer`, so one `data_received` can deliver dozens of frames in
+one batch. A framing error (zero length, oversized) closes this link only, with the reason
+logged and counted; the switch and other links carry on. Writes are one `writelines` per
+batch. Listeners accept any number of connections, each a new switch port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import stat
+from collections.abc import Callable
+
+import structlog
+
+from hostd.links.base import Link, LinkSink
+from netferry.framing import FramingError, StreamDeframer, get_framing
+from netferry.uri import VMADDR_CID_ANY, LinkUri
+
+log = structlog.get_logger("hostd.links")
+
+
+class StreamLink(Link, asyncio.Protocol):
+    kind = "stream"
+
+    def __init__(self, sink: LinkSink, name: str, framing: str, max_frame: int) -> None:
+        Link.__init__(self, sink, name)
+        self.framing = get_framing(framing)
+        self.deframer = StreamDeframer(self.framing, max_frame)
+        self.transport: asyncio.WriteTransport | None = None
+
+    # asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.transport is None:
+            self.transport = transport  # type: ignore[assignment]
+            self.sink.link_opened(self)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            frames = self.deframer.feed(data)
+        except FramingError as e:
+            log.warning("link.framing_error", link=self.name, reason=str(e))
+            self.close(f"framing_error: {e}")
+            return
+        if frames:
+            self._delivered(frames)
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed:
+            self.closed = True
+            self.sink.link_closed(self, f"connection_lost: {exc}" if exc else None)
+
+    # Link
+    def send_frames(self, frames: list[bytes]) -> None:
+        t = self.transport
+        if t is None or self.closed or t.is_closing():
+            return
+        if t.get_write_buffer_size() > self.max_backlog:
+            self.counters.dropped_out += len(frames)
+            return
+        c = self.counters
+        c.frames_out += len(frames)
+        c.bytes_out += sum(map(len, frames))
+        t.writelines(self.framing.encode_many(frames))
+
+    def _close_transport(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+LinkFactory = Callable[[str], Link]
+
+
+class StreamListener:
+    """Accepts stream connections on a unix/tcp/vsock address; each one is a new link."""
+
+    def __init__(self, uri: LinkUri, sink: LinkSink) -> None:
+        self.uri = uri
+        self.sink = sink
+        self.server: asyncio.base_events.Server | None = None
+        self._created_path: str | None = None
+        self._count = 0
+
+    def _protocol(self) -> StreamLink:
+        self._count += 1
+        return StreamLink(
+            self.sink, f"{self.uri}#{self._count}", self.uri.framing, self.uri.max_frame
+        )
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        uri = self.uri
+        if uri.scheme == "unix":
+            sock = bind_unix_socket(uri.path, socket.SOCK_STREAM)
+            self._created_path = uri.path
+            self.server = await loop.create_unix_server(self._protocol, sock=sock)
+        elif uri.scheme == "tcp":
+            self.server = await loop.create_server(self._protocol, uri.host, uri.port)
+        elif uri.scheme == "vsock":
+            sock = vsock_listen_socket(uri.cid, uri.port)
+            self.server = await loop.create_server(self._protocol, sock=sock)
+        else:
+            raise ValueError(f"{uri}: not a listening stream scheme")
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        remove_socket_file(self._created_path)
+
+
+def vsock_listen_socket(cid: int | None, port: int) -> socket.socket:
+    """An AF_VSOCK listening socket (the host side of a VM's virtio-vsock)."""
+    if not hasattr(socket, "AF_VSOCK"):
+        raise OSError("AF_VSOCK is not available on this platform")
+    sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+    try:
+        sock.bind((VMADDR_CID_ANY if cid is None else cid, port))
+        sock.listen(16)
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
+def bind_unix_socket(path: str, type_: int) -> socket.socket:
+    """Bind a unix socket at `path`, replacing only a stale socket file there.
+
+    A live socket (someone listens) is an error; a file that is not a socket is never
+    touched (an API or a flag must not become a way to delete files)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise FileExistsError(f"{path} exists and is not a socket; refusing to replace it")
+        probe = socket.socket(socket.AF_UNIX, type_)
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            os.unlink(path)  # stale socket from a process that is gone
+        except OSError:
+            os.unlink(path)
+        else:
+            raise FileExistsError(f"{path} is in use by a running process")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, type_)
+    try:
+        sock.bind(path)
+        os.chmod(path, 0o600)
+        if type_ != socket.SOCK_DGRAM:
+            sock.listen(16)
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
+def remove_socket_file(path: str | None) -> None:
+    if not path:
+        return
+    try:
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+async def connect_stream_fd(sink: LinkSink, uri: LinkUri, sock: socket.socket) -> StreamLink:
+    """Wrap an already-connected stream socket (fd://N, or a dialled socket) as a link."""
+    loop = asyncio.get_running_loop()
+    link = StreamLink(sink, str(uri), uri.framing, uri.max_frame)
+    sock.setblocking(False)
+    await loop.connect_accepted_socket(lambda: link, sock)
+    return link
+
+
+async def connect_stdio(sink: LinkSink, uri: LinkUri) -> StreamLink:
+    """stdin/stdout as one stream link (gvproxy's -listen-stdio)."""
+    import sys
+
+    loop = asyncio.get_running_loop()
+    link = StreamLink(sink, "stdio://", uri.framing, uri.max_frame)
+    # The write side first: connection_made of the read side announces the link.
+    link.transport, _ = await loop.connect_write_pipe(asyncio.Protocol, sys.stdout.buffer)  # type: ignore[assignment]
+    transport = link.transport
+    link.transport = None
+    await loop.connect_read_pipe(lambda: link, sys.stdin.buffer)
+    link.transport = transport  # writes go to stdout
+    return link

@@ -1,0 +1,189 @@
+"""UDP NAT: each guest flow gets its own connected host socket.
+
+A flow is (guest ip, guest port, destination ip, destination port). Its host socket is
+connected to the real target, so the kernel only accepts replies from that target
+(endpoint-dependent filtering, as gvproxy and slirp4netns do) and reports ICMP errors for
+it: an ECONNREFUSED on the socket becomes an ICMP port unreachable to the guest, so a guest
+`send` to a closed port fails with ECONNREFUSED as it would on a real network.
+
+Bounded: flows idle longer than `idle_timeout` are reaped by a periodic sweep, and at
+`max_flows` the least recently used flow is evicted before a new one is opened (the gvproxy
+#622 lesson: one socket per DNS query held for 90 s starves a host of descriptors).
+Reads drain each socket until it would block; replies go back through `Network.send_udp`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import ipaddress
+import socket
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import structlog
+
+from hostd.stack import icmp
+from hostd.stack.network import Network, UdpOutbound
+
+log = structlog.get_logger("hostd.nat.udp")
+
+FlowKey = tuple[bytes, int, bytes, int]
+READ_BATCH = 64
+RECV_SIZE = 65535
+
+
+@dataclass(slots=True)
+class UdpFlow:
+    key: FlowKey
+    sock: socket.socket
+    last_active: float
+    quote: bytes  # last guest datagram's IP header + 8 bytes, for ICMP errors
+    stats: dict[str, int] = field(default_factory=lambda: {"out": 0, "in": 0})
+
+
+class UdpNat:
+    def __init__(
+        self,
+        network: Network,
+        flush: Callable[[], None],
+        *,
+        idle_timeout: float,
+        max_flows: int,
+    ) -> None:
+        self.network = network
+        self.flush = flush
+        self.idle_timeout = idle_timeout
+        self.max_flows = max_flows
+        self.flows: OrderedDict[FlowKey, UdpFlow] = OrderedDict()
+        self.loop = asyncio.get_running_loop()
+        self.stats = {
+            "flows_opened": 0,
+            "flows_reaped": 0,
+            "flows_evicted": 0,
+            "datagrams_out": 0,
+            "datagrams_in": 0,
+            "send_errors": 0,
+            "refused": 0,
+        }
+        self._sweeper = self.loop.create_task(self._sweep_forever())
+
+    @property
+    def active(self) -> int:
+        return len(self.flows)
+
+    def send(self, ev: UdpOutbound) -> None:
+        key = (ev.guest_ip, ev.guest_port, ev.dst_ip, ev.dst_port)
+        now = self.loop.time()
+        flow = self.flows.get(key)
+        if flow is None:
+            flow = self._open(key, ev.target_ip, ev.dst_port, now)
+            if flow is None:
+                self.network.send_icmp_error(
+                    ev.dst_ip, ev.guest_ip, icmp.DEST_UNREACHABLE, icmp.HOST_UNREACHABLE, ev.quote
+                )
+                return
+        else:
+            self.flows.move_to_end(key)
+        flow.last_active = now
+        flow.quote = ev.quote
+        try:
+            flow.sock.send(ev.payload)
+        except (BlockingIOError, InterruptedError):
+            self.stats["send_errors"] += 1  # full socket buffer: a lost datagram, as on a wire
+            return
+        except ConnectionRefusedError:
+            self._refused(flow)
+            return
+        except OSError as e:
+            self.stats["send_errors"] += 1
+            if e.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH):
+                self.network.send_icmp_error(
+                    ev.dst_ip, ev.guest_ip, icmp.DEST_UNREACHABLE, icmp.HOST_UNREACHABLE, ev.quote
+                )
+            return
+        flow.stats["out"] += 1
+        self.stats["datagrams_out"] += 1
+
+    def _open(self, key: FlowKey, target_ip: str, port: int, now: float) -> UdpFlow | None:
+        while len(self.flows) >= self.max_flows:
+            _, old = self.flows.popitem(last=False)
+            self._close(old)
+            self.stats["flows_evicted"] += 1
+        family = socket.AF_INET6 if ipaddress.ip_address(target_ip).version == 6 else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            sock.connect((target_ip, port))
+        except OSError as e:
+            sock.close()
+            self.stats["send_errors"] += 1
+            log.debug("nat.udp.connect_failed", target=target_ip, port=port, error=str(e))
+            return None
+        flow = UdpFlow(key, sock, now, b"")
+        self.flows[key] = flow
+        self.loop.add_reader(sock.fileno(), self._readable, flow)
+        self.stats["flows_opened"] += 1
+        return flow
+
+    def _readable(self, flow: UdpFlow) -> None:
+        guest_ip, guest_port, dst_ip, dst_port = flow.key
+        send_udp = self.network.send_udp
+        got = 0
+        for _ in range(READ_BATCH):
+            try:
+                data = flow.sock.recv(RECV_SIZE)
+            except (BlockingIOError, InterruptedError):
+                break
+            except ConnectionRefusedError:
+                self._refused(flow)
+                break
+            except OSError:
+                self.stats["send_errors"] += 1
+                break
+            send_udp(dst_ip, dst_port, guest_ip, guest_port, data)
+            got += 1
+        if got:
+            flow.last_active = self.loop.time()
+            flow.stats["in"] += got
+            self.stats["datagrams_in"] += got
+        self.flush()
+
+    def _refused(self, flow: UdpFlow) -> None:
+        """The target sent ICMP port unreachable: tell the guest the same way."""
+        self.stats["refused"] += 1
+        guest_ip, _, dst_ip, _ = flow.key
+        if flow.quote:
+            self.network.send_icmp_error(
+                dst_ip, guest_ip, icmp.DEST_UNREACHABLE, icmp.PORT_UNREACHABLE, flow.quote
+            )
+
+    def _close(self, flow: UdpFlow) -> None:
+        try:
+            self.loop.remove_reader(flow.sock.fileno())
+        except (ValueError, OSError):
+            pass
+        flow.sock.close()
+
+    def reap(self, now: float) -> int:
+        """Close flows idle past the timeout; returns how many."""
+        idle = [k for k, f in self.flows.items() if now - f.last_active >= self.idle_timeout]
+        for k in idle:
+            self._close(self.flows.pop(k))
+        self.stats["flows_reaped"] += len(idle)
+        return len(idle)
+
+    async def _sweep_forever(self) -> None:
+        interval = max(0.2, min(5.0, self.idle_timeout / 4))
+        while True:
+            await asyncio.sleep(interval)
+            n = self.reap(self.loop.time())
+            if n:
+                log.info("nat.udp.flows_reaped", reaped=n, active=len(self.flows))
+
+    def close(self) -> None:
+        self._sweeper.cancel()
+        for flow in self.flows.values():
+            self._close(flow)
+        self.flows.clear()

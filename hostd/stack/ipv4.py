@@ -1,0 +1,239 @@
+"""IPv4 (RFC 791): header validation, fragment reassembly and fragmentation.
+
+Inbound (guest → stack): `parse_ipv4` checks version, header length, total length (Ethernet
+padding beyond it is trimmed) and the header checksum; anything wrong raises `Ipv4Error`
+with a short reason that becomes a drop counter. Fragments go to the `Reassembler`, which
+holds at most `max_bytes` of partial datagrams and forgets one after `timeout` seconds
+(Linux's ipfrag_time is 30 s). Overlapping fragments drop the whole datagram, as Linux does
+and RFC 5722 requires for IPv6: overlaps are how fragment attacks smuggle headers.
+
+Outbound (stack → guest): `build_ipv4` fills a header from a precompiled struct;
+`fragment` splits a datagram larger than the guest's MTU at 8-byte boundaries.
+It never loops over payload bytes in Python.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+
+from hostd.stack.checksum import checksum, ones_sum
+
+HEADER = struct.Struct("!BBHHHBBH4s4s")
+HEADER_LEN = 20
+
+PROTO_ICMP = 1
+PROTO_TCP = 6
+PROTO_UDP = 17
+
+FLAG_DF = 0x4000
+FLAG_MF = 0x2000
+OFFSET_MASK = 0x1FFF
+
+
+class Ipv4Error(ValueError):
+    """A malformed IPv4 packet; `args[0]` is the counter name for the reason."""
+
+
+@dataclass(slots=True)
+class Ipv4Packet:
+    src: bytes
+    dst: bytes
+    proto: int
+    ttl: int
+    ident: int
+    flags_offset: int
+    tos: int
+    header: bytes  # the header as received (options included): ICMP errors quote it
+    payload: bytes
+
+    @property
+    def is_fragment(self) -> bool:
+        return bool(self.flags_offset & (FLAG_MF | OFFSET_MASK))
+
+    @property
+    def raw(self) -> bytes:
+        return self.header + self.payload
+
+
+def parse_ipv4(data: bytes | memoryview) -> Ipv4Packet:
+    n = len(data)
+    if n < HEADER_LEN:
+        raise Ipv4Error("ipv4_truncated")
+    ver_ihl, tos, total, ident, flags_offset, ttl, proto, _csum, src, dst = HEADER.unpack_from(data)
+    if ver_ihl >> 4 != 4:
+        raise Ipv4Error("ipv4_bad_version")
+    hlen = (ver_ihl & 0x0F) * 4
+    if hlen < HEADER_LEN or hlen > n:
+        raise Ipv4Error("ipv4_bad_header_length")
+    if total < hlen or total > n:
+        raise Ipv4Error("ipv4_bad_total_length")
+    header = bytes(data[:hlen])
+    if ones_sum(header) != 0xFFFF:
+        raise Ipv4Error("ipv4_bad_checksum")
+    if flags_offset & 0x8000:
+        raise Ipv4Error("ipv4_reserved_flag")
+    return Ipv4Packet(
+        src, dst, proto, ttl, ident, flags_offset, tos, header, bytes(data[hlen:total])
+    )
+
+
+def build_ipv4(
+    src: bytes,
+    dst: bytes,
+    proto: int,
+    payload: bytes | bytearray,
+    ident: int = 0,
+    ttl: int = 64,
+    tos: int = 0,
+    flags_offset: int = 0,
+) -> bytes:
+    header = HEADER.pack(
+        0x45, tos, HEADER_LEN + len(payload), ident, flags_offset, ttl, proto, 0, src, dst
+    )
+    csum = checksum(header)
+    return header[:10] + csum.to_bytes(2, "big") + header[12:] + payload
+
+
+def fragment(
+    src: bytes,
+    dst: bytes,
+    proto: int,
+    payload: bytes,
+    mtu: int,
+    ident: int,
+    ttl: int = 64,
+    tos: int = 0,
+) -> list[bytes]:
+    """The datagram as one packet if it fits `mtu`, else as fragments of at most `mtu`."""
+    if HEADER_LEN + len(payload) <= mtu:
+        return [build_ipv4(src, dst, proto, payload, ident, ttl, tos)]
+    step = (mtu - HEADER_LEN) & ~7
+    if step <= 0:
+        raise ValueError(f"MTU {mtu} too small to fragment")
+    out = []
+    view = memoryview(payload)
+    for off in range(0, len(payload), step):
+        chunk = view[off : off + step]
+        more = FLAG_MF if off + step < len(payload) else 0
+        out.append(build_ipv4(src, dst, proto, bytes(chunk), ident, ttl, tos, more | (off >> 3)))
+    return out
+
+
+@dataclass(slots=True)
+class _Partial:
+    first_header: bytes | None = None
+    pieces: dict[int, bytes] = field(default_factory=dict)  # offset in bytes -> data
+    total: int | None = None  # payload length, known once the last fragment arrived
+    size: int = 0
+    deadline: float = 0.0
+
+
+class Reassembler:
+    """Joins IPv4 fragments; bounded by bytes held and by time."""
+
+    def __init__(self, max_bytes: int = 4 << 20, timeout: float = 30.0) -> None:
+        self.max_bytes = max_bytes
+        self.timeout = timeout
+        self._partials: dict[tuple[bytes, bytes, int, int], _Partial] = {}
+        self._held = 0
+        self.stats = {
+            "fragments": 0,
+            "reassembled": 0,
+            "overlap_dropped": 0,
+            "timeout_dropped": 0,
+            "memory_dropped": 0,
+            "too_big_dropped": 0,
+        }
+
+    def __len__(self) -> int:
+        return len(self._partials)
+
+    @property
+    def held_bytes(self) -> int:
+        return self._held
+
+    def add(self, pkt: Ipv4Packet, now: float) -> Ipv4Packet | None:
+        """Feed a fragment; returns the whole datagram once complete."""
+        self.stats["fragments"] += 1
+        key = (pkt.src, pkt.dst, pkt.proto, pkt.ident)
+        offset = (pkt.flags_offset & OFFSET_MASK) * 8
+        more = bool(pkt.flags_offset & FLAG_MF)
+        data = pkt.payload
+        end = offset + len(data)
+        if end > 65535 - HEADER_LEN:
+            self.stats["too_big_dropped"] += 1
+            self._drop(key)
+            return None
+        if more and len(data) % 8:
+            self.stats["overlap_dropped"] += 1  # a non-final fragment must be 8-byte aligned
+            self._drop(key)
+            return None
+        part = self._partials.get(key)
+        if part is None:
+            if self._held + len(data) > self.max_bytes:
+                self._evict_oldest(len(data))
+                if self._held + len(data) > self.max_bytes:
+                    self.stats["memory_dropped"] += 1
+                    return None
+            part = _Partial(deadline=now + self.timeout)
+            self._partials[key] = part
+        elif self._held + len(data) > self.max_bytes:
+            self.stats["memory_dropped"] += 1
+            self._drop(key)
+            return None
+        if not more:
+            if part.total is not None and part.total != end:
+                self.stats["overlap_dropped"] += 1
+                self._drop(key)
+                return None
+            part.total = end
+        for o, d in part.pieces.items():
+            if offset < o + len(d) and o < end:
+                if o == offset and d == data:
+                    return None  # an exact duplicate is harmless
+                self.stats["overlap_dropped"] += 1
+                self._drop(key)
+                return None
+        if part.total is not None and end > part.total:
+            self.stats["overlap_dropped"] += 1
+            self._drop(key)
+            return None
+        part.pieces[offset] = data
+        part.size += len(data)
+        self._held += len(data)
+        if offset == 0:
+            part.first_header = pkt.header
+        if part.total is None or part.size != part.total or part.first_header is None:
+            return None
+        del self._partials[key]
+        self._held -= part.size
+        payload = b"".join(part.pieces[o] for o in sorted(part.pieces))
+        self.stats["reassembled"] += 1
+        return Ipv4Packet(
+            pkt.src, pkt.dst, pkt.proto, pkt.ttl, pkt.ident, 0, pkt.tos, part.first_header, payload
+        )
+
+    def expire(self, now: float) -> int:
+        gone = [k for k, p in self._partials.items() if p.deadline <= now]
+        for k in gone:
+            self._drop(k)
+        self.stats["timeout_dropped"] += len(gone)
+        return len(gone)
+
+    def next_deadline(self) -> float | None:
+        if not self._partials:
+            return None
+        return min(p.deadline for p in self._partials.values())
+
+    def _drop(self, key: tuple[bytes, bytes, int, int]) -> None:
+        part = self._partials.pop(key, None)
+        if part is not None:
+            self._held -= part.size
+
+    def _evict_oldest(self, need: int) -> None:
+        for key in sorted(self._partials, key=lambda k: self._partials[k].deadline):
+            if self._held + need <= self.max_bytes:
+                return
+            self._drop(key)
+            self.stats["memory_dropped"] += 1

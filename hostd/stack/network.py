@@ -1,0 +1,435 @@
+"""The virtual network: switch ports, the gateway's IPv4 stack, and the events for the NAT.
+
+Theory of operation. `Network` owns the CAM table, the neighbour table, fragment
+reassembly and the gateway's protocol handlers. The asyncio side (hostd/switch.py) feeds it
+batches of frames per link with `receive_frames(port, frames, now)` and then drains
+`frames_to_send()` (frames per port) and `events` (work for the NAT: datagrams and echo
+requests to relay to host sockets, DNS queries to forward). Replies from host sockets come
+back through `send_udp`, `send_icmp_echo_reply` and `send_icmp_error`.
+
+Frames between guests are switched at layer 2 and never parsed beyond Ethernet. Frames to
+the gateway MAC (and broadcasts) are parsed: ARP is answered for the gateway and virtual
+addresses; IPv4 is validated, reassembled, and dispatched by protocol and destination:
+the gateway itself (DHCP, DNS, echo), .254 (host loopback, or refused), other subnet
+addresses (dropped: guests reach each other directly), anything else (NAT).
+
+It must never raise on guest input: every malformed frame ends as a named counter.
+It does no I/O and reads no clock: `now` comes in with every call.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import Counter, deque
+from dataclasses import dataclass
+
+from hostd.config import NetworkConfig
+from hostd.services.dhcp import DhcpConfig, DhcpServer, LeaseGranted
+from hostd.services.dns import DnsResolver, DnsZones, ForwardQuery, default_zones
+from hostd.stack import arp, ethernet, icmp, ipv4, udp
+from hostd.stack.ethernet import BROADCAST, ETHERTYPE_ARP, ETHERTYPE_IPV4, ETHERTYPE_IPV6
+
+LOOPBACK_V4 = b"\x7f\x00\x00\x01"
+LIMITED_BROADCAST = b"\xff\xff\xff\xff"
+ANY_V4 = b"\x00\x00\x00\x00"
+DHCP_SERVER_PORT = 67
+DHCP_CLIENT_PORT = 68
+DNS_PORT = 53
+PENDING_ARP_MAX = 64  # packets held per unresolved guest address
+
+
+@dataclass(slots=True)
+class UdpOutbound:
+    """A guest datagram for the NAT to send from a host socket to `target`."""
+
+    guest_ip: bytes
+    guest_port: int
+    dst_ip: bytes  # as the guest addressed it (e.g. .254)
+    dst_port: int
+    target_ip: str  # where the host socket really sends (e.g. 127.0.0.1)
+    payload: bytes
+    quote: bytes  # IP header + 8 bytes, for an ICMP error back to the guest
+
+
+@dataclass(slots=True)
+class IcmpEchoOutbound:
+    guest_ip: bytes
+    dst_ip: bytes
+    target_ip: str
+    ident: int
+    seq: int
+    payload: bytes
+
+
+@dataclass(slots=True)
+class DnsQueryOutbound:
+    """A query the local zones do not answer: forward it upstream, reply from the gateway."""
+
+    guest_ip: bytes
+    guest_port: int
+    query: bytes
+
+
+@dataclass(slots=True)
+class LeaseEvent:
+    mac: str
+    ip: str
+    hostname: str | None
+
+
+Event = UdpOutbound | IcmpEchoOutbound | DnsQueryOutbound | LeaseEvent
+
+
+def ip_bytes(addr: ipaddress.IPv4Address | str) -> bytes:
+    return ipaddress.IPv4Address(addr).packed
+
+
+def ip_str(raw: bytes) -> str:
+    return str(ipaddress.IPv4Address(raw))
+
+
+class Network:
+    def __init__(self, config: NetworkConfig, zones: DnsZones | None = None) -> None:
+        self.config = config
+        self.gateway_ip = config.gateway_ip.packed
+        self.gateway_mac = config.gateway_mac
+        self.host_ip = config.host_ip.packed
+        self.subnet = config.subnet
+        self._net_int = int(config.subnet.network_address)
+        self._mask_int = int(config.subnet.netmask)
+        self.broadcast_ip = config.subnet.broadcast_address.packed
+        self.mtu = config.mtu
+        self.virtual_ips = {self.gateway_ip, self.host_ip}
+        self.cam = ethernet.CamTable()
+        self.neighbours = arp.NeighbourTable()
+        self.reassembler = ipv4.Reassembler(config.reassembly_max_bytes, config.reassembly_timeout)
+        self.dhcp = DhcpServer(
+            DhcpConfig(
+                subnet=config.subnet,
+                server_ip=config.gateway_ip,
+                dns_servers=[config.gateway_ip],
+                mtu=config.mtu,
+                lease_time=config.lease_time,
+                domain_search=list(config.dns_search),
+                static_leases=dict(config.static_leases),
+                reserved={config.gateway_ip, config.host_ip},
+            )
+        )
+        self.zones = zones or default_zones(str(config.gateway_ip), str(config.host_ip))
+        self.dns = DnsResolver(self.zones)
+        self.stats: Counter[str] = Counter()
+        self.events: deque[Event] = deque()
+        self._outbox: dict[int, list[bytes]] = {}
+        self._ports: set[int] = set()
+        self._next_port = 1
+        self._ident = 0
+        self._pending_arp: dict[bytes, list[bytes]] = {}
+        # When set, frames the gateway originates are also appended here (pcap, capture API).
+        self.originated: list[bytes] | None = None
+
+    # ---- ports -------------------------------------------------------------------------
+
+    def add_port(self) -> int:
+        port = self._next_port
+        self._next_port += 1
+        self._ports.add(port)
+        return port
+
+    def remove_port(self, port: int) -> None:
+        self._ports.discard(port)
+        macs = self.cam.forget_port(port)
+        self.neighbours.forget_macs(macs)
+        self._outbox.pop(port, None)
+
+    @property
+    def ports(self) -> set[int]:
+        return set(self._ports)
+
+    # ---- output ------------------------------------------------------------------------
+
+    def frames_to_send(self) -> dict[int, list[bytes]]:
+        out, self._outbox = self._outbox, {}
+        return out
+
+    def _emit(self, port: int, frame: bytes) -> None:
+        box = self._outbox.get(port)
+        if box is None:
+            self._outbox[port] = [frame]
+        else:
+            box.append(frame)
+
+    def _emit_from_gateway(self, dst_mac: bytes, ethertype: int, payload: bytes) -> None:
+        frame = ethernet.HEADER.pack(dst_mac, self.gateway_mac, ethertype) + payload
+        if self.originated is not None:
+            self.originated.append(frame)
+        if dst_mac[0] & 1:
+            for p in self._ports:
+                self._emit(p, frame)
+            self.stats["frames_out"] += 1
+            return
+        port = self.cam.lookup(dst_mac)
+        if port is None:
+            self.stats["unknown_unicast_dropped"] += 1
+            return
+        self._emit(port, frame)
+        self.stats["frames_out"] += 1
+
+    def _next_ident(self) -> int:
+        self._ident = (self._ident + 1) & 0xFFFF
+        return self._ident
+
+    def send_ip(self, src: bytes, dst: bytes, proto: int, payload: bytes, ttl: int = 64) -> None:
+        """Send a datagram from the gateway side to guest address `dst`, fragmenting to the MTU."""
+        packets = ipv4.fragment(src, dst, proto, payload, self.mtu, self._next_ident(), ttl)
+        mac = self.neighbours.lookup(dst)
+        if mac is None:
+            self._queue_for_arp(dst, packets)
+            return
+        for packet in packets:
+            self._emit_from_gateway(mac, ETHERTYPE_IPV4, packet)
+
+    def send_udp(self, src: bytes, sport: int, dst: bytes, dport: int, payload: bytes) -> None:
+        self.stats["udp_out"] += 1
+        self.send_ip(src, dst, ipv4.PROTO_UDP, udp.build_udp(src, dst, sport, dport, payload))
+
+    def send_icmp_echo_reply(
+        self, src: bytes, dst: bytes, ident: int, seq: int, payload: bytes
+    ) -> None:
+        self.stats["icmp_echo_replies"] += 1
+        self.send_ip(src, dst, ipv4.PROTO_ICMP, icmp.build_echo_reply(ident, seq, payload))
+
+    def send_icmp_error(
+        self, src: bytes, dst: bytes, type_: int, code: int, quote: bytes, mtu: int = 0
+    ) -> None:
+        """An ICMP error to guest `dst` about the packet quoted in `quote`."""
+        self.stats["icmp_errors_out"] += 1
+        self.send_ip(src, dst, ipv4.PROTO_ICMP, icmp.build_error(type_, code, quote, mtu))
+
+    def _queue_for_arp(self, dst: bytes, packets: list[bytes]) -> None:
+        if not self._in_subnet(dst):
+            self.stats["no_route_dropped"] += len(packets)
+            return
+        queue = self._pending_arp.setdefault(dst, [])
+        room = PENDING_ARP_MAX - len(queue)
+        if room < len(packets):
+            self.stats["arp_queue_dropped"] += len(packets) - max(room, 0)
+        queue.extend(packets[: max(room, 0)])
+        self._emit_from_gateway(
+            BROADCAST,
+            ETHERTYPE_ARP,
+            arp.build_arp(arp.OP_REQUEST, self.gateway_mac, self.gateway_ip, b"\0" * 6, dst),
+        )
+        self.stats["arp_requests_out"] += 1
+
+    def _flush_arp_queue(self, ip: bytes, mac: bytes) -> None:
+        for packet in self._pending_arp.pop(ip, ()):
+            self._emit_from_gateway(mac, ETHERTYPE_IPV4, packet)
+
+    # ---- timers ------------------------------------------------------------------------
+
+    def get_timer(self) -> float | None:
+        return self.reassembler.next_deadline()
+
+    def handle_timer(self, now: float) -> None:
+        self.reassembler.expire(now)
+
+    # ---- input -------------------------------------------------------------------------
+
+    def receive_frames(self, port: int, frames: list[bytes], now: float) -> None:
+        for frame in frames:
+            self.receive_frame(port, frame, now)
+
+    def receive_frame(self, port: int, frame: bytes, now: float) -> None:
+        stats = self.stats
+        stats["frames_in"] += 1
+        if len(frame) < ethernet.HEADER_LEN:
+            stats["malformed_ethernet"] += 1
+            return
+        dst, src, ethertype = ethernet.HEADER.unpack_from(frame)
+        if src[0] & 1 or src == ethernet.ZERO_MAC:
+            stats["malformed_ethernet"] += 1
+            return
+        self.cam.learn(src, port)
+        if dst == self.gateway_mac:
+            self._to_gateway(port, src, ethertype, frame, now)
+            return
+        if dst[0] & 1:
+            for p in self._ports:
+                if p != port:
+                    self._emit(p, frame)
+            stats["flooded"] += 1
+            self._to_gateway(port, src, ethertype, frame, now)
+            return
+        out = self.cam.lookup(dst)
+        if out is None or out == port:
+            stats["unknown_unicast_dropped"] += 1
+            return
+        self._emit(out, frame)
+        stats["switched"] += 1
+
+    def _to_gateway(self, port: int, src_mac: bytes, ethertype: int, frame: bytes, now: float):
+        body = frame[ethernet.HEADER_LEN :]
+        if ethertype == ETHERTYPE_IPV4:
+            self._ipv4(src_mac, body, now)
+        elif ethertype == ETHERTYPE_ARP:
+            self._arp(src_mac, body)
+        elif ethertype == ETHERTYPE_IPV6:
+            self.stats["ipv6_dropped"] += 1
+        else:
+            self.stats["unknown_ethertype_dropped"] += 1
+
+    def _arp(self, src_mac: bytes, body: bytes) -> None:
+        try:
+            pkt = arp.parse_arp(body)
+        except arp.ArpError:
+            self.stats["malformed_arp"] += 1
+            return
+        if pkt.sender_mac != src_mac or pkt.sender_ip in self.virtual_ips:
+            self.stats["arp_spoof_dropped"] += 1
+            return
+        if pkt.sender_ip != ANY_V4 and self._in_subnet(pkt.sender_ip):
+            self.neighbours.learn(pkt.sender_ip, pkt.sender_mac)
+            if pkt.sender_ip in self._pending_arp:
+                self._flush_arp_queue(pkt.sender_ip, pkt.sender_mac)
+        if pkt.op == arp.OP_REQUEST and pkt.target_ip in self.virtual_ips:
+            self.stats["arp_replies_out"] += 1
+            reply = arp.build_arp(
+                arp.OP_REPLY, self.gateway_mac, pkt.target_ip, pkt.sender_mac, pkt.sender_ip
+            )
+            self._emit_from_gateway(pkt.sender_mac, ETHERTYPE_ARP, reply)
+
+    def _in_subnet(self, ip: bytes) -> bool:
+        return (int.from_bytes(ip, "big") & self._mask_int) == self._net_int
+
+    def _ipv4(self, src_mac: bytes, body: bytes, now: float) -> None:
+        try:
+            pkt = ipv4.parse_ipv4(body)
+        except ipv4.Ipv4Error as e:
+            self.stats[str(e)] += 1
+            return
+        self.stats["ipv4_in"] += 1
+        if pkt.src != ANY_V4:
+            if not self._in_subnet(pkt.src) or pkt.src in self.virtual_ips:
+                self.stats["ipv4_bad_source"] += 1
+                return
+            self.neighbours.learn(pkt.src, src_mac)
+        if pkt.is_fragment:
+            whole = self.reassembler.add(pkt, now)
+            if whole is None:
+                return
+            pkt = whole
+        if pkt.proto == ipv4.PROTO_UDP:
+            self._udp(pkt, src_mac, now)
+        elif pkt.proto == ipv4.PROTO_ICMP:
+            self._icmp(pkt)
+        elif pkt.proto == ipv4.PROTO_TCP:
+            self._tcp(pkt, now)
+        else:
+            self.stats["ipv4_unknown_protocol"] += 1
+            if pkt.dst in self.virtual_ips:
+                self.send_icmp_error(
+                    self.gateway_ip, pkt.src, icmp.DEST_UNREACHABLE, icmp.PROTO_UNREACHABLE, pkt.raw
+                )
+
+    def _nat_target(self, pkt: ipv4.Ipv4Packet) -> str | None:
+        """Where a packet to `pkt.dst` goes on the host, or None when it must not leave.
+
+        Refusals answer with an ICMP error where the guest expects one."""
+        dst = pkt.dst
+        if dst == self.host_ip:
+            if self.config.host_loopback:
+                return "127.0.0.1"
+            self.stats["host_loopback_refused"] += 1
+            self.send_icmp_error(
+                self.gateway_ip, pkt.src, icmp.DEST_UNREACHABLE, icmp.ADMIN_PROHIBITED, pkt.raw
+            )
+            return None
+        first = dst[0]
+        if (
+            self._in_subnet(dst)
+            or first == 127
+            or first == 0
+            or first >= 224
+            or dst == LIMITED_BROADCAST
+        ):
+            self.stats["ipv4_unroutable_dropped"] += 1
+            return None
+        if pkt.ttl <= 1:
+            self.stats["ttl_exceeded"] += 1
+            self.send_icmp_error(self.gateway_ip, pkt.src, icmp.TIME_EXCEEDED, 0, pkt.raw)
+            return None
+        return ip_str(dst)
+
+    def _udp(self, pkt: ipv4.Ipv4Packet, src_mac: bytes, now: float) -> None:
+        try:
+            sport, dport, payload = udp.parse_udp(pkt.src, pkt.dst, pkt.payload)
+        except udp.UdpError as e:
+            self.stats[str(e)] += 1
+            return
+        self.stats["udp_in"] += 1
+        dst = pkt.dst
+        if dst == self.gateway_ip or dst == LIMITED_BROADCAST or dst == self.broadcast_ip:
+            if dport == DHCP_SERVER_PORT:
+                self._dhcp(src_mac, payload, now)
+            elif dport == DNS_PORT and dst == self.gateway_ip:
+                self._dns(pkt.src, sport, payload)
+            elif dst == self.gateway_ip:
+                self.send_icmp_error(
+                    self.gateway_ip, pkt.src, icmp.DEST_UNREACHABLE, icmp.PORT_UNREACHABLE, pkt.raw
+                )
+            else:
+                self.stats["udp_broadcast_dropped"] += 1
+            return
+        target = self._nat_target(pkt)
+        if target is None:
+            return
+        quote = pkt.header + pkt.payload[:8]
+        self.events.append(UdpOutbound(pkt.src, sport, dst, dport, target, payload, quote))
+
+    def _dhcp(self, src_mac: bytes, payload: bytes, now: float) -> None:
+        reply = self.dhcp.handle(payload, src_mac, now)
+        while (event := self.dhcp.next_event()) is not None:
+            if isinstance(event, LeaseGranted):
+                self.neighbours.learn(ip_bytes(event.ip), ethernet.parse_mac(event.mac))
+                self.events.append(LeaseEvent(event.mac, str(event.ip), event.hostname))
+        if reply is None:
+            return
+        dst_ip = reply.dst_ip.packed
+        datagram = udp.build_udp(
+            self.gateway_ip, dst_ip, DHCP_SERVER_PORT, DHCP_CLIENT_PORT, reply.payload
+        )
+        packet = ipv4.build_ipv4(
+            self.gateway_ip, dst_ip, ipv4.PROTO_UDP, datagram, self._next_ident()
+        )
+        self._emit_from_gateway(reply.dst_mac, ETHERTYPE_IPV4, packet)
+
+    def _dns(self, guest_ip: bytes, guest_port: int, query: bytes) -> None:
+        result = self.dns.handle_query(query)
+        if isinstance(result, ForwardQuery):
+            self.events.append(DnsQueryOutbound(guest_ip, guest_port, result.data))
+        elif result:
+            self.send_udp(self.gateway_ip, DNS_PORT, guest_ip, guest_port, result)
+
+    def _icmp(self, pkt: ipv4.Ipv4Packet) -> None:
+        try:
+            msg = icmp.parse_icmp(pkt.payload)
+        except icmp.IcmpError as e:
+            self.stats[str(e)] += 1
+            return
+        self.stats["icmp_in"] += 1
+        if msg.type != icmp.ECHO_REQUEST:
+            self.stats["icmp_non_echo_dropped"] += 1
+            return
+        if pkt.dst == self.gateway_ip:
+            self.send_icmp_echo_reply(pkt.dst, pkt.src, msg.ident, msg.seq, msg.payload)
+            return
+        target = self._nat_target(pkt)
+        if target is None:
+            return
+        self.events.append(
+            IcmpEchoOutbound(pkt.src, pkt.dst, target, msg.ident, msg.seq, msg.payload)
+        )
+
+    def _tcp(self, pkt: ipv4.Ipv4Packet, now: float) -> None:
+        # TCP lands with hostd/stack/tcp.py; until then a guest SYN is refused cleanly.
+        self.stats["tcp_unhandled"] += 1

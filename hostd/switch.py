@@ -1,0 +1,204 @@
+"""The asyncio host switch: links in, the sans-IO `Network` in the middle, NAT sockets out.
+
+Every link read hands a batch of frames to `link_frames`, which feeds the network and then
+`flush`es once: frames per port go out in one write per link, NAT events are dispatched, and
+the network's timer is re-armed. NAT sockets call `flush` after they inject their replies,
+so work is always batched per wake-up, never per packet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import Callable
+
+import structlog
+
+from hostd.capture import PcapWriter
+from hostd.config import NetworkConfig
+from hostd.links import Endpoint, Link, open_endpoint
+from hostd.nat.icmp import IcmpNat, ping_sockets_allowed
+from hostd.nat.udp import UdpNat
+from hostd.services.dns import DnsForwarder
+from hostd.stack.network import (
+    DNS_PORT,
+    DnsQueryOutbound,
+    IcmpEchoOutbound,
+    LeaseEvent,
+    Network,
+    UdpOutbound,
+)
+from netferry.uri import LinkUri
+
+log = structlog.get_logger("hostd.switch")
+
+
+class HostSwitch:
+    def __init__(self, config: NetworkConfig, *, pcap_path: str | None = None) -> None:
+        self.config = config
+        self.network = Network(config)
+        self.links: dict[int, Link] = {}
+        self.endpoints: list[Endpoint] = []
+        self.pcap = PcapWriter.open(pcap_path) if pcap_path else None
+        if self.pcap is not None:
+            self.network.originated = []
+        self.loop = asyncio.get_running_loop()
+        self.udp_nat = UdpNat(
+            self.network,
+            self.flush,
+            idle_timeout=config.udp_idle_timeout,
+            max_flows=config.udp_max_flows,
+        )
+        self.icmp_nat = IcmpNat(
+            self.network,
+            self.flush,
+            idle_timeout=config.icmp_idle_timeout,
+            max_flows=config.icmp_max_flows,
+        )
+        self.dns_forwarder = DnsForwarder(config.dns_upstreams) if config.dns_upstreams else None
+        self._dns_tasks: set[asyncio.Task[None]] = set()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._housekeeping = self.loop.create_task(self._housekeep())
+        self.event_listeners: list[Callable[[str, dict], None]] = []
+        allowed, value = ping_sockets_allowed()
+        if not allowed:
+            log.warning(
+                "icmp.ping_sockets_not_permitted",
+                ping_group_range=value,
+                fix="sysctl -w net.ipv4.ping_group_range='0 2147483647'",
+                effect="only echo to the gateway is answered",
+            )
+
+    async def listen(self, uri: LinkUri) -> None:
+        self.endpoints.append(await open_endpoint(uri, self))
+        log.info("link.listening", uri=str(uri))
+
+    # ---- LinkSink -------------------------------------------------------------------
+
+    def link_opened(self, link: Link) -> None:
+        link.port = self.network.add_port()
+        self.links[link.port] = link
+        log.info("link.up", link=link.name, port=link.port)
+        self._event("link_up", link=link.name, port=link.port)
+
+    def link_frames(self, link: Link, frames: list[bytes]) -> None:
+        if self.pcap is not None:
+            self.pcap.write(frames)
+        self.network.receive_frames(link.port, frames, self.loop.time())
+        self.flush()
+
+    def link_closed(self, link: Link, reason: str | None) -> None:
+        if self.links.pop(link.port, None) is None:
+            return
+        self.network.remove_port(link.port)
+        log.info("link.down", link=link.name, port=link.port, reason=reason)
+        self._event("link_down", link=link.name, port=link.port, reason=reason or "closed")
+
+    # ---- the batch boundary ---------------------------------------------------------
+
+    def flush(self) -> None:
+        network = self.network
+        if network.originated:
+            if self.pcap is not None:
+                self.pcap.write(network.originated)
+            network.originated.clear()
+        for port, frames in network.frames_to_send().items():
+            link = self.links.get(port)
+            if link is not None:
+                link.send_frames(frames)
+        events = network.events
+        while events:
+            ev = events.popleft()
+            if isinstance(ev, UdpOutbound):
+                self.udp_nat.send(ev)
+            elif isinstance(ev, IcmpEchoOutbound):
+                self.icmp_nat.send(ev)
+            elif isinstance(ev, DnsQueryOutbound):
+                self._forward_dns(ev)
+            elif isinstance(ev, LeaseEvent):
+                log.info("dhcp.lease", mac=ev.mac, ip=ev.ip, hostname=ev.hostname)
+                self._event("lease_granted", mac=ev.mac, ip=ev.ip, hostname=ev.hostname or "")
+        if network.events or network.originated:
+            self.loop.call_soon(self.flush)  # NAT replies injected synchronously above
+        self._arm_timer()
+
+    def _arm_timer(self) -> None:
+        when = self.network.get_timer()
+        if when is None or (self._timer_at is not None and self._timer_at <= when):
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = when
+        self._timer = self.loop.call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        self.network.handle_timer(self.loop.time())
+        self.flush()
+
+    def _forward_dns(self, ev: DnsQueryOutbound) -> None:
+        if self.dns_forwarder is None:
+            reply = self.network.dns.servfail(ev.query)
+            self.network.send_udp(
+                self.network.gateway_ip, DNS_PORT, ev.guest_ip, ev.guest_port, reply
+            )
+            return
+
+        async def run() -> None:
+            assert self.dns_forwarder is not None
+            answer = await self.dns_forwarder.forward(ev.query)
+            self.network.send_udp(
+                self.network.gateway_ip, DNS_PORT, ev.guest_ip, ev.guest_port, answer
+            )
+            self.flush()
+
+        task = self.loop.create_task(run())
+        self._dns_tasks.add(task)
+        task.add_done_callback(self._dns_tasks.discard)
+
+    async def _housekeep(self) -> None:
+        """Periodic work with no precise deadline: pcap flushing."""
+        while True:
+            await asyncio.sleep(1.0)
+            if self.pcap is not None:
+                self.pcap.flush()
+
+    def _event(self, kind: str, **fields: object) -> None:
+        for listener in self.event_listeners:
+            listener(kind, dict(fields, time=time.time()))
+
+    # ---- stats and shutdown -----------------------------------------------------------
+
+    def stats(self) -> dict[str, object]:
+        return {
+            "network": dict(self.network.stats),
+            "reassembly": dict(self.network.reassembler.stats),
+            "dhcp": self.network.dhcp.stats.as_dict(),
+            "dns": dataclasses.asdict(self.network.dns.stats),
+            "dns_forwarder": (
+                dataclasses.asdict(self.dns_forwarder.stats) if self.dns_forwarder else {}
+            ),
+            "udp_nat": dict(self.udp_nat.stats, active=self.udp_nat.active),
+            "icmp_nat": dict(self.icmp_nat.stats, active=len(self.icmp_nat.flows)),
+            "links": {link.name: vars(link.counters) for link in self.links.values()},
+        }
+
+    async def close(self) -> None:
+        self._housekeeping.cancel()
+        if self._timer is not None:
+            self._timer.cancel()
+        for task in list(self._dns_tasks):
+            task.cancel()
+        for ep in self.endpoints:
+            ep.close()
+        for link in list(self.links.values()):
+            link.close(None)
+        self.udp_nat.close()
+        self.icmp_nat.close()
+        if self.dns_forwarder is not None:
+            await self.dns_forwarder.close()
+        if self.pcap is not None:
+            self.pcap.close()
