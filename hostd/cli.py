@@ -114,6 +114,13 @@ async def run(args: argparse.Namespace, config: NetworkConfig) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+
+    def dump_stats() -> None:
+        if switch.pcap is not None:
+            switch.pcap.flush()
+        log.info("hostd.stats", stats=switch.stats())
+
+    loop.add_signal_handler(signal.SIGUSR1, dump_stats)  # `kill -USR1`: stats to the log
     try:
         for uri in args.listen:
             await switch.listen(parse_link_uri(uri))

@@ -236,6 +236,17 @@ class Hostd:
                 events.append(json.loads(line))
         return events
 
+    def stats(self) -> dict:
+        """Ask hostd for its counters (SIGUSR1 logs them) and return the newest dump."""
+        before = sum(1 for e in self.log_events() if e.get("event") == "hostd.stats")
+        self.proc.send_signal(signal.SIGUSR1)
+        wait_for(
+            lambda: sum(1 for e in self.log_events() if e.get("event") == "hostd.stats") > before,
+            10,
+            "hostd to log its stats",
+        )
+        return [e for e in self.log_events() if e.get("event") == "hostd.stats"][-1]["stats"]
+
     def stop(self) -> None:
         stop_process(self.proc)
 
