@@ -75,6 +75,20 @@ def build_parser() -> argparse.ArgumentParser:
     lim.add_argument("--udp-max-flows", type=int, default=4096)
     lim.add_argument("--icmp-idle-timeout", type=float, default=30.0, metavar="SECONDS")
     lim.add_argument("--icmp-max-flows", type=int, default=1024)
+    lim.add_argument(
+        "--tcp-connect-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="give up a host dial after this long; the guest gets ICMP host unreachable",
+    )
+    lim.add_argument(
+        "--tcp-max-pending",
+        type=int,
+        default=1024,
+        help="host dials in progress at once; beyond it the oldest dial is abandoned",
+    )
+    lim.add_argument("--tcp-time-wait", type=float, default=60.0, metavar="SECONDS")
     p.add_argument("--pcap", metavar="FILE", help="write every frame through the switch here")
     add_logging_arguments(p)
     return p
@@ -100,6 +114,9 @@ def config_from_args(args: argparse.Namespace) -> NetworkConfig:
         icmp_idle_timeout=args.icmp_idle_timeout,
         icmp_max_flows=args.icmp_max_flows,
         lease_time=args.lease_time,
+        tcp_connect_timeout=args.tcp_connect_timeout,
+        tcp_max_pending=args.tcp_max_pending,
+        tcp_time_wait=args.tcp_time_wait,
     )
 
 

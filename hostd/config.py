@@ -37,6 +37,10 @@ class NetworkConfig:
     reassembly_max_bytes: int = 4 << 20
     reassembly_timeout: float = 30.0
     lease_time: int = 3600
+    tcp_connect_timeout: float = 30.0  # gvproxy's fix for #676 uses 30 s too
+    tcp_max_pending: int = 1024
+    tcp_buffer: int = 4 << 20
+    tcp_time_wait: float = 60.0
 
     def __post_init__(self) -> None:
         if self.subnet.prefixlen > 29:

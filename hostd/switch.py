@@ -19,14 +19,18 @@ from hostd.capture import PcapWriter
 from hostd.config import NetworkConfig
 from hostd.links import Endpoint, Link, open_endpoint
 from hostd.nat.icmp import IcmpNat, ping_sockets_allowed
+from hostd.nat.tcp import TcpNat
 from hostd.nat.udp import UdpNat
 from hostd.services.dns import DnsForwarder
+from hostd.services.dns_tcp import DnsTcpSession
 from hostd.stack.network import (
     DNS_PORT,
     DnsQueryOutbound,
     IcmpEchoOutbound,
     LeaseEvent,
     Network,
+    TcpConnEvent,
+    TcpDial,
     UdpOutbound,
 )
 from netferry.uri import LinkUri
@@ -57,6 +61,14 @@ class HostSwitch:
             max_flows=config.icmp_max_flows,
         )
         self.dns_forwarder = DnsForwarder(config.dns_upstreams) if config.dns_upstreams else None
+        self.tcp_nat = TcpNat(
+            self.network,
+            self.flush,
+            connect_timeout=config.tcp_connect_timeout,
+            dns_handler=lambda conn: DnsTcpSession(
+                conn, self.network.dns, self.dns_forwarder, self.tcp_nat.touch
+            ),
+        )
         self._dns_tasks: set[asyncio.Task[None]] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
@@ -100,29 +112,42 @@ class HostSwitch:
 
     def flush(self) -> None:
         network = self.network
-        if network.originated:
-            if self.pcap is not None:
-                self.pcap.write(network.originated)
-            network.originated.clear()
-        for port, frames in network.frames_to_send().items():
-            link = self.links.get(port)
-            if link is not None:
-                link.send_frames(frames)
-        events = network.events
-        while events:
-            ev = events.popleft()
-            if isinstance(ev, UdpOutbound):
-                self.udp_nat.send(ev)
-            elif isinstance(ev, IcmpEchoOutbound):
-                self.icmp_nat.send(ev)
-            elif isinstance(ev, DnsQueryOutbound):
-                self._forward_dns(ev)
-            elif isinstance(ev, LeaseEvent):
-                log.info("dhcp.lease", mac=ev.mac, ip=ev.ip, hostname=ev.hostname)
-                self._event("lease_granted", mac=ev.mac, ip=ev.ip, hostname=ev.hostname or "")
-        if network.events or network.originated:
-            self.loop.call_soon(self.flush)  # NAT replies injected synchronously above
+        now = self.loop.time()
+        # Events can produce output (a NAT reply, a TCP read opening the window) and output
+        # can produce events (TCP): go round a few times, then yield to the loop.
+        for _ in range(8):
+            frames_by_port = network.frames_to_send(now)
+            if network.originated:
+                if self.pcap is not None:
+                    self.pcap.write(network.originated)
+                network.originated.clear()
+            for port, frames in frames_by_port.items():
+                link = self.links.get(port)
+                if link is not None:
+                    link.send_frames(frames)
+            events = network.events
+            if not events:
+                break
+            while events:
+                self._dispatch(events.popleft())
+        else:
+            self.loop.call_soon(self.flush)
         self._arm_timer()
+
+    def _dispatch(self, ev: object) -> None:
+        if isinstance(ev, TcpConnEvent):
+            self.tcp_nat.connection_event(ev)
+        elif isinstance(ev, UdpOutbound):
+            self.udp_nat.send(ev)
+        elif isinstance(ev, TcpDial):
+            self.tcp_nat.dial(ev)
+        elif isinstance(ev, IcmpEchoOutbound):
+            self.icmp_nat.send(ev)
+        elif isinstance(ev, DnsQueryOutbound):
+            self._forward_dns(ev)
+        elif isinstance(ev, LeaseEvent):
+            log.info("dhcp.lease", mac=ev.mac, ip=ev.ip, hostname=ev.hostname)
+            self._event("lease_granted", mac=ev.mac, ip=ev.ip, hostname=ev.hostname or "")
 
     def _arm_timer(self) -> None:
         when = self.network.get_timer()
@@ -183,6 +208,12 @@ class HostSwitch:
             ),
             "udp_nat": dict(self.udp_nat.stats, active=self.udp_nat.active),
             "icmp_nat": dict(self.icmp_nat.stats, active=len(self.icmp_nat.flows)),
+            "tcp_nat": dict(
+                self.tcp_nat.stats,
+                active=self.tcp_nat.active,
+                pending=len(self.network.tcp_pending),
+                connections=len(self.network.tcp_conns),
+            ),
             "links": {link.name: vars(link.counters) for link in self.links.values()},
         }
 
@@ -196,6 +227,7 @@ class HostSwitch:
             ep.close()
         for link in list(self.links.values()):
             link.close(None)
+        self.tcp_nat.close()
         self.udp_nat.close()
         self.icmp_nat.close()
         if self.dns_forwarder is not None:

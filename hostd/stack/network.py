@@ -19,6 +19,7 @@ It does no I/O and reads no clock: `now` comes in with every call.
 
 from __future__ import annotations
 
+import heapq
 import ipaddress
 from collections import Counter, deque
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 from hostd.config import NetworkConfig
 from hostd.services.dhcp import DhcpConfig, DhcpServer, LeaseGranted
 from hostd.services.dns import DnsResolver, DnsZones, ForwardQuery, default_zones
-from hostd.stack import arp, ethernet, icmp, ipv4, udp
+from hostd.stack import arp, ethernet, icmp, ipv4, tcp, udp
 from hostd.stack.ethernet import BROADCAST, ETHERTYPE_ARP, ETHERTYPE_IPV4, ETHERTYPE_IPV6
 
 LOOPBACK_V4 = b"\x7f\x00\x00\x01"
@@ -77,7 +78,27 @@ class LeaseEvent:
     hostname: str | None
 
 
-Event = UdpOutbound | IcmpEchoOutbound | DnsQueryOutbound | LeaseEvent
+@dataclass(slots=True)
+class TcpDial:
+    """A guest SYN for a new connection: dial `target` on the host, then `tcp_accept` or
+    `tcp_refuse`. `service` is "dns" for the gateway's own DNS over TCP (nothing to dial)."""
+
+    conn: tcp.TcpConnection
+    target_ip: str
+    target_port: int
+    service: str | None = None
+
+
+@dataclass(slots=True)
+class TcpConnEvent:
+    """An event of one guest TCP connection (data readable, peer closed, reset, closed...)."""
+
+    conn: tcp.TcpConnection
+    event: tcp.TcpEvent
+
+
+Event = UdpOutbound | IcmpEchoOutbound | DnsQueryOutbound | LeaseEvent | TcpDial | TcpConnEvent
+TcpKey = tuple[bytes, int, bytes, int]  # guest ip, guest port, destination ip, port
 
 
 def ip_bytes(addr: ipaddress.IPv4Address | str) -> bytes:
@@ -122,10 +143,23 @@ class Network:
         self._outbox: dict[int, list[bytes]] = {}
         self._ports: set[int] = set()
         self._next_port = 1
+        self._now = 0.0
         self._ident = 0
         self._pending_arp: dict[bytes, list[bytes]] = {}
         # When set, frames the gateway originates are also appended here (pcap, capture API).
         self.originated: list[bytes] | None = None
+        self.tcp_conns: dict[TcpKey, tcp.TcpConnection] = {}
+        self.tcp_pending: dict[TcpKey, tcp.TcpConnection] = {}  # dialling, insertion ordered
+        self.tcp_max_pending = config.tcp_max_pending
+        self.tcp_options = {
+            "mss": config.mtu - 40,
+            "recv_buffer": config.tcp_buffer,
+            "send_buffer": config.tcp_buffer,
+            "time_wait": config.tcp_time_wait,
+        }
+        self._tcp_dirty: dict[tcp.TcpConnection, None] = {}
+        self._tcp_timers: list[tuple[float, int, tcp.TcpConnection]] = []
+        self._tcp_timer_seq = 0
 
     # ---- ports -------------------------------------------------------------------------
 
@@ -147,7 +181,9 @@ class Network:
 
     # ---- output ------------------------------------------------------------------------
 
-    def frames_to_send(self) -> dict[int, list[bytes]]:
+    def frames_to_send(self, now: float | None = None) -> dict[int, list[bytes]]:
+        if self._tcp_dirty:
+            self._tcp_output(self._now if now is None else now)
         out, self._outbox = self._outbox, {}
         return out
 
@@ -228,14 +264,110 @@ class Network:
     # ---- timers ------------------------------------------------------------------------
 
     def get_timer(self) -> float | None:
-        return self.reassembler.next_deadline()
+        best = self.reassembler.next_deadline()
+        timers = self._tcp_timers
+        while timers and timers[0][2].get_timer() != timers[0][0]:
+            heapq.heappop(timers)  # stale: the connection's deadline moved since
+        if timers and (best is None or timers[0][0] < best):
+            best = timers[0][0]
+        return best
 
     def handle_timer(self, now: float) -> None:
+        self._now = now
         self.reassembler.expire(now)
+        timers = self._tcp_timers
+        while timers and timers[0][0] <= now:
+            deadline, _, conn = heapq.heappop(timers)
+            if conn.get_timer() == deadline:
+                conn.handle_timer(now)
+                self._tcp_dirty[conn] = None
+
+    # ---- TCP ---------------------------------------------------------------------------
+
+    def tcp_touch(self, conn: tcp.TcpConnection) -> None:
+        """The application side used `conn` (send/read/close/abort): output it at the flush."""
+        self._tcp_dirty[conn] = None
+
+    def tcp_accept(self, conn: tcp.TcpConnection, now: float) -> None:
+        """The host dial for `conn` succeeded: complete the guest's handshake."""
+        self.tcp_pending.pop(conn.key, None)  # type: ignore[attr-defined]
+        if conn.state is tcp.TcpState.LISTEN:
+            conn.accept(now)
+            self._tcp_dirty[conn] = None
+
+    def tcp_refuse(self, conn: tcp.TcpConnection, now: float, unreachable: int | None = None):
+        """The host dial failed: RST (refused), or an ICMP unreachable of code `unreachable`
+        (timeout, no route), which fails the guest's connect() at once with EHOSTUNREACH."""
+        key = conn.key  # type: ignore[attr-defined]
+        self.tcp_pending.pop(key, None)
+        if conn.state is not tcp.TcpState.LISTEN:
+            return
+        self.stats["tcp_refused"] += 1
+        if unreachable is None:
+            conn.refuse(now)
+            self._tcp_dirty[conn] = None
+        else:
+            syn = conn.syn_quote  # type: ignore[attr-defined]
+            self.send_icmp_error(key[2], key[0], icmp.DEST_UNREACHABLE, unreachable, syn)
+            conn.abort()
+        self._tcp_forget(conn)
+
+    def _tcp_forget(self, conn: tcp.TcpConnection) -> None:
+        key = conn.key  # type: ignore[attr-defined]
+        if self.tcp_conns.get(key) is conn:
+            del self.tcp_conns[key]
+        self.tcp_pending.pop(key, None)
+
+    def _tcp_output(self, now: float) -> None:
+        dirty, self._tcp_dirty = self._tcp_dirty, {}
+        events = self.events
+        for conn in dirty:
+            segments = conn.segments_to_send(now)
+            if segments:
+                key = conn.key  # type: ignore[attr-defined]
+                src, dst = key[2], key[0]
+                mac = self.neighbours.lookup(dst)
+                stats = self.stats
+                stats["tcp_segments_out"] += len(segments)
+                for seg in segments:
+                    packet = ipv4.build_ipv4(
+                        src, dst, ipv4.PROTO_TCP, seg, self._next_ident(), 64, 0, ipv4.FLAG_DF
+                    )
+                    if mac is None:
+                        self._queue_for_arp(dst, [packet])
+                    else:
+                        self._emit_from_gateway(mac, ETHERTYPE_IPV4, packet)
+            while (ev := conn.next_event()) is not None:
+                if isinstance(ev, tcp.Closed):
+                    self._tcp_forget(conn)
+                events.append(TcpConnEvent(conn, ev))
+            deadline = conn.get_timer()
+            if deadline is not None:
+                self._tcp_timer_seq += 1
+                heapq.heappush(self._tcp_timers, (deadline, self._tcp_timer_seq, conn))
+
+    def tcp_connect(
+        self, guest_ip: bytes, guest_port: int, src_ip: bytes, src_port: int, now: float
+    ) -> tcp.TcpConnection | None:
+        """Active open toward a guest (port forwarding): None when the 4-tuple is taken."""
+        key = (guest_ip, guest_port, src_ip, src_port)
+        if key in self.tcp_conns:
+            return None
+        conn = tcp.TcpConnection(
+            src_ip, src_port, guest_ip, guest_port, now=now, **self.tcp_options
+        )
+        conn.key = key  # type: ignore[attr-defined]
+        conn.app = None  # type: ignore[attr-defined]
+        conn.connect(now)
+        self.tcp_conns[key] = conn
+        self._tcp_dirty[conn] = None
+        self.stats["tcp_connects_out"] += 1
+        return conn
 
     # ---- input -------------------------------------------------------------------------
 
     def receive_frames(self, port: int, frames: list[bytes], now: float) -> None:
+        self._now = now
         for frame in frames:
             self.receive_frame(port, frame, now)
 
@@ -431,5 +563,73 @@ class Network:
         )
 
     def _tcp(self, pkt: ipv4.Ipv4Packet, now: float) -> None:
-        # TCP lands with hostd/stack/tcp.py; until then a guest SYN is refused cleanly.
-        self.stats["tcp_unhandled"] += 1
+        stats = self.stats
+        payload = pkt.payload
+        if not tcp.verify_segment_checksum(pkt.src, pkt.dst, payload):
+            stats["tcp_bad_checksum"] += 1
+            return
+        try:
+            seg = tcp.TcpSegment.parse(payload)
+        except tcp.TcpParseError:
+            stats["tcp_malformed"] += 1
+            return
+        stats["tcp_segments_in"] += 1
+        key = (pkt.src, seg.src_port, pkt.dst, seg.dst_port)
+        conn = self.tcp_conns.get(key)
+        flags = seg.flags
+        is_syn = flags & (tcp.SYN | tcp.ACK | tcp.RST) == tcp.SYN
+        if conn is not None:
+            if is_syn and conn.accepts_new_syn(seg):
+                # A new connection reusing a 4-tuple we hold in TIME_WAIT, accepted as Linux
+                # does (gvproxy drops these SYNs).
+                stats["tcp_time_wait_reused"] += 1
+                conn.abort()
+                self._tcp_forget(conn)
+                self._tcp_dirty[conn] = None
+            elif conn.state is tcp.TcpState.LISTEN:
+                return  # a retransmitted SYN while the host dial is still pending
+            else:
+                conn.receive_segment(seg, now)
+                self._tcp_dirty[conn] = None
+                return
+        if not is_syn:
+            stats["tcp_no_connection"] += 1
+            reply = tcp.build_reset_reply(pkt.dst, pkt.src, seg)
+            if reply is not None:
+                self.send_ip(pkt.dst, pkt.src, ipv4.PROTO_TCP, reply)
+            return
+        service = None
+        if pkt.dst == self.gateway_ip:
+            if seg.dst_port != DNS_PORT:
+                stats["tcp_gateway_refused"] += 1
+                reply = tcp.build_reset_reply(pkt.dst, pkt.src, seg)
+                if reply is not None:
+                    self.send_ip(pkt.dst, pkt.src, ipv4.PROTO_TCP, reply)
+                return
+            service, target = "dns", ""
+        else:
+            target = self._nat_target(pkt)
+            if target is None:
+                if pkt.dst != self.host_ip:  # .254 refusal already answered with ICMP
+                    reply = tcp.build_reset_reply(pkt.dst, pkt.src, seg)
+                    if reply is not None:
+                        self.send_ip(pkt.dst, pkt.src, ipv4.PROTO_TCP, reply)
+                return
+        if service is None and len(self.tcp_pending) >= self.tcp_max_pending:
+            # Bounded, but never blocking: the oldest pending dial gives way, so a pile of
+            # dials to a black hole cannot stop connections to live destinations.
+            _, oldest = next(iter(self.tcp_pending.items()))
+            stats["tcp_pending_evicted"] += 1
+            self.tcp_refuse(oldest, now, unreachable=icmp.HOST_UNREACHABLE)
+            self.events.append(TcpConnEvent(oldest, tcp.ConnectionFailed("evicted")))
+        conn = tcp.TcpConnection.from_syn(
+            pkt.dst, seg.dst_port, pkt.src, seg.src_port, seg, now=now, **self.tcp_options
+        )
+        conn.key = key  # type: ignore[attr-defined]
+        conn.app = None  # type: ignore[attr-defined]
+        conn.syn_quote = pkt.header + payload[:8]  # type: ignore[attr-defined]
+        self.tcp_conns[key] = conn
+        stats["tcp_syns"] += 1
+        if service is None:
+            self.tcp_pending[key] = conn
+        self.events.append(TcpDial(conn, target, seg.dst_port, service))
