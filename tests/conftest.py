@@ -113,11 +113,16 @@ def require_root() -> None:
 class DnsUpstream:
     port: int
     records: dict[tuple[str, str], list[str]]
-    queries: list[tuple[str, str]] = field(default_factory=list)
+    queries: list[tuple[str, str, str]] = field(default_factory=list)  # name, type, udp|tcp
 
     @property
     def spec(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+
+# A TXT answer too big for 512-byte UDP: the upstream sets TC over UDP, answers over TCP.
+BIG_TXT_NAME = "big.example.test."
+BIG_TXT_STRINGS = [f"chunk-{i:02d}-" + "x" * 200 for i in range(6)]
 
 
 UPSTREAM_ZONE = [
@@ -140,11 +145,21 @@ def dns_upstream() -> Iterator[DnsUpstream]:
     for name, rtype, value in UPSTREAM_ZONE:
         rrs += RR.fromZone(f"{name} 60 IN {rtype} {value}")
 
+    from dnslib import TXT
+
+    big = RR(BIG_TXT_NAME, QTYPE.TXT, rdata=TXT([t.encode() for t in BIG_TXT_STRINGS]), ttl=60)
+
     class Resolver(BaseResolver):
         def resolve(self, request, handler):
             reply = request.reply()
             q = request.q
-            state.queries.append((str(q.qname), QTYPE[q.qtype]))
+            state.queries.append((str(q.qname), QTYPE[q.qtype], handler.protocol))
+            if q.qname == BIG_TXT_NAME:
+                if handler.protocol == "udp":
+                    reply.header.tc = 1
+                else:
+                    reply.add_answer(big)
+                return reply
             matches = [rr for rr in rrs if rr.rname == q.qname]
             if not matches:
                 reply.header.rcode = RCODE.NXDOMAIN
@@ -159,12 +174,17 @@ def dns_upstream() -> Iterator[DnsUpstream]:
 
     server = DNSServer(Resolver(), port=0, address="127.0.0.1", logger=Quiet())
     state.port = server.server.server_address[1]
+    tcp_server = DNSServer(
+        Resolver(), port=state.port, address="127.0.0.1", tcp=True, logger=Quiet()
+    )
     server.start_thread()
+    tcp_server.start_thread()
     try:
         yield state
     finally:
-        server.stop()
-        server.server.server_close()
+        for srv in (server, tcp_server):
+            srv.stop()
+            srv.server.server_close()
 
 
 @pytest.fixture
@@ -410,3 +430,138 @@ def guest(netns, short_tmp: Path) -> Iterator[Callable[..., Guest]]:
     finally:
         for g in guests:
             stop_process(g.proc)
+
+
+# ---- TCP peers on host loopback -------------------------------------------------------
+
+
+@dataclass
+class Blob:
+    path: Path
+    size: int
+    sha256: str
+
+
+@pytest.fixture(scope="session")
+def big_blob() -> Iterator[Blob]:
+    """256 MiB of random bytes in a file (made once per session, removed after)."""
+    import hashlib
+
+    d = Path(tempfile.mkdtemp(prefix="nf-blob-"))
+    path = d / "blob"
+    h = hashlib.sha256()
+    with open(path, "wb") as f:
+        for _ in range(256):
+            chunk = os.urandom(1 << 20)
+            h.update(chunk)
+            f.write(chunk)
+    try:
+        yield Blob(path, 256 << 20, h.hexdigest())
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@dataclass
+class HttpServer:
+    port: int
+    blob: Blob
+    uploads: list[tuple[int, str]]  # (size, sha256) of every upload received
+
+
+@pytest.fixture
+def http_server(big_blob: Blob) -> Iterator[HttpServer]:
+    """HTTP on 127.0.0.1: GET /blob sends the 256 MiB blob (or /blob?mib=N its first N MiB);
+    PUT /upload answers with the sha256 of the body it received."""
+    import hashlib
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from urllib.parse import parse_qs, urlsplit
+
+    uploads: list[tuple[int, str]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):  # quiet
+            pass
+
+        def do_GET(self):
+            url = urlsplit(self.path)
+            if url.path != "/blob":
+                self.send_error(404)
+                return
+            mib = int(parse_qs(url.query).get("mib", ["256"])[0])
+            size = min(mib << 20, big_blob.size)
+            self.send_response(200)
+            self.send_header("Content-Length", str(size))
+            self.end_headers()
+            with open(big_blob.path, "rb") as f:
+                left = size
+                while left:
+                    chunk = f.read(min(1 << 20, left))
+                    self.wfile.write(chunk)
+                    left -= len(chunk)
+
+        def do_PUT(self):
+            n = int(self.headers["Content-Length"])
+            h = hashlib.sha256()
+            left = n
+            while left:
+                chunk = self.rfile.read(min(1 << 20, left))
+                if not chunk:
+                    break
+                h.update(chunk)
+                left -= len(chunk)
+            digest = h.hexdigest()
+            uploads.append((n - left, digest))
+            body = digest.encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+    try:
+        yield HttpServer(server.server_address[1], big_blob, uploads)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def tcp_echo_server() -> Iterator[int]:
+    """TCP echo on 127.0.0.1 (a thread per connection; echoes until EOF, then closes)."""
+    import socketserver
+
+    class Echo(socketserver.BaseRequestHandler):
+        def handle(self):
+            while data := self.request.recv(65536):
+                self.request.sendall(data)
+
+    class Server(socketserver.ThreadingTCPServer):
+        daemon_threads = True
+        allow_reuse_address = True
+        request_queue_size = 1024
+
+    server = Server(("127.0.0.1", 0), Echo)
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def free_tcp_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))

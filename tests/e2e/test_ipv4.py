@@ -89,8 +89,8 @@ def test_dns_forwarded_unchanged(hostd, guest, dns_upstream):
     ]
     assert "status: NXDOMAIN" in dig(g, "missing.example.test")
     # The upstream really saw them: hostd forwarded, it did not invent answers.
-    assert ("www.example.test.", "AAAA") in dns_upstream.queries
-    assert ("missing.example.test.", "A") in dns_upstream.queries
+    assert ("www.example.test.", "AAAA", "udp") in dns_upstream.queries
+    assert ("missing.example.test.", "A", "udp") in dns_upstream.queries
 
 
 def test_dns_silent_upstream_servfail_within_5s(hostd, guest, silent_udp_port):
@@ -286,7 +286,19 @@ def test_pcap_reads_back_in_tshark(hostd, guest):
     tshark = shutil.which("tshark")
     assert tshark, "tshark is not installed (scripts/bootstrap installs it)"
     out = subprocess.run(
-        [tshark, "-r", h.pcap_path, "-Y", "icmp", "-T", "fields", "-e", "icmp.type", "-e", "ip.src"],
+        [
+            tshark,
+            "-r",
+            h.pcap_path,
+            "-Y",
+            "icmp",
+            "-T",
+            "fields",
+            "-e",
+            "icmp.type",
+            "-e",
+            "ip.src",
+        ],
         capture_output=True,
         text=True,
         check=True,
