@@ -402,12 +402,13 @@ def guest(netns, short_tmp: Path) -> Iterator[Callable[..., Guest]]:
         dhcp_client: str = "udhcpc",
         mtu: int | None = None,
         wait_lease: bool = True,
+        connect: str | None = None,
     ) -> Guest:
         ns = netns()
         n = len(guests)
         log_path = short_tmp / f"vm-switch-{n}.log"
         resolv = short_tmp / f"resolv-{n}.conf"
-        args = [_bin("vm-switch"), "--connect", h.link_uri, "--tap-mac-address", mac]
+        args = [_bin("vm-switch"), "--connect", connect or h.link_uri, "--tap-mac-address", mac]
         args += ["--dhcp-client", dhcp_client, "--resolv-conf", str(resolv)]
         args += ["--log-format", "json", "--log-file", str(log_path)]
         if mtu:
