@@ -90,6 +90,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     lim.add_argument("--tcp-time-wait", type=float, default=60.0, metavar="SECONDS")
     p.add_argument("--pcap", metavar="FILE", help="write every frame through the switch here")
+    api = p.add_argument_group("api")
+    api.add_argument(
+        "--api",
+        metavar="URI",
+        help="HostSwitch gRPC API: unix:///path (created 0600) or tcp://HOST:PORT; 'none' "
+        "disables it (default: unix:///run/netferry/hostd.sock as root, else "
+        "$XDG_RUNTIME_DIR/netferry/hostd.sock)",
+    )
+    api.add_argument(
+        "--port-forward",
+        action="append",
+        default=[],
+        metavar="[tcp:|udp:|unix:]LOCAL=REMOTE",
+        help="static forward at start, e.g. 127.0.0.1:2222=192.168.127.2:22 (repeatable)",
+    )
     add_logging_arguments(p)
     return p
 
@@ -120,7 +135,22 @@ def config_from_args(args: argparse.Namespace) -> NetworkConfig:
     )
 
 
+def parse_port_forward(spec: str) -> tuple[str, str, str]:
+    """'[tcp:|udp:|unix:]LOCAL=REMOTE' → (protocol, local, remote)."""
+    protocol = "tcp"
+    for prefix in ("tcp:", "udp:", "unix:"):
+        if spec.startswith(prefix):
+            protocol, spec = prefix[:-1], spec[len(prefix) :]
+            break
+    local, sep, remote = spec.rpartition("=")
+    if not sep or not local or not remote:
+        raise ValueError(f"--port-forward {spec!r}: expected [tcp:|udp:|unix:]LOCAL=REMOTE")
+    return protocol, local, remote
+
+
 async def run(args: argparse.Namespace, config: NetworkConfig) -> int:
+    from hostd.api.server import ApiServer, default_api_path
+    from hostd.forwards import ForwardError
     from hostd.switch import HostSwitch
 
     switch = HostSwitch(config, pcap_path=args.pcap)
@@ -138,11 +168,20 @@ async def run(args: argparse.Namespace, config: NetworkConfig) -> int:
         log.info("hostd.stats", stats=switch.stats())
 
     loop.add_signal_handler(signal.SIGUSR1, dump_stats)  # `kill -USR1`: stats to the log
+    api: ApiServer | None = None
     try:
         for uri in args.listen:
             await switch.listen(parse_link_uri(uri))
-    except OSError as e:
-        log.error("listen.failed", error=str(e))
+        if args.api != "none":
+            api = ApiServer(switch, args.api or f"unix://{default_api_path()}")
+            await api.start()
+        for spec in args.port_forward:
+            protocol, local, remote = parse_port_forward(spec)
+            await switch.forwards.expose(protocol, local, remote)
+    except (OSError, ForwardError) as e:
+        log.error("startup.failed", error=str(e))
+        if api is not None:
+            await api.stop()
         await switch.close()
         return 1
     log.info(
@@ -155,6 +194,8 @@ async def run(args: argparse.Namespace, config: NetworkConfig) -> int:
     )
     await stop.wait()
     log.info("hostd.stopping", stats=switch.stats())
+    if api is not None:
+        await api.stop()
     await switch.close()
     return 0
 
@@ -171,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
         config = config_from_args(args)
         for spec in args.dns_record:
             parse_record_spec(spec)
+        for spec in args.port_forward:
+            parse_port_forward(spec)
     except ValueError as e:
         parser.error(str(e))
     with contextlib.suppress(KeyboardInterrupt):

@@ -32,6 +32,7 @@ from hostd.stack.network import (
     TcpConnEvent,
     TcpDial,
     UdpOutbound,
+    UdpSessionDatagram,
 )
 from netferry.uri import LinkUri
 
@@ -43,6 +44,8 @@ class HostSwitch:
         self.config = config
         self.network = Network(config)
         self.links: dict[int, Link] = {}
+        # Counters of links that have closed: frames in/out, bytes in/out (totals stay monotonic).
+        self.closed_link_totals = [0, 0, 0, 0]
         self.endpoints: list[Endpoint] = []
         self.pcap = PcapWriter.open(pcap_path) if pcap_path else None
         if self.pcap is not None:
@@ -68,12 +71,18 @@ class HostSwitch:
             dns_handler=lambda conn: DnsTcpSession(
                 conn, self.network.dns, self.dns_forwarder, self.tcp_nat.touch
             ),
+            on_error=lambda **fields: self._event("connection_error", **fields),
         )
         self._dns_tasks: set[asyncio.Task[None]] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._housekeeping = self.loop.create_task(self._housekeep())
         self.event_listeners: list[Callable[[str, dict], None]] = []
+        # Live captures: each gets every frame (in and out) through `capture_listeners`.
+        self.capture_listeners: list[Callable[[list[bytes]], None]] = []
+        from hostd.forwards import Forwards
+
+        self.forwards = Forwards(self)
         allowed, value = ping_sockets_allowed()
         if not allowed:
             log.warning(
@@ -98,6 +107,8 @@ class HostSwitch:
     def link_frames(self, link: Link, frames: list[bytes]) -> None:
         if self.pcap is not None:
             self.pcap.write(frames)
+        for listener in self.capture_listeners:
+            listener(frames)
         self.network.receive_frames(link.port, frames, self.loop.time())
         self.flush()
 
@@ -105,6 +116,9 @@ class HostSwitch:
         if self.links.pop(link.port, None) is None:
             return
         self.network.remove_port(link.port)
+        c = link.counters
+        for i, v in enumerate((c.frames_in, c.frames_out, c.bytes_in, c.bytes_out)):
+            self.closed_link_totals[i] += v
         log.info("link.down", link=link.name, port=link.port, reason=reason)
         self._event("link_down", link=link.name, port=link.port, reason=reason or "closed")
 
@@ -120,6 +134,8 @@ class HostSwitch:
             if network.originated:
                 if self.pcap is not None:
                     self.pcap.write(network.originated)
+                for listener in self.capture_listeners:
+                    listener(network.originated)
                 network.originated.clear()
             for port, frames in frames_by_port.items():
                 link = self.links.get(port)
@@ -137,6 +153,8 @@ class HostSwitch:
     def _dispatch(self, ev: object) -> None:
         if isinstance(ev, TcpConnEvent):
             self.tcp_nat.connection_event(ev)
+        elif isinstance(ev, UdpSessionDatagram):
+            ev.session.reply(ev.payload)  # type: ignore[attr-defined]
         elif isinstance(ev, UdpOutbound):
             self.udp_nat.send(ev)
         elif isinstance(ev, TcpDial):
@@ -195,6 +213,18 @@ class HostSwitch:
         for listener in self.event_listeners:
             listener(kind, dict(fields, time=time.time()))
 
+    emit_event = _event
+
+    def add_capture(self, listener: Callable[[list[bytes]], None]) -> None:
+        self.capture_listeners.append(listener)
+        if self.network.originated is None:
+            self.network.originated = []
+
+    def remove_capture(self, listener: Callable[[list[bytes]], None]) -> None:
+        self.capture_listeners.remove(listener)
+        if not self.capture_listeners and self.pcap is None:
+            self.network.originated = None
+
     # ---- stats and shutdown -----------------------------------------------------------
 
     def stats(self) -> dict[str, object]:
@@ -218,6 +248,7 @@ class HostSwitch:
         }
 
     async def close(self) -> None:
+        await self.forwards.close()
         self._housekeeping.cancel()
         if self._timer is not None:
             self._timer.cancel()

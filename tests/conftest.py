@@ -238,10 +238,20 @@ class Hostd:
     pcap_path: str
     log_path: str
     args: list[str]
+    api_path: str = ""
 
     @property
     def link_uri(self) -> str:
         return f"unix://{self.link_path}"
+
+    @property
+    def api(self) -> str:
+        return f"unix://{self.api_path}"
+
+    def client(self):  # type: ignore[no-untyped-def]
+        from netferry.client import HostSwitchClient
+
+        return HostSwitchClient(self.api)
 
     def log_text(self) -> str:
         try:
@@ -286,11 +296,14 @@ def hostd(short_tmp: Path, dns_upstream: DnsUpstream) -> Iterator[Callable[..., 
         logf = str(d / "hostd.log")
         args = [_bin("host-switch"), "--listen", f"unix://{link}", "--pcap", pcap]
         args += ["--log-format", "json", "--log-file", logf]
+        api_path = str(d / "api.sock")
+        if "--api" not in extra:
+            args += ["--api", f"unix://{api_path}"]
         if "--dns-upstream" not in extra:
             args += ["--dns-upstream", dns_upstream.spec]
         args += list(extra)
         proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        h = Hostd(proc, d, link, pcap, logf, args)
+        h = Hostd(proc, d, link, pcap, logf, args, api_path)
         started.append(h)
 
         def ready() -> bool:

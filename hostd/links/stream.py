@@ -9,6 +9,7 @@ batch. Listeners accept any number of connections, each a new switch port.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import socket
 import stat
@@ -146,7 +147,9 @@ def bind_unix_socket(path: str, type_: int) -> socket.socket:
             probe.connect(path)
         except (ConnectionRefusedError, FileNotFoundError):
             os.unlink(path)  # stale socket from a process that is gone
-        except OSError:
+        except OSError as e:
+            if e.errno == errno.EPROTOTYPE:  # alive, but a socket of another type
+                raise FileExistsError(f"{path} is in use by a running process") from None
             os.unlink(path)
         else:
             raise FileExistsError(f"{path} is in use by a running process")

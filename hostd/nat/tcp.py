@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import ipaddress
 import socket
 import struct
 from collections.abc import Callable
@@ -40,6 +41,9 @@ HOST_SOCKET_BUFFER = 4 << 20
 
 class HostSide(asyncio.Protocol):
     """The host socket of one spliced connection."""
+
+    # Per-forward counters (port forwards share this class), or None for outbound NAT.
+    counters: dict[str, int] | None = None
 
     def __init__(self, nat: TcpNat, conn: tcp.TcpConnection) -> None:
         self.nat = nat
@@ -70,6 +74,8 @@ class HostSide(asyncio.Protocol):
         if self.pending and self.transport is not None:
             self.transport.pause_reading()
         self.nat.stats["bytes_to_guest"] += len(data)
+        if self.counters is not None:
+            self.counters["bytes_to_guest"] += len(data)
         self.nat.touch(conn)
 
     def eof_received(self) -> bool:
@@ -117,6 +123,8 @@ class HostSide(asyncio.Protocol):
             data = conn.read(1 << 20)
             t.write(data)
             self.nat.stats["bytes_to_host"] += len(data)
+            if self.counters is not None:
+                self.counters["bytes_from_guest"] += len(data)
         if self.guest_eof and not conn.readable() and not t.is_closing():
             if self.host_eof and not self.pending:
                 t.close()  # both directions are done: free the socket now, not after TIME_WAIT
@@ -158,6 +166,9 @@ class HostSide(asyncio.Protocol):
         if self.transport is not None and not self.closed:
             self.transport.close()
 
+    def finished(self) -> None:
+        """The connection is gone (its `Closed` event): subclasses release what they hold."""
+
 
 class TcpNat:
     def __init__(
@@ -167,11 +178,13 @@ class TcpNat:
         *,
         connect_timeout: float,
         dns_handler: Callable[[tcp.TcpConnection], object] | None = None,
+        on_error: Callable[..., None] | None = None,
     ) -> None:
         self.network = network
         self.flush = flush
         self.connect_timeout = connect_timeout
         self.dns_handler = dns_handler
+        self.on_error = on_error
         self.loop = asyncio.get_running_loop()
         self.dials: dict[tcp.TcpConnection, asyncio.Task[None]] = {}
         self.hosts: dict[tcp.TcpConnection, HostSide] = {}
@@ -217,6 +230,16 @@ class TcpNat:
         self.dials[ev.conn] = task
         task.add_done_callback(lambda _t, c=ev.conn: self.dials.pop(c, None))
 
+    def _report(self, ev: TcpDial, reason: str) -> None:
+        if self.on_error is not None:
+            guest_ip, guest_port, dst_ip, dst_port = ev.conn.key  # type: ignore[attr-defined]
+            self.on_error(
+                protocol="tcp",
+                source=f"{ipaddress.IPv4Address(guest_ip)}:{guest_port}",
+                destination=f"{ipaddress.IPv4Address(dst_ip)}:{dst_port}",
+                reason=reason,
+            )
+
     async def _dial(self, ev: TcpDial) -> None:
         conn = ev.conn
         family = socket.AF_INET6 if ":" in ev.target_ip else socket.AF_INET
@@ -231,18 +254,21 @@ class TcpNat:
         except ConnectionRefusedError:
             sock.close()
             self.stats["refused"] += 1
+            self._report(ev, "refused")
             self.network.tcp_refuse(conn, self.loop.time())
             self.flush()
             return
         except TimeoutError:
             sock.close()
             self.stats["timed_out"] += 1
+            self._report(ev, "timeout")
             self.network.tcp_refuse(conn, self.loop.time(), unreachable=icmp.HOST_UNREACHABLE)
             self.flush()
             return
         except OSError as e:
             sock.close()
             self.stats["unreachable"] += 1
+            self._report(ev, "unreachable")
             code = icmp.NET_UNREACHABLE if e.errno == errno.ENETUNREACH else icmp.HOST_UNREACHABLE
             self.network.tcp_refuse(conn, self.loop.time(), unreachable=code)
             self.flush()
@@ -302,6 +328,7 @@ class TcpNat:
                 if conn.readable():
                     host.pump_to_host()
                 host.close_host()
+                host.finished()
             conn.app = None  # type: ignore[attr-defined]
         self.network.tcp_touch(conn)
 

@@ -183,7 +183,9 @@ class Reassembler:
             self._drop(key)
             return None
         if not more:
-            if part.total is not None and part.total != end:
+            if (part.total is not None and part.total != end) or any(
+                o + len(d) > end for o, d in part.pieces.items()
+            ):  # two different ends, or data already held beyond this end
                 self.stats["overlap_dropped"] += 1
                 self._drop(key)
                 return None

@@ -37,6 +37,7 @@ DHCP_SERVER_PORT = 67
 DHCP_CLIENT_PORT = 68
 DNS_PORT = 53
 PENDING_ARP_MAX = 64  # packets held per unresolved guest address
+PROTO_NAMES = {ipv4.PROTO_TCP: "tcp", ipv4.PROTO_UDP: "udp", ipv4.PROTO_ICMP: "icmp"}
 
 
 @dataclass(slots=True)
@@ -97,7 +98,23 @@ class TcpConnEvent:
     event: tcp.TcpEvent
 
 
-Event = UdpOutbound | IcmpEchoOutbound | DnsQueryOutbound | LeaseEvent | TcpDial | TcpConnEvent
+@dataclass(slots=True)
+class UdpSessionDatagram:
+    """A guest datagram to a 4-tuple registered by a UDP port forward (a reply)."""
+
+    session: object
+    payload: bytes
+
+
+Event = (
+    UdpOutbound
+    | IcmpEchoOutbound
+    | DnsQueryOutbound
+    | LeaseEvent
+    | TcpDial
+    | TcpConnEvent
+    | UdpSessionDatagram
+)
 TcpKey = tuple[bytes, int, bytes, int]  # guest ip, guest port, destination ip, port
 
 
@@ -157,6 +174,8 @@ class Network:
             "send_buffer": config.tcp_buffer,
             "time_wait": config.tcp_time_wait,
         }
+        # UDP port-forward sessions: (guest ip, guest port, our ip, our port) → session.
+        self.udp_sessions: dict[TcpKey, object] = {}
         self._tcp_dirty: dict[tcp.TcpConnection, None] = {}
         self._tcp_timers: list[tuple[float, int, tcp.TcpConnection]] = []
         self._tcp_timer_seq = 0
@@ -217,6 +236,9 @@ class Network:
     def send_ip(self, src: bytes, dst: bytes, proto: int, payload: bytes, ttl: int = 64) -> None:
         """Send a datagram from the gateway side to guest address `dst`, fragmenting to the MTU."""
         packets = ipv4.fragment(src, dst, proto, payload, self.mtu, self._next_ident(), ttl)
+        name = PROTO_NAMES.get(proto, "other")
+        self.stats[name + "_packets_out"] += len(packets)
+        self.stats[name + "_bytes_out"] += len(payload) + 20 * len(packets)
         mac = self.neighbours.lookup(dst)
         if mac is None:
             self._queue_for_arp(dst, packets)
@@ -329,6 +351,8 @@ class Network:
                 mac = self.neighbours.lookup(dst)
                 stats = self.stats
                 stats["tcp_segments_out"] += len(segments)
+                stats["tcp_packets_out"] += len(segments)
+                stats["tcp_bytes_out"] += sum(map(len, segments)) + 20 * len(segments)
                 for seg in segments:
                     packet = ipv4.build_ipv4(
                         src, dst, ipv4.PROTO_TCP, seg, self._next_ident(), 64, 0, ipv4.FLAG_DF
@@ -416,6 +440,8 @@ class Network:
         except arp.ArpError:
             self.stats["malformed_arp"] += 1
             return
+        self.stats["arp_packets_in"] += 1
+        self.stats["arp_bytes_in"] += len(body)
         if pkt.sender_mac != src_mac or pkt.sender_ip in self.virtual_ips:
             self.stats["arp_spoof_dropped"] += 1
             return
@@ -439,7 +465,11 @@ class Network:
         except ipv4.Ipv4Error as e:
             self.stats[str(e)] += 1
             return
-        self.stats["ipv4_in"] += 1
+        stats = self.stats
+        stats["ipv4_in"] += 1
+        proto_name = PROTO_NAMES.get(pkt.proto, "other")
+        stats[proto_name + "_packets_in"] += 1
+        stats[proto_name + "_bytes_in"] += len(body)
         if pkt.src != ANY_V4:
             if not self._in_subnet(pkt.src) or pkt.src in self.virtual_ips:
                 self.stats["ipv4_bad_source"] += 1
@@ -512,6 +542,11 @@ class Network:
             else:
                 self.stats["udp_broadcast_dropped"] += 1
             return
+        if self.udp_sessions:
+            session = self.udp_sessions.get((pkt.src, sport, dst, dport))
+            if session is not None:
+                self.events.append(UdpSessionDatagram(session, payload))
+                return
         target = self._nat_target(pkt)
         if target is None:
             return

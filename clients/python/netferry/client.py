@@ -1,0 +1,205 @@
+"""The Python SDK for hostd's HostSwitch API: a thin, typed wrapper over the generated stubs.
+
+    from netferry.client import HostSwitchClient
+    with HostSwitchClient("unix:///run/netferry/hostd.sock") as api:
+        api.expose("tcp", "127.0.0.1:8080", "192.168.127.2:80")
+        print(api.stats().tcp.bytes_to_guests)
+
+Every failed call raises `NetferryError` with the gRPC status name and hostd's message, which
+names the field or the holder of an address.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from datetime import timedelta
+
+import grpc
+
+from netferry.v1 import host_pb2 as pb
+from netferry.v1 import host_pb2_grpc as pb_grpc
+
+PROTOCOLS = {"tcp": pb.PROTOCOL_TCP, "udp": pb.PROTOCOL_UDP, "unix": pb.PROTOCOL_UNIX}
+PROTOCOL_NAMES = {v: k for k, v in PROTOCOLS.items()}
+RECORD_TYPES = {
+    "A": pb.DNS_RECORD_TYPE_A,
+    "AAAA": pb.DNS_RECORD_TYPE_AAAA,
+    "CNAME": pb.DNS_RECORD_TYPE_CNAME,
+}
+RECORD_TYPE_NAMES = {v: k for k, v in RECORD_TYPES.items()}
+CAPTURE_PROTOCOLS = {
+    "tcp": pb.CAPTURE_PROTOCOL_TCP,
+    "udp": pb.CAPTURE_PROTOCOL_UDP,
+    "icmp": pb.CAPTURE_PROTOCOL_ICMP,
+    "arp": pb.CAPTURE_PROTOCOL_ARP,
+}
+
+
+class NetferryError(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+
+
+def default_target() -> str:
+    """$NETFERRY_API, else the path hostd uses by default for this user."""
+    env = os.environ.get("NETFERRY_API")
+    if env:
+        return env
+    if os.geteuid() == 0:
+        return "unix:///run/netferry/hostd.sock"
+    runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/netferry-{os.getuid()}"
+    return f"unix://{runtime}/netferry/hostd.sock"
+
+
+def grpc_target(target: str) -> str:
+    """Accepts unix:///path, a bare /path, tcp://host:port or host:port."""
+    if target.startswith("/"):
+        return f"unix:{target}"
+    if target.startswith("unix://"):
+        return "unix:" + target[len("unix://") :]
+    if target.startswith("tcp://"):
+        return target[len("tcp://") :]
+    return target
+
+
+def _call(fn, *args, **kwargs):  # type: ignore[no-untyped-def]
+    try:
+        return fn(*args, **kwargs)
+    except grpc.RpcError as e:
+        raise NetferryError(e.code(), e.details() or "") from None
+
+
+class HostSwitchClient:
+    def __init__(self, target: str | None = None, timeout: float = 10.0) -> None:
+        self.target = target or default_target()
+        self.timeout = timeout
+        self.channel = grpc.insecure_channel(grpc_target(self.target))
+        self.stub = pb_grpc.HostSwitchStub(self.channel)
+
+    def __enter__(self) -> HostSwitchClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    # forwards
+    def expose(self, protocol: str, local: str, remote: str) -> pb.Forward:
+        req = pb.ExposeRequest(protocol=PROTOCOLS[protocol], local=local, remote=remote)
+        return _call(self.stub.Expose, req, timeout=self.timeout).forward
+
+    def unexpose(self, protocol: str, local: str) -> pb.Forward:
+        req = pb.UnexposeRequest(protocol=PROTOCOLS[protocol], local=local)
+        return _call(self.stub.Unexpose, req, timeout=self.timeout).forward
+
+    def forwards(self) -> list[pb.Forward]:
+        return list(
+            _call(self.stub.ListForwards, pb.ListForwardsRequest(), timeout=self.timeout).forwards
+        )
+
+    # stats
+    def stats(self) -> pb.Stats:
+        return _call(self.stub.GetStats, pb.GetStatsRequest(), timeout=self.timeout).stats
+
+    def watch_stats(self, interval: float = 1.0) -> Iterator[pb.Stats]:
+        req = pb.WatchStatsRequest()
+        req.interval.FromTimedelta(timedelta(seconds=interval))
+        stream = self.stub.WatchStats(req)
+        try:
+            for resp in stream:
+                yield resp.stats
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.CANCELLED:
+                raise NetferryError(e.code(), e.details() or "") from None
+        finally:
+            stream.cancel()
+
+    # leases and DNS
+    def leases(self) -> list[pb.Lease]:
+        return list(
+            _call(self.stub.ListLeases, pb.ListLeasesRequest(), timeout=self.timeout).leases
+        )
+
+    def dns_add(self, zone: str, records: Iterable[tuple[str, str, str, int]]) -> pb.DnsZone:
+        req = pb.AddDnsRecordsRequest(zone=zone)
+        for name, rtype, value, ttl in records:
+            if rtype.upper() not in RECORD_TYPES:
+                raise ValueError(f"record type {rtype!r}: expected A, AAAA or CNAME")
+            req.records.add(name=name, type=RECORD_TYPES[rtype.upper()], value=value, ttl=ttl)
+        return _call(self.stub.AddDnsRecords, req, timeout=self.timeout).zone
+
+    def dns_remove(self, zone: str, names: Iterable[str]) -> int:
+        req = pb.RemoveDnsRecordsRequest(zone=zone, names=list(names))
+        return _call(self.stub.RemoveDnsRecords, req, timeout=self.timeout).removed
+
+    def dns_zones(self) -> list[pb.DnsZone]:
+        return list(
+            _call(self.stub.ListDnsZones, pb.ListDnsZonesRequest(), timeout=self.timeout).zones
+        )
+
+    # capture, tunnel, events
+    def capture(
+        self,
+        protocol: str | None = None,
+        host: str = "",
+        port: int = 0,
+        max_frames: int = 0,
+        duration: float | None = None,
+        snaplen: int = 0,
+    ) -> Iterator[bytes]:
+        """pcap bytes: the global header first, then records, as they happen."""
+        req = pb.CaptureRequest(max_frames=max_frames, snaplen=snaplen)
+        req.filter.protocol = CAPTURE_PROTOCOLS[protocol] if protocol else 0
+        req.filter.host = host
+        req.filter.port = port
+        if duration is not None:
+            req.duration.FromTimedelta(timedelta(seconds=duration))
+        stream = self.stub.Capture(req)
+        try:
+            for resp in stream:
+                yield resp.data
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.CANCELLED:
+                raise NetferryError(e.code(), e.details() or "") from None
+        finally:
+            stream.cancel()
+
+    def tunnel(self, address: str, data: Iterable[bytes]) -> Iterator[bytes]:
+        """Send `data` (then a half-close) to `address` in the virtual network; yields what
+        comes back until the peer closes."""
+
+        def requests() -> Iterator[pb.TunnelRequest]:
+            yield pb.TunnelRequest(open=pb.TunnelOpen(address=address))
+            for chunk in data:
+                if chunk:
+                    yield pb.TunnelRequest(data=chunk)
+            yield pb.TunnelRequest(close=pb.TunnelClose())
+
+        stream = self.stub.Tunnel(requests())
+        try:
+            for resp in stream:
+                kind = resp.WhichOneof("message")
+                if kind == "data":
+                    yield resp.data
+                elif kind == "close":
+                    return
+        except grpc.RpcError as e:
+            raise NetferryError(e.code(), e.details() or "") from None
+        finally:
+            stream.cancel()
+
+    def events(self) -> Iterator[pb.Event]:
+        stream = self.stub.WatchEvents(pb.WatchEventsRequest())
+        try:
+            for resp in stream:
+                yield resp.event
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.CANCELLED:
+                raise NetferryError(e.code(), e.details() or "") from None
+        finally:
+            stream.cancel()

@@ -1,0 +1,410 @@
+"""Port forwards: host listeners whose connections and datagrams go into the guest network.
+
+- TCP: each accepted client becomes an active open through the stack (`Network.tcp_connect`)
+  to the guest address, spliced by the same `HostSide` protocol the outbound NAT uses. The
+  guest sees the client's own address when it is a non-loopback IPv4 address (slirp4netns
+  and pasta keep it; gvproxy and Rancher Desktop hide it), else .254, the host.
+- UNIX: a host socket path forwarded to a guest TCP port, from .254. The path is created
+  only where nothing exists; it is removed on unexpose only if it is still the socket we made
+  (an API must not become a way to delete files: gvproxy's could).
+- UDP: one host socket; per client address a session with its own source 4-tuple in the
+  stack, so the guest's replies find their way back; idle sessions are reaped.
+
+Duplicates are refused before any socket is touched, naming the forward that holds the
+address, and the reservation is made before the first `await`, so of two concurrent Expose
+calls for one port exactly one wins.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import ipaddress
+import os
+import random
+import socket
+import stat
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import structlog
+
+from hostd.nat.tcp import HostSide
+from hostd.stack import tcp
+from netferry.address import AddressError, HostPort, parse_host_port, parse_remote, parse_unix_path
+
+if TYPE_CHECKING:
+    from hostd.switch import HostSwitch
+
+log = structlog.get_logger("hostd.forwards")
+
+PROTOCOLS = ("tcp", "udp", "unix")
+
+
+class ForwardError(Exception):
+    """An Expose/Unexpose that cannot be done. `kind` maps to a gRPC status code."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind  # invalid_argument | already_exists | not_found | unavailable
+
+
+@dataclass
+class Forward:
+    protocol: str
+    local: str  # canonical text: "127.0.0.1:8080", ":8080", "[::1]:8080", "/path"
+    remote: HostPort
+    created: float = field(default_factory=time.time)
+    counters: dict[str, int] = field(
+        default_factory=lambda: {
+            "active": 0,
+            "total": 0,
+            "bytes_to_guest": 0,
+            "bytes_from_guest": 0,
+        }
+    )
+    listener: object = None  # asyncio Server or DatagramTransport
+    runtime: object = None  # UdpForwarder
+    socket_inode: tuple[int, int] | None = None  # (dev, ino) of a unix socket we created
+    connections: set[ForwardSide] = field(default_factory=set)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.protocol, self.local)
+
+    def describe(self) -> str:
+        return f"{self.protocol} {self.local} → {self.remote}"
+
+
+def canonical_local(protocol: str, local: str) -> tuple[str, HostPort | None]:
+    if protocol == "unix":
+        return parse_unix_path(local, "local"), None
+    hp = parse_host_port(local, "local")
+    return str(hp), hp
+
+
+def _overlaps(a: HostPort, b: HostPort) -> bool:
+    return a.port == b.port and (not a.host or not b.host or a.host == b.host)
+
+
+class ForwardSide(HostSide):
+    """A forwarded client: its connection into the guest is opened when it connects."""
+
+    def __init__(self, forwards: Forwards, fwd: Forward) -> None:
+        super().__init__(forwards.switch.tcp_nat, None)  # type: ignore[arg-type]
+        self.forwards = forwards
+        self.fwd = fwd
+        self.counters = fwd.counters
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        network = self.forwards.switch.network
+        peer = transport.get_extra_info("peername")
+        src_ip, src_port = self.forwards.source_for(peer, self.fwd.remote, "tcp")
+        guest_ip = ipaddress.IPv4Address(self.fwd.remote.host).packed
+        conn = network.tcp_connect(
+            guest_ip, self.fwd.remote.port, src_ip, src_port, self.forwards.switch.loop.time()
+        )
+        if conn is None:
+            transport.abort()
+            return
+        self.conn = conn
+        conn.app = self  # type: ignore[attr-defined]
+        self.nat.hosts[conn] = self
+        self.fwd.connections.add(self)
+        self.fwd.counters["active"] += 1
+        self.fwd.counters["total"] += 1
+        self.nat.touch(conn)
+
+    def data_received(self, data: bytes) -> None:
+        if self.conn is None:
+            return
+        super().data_received(data)
+
+    def eof_received(self) -> bool:
+        if self.conn is None:
+            return False
+        return super().eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.conn is None:
+            return
+        super().connection_lost(exc)
+
+    def finished(self) -> None:
+        if self in self.fwd.connections:
+            self.fwd.connections.discard(self)
+            self.fwd.counters["active"] -= 1
+
+
+@dataclass(eq=False)
+class UdpSession:
+    forwarder: UdpForwarder
+    client: tuple
+    key: tuple[bytes, int, bytes, int]  # guest ip, guest port, our ip, our port
+    last_active: float
+
+    def reply(self, payload: bytes) -> None:
+        self.last_active = self.forwarder.loop.time()
+        self.forwarder.fwd.counters["bytes_from_guest"] += len(payload)
+        if self.forwarder.transport is not None:
+            self.forwarder.transport.sendto(payload, self.client)
+
+
+class UdpForwarder(asyncio.DatagramProtocol):
+    def __init__(self, forwards: Forwards, fwd: Forward) -> None:
+        self.forwards = forwards
+        self.fwd = fwd
+        self.loop = forwards.switch.loop
+        self.transport: asyncio.DatagramTransport | None = None
+        self.sessions: dict[tuple, UdpSession] = {}
+        self.guest_ip = ipaddress.IPv4Address(fwd.remote.host).packed
+        self.sweeper = self.loop.create_task(self._sweep())
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple) -> None:
+        network = self.forwards.switch.network
+        session = self.sessions.get(addr)
+        now = self.loop.time()
+        if session is None:
+            src_ip, src_port = self.forwards.source_for(addr, self.fwd.remote, "udp")
+            key = (self.guest_ip, self.fwd.remote.port, src_ip, src_port)
+            session = UdpSession(self, addr, key, now)
+            self.sessions[addr] = session
+            network.udp_sessions[key] = session
+            self.fwd.counters["active"] += 1
+            self.fwd.counters["total"] += 1
+        session.last_active = now
+        self.fwd.counters["bytes_to_guest"] += len(data)
+        _, gport, src_ip, src_port = session.key
+        network.send_udp(src_ip, src_port, self.guest_ip, gport, data)
+        self.forwards.switch.flush()
+
+    def error_received(self, exc: Exception) -> None:
+        pass  # an ICMP error for one client; its session times out
+
+    async def _sweep(self) -> None:
+        timeout = self.forwards.switch.config.udp_idle_timeout
+        while True:
+            await asyncio.sleep(max(0.2, min(5.0, timeout / 4)))
+            now = self.loop.time()
+            for addr in [a for a, s in self.sessions.items() if now - s.last_active >= timeout]:
+                self._drop(addr)
+
+    def _drop(self, addr: tuple) -> None:
+        session = self.sessions.pop(addr)
+        self.forwards.switch.network.udp_sessions.pop(session.key, None)
+        self.fwd.counters["active"] -= 1
+
+    def close(self) -> None:
+        self.sweeper.cancel()
+        for addr in list(self.sessions):
+            self._drop(addr)
+        if self.transport is not None:
+            self.transport.close()
+
+
+class Forwards:
+    def __init__(self, switch: HostSwitch) -> None:
+        self.switch = switch
+        self.table: dict[tuple[str, str], Forward] = {}
+
+    def list(self) -> list[Forward]:
+        return [self.table[k] for k in sorted(self.table)]
+
+    def source_for(self, peer: object, remote: HostPort, proto: str) -> tuple[bytes, int]:
+        """The source address the guest sees for a client at `peer`: the client's own IPv4
+        address and port when it is not loopback (nor inside the virtual subnet), else the
+        host address .254 with a port free for this guest endpoint."""
+        network = self.switch.network
+        ip: bytes = network.host_ip
+        port = 0
+        if isinstance(peer, tuple) and len(peer) >= 2:
+            try:
+                addr = ipaddress.ip_address(peer[0])
+            except ValueError:
+                addr = None
+            if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+                addr = addr.ipv4_mapped
+            if isinstance(addr, ipaddress.IPv4Address):
+                port = int(peer[1])
+                if not addr.is_loopback and not addr.is_unspecified and addr not in network.subnet:
+                    ip = addr.packed
+        guest = ipaddress.IPv4Address(remote.host).packed
+        table = network.tcp_conns if proto == "tcp" else network.udp_sessions
+        while not port or (guest, remote.port, ip, port) in table:
+            if ip != network.host_ip:
+                ip = network.host_ip  # the client's own 4-tuple is taken: fall back to .254
+                continue
+            port = random.randint(32768, 60999)
+        return ip, port
+
+    def _check_remote(self, remote: HostPort) -> None:
+        net = self.switch.network
+        ip = ipaddress.IPv4Address(remote.host)
+        if ip not in net.subnet:
+            raise ForwardError("invalid_argument", f"remote: {ip} is not in {net.subnet}")
+        if ip.packed in net.virtual_ips or ip in (
+            net.subnet.network_address,
+            net.subnet.broadcast_address,
+        ):
+            raise ForwardError("invalid_argument", f"remote: {ip} is not a guest address")
+
+    async def expose(self, protocol: str, local: str, remote: str) -> Forward:
+        protocol = protocol.lower()
+        if protocol not in PROTOCOLS:
+            raise ForwardError(
+                "invalid_argument", f"protocol: {protocol!r} is not tcp, udp or unix"
+            )
+        try:
+            local_text, local_hp = canonical_local(protocol, local)
+            remote_hp = parse_remote(remote)
+        except AddressError as e:
+            raise ForwardError("invalid_argument", str(e)) from None
+        self._check_remote(remote_hp)
+        key = (protocol, local_text)
+        for other in self.table.values():
+            if other.key == key or (
+                other.protocol == protocol
+                and local_hp is not None
+                and _overlaps(local_hp, parse_host_port(other.local, "local"))
+            ):
+                raise ForwardError(
+                    "already_exists",
+                    f"{protocol} {local_text} is held by the forward {other.describe()}",
+                )
+        fwd = Forward(protocol, local_text, remote_hp)
+        self.table[key] = fwd  # reserved before the first await: concurrent calls see it
+        try:
+            await self._start(fwd, local_hp)
+        except BaseException:
+            self.table.pop(key, None)
+            raise
+        log.info("forward.added", forward=fwd.describe())
+        self.switch.emit_event("forward_added", forward=fwd)
+        return fwd
+
+    async def _start(self, fwd: Forward, local_hp: HostPort | None) -> None:
+        loop = self.switch.loop
+        try:
+            if fwd.protocol == "tcp":
+                assert local_hp is not None
+                fwd.listener = await loop.create_server(
+                    lambda: ForwardSide(self, fwd), local_hp.host or None, local_hp.port,
+                    reuse_address=True, backlog=1024,
+                )  # fmt: skip
+            elif fwd.protocol == "unix":
+                sock = self._unix_listener(fwd.local)
+                st = os.stat(fwd.local)
+                fwd.socket_inode = (st.st_dev, st.st_ino)
+                fwd.listener = await loop.create_unix_server(
+                    lambda: ForwardSide(self, fwd), sock=sock, backlog=1024
+                )
+            else:
+                assert local_hp is not None
+                family = socket.AF_INET6 if ":" in local_hp.host else socket.AF_INET
+                if not local_hp.host:
+                    family = socket.AF_INET6 if socket.has_ipv6 else socket.AF_INET
+                sock = socket.socket(family, socket.SOCK_DGRAM)
+                try:
+                    if family == socket.AF_INET6 and not local_hp.host:
+                        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+                    sock.bind(
+                        (
+                            local_hp.host or ("::" if family == socket.AF_INET6 else ""),
+                            local_hp.port,
+                        )
+                    )
+                except OSError:
+                    sock.close()
+                    raise
+                fwd.runtime = UdpForwarder(self, fwd)
+                fwd.listener, _ = await loop.create_datagram_endpoint(
+                    lambda: fwd.runtime,
+                    sock=sock,  # type: ignore[arg-type,return-value]
+                )
+        except OSError as e:
+            if isinstance(fwd.runtime, UdpForwarder):
+                fwd.runtime.close()
+            if e.errno == errno.EADDRINUSE:
+                raise ForwardError(
+                    "already_exists", f"{fwd.protocol} {fwd.local} is in use by another process"
+                ) from None
+            if e.errno == errno.EADDRNOTAVAIL:
+                raise ForwardError(
+                    "invalid_argument", f"local: {fwd.local} is not an address of this host"
+                ) from None
+            if e.errno == errno.EACCES:
+                raise ForwardError(
+                    "permission_denied", f"local: binding {fwd.local} is not permitted"
+                ) from None
+            raise ForwardError("unavailable", f"local: {fwd.local}: {e.strerror or e}") from None
+
+    @staticmethod
+    def _unix_listener(path: str) -> socket.socket:
+        parent = os.path.dirname(path) or "/"
+        if not os.path.isdir(parent):
+            raise ForwardError("invalid_argument", f"local: directory {parent} does not exist")
+        if os.path.lexists(path):
+            kind = "a socket" if stat.S_ISSOCK(os.lstat(path).st_mode) else "a file"
+            raise ForwardError(
+                "already_exists", f"local: {path} already exists ({kind}); it is never replaced"
+            )
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(path)
+            os.chmod(path, 0o600)
+            sock.listen(1024)
+        except OSError as e:
+            sock.close()
+            raise ForwardError(
+                "unavailable", f"local: cannot listen on {path}: {e.strerror}"
+            ) from None
+        sock.setblocking(False)
+        return sock
+
+    async def unexpose(self, protocol: str, local: str) -> Forward:
+        protocol = protocol.lower()
+        if protocol not in PROTOCOLS:
+            raise ForwardError(
+                "invalid_argument", f"protocol: {protocol!r} is not tcp, udp or unix"
+            )
+        try:
+            local_text, _ = canonical_local(protocol, local)
+        except AddressError as e:
+            raise ForwardError("invalid_argument", str(e)) from None
+        fwd = self.table.pop((protocol, local_text), None)
+        if fwd is None:
+            raise ForwardError("not_found", f"no {protocol} forward on {local_text}")
+        await self._stop(fwd)
+        log.info("forward.removed", forward=fwd.describe())
+        self.switch.emit_event("forward_removed", forward=fwd)
+        return fwd
+
+    async def _stop(self, fwd: Forward) -> None:
+        listener = fwd.listener
+        if isinstance(fwd.runtime, UdpForwarder):
+            fwd.runtime.close()
+        elif isinstance(listener, asyncio.AbstractServer):
+            listener.close()
+            # Open connections end cleanly: FIN to both sides after what is in flight.
+            for side in list(fwd.connections):
+                if side.conn is not None and side.conn.state is not tcp.TcpState.CLOSED:
+                    side.conn.close()
+                    self.switch.tcp_nat.touch(side.conn)
+                side.close_host()
+        if fwd.protocol == "unix" and fwd.socket_inode is not None:
+            try:
+                st = os.lstat(fwd.local)
+                if stat.S_ISSOCK(st.st_mode) and (st.st_dev, st.st_ino) == fwd.socket_inode:
+                    os.unlink(fwd.local)
+            except FileNotFoundError:
+                pass
+
+    async def close(self) -> None:
+        for fwd in list(self.table.values()):
+            await self._stop(fwd)
+        self.table.clear()
