@@ -327,9 +327,11 @@ class HostSwitchService(pb_grpc.HostSwitchServicer):
                 if not (fqdn == zname or fqdn.endswith("." + zname)):
                     fqdn = normalize_name(name.rstrip(".") + "." + zname)  # relative name
                 try:
-                    records.append(DnsRecord(fqdn, RECORD_TYPES[r.type], r.value, r.ttl))  # type: ignore[arg-type]
+                    record = DnsRecord(fqdn, RECORD_TYPES[r.type], r.value, r.ttl)  # type: ignore[arg-type]
+                    record.validate()
                 except ValueError as e:
                     raise ValueError(f"records[{i}]: {e}") from None
+                records.append(record)
             if zname not in [z for z, _ in zones.zones()]:
                 zones.add_zone(zname)
                 try:
