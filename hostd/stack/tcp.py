@@ -1421,6 +1421,10 @@ class TcpConnection:
             self._wl2 = ack_off
             if wnd > self._max_snd_wnd:
                 self._max_snd_wnd = wnd
+            elif wnd == 0 and ack_off == una:
+                # A guest that answers our forced retransmission with a closed window is
+                # alive: keep probing instead of counting towards giving up (as Linux).
+                self._retries = 0
         return True
 
     def _our_fin_acked(self, now: float) -> None:

@@ -231,7 +231,7 @@ def test_watch_stats_and_events_stream_while_traffic_flows(hostd, guest, tcp_ech
         t.join(20)
     kinds = [ev.WhichOneof("kind") for ev in events]
     assert kinds[:1] == ["link_up"] and "lease_granted" in kinds, kinds
-    assert "forward_added" in kinds and "forward_removed" in kinds or len(kinds) == 4, kinds
+    assert ("forward_added" in kinds and "forward_removed" in kinds) or len(kinds) == 4, kinds
     assert len(stats) >= 15
     first, last = stats[0], stats[-1]
     assert last.tcp.bytes_from_guests - first.tcp.bytes_from_guests > 1_000_000
