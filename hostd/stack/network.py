@@ -621,7 +621,7 @@ class Network:
                 conn.abort()
                 self._tcp_forget(conn)
                 self._tcp_dirty[conn] = None
-            elif conn.state is tcp.TcpState.LISTEN:
+            elif conn.state is tcp.TcpState.LISTEN and is_syn:
                 return  # a retransmitted SYN while the host dial is still pending
             else:
                 conn.receive_segment(seg, now)

@@ -38,12 +38,12 @@ Call pattern. For each batch of received segments: `receive_segment` for each, t
 `next_event`. After `send`/`read`/`close`/`abort`: `segments_to_send`. Whenever
 `get_timer()` is reached: `handle_timer(now)` then `segments_to_send(now)`.
 
-What it must never do. Send beyond the guest's advertised (scaled) window except the one
-segment a retransmission timeout or persist probe forces; shrink the right edge of the
-window it advertised; accept more than its buffers allow (the send buffer, the receive
-buffer and the out-of-order store are all bounded); accept a RST that is not exactly at
-`RCV.NXT` (RFC 5961); advertise options it does not implement (timestamps, ECN); hold a
-reference to caller-owned buffers; do I/O or read a clock.
+What it must never do. Send beyond the guest's advertised (scaled) window, except the one
+segment a retransmission timeout forces (as Linux does; it doubles as a window probe);
+shrink the right edge of the window it advertised; accept more than its buffers allow (the
+send buffer, the receive buffer and the out-of-order store are all bounded); accept a RST
+that is not exactly at `RCV.NXT` (RFC 5961); advertise options it does not implement
+(timestamps, ECN); hold a reference to caller-owned buffers; do I/O or read a clock.
 
 Supported: MSS, window scaling, SACK (both ways: we send SACK blocks for out-of-order data
 and skip SACKed data when retransmitting in recovery), RFC 6298 RTO with Karn's rule,
