@@ -319,6 +319,14 @@ class DhcpRunner:
                 await asyncio.wait_for(self.task, 3)
 
 
+async def signal_ready(dhcp: DhcpRunner, fd: int, client: str) -> None:
+    if client != "none":
+        await dhcp.bound.wait()
+    with contextlib.suppress(OSError):
+        os.write(fd, b"ready\n")
+        os.close(fd)
+
+
 def write_resolv_conf(path: str, servers: list[str], search: list[str]) -> None:
     lines = []
     if search:
@@ -354,6 +362,7 @@ async def run(args: argparse.Namespace) -> int:
     dhcp = DhcpRunner(args)
     backoff = 0.1
     started_dhcp = False
+    ready_task: asyncio.Task[None] | None = None
     rc = 0
     try:
         while not stop.is_set():
@@ -376,6 +385,10 @@ async def run(args: argparse.Namespace) -> int:
             if not started_dhcp:
                 started_dhcp = True
                 dhcp.start()
+                if args.ready_fd is not None:
+                    ready_task = loop.create_task(
+                        signal_ready(dhcp, args.ready_fd, args.dhcp_client)
+                    )
             stopper = loop.create_task(stop.wait())
             await asyncio.wait([pump.done, stopper], return_when=asyncio.FIRST_COMPLETED)
             stopper.cancel()
@@ -386,6 +399,8 @@ async def run(args: argparse.Namespace) -> int:
                     rc = 1
                     break
     finally:
+        if ready_task is not None:
+            ready_task.cancel()
         await dhcp.stop()
         os.close(tap_fd)
         log.info("vm-switch.stopped")
@@ -410,6 +425,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="write the lease's DNS servers here (never /etc/resolv.conf unless allowed)",
     )
     p.add_argument("--allow-etc-resolv-conf", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument(
+        "--ready-fd",
+        type=int,
+        metavar="N",
+        help="write 'ready' to fd N (then close it) once the first lease is applied",
+    )
     add_logging_arguments(p)
     return p
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import signal
 import sys
 
@@ -90,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     lim.add_argument("--tcp-time-wait", type=float, default=60.0, metavar="SECONDS")
     p.add_argument("--pcap", metavar="FILE", help="write every frame through the switch here")
+    p.add_argument(
+        "--ready-fd",
+        type=int,
+        metavar="N",
+        help="write 'ready' to fd N (then close it) once every link and the API listen",
+    )
     api = p.add_argument_group("api")
     api.add_argument(
         "--api",
@@ -184,6 +191,10 @@ async def run(args: argparse.Namespace, config: NetworkConfig) -> int:
             await api.stop()
         await switch.close()
         return 1
+    if args.ready_fd is not None:
+        with contextlib.suppress(OSError):
+            os.write(args.ready_fd, b"ready\n")
+            os.close(args.ready_fd)
     log.info(
         "hostd.ready",
         subnet=str(config.subnet),

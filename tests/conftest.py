@@ -29,6 +29,8 @@ REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 NS_PREFIX = f"nft{os.getpid() % 100000}-"
 PING_RANGE = "/proc/sys/net/ipv4/ping_group_range"
+# Every daemon a fixture starts; the session check fails if any is still alive at the end.
+STARTED: list[subprocess.Popen] = []
 
 
 def _bin(name: str) -> str:
@@ -76,10 +78,7 @@ def session_environment() -> Iterator[None]:
         if old_range is not None and os.geteuid() == 0:
             Path(PING_RANGE).write_text(old_range)
     leftovers = [n for n in list_netns() if n.startswith(NS_PREFIX)]
-    procs = subprocess.run(
-        ["pgrep", "-f", f"{BIN}/(host-switch|vm-switch)"], capture_output=True, text=True
-    ).stdout.split()
-    procs = [p for p in procs if int(p) != os.getpid()]
+    procs = [" ".join(map(str, p.args)) for p in STARTED if p.poll() is None]
     if leftovers or procs:
         for n in leftovers:
             subprocess.run(["ip", "netns", "del", n], check=False)
@@ -172,11 +171,18 @@ def dns_upstream() -> Iterator[DnsUpstream]:
         def __getattr__(self, name):
             return lambda *a, **k: None
 
-    server = DNSServer(Resolver(), port=0, address="127.0.0.1", logger=Quiet())
-    state.port = server.server.server_address[1]
-    tcp_server = DNSServer(
-        Resolver(), port=state.port, address="127.0.0.1", tcp=True, logger=Quiet()
-    )
+    for _ in range(20):  # UDP and TCP on one port number: retry if TCP's is taken
+        server = DNSServer(Resolver(), port=0, address="127.0.0.1", logger=Quiet())
+        state.port = server.server.server_address[1]
+        try:
+            tcp_server = DNSServer(
+                Resolver(), port=state.port, address="127.0.0.1", tcp=True, logger=Quiet()
+            )
+            break
+        except OSError:
+            server.server.server_close()
+    else:
+        pytest.fail("no port free for both UDP and TCP on 127.0.0.1")
     server.start_thread()
     tcp_server.start_thread()
     try:
@@ -303,6 +309,7 @@ def hostd(short_tmp: Path, dns_upstream: DnsUpstream) -> Iterator[Callable[..., 
             args += ["--dns-upstream", dns_upstream.spec]
         args += list(extra)
         proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        STARTED.append(proc)
         h = Hostd(proc, d, link, pcap, logf, args, api_path)
         started.append(h)
 
@@ -427,6 +434,7 @@ def guest(netns, short_tmp: Path) -> Iterator[Callable[..., Guest]]:
         if mtu:
             args += ["--mtu", str(mtu)]
         proc = ns.popen(*args, stdin=subprocess.DEVNULL)
+        STARTED.append(proc)
         g = Guest(ns, proc, log_path, resolv, mac)
         guests.append(g)
         if wait_lease:

@@ -30,7 +30,7 @@ from grpc_reflection.v1alpha import reflection
 
 from hostd.capture import SNAPLEN, pcap_header, pcap_record
 from hostd.forwards import Forward, ForwardError
-from hostd.services.dns import DnsRecord, normalize_name
+from hostd.services.dns import DnsRecord, _name_error, normalize_name
 from hostd.stack import tcp
 from netferry.address import AddressError, parse_remote
 from netferry.v1 import host_pb2 as pb
@@ -146,16 +146,22 @@ class CaptureFilter:
         return True
 
 
+CLIENT_DONE = object()  # queued by the request reader when the client half-closed
+
+
 class TunnelSession:
     """The guest side of a Tunnel RPC: a TCP connection opened from the gateway."""
 
     def __init__(self, conn: tcp.TcpConnection, touch) -> None:  # type: ignore[no-untyped-def]
         self.conn = conn
         self.touch = touch
-        self.events: asyncio.Queue[tcp.TcpEvent] = asyncio.Queue()
+        self.events: asyncio.Queue[object] = asyncio.Queue()
         self.space = asyncio.Event()
+        self.detached = False
 
     def on_event(self, event: tcp.TcpEvent) -> None:
+        if self.detached:
+            return  # the RPC is over; the connection finishes its close (TIME_WAIT) alone
         if isinstance(event, tcp.SendSpaceAvailable):
             self.space.set()
         self.events.put_nowait(event)
@@ -314,8 +320,10 @@ class HostSwitchService(pb_grpc.HostSwitchServicer):
         if not request.records:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "records: is empty")
         zones = self.switch.network.zones
+        zname = normalize_name(zone)
+        if why := _name_error(zname):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"zone: {zone!r} {why}")
         try:
-            zname = normalize_name(zone)
             records = []
             for i, r in enumerate(request.records):
                 if r.type not in RECORD_TYPES:
@@ -347,22 +355,27 @@ class HostSwitchService(pb_grpc.HostSwitchServicer):
 
     async def RemoveDnsRecords(self, request, context):
         zones = self.switch.network.zones
-        try:
-            zname = normalize_name(request.zone)
-        except ValueError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"zone: {e}")
+        if not request.zone.strip():
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "zone: is empty")
+        zname = normalize_name(request.zone)
+        if why := _name_error(zname):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"zone: {request.zone!r} {why}")
+        if not request.names:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "names: is empty")
         if zname not in [z for z, _ in zones.zones()]:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"zone {zname} does not exist")
         names = []
-        for n in request.names:
+        for i, n in enumerate(request.names):
+            if not n.strip():
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"names[{i}]: is empty")
             fq = normalize_name(n)
-            names.append(
-                fq
-                if fq.endswith("." + zname) or fq == zname
-                else normalize_name(n.rstrip(".") + "." + zname)
-            )
+            if not (fq == zname or fq.endswith("." + zname)):
+                fq = normalize_name(n.strip().rstrip(".") + "." + zname)  # relative name
+            if why := _name_error(fq):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"names[{i}]: {n!r} {why}")
+            names.append(fq)
         removed = zones.remove_records(zname, names)
-        if names and not removed:
+        if not removed:
             await context.abort(
                 grpc.StatusCode.NOT_FOUND, f"none of {', '.join(names)} has records in {zname}"
             )
@@ -460,22 +473,32 @@ class HostSwitchService(pb_grpc.HostSwitchServicer):
         session = TunnelSession(conn, sw.tcp_nat.touch)
         conn.app = session  # type: ignore[attr-defined]
         sw.tcp_nat.touch(conn)
+        client_done = False  # the client half-closed (TunnelClose, or its stream ended)
+        peer_done = False  # the guest half-closed and we told the client
 
         async def pump_requests() -> None:
             async for req in request_iterator:
                 kind = req.WhichOneof("message")
                 if kind == "data":
-                    await session.send(req.data)
+                    try:
+                        await session.send(req.data)
+                    except tcp.TcpStateError:
+                        return  # the guest side is gone; the main loop reports how
                 elif kind == "close":
-                    conn.close()
-                    sw.tcp_nat.touch(conn)
-                    return
+                    break
+            # A TunnelClose, or the request stream simply ended: FIN to the guest either way.
+            if conn.state is not tcp.TcpState.CLOSED:
+                conn.close()
+                sw.tcp_nat.touch(conn)
+            session.events.put_nowait(CLIENT_DONE)
 
         reader: asyncio.Task[None] | None = None
         try:
-            while True:
+            while not (client_done and peer_done):
                 event = await session.events.get()
-                if isinstance(event, tcp.Connected):
+                if event is CLIENT_DONE:
+                    client_done = True
+                elif isinstance(event, tcp.Connected):
                     reader = asyncio.ensure_future(pump_requests())
                     yield pb.TunnelResponse(
                         connected=pb.TunnelConnected(
@@ -492,6 +515,7 @@ class HostSwitchService(pb_grpc.HostSwitchServicer):
                     if data:
                         yield pb.TunnelResponse(data=data)
                     yield pb.TunnelResponse(close=pb.TunnelClose())
+                    peer_done = True
                 elif isinstance(event, tcp.ConnectionFailed):
                     what = (
                         "refused the connection" if event.reason == "refused" else "did not answer"
@@ -504,8 +528,9 @@ class HostSwitchService(pb_grpc.HostSwitchServicer):
         finally:
             if reader is not None:
                 reader.cancel()
-            if conn.state is not tcp.TcpState.CLOSED:
-                conn.abort()
+            session.detached = True
+            if not (client_done and peer_done) and conn.state is not tcp.TcpState.CLOSED:
+                conn.abort()  # the call ended early (cancelled, error): reset the guest side
                 sw.tcp_nat.touch(conn)
 
     # ---- events -----------------------------------------------------------------------

@@ -37,6 +37,7 @@ DHCP_SERVER_PORT = 67
 DHCP_CLIENT_PORT = 68
 DNS_PORT = 53
 PENDING_ARP_MAX = 64  # packets held per unresolved guest address
+PENDING_ARP_ADDRESSES = 256  # unresolved guest addresses with packets held
 PROTO_NAMES = {ipv4.PROTO_TCP: "tcp", ipv4.PROTO_UDP: "udp", ipv4.PROTO_ICMP: "icmp"}
 
 
@@ -136,6 +137,7 @@ class Network:
         self._net_int = int(config.subnet.network_address)
         self._mask_int = int(config.subnet.netmask)
         self.broadcast_ip = config.subnet.broadcast_address.packed
+        self.network_ip = config.subnet.network_address.packed
         self.mtu = config.mtu
         self.virtual_ips = {self.gateway_ip, self.host_ip}
         self.cam = ethernet.CamTable()
@@ -267,6 +269,9 @@ class Network:
         if not self._in_subnet(dst):
             self.stats["no_route_dropped"] += len(packets)
             return
+        if dst not in self._pending_arp and len(self._pending_arp) >= PENDING_ARP_ADDRESSES:
+            oldest = next(iter(self._pending_arp))  # bounded in addresses too: oldest goes
+            self.stats["arp_queue_dropped"] += len(self._pending_arp.pop(oldest))
         queue = self._pending_arp.setdefault(dst, [])
         room = PENDING_ARP_MAX - len(queue)
         if room < len(packets):
@@ -471,8 +476,13 @@ class Network:
         stats[proto_name + "_packets_in"] += 1
         stats[proto_name + "_bytes_in"] += len(body)
         if pkt.src != ANY_V4:
-            if not self._in_subnet(pkt.src) or pkt.src in self.virtual_ips:
-                self.stats["ipv4_bad_source"] += 1
+            if (
+                not self._in_subnet(pkt.src)
+                or pkt.src in self.virtual_ips
+                or pkt.src == self.broadcast_ip
+                or pkt.src == self.network_ip
+            ):
+                self.stats["ipv4_bad_source"] += 1  # RFC 1122 3.2.1.3: martian source
                 return
             self.neighbours.learn(pkt.src, src_mac)
         if pkt.is_fragment:
@@ -643,9 +653,15 @@ class Network:
                 return
             service, target = "dns", ""
         else:
+            dst = pkt.dst
+            if dst == LIMITED_BROADCAST or dst == self.broadcast_ip or dst[0] >= 224:
+                stats["tcp_broadcast_dropped"] += 1  # RFC 1122 4.2.3.10: discard silently
+                return
+            refusals = stats["host_loopback_refused"] + stats["ttl_exceeded"]
             target = self._nat_target(pkt)
             if target is None:
-                if pkt.dst != self.host_ip:  # .254 refusal already answered with ICMP
+                # An ICMP error already answered (.254 refused, TTL exceeded): no RST too.
+                if stats["host_loopback_refused"] + stats["ttl_exceeded"] == refusals:
                     reply = tcp.build_reset_reply(pkt.dst, pkt.src, seg)
                     if reply is not None:
                         self.send_ip(pkt.dst, pkt.src, ipv4.PROTO_TCP, reply)

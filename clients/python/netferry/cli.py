@@ -50,10 +50,17 @@ def print_forwards(forwards, js: bool) -> None:  # type: ignore[no-untyped-def]
         print(json.dumps([as_json(f) for f in forwards], indent=2))
         return
     rows = [
-        [PROTOCOL_NAMES.get(f.protocol, "?"), f.local, f.remote, str(f.active), str(f.total),
-         human_bytes(f.bytes_to_guest), human_bytes(f.bytes_from_guest)]
+        [
+            PROTOCOL_NAMES.get(f.protocol, "?"),
+            f.local,
+            f.remote,
+            str(f.active),
+            str(f.total),
+            human_bytes(f.bytes_to_guest),
+            human_bytes(f.bytes_from_guest),
+        ]
         for f in forwards
-    ]  # fmt: skip
+    ]
     print(table(rows, ["proto", "local", "remote", "active", "total", "to guest", "from guest"]))
 
 
@@ -64,8 +71,15 @@ def print_stats(s, js: bool) -> None:  # type: ignore[no-untyped-def]
     rows = []
     for name in ("tcp", "udp", "icmp", "arp"):
         p = getattr(s, name)
-        rows.append([name, str(p.packets_from_guests), human_bytes(p.bytes_from_guests),
-                     str(p.packets_to_guests), human_bytes(p.bytes_to_guests)])  # fmt: skip
+        rows.append(
+            [
+                name,
+                str(p.packets_from_guests),
+                human_bytes(p.bytes_from_guests),
+                str(p.packets_to_guests),
+                human_bytes(p.bytes_to_guests),
+            ]
+        )
     print(table(rows, ["proto", "pkts in", "bytes in", "pkts out", "bytes out"]))
     print(
         f"frames in/out {s.frames_in}/{s.frames_out}  malformed {s.malformed}  dropped "
@@ -108,8 +122,16 @@ def run(args: argparse.Namespace) -> int:
         if js:
             print(json.dumps([as_json(x) for x in leases], indent=2))
         else:
-            rows = [[x.mac, x.ip, x.hostname, "static" if x.static else "dynamic",
-                     x.expires.ToDatetime().isoformat(timespec="seconds")] for x in leases]  # fmt: skip
+            rows = [
+                [
+                    x.mac,
+                    x.ip,
+                    x.hostname,
+                    "static" if x.static else "dynamic",
+                    x.expires.ToDatetime().isoformat(timespec="seconds"),
+                ]
+                for x in leases
+            ]
             print(table(rows, ["mac", "ip", "hostname", "kind", "expires"]))
     elif cmd == "dns":
         if args.dns_command == "add":
@@ -123,14 +145,18 @@ def run(args: argparse.Namespace) -> int:
             if js:
                 print(json.dumps([as_json(z) for z in zones], indent=2))
             else:
-                rows = [[z.name, r.name, RECORD_TYPE_NAMES.get(r.type, "?"), r.value, str(r.ttl)]
-                        for z in zones for r in z.records]  # fmt: skip
+                rows = [
+                    [z.name, r.name, RECORD_TYPE_NAMES.get(r.type, "?"), r.value, str(r.ttl)]
+                    for z in zones
+                    for r in z.records
+                ]
                 print(table(rows, ["zone", "name", "type", "value", "ttl"]))
     elif cmd == "capture":
         out = open(args.write, "wb") if args.write else sys.stdout.buffer
         try:
-            for chunk in api.capture(args.protocol, args.host or "", args.port, args.count,
-                                     args.duration):  # fmt: skip
+            for chunk in api.capture(
+                args.protocol, args.host or "", args.port, args.count, args.duration
+            ):
                 out.write(chunk)
                 out.flush()
         except (KeyboardInterrupt, BrokenPipeError):
@@ -150,8 +176,11 @@ def run(args: argparse.Namespace) -> int:
                 else:
                     kind = ev.WhichOneof("kind")
                     body = as_json(getattr(ev, kind))
-                    print(f"{ev.time.ToDatetime().isoformat(timespec='milliseconds')} {kind} "
-                          + " ".join(f"{k}={v}" for k, v in body.items()), flush=True)  # fmt: skip
+                    print(
+                        f"{ev.time.ToDatetime().isoformat(timespec='milliseconds')} {kind} "
+                        + " ".join(f"{k}={v}" for k, v in body.items()),
+                        flush=True,
+                    )
         except KeyboardInterrupt:
             return 0
     api.close()
@@ -201,10 +230,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub.add_parser("events", help="stream events until Ctrl-C")
     sub.add_parser("demo", help="bring up hostd and a namespace guest and show it working")
+    sub.add_parser("run", help="run a command in namespaces networked by netferry (see run -h)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["run"]:  # its own options and a COMMAND after them
+        from netferry.run import main as run_main
+
+        return run_main(argv[1:])
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if args.command == "demo":
@@ -217,11 +252,14 @@ def main(argv: list[str] | None = None) -> int:
         return run(args)
     except NetferryError as e:
         if e.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and (
-            "connect" in e.message.lower() or "no such file" in e.message.lower()
+            "connect" in e.message.lower()
+            or "no such file" in e.message.lower()
             or e.code == grpc.StatusCode.DEADLINE_EXCEEDED
-        ):  # fmt: skip
-            print(f"netferry: cannot reach hostd at {args.api or 'the default socket'}: {e.message}",
-                  file=sys.stderr)  # fmt: skip
+        ):
+            print(
+                f"netferry: cannot reach hostd at {args.api or 'the default socket'}: {e.message}",
+                file=sys.stderr,
+            )
             return EXIT_UNREACHABLE
         print(f"netferry {args.command}: {e}", file=sys.stderr)
         return EXIT_REFUSED

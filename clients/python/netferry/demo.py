@@ -110,8 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     old_range = " ".join(ping_range.read_text().split())
     lo, hi = (int(x) for x in old_range.split())
     if not lo <= 0 <= hi:
-        print(f"net.ipv4.ping_group_range is '{old_range}': hostd relays guest pings through "
-              "unprivileged ping sockets, so the demo allows them until it ends.")  # fmt: skip
+        print(
+            f"net.ipv4.ping_group_range is '{old_range}': hostd relays guest pings through "
+            "unprivileged ping sockets, so the demo allows them until it ends."
+        )
         ping_range.write_text("0 2147483647")
     tmp = Path(tempfile.mkdtemp(prefix="netferry-demo-"))
     ns = f"netferry-demo-{os.getpid()}"
@@ -123,9 +125,16 @@ def main(argv: list[str] | None = None) -> int:
             sock = tmp / "link.sock"
             hostd_log = tmp / "hostd.log"
             hostd = subprocess.Popen(
-                [str(BIN / "host-switch"), "--listen", f"unix://{sock}",
-                 "--dns-upstream", f"127.0.0.1:{dns_port}", "--log-file", str(hostd_log)]
-            )  # fmt: skip
+                [
+                    str(BIN / "host-switch"),
+                    "--listen",
+                    f"unix://{sock}",
+                    "--dns-upstream",
+                    f"127.0.0.1:{dns_port}",
+                    "--log-file",
+                    str(hostd_log),
+                ]
+            )
             procs.append(hostd)
             if not wait_until(sock.exists, 10):
                 print(hostd_log.read_text() if hostd_log.exists() else "hostd did not start")
@@ -135,10 +144,20 @@ def main(argv: list[str] | None = None) -> int:
             subprocess.run(["ip", "netns", "add", ns], check=True)
             guest_log = tmp / "vm-switch.log"
             vm = subprocess.Popen(
-                ["ip", "netns", "exec", ns, str(BIN / "vm-switch"), "--connect",
-                 f"unix://{sock}", "--resolv-conf", str(tmp / "resolv.conf"),
-                 "--log-file", str(guest_log)]
-            )  # fmt: skip
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    ns,
+                    str(BIN / "vm-switch"),
+                    "--connect",
+                    f"unix://{sock}",
+                    "--resolv-conf",
+                    str(tmp / "resolv.conf"),
+                    "--log-file",
+                    str(guest_log),
+                ]
+            )
             procs.append(vm)
             leased = wait_until(
                 lambda: guest_log.exists() and "dhcp.bound" in guest_log.read_text(), 30
@@ -159,8 +178,10 @@ def main(argv: list[str] | None = None) -> int:
             say("TCP: fetch a page from the host's loopback web server through .254")
             page = run(["curl", "-s", f"http://192.168.127.254:{http_port}/"], ns)
             ok = page.strip().encode() == PAGE.strip()
-            print(f"sha256 {hashlib.sha256(page.encode()).hexdigest()[:16]}… "
-                  f"{'matches' if ok else 'DOES NOT match'} the served page")  # fmt: skip
+            print(
+                f"sha256 {hashlib.sha256(page.encode()).hexdigest()[:16]}… "
+                f"{'matches' if ok else 'DOES NOT match'} the served page"
+            )
             say("hostd's counters")
             hostd.send_signal(signal.SIGUSR1)
             time.sleep(0.3)

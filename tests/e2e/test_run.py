@@ -1,0 +1,272 @@
+"""`netferry run`: rootless namespaces with userspace networking, as slirp4netns users use it."""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import pwd
+import shlex
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import BIN, free_tcp_port, wait_for
+
+pytestmark = pytest.mark.e2e
+USER = "nfrunner"
+
+
+def resolv_digest() -> str:
+    return hashlib.sha256(Path("/etc/resolv.conf").read_bytes()).hexdigest()
+
+
+@pytest.fixture(autouse=True)
+def host_resolv_conf_unchanged() -> Iterator[None]:
+    before = resolv_digest()
+    yield
+    assert resolv_digest() == before, "the host's /etc/resolv.conf changed"
+
+
+@pytest.fixture(scope="module")
+def unprivileged_user() -> Iterator[str]:
+    """A normal user, and /dev/net/tun mode 0666 as most distributions ship it (both undone
+    afterwards)."""
+    if os.geteuid() != 0:
+        pytest.fail("these tests need root to create the unprivileged user")
+    created = False
+    try:
+        pwd.getpwnam(USER)
+    except KeyError:
+        subprocess.run(["useradd", "--create-home", USER], check=True)
+        created = True
+    tun_mode = os.stat("/dev/net/tun").st_mode & 0o777
+    os.chmod("/dev/net/tun", 0o666)
+    probe = subprocess.run(
+        ["su", USER, "-s", "/bin/sh", "-c", f"{BIN}/python -c 'import netferry.run'"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    try:
+        if probe.returncode != 0:
+            pytest.fail(
+                f"{BIN}/python is not usable by an unprivileged user ({probe.stderr.strip()}); "
+                "scripts/bootstrap builds .venv from /usr/bin/python3 so that it is"
+            )
+        yield USER
+    finally:
+        os.chmod("/dev/net/tun", tun_mode)
+        if created:
+            subprocess.run(["pkill", "-KILL", "-u", USER], check=False)
+            subprocess.run(["userdel", "--remove", USER], check=False, capture_output=True)
+
+
+def as_user(user: str, args: list[str], **kw) -> subprocess.Popen:
+    cmd = " ".join(shlex.quote(a) for a in args)
+    return subprocess.Popen(["su", user, "-s", "/bin/sh", "-c", f"cd /tmp && exec {cmd}"], **kw)
+
+
+def netferry_run(*args: str) -> list[str]:
+    return [f"{BIN}/netferry", "run", *args]
+
+
+def leftovers(user: str) -> list[str]:
+    procs = subprocess.run(["pgrep", "-u", user, "-a"], capture_output=True, text=True).stdout
+    dirs = [
+        d
+        for d in glob.glob("/tmp/netferry-run-*")
+        if os.stat(d).st_uid == pwd.getpwnam(user).pw_uid
+    ]
+    return [line for line in procs.splitlines() if line.strip()] + dirs
+
+
+@pytest.fixture
+def page_server() -> Iterator[tuple[int, bytes]]:
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    body = b"netferry run says hello " + os.urandom(8).hex().encode()
+
+    class H(BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), H)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        yield srv.server_address[1], body
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_unprivileged_run_lease_dns_and_fetch(unprivileged_user, page_server, dns_upstream):
+    port, body = page_server
+    script = (
+        "ip -4 addr show eth0; getent hosts host.containers.internal; "
+        f"curl -s http://192.168.127.254:{port}/; echo; exit 7"
+    )
+    p = as_user(
+        unprivileged_user,
+        netferry_run("--dns-upstream", dns_upstream.spec, "--", "sh", "-c", script),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    out, err = p.communicate(timeout=90)
+    assert p.returncode == 7, (out, err)
+    assert "inet 192.168.127.2/24" in out
+    assert "192.168.127.254 host.containers.internal" in out
+    assert body.decode() in out
+    assert leftovers(unprivileged_user) == []
+
+
+def test_publish_and_runtime_forward(unprivileged_user, dns_upstream, short_tmp):
+    os.chmod(short_tmp, 0o777)
+    api = str(short_tmp / "api.sock")
+    published, runtime = free_tcp_port(), free_tcp_port()
+    p = as_user(
+        unprivileged_user,
+        netferry_run("--publish", f"127.0.0.1:{published}:8080", "--api", api,
+                     "--dns-upstream", dns_upstream.spec, "--",
+                     "python3", "-m", "http.server", "8080", "-d", "/etc"),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+
+        def fetch(port: int) -> str:
+            r = subprocess.run(["curl", "-s", "--max-time", "5", f"http://127.0.0.1:{port}/hostname"],
+                               capture_output=True, text=True)  # fmt: skip
+            return r.stdout
+
+        expected = Path("/etc/hostname").read_text()
+        wait_for(lambda: fetch(published) == expected, 60, "the published port to serve the page")
+        # A forward added at run time through the API socket.
+        from netferry.client import HostSwitchClient
+
+        with HostSwitchClient(f"unix://{api}") as client:
+            client.expose("tcp", f"127.0.0.1:{runtime}", "192.168.127.2:8080")
+            assert fetch(runtime) == expected
+            assert {f.local for f in client.forwards()} == {
+                f"127.0.0.1:{published}",
+                f"127.0.0.1:{runtime}",
+            }
+        assert oct(os.stat(api).st_mode & 0o777) == "0o600"
+    finally:
+        p.send_signal(signal.SIGTERM)
+        p.wait(30)
+    assert not os.path.exists(api)
+    wait_for(lambda: leftovers(unprivileged_user) == [], 10, "nothing of the run to remain")
+
+
+def test_sigint_reaches_command_and_second_sigint_tears_down(unprivileged_user):
+    # The command reports SIGINT and carries on; the second SIGINT to netferry ends it all.
+    script = "trap 'echo got-sigint' INT; echo started; while :; do sleep 0.1; done"
+    p = as_user(
+        unprivileged_user,
+        netferry_run("--dns-upstream", "127.0.0.1:9", "--", "sh", "-c", script),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    assert p.stdout.readline().strip() == "started"
+    netferry_pid = wait_for(lambda: _netferry_pid(unprivileged_user), 10, "the netferry process")
+    os.kill(netferry_pid, signal.SIGINT)
+    assert p.stdout.readline().strip() == "got-sigint"
+    os.kill(netferry_pid, signal.SIGINT)
+    p.wait(20)
+    assert p.returncode == 130
+    wait_for(lambda: leftovers(unprivileged_user) == [], 10, "nothing of the run to remain")
+
+
+def _netferry_pid(user: str) -> int | None:
+    out = subprocess.run(["pgrep", "-u", user, "-f", f"{BIN}/netferry run"], capture_output=True,
+                         text=True).stdout.split()  # fmt: skip
+    return int(out[0]) if out else None
+
+
+def test_ready_fd_and_exit_fd(unprivileged_user):
+    ready_r, ready_w = os.pipe()
+    exit_r, exit_w = os.pipe()
+    p = subprocess.Popen(
+        ["su", unprivileged_user, "-s", "/bin/sh", "-c",
+         f"exec {BIN}/netferry run --ready-fd {ready_w} --exit-fd {exit_r} "
+         "--dns-upstream 127.0.0.1:9 -- sleep 600"],
+        pass_fds=(ready_w, exit_r), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    os.close(ready_w)
+    os.close(exit_r)
+    t0 = time.monotonic()
+    with os.fdopen(ready_r, "rb") as r:
+        assert r.read(1) == b"1"  # written once networking is up
+    assert p.poll() is None
+    os.close(exit_w)  # closing the exit fd ends the run
+    p.wait(30)
+    print(f"ready after {time.monotonic() - t0:.2f}s")
+    assert p.returncode == 128 + signal.SIGTERM
+    wait_for(lambda: leftovers(unprivileged_user) == [], 10, "nothing of the run to remain")
+
+
+def test_user_namespaces_refused_names_cause_and_fix():
+    """user.max_user_namespaces = 0: set in a user namespace of the test's own (the limit is
+    per user namespace and this machine's top-level sysctl is read-only), so nothing outside
+    changes and nothing needs restoring."""
+    script = (
+        "echo 0 > /proc/sys/user/max_user_namespaces && "
+        f"exec {BIN}/netferry run --dns-upstream 127.0.0.1:9 -- true"
+    )
+    r = subprocess.run(["unshare", "--user", "--map-root-user", "sh", "-c", script],
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 125, r.stderr
+    assert "user namespaces are disabled (user.max_user_namespaces = 0)" in r.stderr
+    assert "sysctl -w user.max_user_namespaces" in r.stderr
+
+
+def test_tun_not_accessible_says_the_fix(unprivileged_user):
+    os.chmod("/dev/net/tun", 0o600)
+    try:
+        p = as_user(unprivileged_user, netferry_run("--", "true"), stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE, text=True)  # fmt: skip
+        _, err = p.communicate(timeout=30)
+    finally:
+        os.chmod("/dev/net/tun", 0o666)
+    assert p.returncode == 125
+    assert "/dev/net/tun is not accessible" in err and "chmod 0666 /dev/net/tun" in err
+
+
+def test_publish_port_in_use_is_a_clear_error(unprivileged_user):
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    try:
+        p = as_user(unprivileged_user, netferry_run("--publish", f"127.0.0.1:{port}:80", "--", "true"),
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        _, err = p.communicate(timeout=30)
+    finally:
+        holder.close()
+    assert p.returncode == 125
+    assert f"127.0.0.1:{port} is in use by another process" in err
+    assert leftovers(unprivileged_user) == []
+
+
+def test_unknown_option_is_a_usage_error(unprivileged_user):
+    r = subprocess.run(netferry_run("--bogus", "--", "true"), capture_output=True, text=True)
+    assert r.returncode == 2 and "--bogus" in r.stderr
+
+
+def test_root_netns_only(page_server):
+    port, body = page_server
+    r = subprocess.run(
+        netferry_run("--netns-only", "--dns-upstream", "127.0.0.1:9", "--", "sh", "-c",
+                     f"curl -s http://192.168.127.254:{port}/"),
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == body.decode()
