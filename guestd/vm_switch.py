@@ -34,6 +34,7 @@ from netferry.uri import LinkUri, parse_link_uri
 log = structlog.get_logger("vm-switch")
 
 TAP_READ_BATCH = 128
+TAP_READ_SIZE = 65536 + 14 + 10  # a 64 KiB TSO segment, Ethernet and virtio-net headers
 HIGH_WATER = 4 << 20
 
 
@@ -146,7 +147,7 @@ class Pump:
         frames = []
         for _ in range(TAP_READ_BATCH):
             try:
-                frames.append(os.read(self.tap_fd, 65536 + 14))
+                frames.append(os.read(self.tap_fd, TAP_READ_SIZE))
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as e:
@@ -350,7 +351,7 @@ async def run(args: argparse.Namespace) -> int:
             )
             return 2
     try:
-        tap_fd = open_tap(args.tap_interface)
+        tap_fd = open_tap(args.tap_interface, vnet_hdr=uri.vnet)
         await configure_link(args.tap_interface, args.tap_mac_address, args.mtu)
     except TapError as e:
         log.error("tap.failed", error=str(e))

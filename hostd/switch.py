@@ -99,7 +99,7 @@ class HostSwitch:
     # ---- LinkSink -------------------------------------------------------------------
 
     def link_opened(self, link: Link) -> None:
-        link.port = self.network.add_port()
+        link.port = self.network.add_port(vnet=link.vnet)
         self.links[link.port] = link
         log.info("link.up", link=link.name, port=link.port)
         self._event("link_up", link=link.name, port=link.port)

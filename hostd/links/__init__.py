@@ -46,6 +46,7 @@ async def open_endpoint(uri: LinkUri, sink: LinkSink) -> Endpoint:
         if sock.type == socket.SOCK_STREAM:
             return _Single(await connect_stream_fd(sink, uri, sock))
         link = PacketLink(sink, str(uri), sock, uri.max_frame, learn_peer=False)
+        link.vnet = uri.vnet
         sink.link_opened(link)
         return _Single(link)
     raise ValueError(f"{uri}: unsupported link scheme")

@@ -40,6 +40,7 @@ class Link:
         self.sink = sink
         self.name = name
         self.port = 0
+        self.vnet = False  # frames carry a virtio-net header (?offload=vnet)
         self.counters = LinkCounters()
         self.closed = False
 

@@ -90,9 +90,11 @@ class StreamListener:
 
     def _protocol(self) -> StreamLink:
         self._count += 1
-        return StreamLink(
+        link = StreamLink(
             self.sink, f"{self.uri}#{self._count}", self.uri.framing, self.uri.max_frame
         )
+        link.vnet = self.uri.vnet
+        return link
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -182,6 +184,7 @@ async def connect_stream_fd(sink: LinkSink, uri: LinkUri, sock: socket.socket) -
     """Wrap an already-connected stream socket (fd://N, or a dialled socket) as a link."""
     loop = asyncio.get_running_loop()
     link = StreamLink(sink, str(uri), uri.framing, uri.max_frame)
+    link.vnet = uri.vnet
     sock.setblocking(False)
     await loop.connect_accepted_socket(lambda: link, sock)
     return link

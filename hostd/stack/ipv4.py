@@ -45,7 +45,7 @@ class Ipv4Packet:
     flags_offset: int
     tos: int
     header: bytes  # the header as received (options included): ICMP errors quote it
-    payload: bytes
+    payload: bytes | memoryview
 
     @property
     def is_fragment(self) -> bool:
@@ -73,9 +73,25 @@ def parse_ipv4(data: bytes | memoryview) -> Ipv4Packet:
         raise Ipv4Error("ipv4_bad_checksum")
     if flags_offset & 0x8000:
         raise Ipv4Error("ipv4_reserved_flag")
-    return Ipv4Packet(
-        src, dst, proto, ttl, ident, flags_offset, tos, header, bytes(data[hlen:total])
+    # The payload is a slice of `data`: a view (no copy) when `data` is a memoryview.
+    return Ipv4Packet(src, dst, proto, ttl, ident, flags_offset, tos, header, data[hlen:total])
+
+
+def build_header(
+    src: bytes,
+    dst: bytes,
+    proto: int,
+    payload_len: int,
+    ident: int = 0,
+    ttl: int = 64,
+    tos: int = 0,
+    flags_offset: int = 0,
+) -> bytes:
+    """Just the 20-byte header, for callers that join header and payload themselves."""
+    header = HEADER.pack(
+        0x45, tos, HEADER_LEN + payload_len, ident, flags_offset, ttl, proto, 0, src, dst
     )
+    return header[:10] + checksum(header).to_bytes(2, "big") + header[12:]
 
 
 def build_ipv4(

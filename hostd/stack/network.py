@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import heapq
 import ipaddress
+import struct
 from collections import Counter, deque
 from dataclasses import dataclass
 
@@ -28,6 +29,7 @@ from hostd.config import NetworkConfig
 from hostd.services.dhcp import DhcpConfig, DhcpServer, LeaseGranted
 from hostd.services.dns import DnsResolver, DnsZones, ForwardQuery, default_zones
 from hostd.stack import arp, ethernet, icmp, ipv4, tcp, udp
+from hostd.stack import checksum as checksum_mod
 from hostd.stack.ethernet import BROADCAST, ETHERTYPE_ARP, ETHERTYPE_IPV4, ETHERTYPE_IPV6
 
 LOOPBACK_V4 = b"\x7f\x00\x00\x01"
@@ -39,6 +41,16 @@ DNS_PORT = 53
 PENDING_ARP_MAX = 64  # packets held per unresolved guest address
 PENDING_ARP_ADDRESSES = 256  # unresolved guest addresses with packets held
 PROTO_NAMES = {ipv4.PROTO_TCP: "tcp", ipv4.PROTO_UDP: "udp", ipv4.PROTO_ICMP: "icmp"}
+
+# virtio-net header (legacy, 10 bytes, little-endian as tun uses on x86) on offload links:
+# flags, gso_type, hdr_len, gso_size, csum_start, csum_offset.
+VNET_HDR = struct.Struct("<BBHHHH")
+VNET_LEN = VNET_HDR.size
+VNET_NONE = bytes(VNET_LEN)
+VNET_F_NEEDS_CSUM = 1
+VNET_GSO_NONE = 0
+VNET_GSO_TCPV4 = 1
+TCP_FRAME_HEADERS = 14 + 20  # Ethernet + IPv4 without options: where TCP starts in our frames
 
 
 @dataclass(slots=True)
@@ -161,6 +173,9 @@ class Network:
         self.events: deque[Event] = deque()
         self._outbox: dict[int, list[bytes]] = {}
         self._ports: set[int] = set()
+        self._vnet_ports: set[int] = set()
+        self._trusted = False  # the frames being handled come from an offload port
+        self._in_port = 0
         self._next_port = 1
         self._now = 0.0
         self._ident = 0
@@ -184,14 +199,19 @@ class Network:
 
     # ---- ports -------------------------------------------------------------------------
 
-    def add_port(self) -> int:
+    def add_port(self, vnet: bool = False) -> int:
+        """A new switch port. `vnet`: its frames carry a virtio-net header (checksum and
+        segmentation offload between our own vm-switch and hostd)."""
         port = self._next_port
         self._next_port += 1
         self._ports.add(port)
+        if vnet:
+            self._vnet_ports.add(port)
         return port
 
     def remove_port(self, port: int) -> None:
         self._ports.discard(port)
+        self._vnet_ports.discard(port)
         macs = self.cam.forget_port(port)
         self.neighbours.forget_macs(macs)
         self._outbox.pop(port, None)
@@ -209,6 +229,17 @@ class Network:
         return out
 
     def _emit(self, port: int, frame: bytes) -> None:
+        """Queue a plain Ethernet frame for `port` (given a virtio-net header if it wants one)."""
+        if port in self._vnet_ports:
+            frame = VNET_NONE + frame
+        box = self._outbox.get(port)
+        if box is None:
+            self._outbox[port] = [frame]
+        else:
+            box.append(frame)
+
+    def _emit_raw(self, port: int, frame: bytes) -> None:
+        """Queue a frame already in `port`'s format."""
         box = self._outbox.get(port)
         if box is None:
             self._outbox[port] = [frame]
@@ -216,10 +247,11 @@ class Network:
             box.append(frame)
 
     def _emit_from_gateway(self, dst_mac: bytes, ethertype: int, payload: bytes) -> None:
-        frame = ethernet.HEADER.pack(dst_mac, self.gateway_mac, ethertype) + payload
-        if self.originated is not None:
-            self.originated.append(frame)
+        header = ethernet.HEADER.pack(dst_mac, self.gateway_mac, ethertype)
         if dst_mac[0] & 1:
+            frame = header + payload
+            if self.originated is not None:
+                self.originated.append(frame)
             for p in self._ports:
                 self._emit(p, frame)
             self.stats["frames_out"] += 1
@@ -228,7 +260,15 @@ class Network:
         if port is None:
             self.stats["unknown_unicast_dropped"] += 1
             return
-        self._emit(port, frame)
+        if port in self._vnet_ports:
+            frame = b"".join((VNET_NONE, header, payload))
+            if self.originated is not None:
+                self.originated.append(frame[VNET_LEN:])
+        else:
+            frame = header + payload
+            if self.originated is not None:
+                self.originated.append(frame)
+        self._emit_raw(port, frame)
         self.stats["frames_out"] += 1
 
     def _next_ident(self) -> int:
@@ -311,6 +351,13 @@ class Network:
 
     # ---- TCP ---------------------------------------------------------------------------
 
+    def _tcp_options_for(self, port: int | None) -> dict:
+        if port is not None and port in self._vnet_ports:
+            # Offload: 64 KiB segments with only the pseudo header summed; the guest kernel
+            # sees GRO super-packets. The largest that still fits an IPv4 total length:
+            return dict(self.tcp_options, partial_checksum=True, gso_max=65535 - 20 - 60)
+        return self.tcp_options
+
     def tcp_touch(self, conn: tcp.TcpConnection) -> None:
         """The application side used `conn` (send/read/close/abort): output it at the flush."""
         self._tcp_dirty[conn] = None
@@ -351,21 +398,7 @@ class Network:
         for conn in dirty:
             segments = conn.segments_to_send(now)
             if segments:
-                key = conn.key  # type: ignore[attr-defined]
-                src, dst = key[2], key[0]
-                mac = self.neighbours.lookup(dst)
-                stats = self.stats
-                stats["tcp_segments_out"] += len(segments)
-                stats["tcp_packets_out"] += len(segments)
-                stats["tcp_bytes_out"] += sum(map(len, segments)) + 20 * len(segments)
-                for seg in segments:
-                    packet = ipv4.build_ipv4(
-                        src, dst, ipv4.PROTO_TCP, seg, self._next_ident(), 64, 0, ipv4.FLAG_DF
-                    )
-                    if mac is None:
-                        self._queue_for_arp(dst, [packet])
-                    else:
-                        self._emit_from_gateway(mac, ETHERTYPE_IPV4, packet)
+                self._tcp_emit(conn, segments)
             while (ev := conn.next_event()) is not None:
                 if isinstance(ev, tcp.Closed):
                     self._tcp_forget(conn)
@@ -374,6 +407,47 @@ class Network:
             if deadline is not None:
                 self._tcp_timer_seq += 1
                 heapq.heappush(self._tcp_timers, (deadline, self._tcp_timer_seq, conn))
+
+    def _tcp_emit(self, conn: tcp.TcpConnection, segments: list[bytes]) -> None:
+        key = conn.key  # type: ignore[attr-defined]
+        src, dst = key[2], key[0]
+        stats = self.stats
+        stats["tcp_segments_out"] += len(segments)
+        stats["tcp_packets_out"] += len(segments)
+        stats["tcp_bytes_out"] += sum(map(len, segments)) + 20 * len(segments)
+        mac = self.neighbours.lookup(dst)
+        port = self.cam.lookup(mac) if mac is not None else None
+        if port is None or port not in self._vnet_ports:
+            for seg in segments:
+                packet = ipv4.build_ipv4(
+                    src, dst, ipv4.PROTO_TCP, seg, self._next_ident(), 64, 0, ipv4.FLAG_DF
+                )
+                if mac is None:
+                    self._queue_for_arp(dst, [packet])
+                else:
+                    self._emit_from_gateway(mac, ETHERTYPE_IPV4, packet)
+            return
+        # Offload port: one join per segment (virtio-net header, Ethernet, IPv4, TCP, data);
+        # segments longer than the MSS go as GSO, every one with a partial checksum.
+        eth = ethernet.HEADER.pack(mac, self.gateway_mac, ETHERTYPE_IPV4)
+        mss = conn.effective_mss
+        originated = self.originated
+        pack_vnet = VNET_HDR.pack
+        for seg in segments:
+            hdr_len = TCP_FRAME_HEADERS + ((seg[12] >> 4) << 2)
+            payload_len = len(seg) + TCP_FRAME_HEADERS - hdr_len
+            if payload_len > mss:
+                vnet = pack_vnet(VNET_F_NEEDS_CSUM, VNET_GSO_TCPV4, hdr_len, mss, 34, 16)
+            else:
+                vnet = pack_vnet(VNET_F_NEEDS_CSUM, VNET_GSO_NONE, 0, 0, 34, 16)
+            iphdr = ipv4.build_header(
+                src, dst, ipv4.PROTO_TCP, len(seg), self._next_ident(), 64, 0, ipv4.FLAG_DF
+            )
+            frame = b"".join((vnet, eth, iphdr, seg))
+            if originated is not None:
+                originated.append(frame[VNET_LEN:])
+            self._emit_raw(port, frame)
+        stats["frames_out"] += len(segments)
 
     def tcp_connect(
         self, guest_ip: bytes, guest_port: int, src_ip: bytes, src_port: int, now: float
@@ -397,10 +471,55 @@ class Network:
 
     def receive_frames(self, port: int, frames: list[bytes], now: float) -> None:
         self._now = now
+        self._in_port = port
+        if port in self._vnet_ports:
+            # Our own vm-switch: the guest kernel's checksums may be left to us (offload) and
+            # it is the only writer of this stream, so layer-4 checksums are not re-verified.
+            self._trusted = True
+            try:
+                for frame in frames:
+                    self._receive_vnet(port, frame, now)
+            finally:
+                self._trusted = False
+            return
         for frame in frames:
             self.receive_frame(port, frame, now)
 
-    def receive_frame(self, port: int, frame: bytes, now: float) -> None:
+    def _receive_vnet(self, port: int, frame: bytes, now: float) -> None:
+        if len(frame) < VNET_LEN + ethernet.HEADER_LEN:
+            self.stats["frames_in"] += 1
+            self.stats["malformed_vnet"] += 1
+            return
+        flags, gso_type, _hl, _gs, csum_start, csum_offset = VNET_HDR.unpack_from(frame)
+        self._vnet_in = (frame, flags, gso_type, csum_start, csum_offset)
+        self.receive_frame(port, memoryview(frame)[VNET_LEN:], now)
+
+    def _switch_out(self, out: int, frame: bytes | memoryview) -> None:
+        """Forward a guest's frame to port `out`, converting between plain and virtio-net
+        formats: a plain port cannot take a GSO super-frame (dropped, counted), and gets a
+        partial checksum completed in software."""
+        if not self._trusted:
+            if out in self._vnet_ports:
+                self._emit_raw(out, VNET_NONE + bytes(frame))
+            else:
+                self._emit_raw(out, frame)  # type: ignore[arg-type]
+            return
+        raw, flags, gso_type, csum_start, csum_offset = self._vnet_in
+        if out in self._vnet_ports:
+            self._emit_raw(out, raw)
+            return
+        if gso_type != VNET_GSO_NONE:
+            self.stats["gso_frame_not_switchable"] += 1
+            return
+        data = bytearray(frame)
+        if flags & VNET_F_NEEDS_CSUM:
+            pos = csum_start + csum_offset
+            if pos + 2 <= len(data):
+                value = checksum_mod.checksum(data[csum_start:])  # the field holds the seed
+                data[pos : pos + 2] = (value or 0xFFFF).to_bytes(2, "big")
+        self._emit_raw(out, bytes(data))
+
+    def receive_frame(self, port: int, frame: bytes | memoryview, now: float) -> None:
         stats = self.stats
         stats["frames_in"] += 1
         if len(frame) < ethernet.HEADER_LEN:
@@ -417,7 +536,7 @@ class Network:
         if dst[0] & 1:
             for p in self._ports:
                 if p != port:
-                    self._emit(p, frame)
+                    self._switch_out(p, frame)
             stats["flooded"] += 1
             self._to_gateway(port, src, ethertype, frame, now)
             return
@@ -425,11 +544,13 @@ class Network:
         if out is None or out == port:
             stats["unknown_unicast_dropped"] += 1
             return
-        self._emit(out, frame)
+        self._switch_out(out, frame)
         stats["switched"] += 1
 
-    def _to_gateway(self, port: int, src_mac: bytes, ethertype: int, frame: bytes, now: float):
-        body = frame[ethernet.HEADER_LEN :]
+    def _to_gateway(
+        self, port: int, src_mac: bytes, ethertype: int, frame: bytes | memoryview, now: float
+    ) -> None:
+        body = memoryview(frame)[ethernet.HEADER_LEN :]  # no copy: parsers slice views
         if ethertype == ETHERTYPE_IPV4:
             self._ipv4(src_mac, body, now)
         elif ethertype == ETHERTYPE_ARP:
@@ -534,7 +655,9 @@ class Network:
 
     def _udp(self, pkt: ipv4.Ipv4Packet, src_mac: bytes, now: float) -> None:
         try:
-            sport, dport, payload = udp.parse_udp(pkt.src, pkt.dst, pkt.payload)
+            sport, dport, payload = udp.parse_udp(
+                pkt.src, pkt.dst, pkt.payload, verify_checksum=not self._trusted
+            )
         except udp.UdpError as e:
             self.stats[str(e)] += 1
             return
@@ -542,9 +665,9 @@ class Network:
         dst = pkt.dst
         if dst == self.gateway_ip or dst == LIMITED_BROADCAST or dst == self.broadcast_ip:
             if dport == DHCP_SERVER_PORT:
-                self._dhcp(src_mac, payload, now)
+                self._dhcp(src_mac, bytes(payload), now)
             elif dport == DNS_PORT and dst == self.gateway_ip:
-                self._dns(pkt.src, sport, payload)
+                self._dns(pkt.src, sport, bytes(payload))
             elif dst == self.gateway_ip:
                 self.send_icmp_error(
                     self.gateway_ip, pkt.src, icmp.DEST_UNREACHABLE, icmp.PORT_UNREACHABLE, pkt.raw
@@ -610,7 +733,7 @@ class Network:
     def _tcp(self, pkt: ipv4.Ipv4Packet, now: float) -> None:
         stats = self.stats
         payload = pkt.payload
-        if not tcp.verify_segment_checksum(pkt.src, pkt.dst, payload):
+        if not self._trusted and not tcp.verify_segment_checksum(pkt.src, pkt.dst, payload):
             stats["tcp_bad_checksum"] += 1
             return
         try:
@@ -674,7 +797,13 @@ class Network:
             self.tcp_refuse(oldest, now, unreachable=icmp.HOST_UNREACHABLE)
             self.events.append(TcpConnEvent(oldest, tcp.ConnectionFailed("evicted")))
         conn = tcp.TcpConnection.from_syn(
-            pkt.dst, seg.dst_port, pkt.src, seg.src_port, seg, now=now, **self.tcp_options
+            pkt.dst,
+            seg.dst_port,
+            pkt.src,
+            seg.src_port,
+            seg,
+            now=now,
+            **self._tcp_options_for(self._in_port),
         )
         conn.key = key  # type: ignore[attr-defined]
         conn.app = None  # type: ignore[attr-defined]

@@ -289,6 +289,29 @@ def _build(
     return b"".join((hdr, payload)) if payload else hdr
 
 
+def _build_partial(
+    pseudo: int,
+    src_port: int,
+    dst_port: int,
+    seq: int,
+    ack: int,
+    flags: int,
+    window: int,
+    options: bytes,
+    payload: bytes | memoryview,
+    urgent: int = 0,
+) -> bytes:
+    # Checksum offload (virtio-net NEEDS_CSUM): the field holds only the folded pseudo
+    # header sum; the guest kernel treats the segment as CHECKSUM_PARTIAL. No payload sum.
+    olen = len(options)
+    hlen = 20 + olen
+    s = pseudo + hlen + len(payload)
+    s = (s & 0xFFFF) + (s >> 16)
+    s = (s & 0xFFFF) + (s >> 16)
+    hdr = _HDR.pack(src_port, dst_port, seq, ack, (hlen >> 2) << 4, flags, window, s, urgent)
+    return b"".join((hdr, options, payload))
+
+
 def build_segment(
     src_ip: bytes,
     dst_ip: bytes,
@@ -482,6 +505,8 @@ class TcpConnection:
         max_retries: int = 15,
         syn_retries: int = 6,
         initial_cwnd: int = 10,
+        partial_checksum: bool = False,
+        gso_max: int = 0,
     ) -> None:
         if len(local_ip) != 4 or len(remote_ip) != 4:
             raise ValueError("IPv4 addresses must be 4 bytes")
@@ -502,6 +527,11 @@ class TcpConnection:
         self._max_retries = max_retries
         self._syn_retries = syn_retries
         self._initial_cwnd = initial_cwnd
+        # Offload toward the guest (virtio-net header on the link): segments carry only the
+        # pseudo header checksum, and new data goes out in segments of up to `gso_max` bytes
+        # that the guest kernel treats as GRO super-packets of MSS-sized segments.
+        self._builder = _build_partial if partial_checksum else _build
+        self._gso_max = gso_max
         self._now = now  # latest time seen; stamps ACKs that read() makes pending
 
         self._state = TcpState.CLOSED
@@ -916,7 +946,7 @@ class TcpConnection:
         st.segments_out += 1
         if payload:
             st.bytes_out += len(payload)
-        return _build(
+        return self._builder(
             self._pseudo,
             self.local_port,
             self.remote_port,
@@ -1017,7 +1047,9 @@ class TcpConnection:
             self._persist_backoff = 0
             return
         st = self.stats
-        smss = self._smss
+        mss = self._smss
+        gso = self._gso_max > mss
+        smss = self._gso_max if gso else mss
         una = self._snd_una
         with memoryview(buf) as mv:
             # 1. Retransmissions chosen by RTO / fast recovery: they ignore both windows.
@@ -1054,7 +1086,9 @@ class TcpConnection:
                     n = smss if data_left > smss else data_left
                     room = (wnd_edge if wnd_edge < cwnd_edge else cwnd_edge) - nxt
                     if room < n:
-                        if force and wnd_edge > nxt:
+                        if gso and room >= mss:
+                            n = room - room % mss  # whole MSS segments the windows allow
+                        elif force and wnd_edge > nxt:
                             n = min(n, wnd_edge - nxt)
                             force = False
                         elif room <= 0 or cwnd_edge < wnd_edge:

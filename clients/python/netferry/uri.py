@@ -10,6 +10,8 @@
                            as gvproxy's -listen-stdio and gvforwarder's stdio: speak)
 
 Stream links take ``?framing=len32be|len16le``; any link takes ``?max-frame=N``.
+``?offload=vnet`` puts a 10-byte virtio-net header before every frame, for checksum and
+segmentation offload between netferry's own vm-switch and hostd: both ends must say it.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class LinkUri:
     fd: int = -1  # fd
     framing: str = "len32be"
     max_frame: int = MAX_FRAME
+    vnet: bool = False
     text: str = ""
 
     def __str__(self) -> str:
@@ -50,7 +53,7 @@ def parse_link_uri(text: str) -> LinkUri:
     if scheme not in SCHEMES:
         raise ValueError(f"link URI {text!r}: unknown scheme {scheme!r}, expected {_schemes()}")
     query = parse_qs(parts.query, keep_blank_values=True)
-    unknown = set(query) - {"framing", "max-frame"}
+    unknown = set(query) - {"framing", "max-frame", "offload"}
     if unknown:
         raise ValueError(f"link URI {text!r}: unknown parameter(s) {', '.join(sorted(unknown))}")
     framing = "len16le" if scheme == "stdio" else "len32be"
@@ -70,7 +73,12 @@ def parse_link_uri(text: str) -> LinkUri:
             raise ValueError(f"link URI {text!r}: max-frame must be an integer") from None
         if not 64 <= max_frame <= MAX_FRAME:
             raise ValueError(f"link URI {text!r}: max-frame must be in 64..{MAX_FRAME}")
-    common = {"framing": framing, "max_frame": max_frame, "text": text}
+    vnet = False
+    if "offload" in query:
+        if query["offload"][-1] != "vnet":
+            raise ValueError(f"link URI {text!r}: offload must be 'vnet'")
+        vnet = True
+    common = {"framing": framing, "max_frame": max_frame, "text": text, "vnet": vnet}
     if scheme in {"unix", "unixpacket", "unixgram"}:
         path = (parts.netloc + parts.path) if parts.netloc else parts.path
         if not path:
