@@ -344,7 +344,7 @@ class Netferry(Contender):
             [
                 str(VENV_BIN / "host-switch"),
                 "--listen",
-                f"unix://{link}",
+                f"unix://{link}?offload=vnet",  # TSO/checksum offload, as netferry run uses
                 "--mtu",
                 str(self.mtu),
                 "--api",
@@ -368,7 +368,7 @@ class Netferry(Contender):
                 self.ns,
                 str(VENV_BIN / "vm-switch"),
                 "--connect",
-                f"unix://{link}",
+                f"unix://{link}?offload=vnet",  # TSO/checksum offload, as netferry run uses
                 "--mtu",
                 str(self.mtu),
                 "--dhcp-client",

@@ -364,6 +364,72 @@ def build_reset_reply(local_ip: bytes, remote_ip: bytes, seg: TcpSegment) -> byt
     )
 
 
+# --------------------------------------------------------------------------- send buffer
+
+
+class _SendBuffer:
+    """Bytes given to `send` and not yet acknowledged, as a deque of immutable chunks.
+
+    A single bytearray made every `send` of a large buffer memmove the whole live region
+    (CPython grows a bytearray with a consumed front by moving it): a third of hostd's time
+    at 2 Gbit/s. Chunks are stored without copying when they are `bytes`, a segment is a
+    zero-copy view when it lies in one chunk, and an ACK drops whole chunks."""
+
+    __slots__ = ("_chunks", "_head", "_len")
+
+    def __init__(self) -> None:
+        self._chunks: deque[bytes] = deque()
+        self._head = 0  # bytes of _chunks[0] already acknowledged
+        self._len = 0
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __enter__(self) -> _SendBuffer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def append(self, data: bytes | bytearray | memoryview) -> None:
+        if data:
+            self._chunks.append(data if type(data) is bytes else bytes(data))
+            self._len += len(data)
+
+    def __getitem__(self, key: slice) -> bytes | memoryview:
+        start, stop = key.start, key.stop
+        if start >= stop:
+            return b""
+        pos = -self._head
+        pieces: list[bytes | memoryview] = []
+        for chunk in self._chunks:
+            end = pos + len(chunk)
+            if end > start:
+                a = start - pos if start > pos else 0
+                b = stop - pos if stop < end else len(chunk)
+                piece = memoryview(chunk)[a:b] if (a or b != len(chunk)) else chunk
+                if stop <= end and not pieces:
+                    return piece  # inside one chunk: no copy
+                pieces.append(piece)
+                if stop <= end:
+                    break
+            pos = end
+        return b"".join(pieces)
+
+    def drop_front(self, n: int) -> None:
+        self._len -= n
+        n += self._head
+        chunks = self._chunks
+        while chunks and n >= len(chunks[0]):
+            n -= len(chunks.popleft())
+        self._head = n
+
+    def clear(self) -> None:
+        self._chunks.clear()
+        self._head = 0
+        self._len = 0
+
+
 # --------------------------------------------------------------------------- events
 
 
@@ -553,7 +619,7 @@ class TcpConnection:
         self._peer_mss = _DEFAULT_PEER_MSS
         self._smss = min(self._mss, _DEFAULT_PEER_MSS)
         self._sack_ok = False
-        self._sndbuf = bytearray()
+        self._sndbuf = _SendBuffer()
         self._buf_off = 1  # offset of _sndbuf[0]
         self._fin_off: int | None = None  # offset of our FIN once close() was called
         self._send_blocked = False
@@ -706,7 +772,7 @@ class TcpConnection:
             self._send_blocked = True
             data = memoryview(data)[:n]
         if n:
-            self._sndbuf += data
+            self._sndbuf.append(data)
         return n
 
     def readable(self) -> int:
@@ -871,7 +937,7 @@ class TcpConnection:
         self._syn_pending = False
         self._probe_pending = False
         self._rexmit.clear()
-        self._sndbuf = bytearray()
+        self._sndbuf.clear()
         self._ooo_starts.clear()
         self._ooo_data.clear()
         self._ooo_bytes = 0
@@ -1051,7 +1117,7 @@ class TcpConnection:
         gso = self._gso_max > mss
         smss = self._gso_max if gso else mss
         una = self._snd_una
-        with memoryview(buf) as mv:
+        with buf as mv:
             # 1. Retransmissions chosen by RTO / fast recovery: they ignore both windows.
             if self._rexmit:
                 for s, e in self._rexmit:
@@ -1392,7 +1458,7 @@ class TcpConnection:
             # Release acknowledged bytes (the SYN at offset 0 and the FIN are not in buf).
             n = min(ack_off, self._buf_off + len(self._sndbuf)) - self._buf_off
             if n > 0:
-                del self._sndbuf[:n]
+                self._sndbuf.drop_front(n)
                 self._buf_off += n
             self._snd_una = una = ack_off
             if self._snd_nxt < ack_off:

@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mtu", type=int, required=True)
     p.add_argument("--dhcp-client", default="pyroute2")
     p.add_argument("--no-resolv-conf", action="store_true")
+    p.add_argument("--no-offload", action="store_true")
     p.add_argument("--wait", action="store_true", help="no command: run until signalled")
     p.add_argument("command", nargs=argparse.REMAINDER)
     args = p.parse_args(argv)
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         [
             str(BIN / "vm-switch"),
             "--connect",
-            f"fd://{args.link_fd}",
+            f"fd://{args.link_fd}" + ("" if args.no_offload else "?offload=vnet"),
             "--mtu",
             str(args.mtu),
             "--dhcp-client",
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, forward)
     try:
         with os.fdopen(vm_ready_r, "rb") as r:
-            ready = r.read() == b"ready\n"  # EOF without it: vm-switch failed
+            ready = r.read(6) == b"ready\n"  # EOF without it: vm-switch failed
         if not ready:
             log = (
                 (state / "vm-switch.log").read_text() if (state / "vm-switch.log").exists() else ""

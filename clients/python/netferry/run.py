@@ -137,6 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="network the namespaces of process PID instead of creating them",
     )
     p.add_argument("--dhcp-client", choices=["pyroute2", "udhcpc"], default="pyroute2")
+    p.add_argument(
+        "--no-offload",
+        action="store_true",
+        help="plain frames between vm-switch and hostd (no TSO/checksum offload)",
+    )
     p.add_argument("--debug", action="store_true")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS]")
     return p
@@ -159,10 +164,11 @@ class Run:
     def start_hostd(self, link_fd: int) -> None:
         a = self.args
         ready_r, ready_w = os.pipe()
+        offload = "" if a.no_offload else "?offload=vnet"
         cmd = [
             str(BIN / "host-switch"),
             "--listen",
-            f"fd://{link_fd}",
+            f"fd://{link_fd}{offload}",
             "--mtu",
             str(a.mtu),
             "--log-format",
@@ -195,7 +201,7 @@ class Run:
         os.close(ready_w)
         errfile.close()
         with os.fdopen(ready_r, "rb") as r:
-            ok = r.read() == b"ready\n"
+            ok = r.read(6) == b"ready\n"  # not until EOF: unshare keeps a copy
         if not ok:
             self.hostd.wait(10)
             raise RunError("the host switch did not start: " + self._hostd_error())
@@ -232,6 +238,8 @@ class Run:
             "--dhcp-client",
             a.dhcp_client,
         ]
+        if a.no_offload:
+            inner.append("--no-offload")
         if a.enter is not None:
             wrapper = ["nsenter", "--target", str(a.enter), "--net", "--mount"]
             if self._has_own_userns(a.enter):
@@ -309,7 +317,7 @@ class Run:
         if a.exit_fd is not None:
             threading.Thread(target=self._watch_exit_fd, daemon=True).start()
         with os.fdopen(ready_r, "rb") as r:
-            ready = r.read() == b"ready\n"
+            ready = r.read(6) == b"ready\n"  # not until EOF: unshare keeps a copy
         if ready and a.ready_fd is not None:
             try:
                 os.write(a.ready_fd, b"1")
