@@ -1,17 +1,17 @@
-"""`netferry demo`: bring up hostd and a namespace guest and show the network working.
+"""`netferry demo`: `netferry run` a guest and show its network working.
 
-Everything it talks to is local: a web server and a DNS resolver it starts on 127.0.0.1,
-hostd on a private unix socket, and a guest namespace it creates. It removes all of it on
-exit, Ctrl-C included.
+Everything it talks to is local: a web server and a DNS resolver it starts on 127.0.0.1, and
+the guest that `netferry run` puts in namespaces of its own. The guest shows its lease,
+resolves names, pings and fetches through .254 (the host's loopback) and serves a page that
+the host fetches through a published port; hostd's counters come from the gRPC API. All of
+it is removed on exit, Ctrl-C included.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -79,132 +79,100 @@ def dns_resolver() -> Iterator[int]:
         srv.server.server_close()
 
 
-def run(cmd: list[str], ns: str | None = None) -> str:
-    full = (["ip", "netns", "exec", ns] if ns else []) + cmd
-    print("$ " + " ".join(cmd), flush=True)
-    r = subprocess.run(full, capture_output=True, text=True, timeout=60)
-    out = (r.stdout + r.stderr).rstrip()
-    if out:
-        print(out, flush=True)
-    return out
-
-
-def wait_until(pred, timeout: float) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.1)
-    return False
+GUEST_SCRIPT = r"""
+say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+say "Inside: the lease vm-switch got from hostd's DHCP"
+ip -4 addr show dev eth0; ip route
+echo "resolv.conf (this mount namespace only):"; cat /etc/resolv.conf
+say "DNS: a local zone name, then a name forwarded to the demo's loopback resolver"
+getent hosts host.containers.internal; getent hosts www.example.test
+say "ICMP and TCP to the host's loopback through .254"
+ping -c 2 -i 0.3 192.168.127.254
+curl -s "http://192.168.127.254:$WEB_PORT/"
+say "A web server inside on port 8080, published on the host"
+python3 -m http.server 8080 --bind 0.0.0.0 -d /etc >/dev/null 2>&1 &
+while [ ! -e "$STATE/fetched" ]; do sleep 0.1; done
+kill %1
+"""
 
 
 def main(argv: list[str] | None = None) -> int:
-    if os.geteuid() != 0:
-        print("netferry demo: run as root (it creates a network namespace)", file=sys.stderr)
-        return 1
-    for tool in ("ip", "ping", "dig", "curl"):
+    for tool in ("unshare", "ping", "curl", "getent"):
         if shutil.which(tool) is None:
             print(f"netferry demo: {tool} is missing (scripts/bootstrap installs it)")
             return 1
     ping_range = Path("/proc/sys/net/ipv4/ping_group_range")
     old_range = " ".join(ping_range.read_text().split())
     lo, hi = (int(x) for x in old_range.split())
-    if not lo <= 0 <= hi:
+    changed = False
+    if not lo <= os.getegid() <= hi and os.geteuid() == 0:
         print(
             f"net.ipv4.ping_group_range is '{old_range}': hostd relays guest pings through "
             "unprivileged ping sockets, so the demo allows them until it ends."
         )
         ping_range.write_text("0 2147483647")
+        changed = True
     tmp = Path(tempfile.mkdtemp(prefix="netferry-demo-"))
-    ns = f"netferry-demo-{os.getpid()}"
-    procs: list[subprocess.Popen[bytes]] = []
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    published = _free_port()
+    api = tmp / "api.sock"
     try:
-        with web_server() as http_port, dns_resolver() as dns_port:
-            say("Starting hostd (host-switch) on a private unix socket")
-            sock = tmp / "link.sock"
-            hostd_log = tmp / "hostd.log"
-            hostd = subprocess.Popen(
-                [
-                    str(BIN / "host-switch"),
-                    "--listen",
-                    f"unix://{sock}",
-                    "--dns-upstream",
-                    f"127.0.0.1:{dns_port}",
-                    "--log-file",
-                    str(hostd_log),
-                ]
+        with web_server() as web_port, dns_resolver() as dns_port:
+            say(
+                "netferry run: a guest in new user, net, mount and pid namespaces, networked "
+                "by hostd from outside"
             )
-            procs.append(hostd)
-            if not wait_until(sock.exists, 10):
-                print(hostd_log.read_text() if hostd_log.exists() else "hostd did not start")
-                return 1
-            print(f"hostd listening on unix://{sock}")
-            say(f"Creating guest namespace {ns} with vm-switch on tap eth0")
-            subprocess.run(["ip", "netns", "add", ns], check=True)
-            guest_log = tmp / "vm-switch.log"
-            vm = subprocess.Popen(
-                [
-                    "ip",
-                    "netns",
-                    "exec",
-                    ns,
-                    str(BIN / "vm-switch"),
-                    "--connect",
-                    f"unix://{sock}",
-                    "--resolv-conf",
-                    str(tmp / "resolv.conf"),
-                    "--log-file",
-                    str(guest_log),
-                ]
-            )
-            procs.append(vm)
-            leased = wait_until(
-                lambda: guest_log.exists() and "dhcp.bound" in guest_log.read_text(), 30
-            )
-            if not leased:
-                print("no DHCP lease within 30 s:\n" + guest_log.read_text())
-                return 1
-            say("The guest's lease (DHCP from hostd)")
-            run(["ip", "-4", "addr", "show", "dev", "eth0"], ns)
-            run(["ip", "route"], ns)
-            print("resolv.conf written by vm-switch:\n" + (tmp / "resolv.conf").read_text())
-            say("ICMP: the gateway (answered by hostd) and .254 (the host's 127.0.0.1)")
-            run(["ping", "-c", "2", "-i", "0.3", "192.168.127.1"], ns)
-            run(["ping", "-c", "2", "-i", "0.3", "192.168.127.254"], ns)
-            say("DNS on the gateway: local zone, then a name forwarded to the loopback resolver")
-            run(["dig", "+short", "@192.168.127.1", "host.containers.internal"], ns)
-            run(["dig", "+short", "@192.168.127.1", "www.example.test"], ns)
-            say("TCP: fetch a page from the host's loopback web server through .254")
-            page = run(["curl", "-s", f"http://192.168.127.254:{http_port}/"], ns)
-            ok = page.strip().encode() == PAGE.strip()
-            print(
-                f"sha256 {hashlib.sha256(page.encode()).hexdigest()[:16]}… "
-                f"{'matches' if ok else 'DOES NOT match'} the served page"
-            )
-            say("hostd's counters")
-            hostd.send_signal(signal.SIGUSR1)
-            time.sleep(0.3)
-            for line in hostd_log.read_text().splitlines():
-                if "hostd.stats" in line:
-                    print(line[line.index("stats=") :][:600] + " …")
-            return 0 if ok else 1
+            cmd = [
+                str(BIN / "netferry"), "run", "--publish", f"127.0.0.1:{published}:8080",
+                "--api", str(api), "--dns-upstream", f"127.0.0.1:{dns_port}",
+                "--", "sh", "-c", GUEST_SCRIPT,
+            ]  # fmt: skip
+            print(f"$ netferry run --publish 127.0.0.1:{published}:8080 --api {api} -- sh -c ...")
+            env = dict(os.environ, WEB_PORT=str(web_port), STATE=str(tmp))
+            guest = subprocess.Popen(cmd, env=env)
+            ok = False
+            try:
+                page = _wait_for_page(published, guest)
+                say(f"From the host: http://127.0.0.1:{published}/hostname (the guest's /etc)")
+                print(page.strip() if page else "(no answer)")
+                ok = page is not None
+                say("hostd's counters, through the HostSwitch API")
+                subprocess.run([str(BIN / "netferry"), "--api", str(api), "stats"])
+                subprocess.run([str(BIN / "netferry"), "--api", str(api), "forwards"])
+            finally:
+                (tmp / "fetched").touch()
+                rc = guest.wait(30)
+            return 0 if ok and rc == 0 else 1
     except KeyboardInterrupt:
         print("\ninterrupted: cleaning up")
         return 130
     finally:
-        for p in reversed(procs):
-            if p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(5)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
         shutil.rmtree(tmp, ignore_errors=True)
-        ping_range.write_text(old_range)
-        say("Cleaned up: namespace, processes and sockets removed")
+        if changed:
+            ping_range.write_text(old_range)
+        say("Done: netferry removed its namespaces, processes and sockets")
+
+
+def _free_port() -> int:
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def _wait_for_page(port: int, guest: subprocess.Popen[bytes]) -> str | None:
+    import urllib.request
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and guest.poll() is None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/hostname", timeout=2) as r:
+                return r.read().decode()
+        except OSError:
+            time.sleep(0.3)
+    return None
 
 
 if __name__ == "__main__":
