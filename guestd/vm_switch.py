@@ -315,9 +315,9 @@ class DhcpRunner:
                 self.proc.kill()
                 await self.proc.wait()
         if self.task is not None:
-            self.task.cancel()
+            self.task.cancel()  # pyroute2's client sends a RELEASE on its way out
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await asyncio.wait_for(self.task, 3)
+                await asyncio.wait_for(self.task, 1)
 
 
 async def signal_ready(dhcp: DhcpRunner, fd: int, client: str) -> None:

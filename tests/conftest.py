@@ -245,10 +245,11 @@ class Hostd:
     log_path: str
     args: list[str]
     api_path: str = ""
+    link_query: str = ""  # "?offload=vnet" when hostd was started with offload
 
     @property
     def link_uri(self) -> str:
-        return f"unix://{self.link_path}"
+        return f"unix://{self.link_path}{self.link_query}"
 
     @property
     def api(self) -> str:
@@ -286,6 +287,18 @@ class Hostd:
     def stop(self) -> None:
         stop_process(self.proc)
 
+    def restart(self) -> None:
+        """Stop hostd and start it again with the same arguments (same socket paths)."""
+        self.stop()
+        ready_before = self.log_text().count('"hostd.ready"')
+        self.proc = subprocess.Popen(self.args, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        STARTED.append(self.proc)
+        wait_for(
+            lambda: self.log_text().count('"hostd.ready"') > ready_before,
+            15,
+            "host-switch to listen again",
+        )
+
 
 @pytest.fixture
 def hostd(short_tmp: Path, dns_upstream: DnsUpstream) -> Iterator[Callable[..., Hostd]]:
@@ -294,13 +307,14 @@ def hostd(short_tmp: Path, dns_upstream: DnsUpstream) -> Iterator[Callable[..., 
     DNS goes to the test's own loopback resolver unless the test passes --dns-upstream."""
     started: list[Hostd] = []
 
-    def start(*extra: str, name: str = "hostd") -> Hostd:
+    def start(*extra: str, name: str = "hostd", offload: bool = False) -> Hostd:
         d = short_tmp / name
         d.mkdir()
         link = str(d / "link.sock")
         pcap = str(d / "switch.pcap")
         logf = str(d / "hostd.log")
-        args = [_bin("host-switch"), "--listen", f"unix://{link}", "--pcap", pcap]
+        query = "?offload=vnet" if offload else ""
+        args = [_bin("host-switch"), "--listen", f"unix://{link}{query}", "--pcap", pcap]
         args += ["--log-format", "json", "--log-file", logf]
         api_path = str(d / "api.sock")
         if "--api" not in extra:
@@ -310,7 +324,7 @@ def hostd(short_tmp: Path, dns_upstream: DnsUpstream) -> Iterator[Callable[..., 
         args += list(extra)
         proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
         STARTED.append(proc)
-        h = Hostd(proc, d, link, pcap, logf, args, api_path)
+        h = Hostd(proc, d, link, pcap, logf, args, api_path, query)
         started.append(h)
 
         def ready() -> bool:

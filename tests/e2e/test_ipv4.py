@@ -310,3 +310,23 @@ def test_pcap_reads_back_in_tshark(hostd, guest):
         [tshark, "-r", h.pcap_path, "-Y", "dhcp"], capture_output=True, text=True, check=True
     ).stdout
     assert "DHCP Discover" in dhcp and "DHCP ACK" in dhcp
+
+
+def test_vm_switch_redials_and_keeps_the_tap(hostd, guest):
+    from tests.conftest import wait_for
+
+    h = hostd()
+    g = guest(h, dhcp_client="pyroute2")
+    pid = g.proc.pid
+    ifindex = g.ns.run("cat", "/sys/class/net/eth0/ifindex").stdout
+    h.restart()  # the stream drops; a new hostd listens on the same path
+
+    def pings() -> bool:
+        r = g.ns.run("ping", "-c", "1", "-W", "1", "192.168.127.1", check=False)
+        return r.returncode == 0
+
+    wait_for(pings, 30, "the guest to reach the restarted hostd", step=0.5)
+    assert g.proc.poll() is None and g.proc.pid == pid  # the same vm-switch...
+    assert g.ns.run("cat", "/sys/class/net/eth0/ifindex").stdout == ifindex  # ...and tap
+    assert g.addr() == "192.168.127.2/24"
+    assert "link.down" in g.log_text() and g.log_text().count('"link.up"') >= 2

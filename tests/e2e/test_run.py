@@ -74,13 +74,19 @@ def netferry_run(*args: str) -> list[str]:
     return [f"{BIN}/netferry", "run", *args]
 
 
+PREEXISTING: set[str] = set()
+
+
+@pytest.fixture(autouse=True)
+def existing_run_dirs() -> None:
+    """Temp dirs of earlier runs (a SIGKILLed netferry cannot remove its own) are not ours."""
+    PREEXISTING.clear()
+    PREEXISTING.update(glob.glob("/tmp/netferry-run-*"))
+
+
 def leftovers(user: str) -> list[str]:
     procs = subprocess.run(["pgrep", "-u", user, "-a"], capture_output=True, text=True).stdout
-    dirs = [
-        d
-        for d in glob.glob("/tmp/netferry-run-*")
-        if os.stat(d).st_uid == pwd.getpwnam(user).pw_uid
-    ]
+    dirs = [d for d in glob.glob("/tmp/netferry-run-*") if d not in PREEXISTING]
     return [line for line in procs.splitlines() if line.strip()] + dirs
 
 

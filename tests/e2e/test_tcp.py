@@ -14,9 +14,11 @@ from tests.conftest import BIG_TXT_STRINGS, fd_count, free_tcp_port, wait_for
 pytestmark = pytest.mark.e2e
 
 
-@pytest.mark.parametrize("mtu", [1500, 65520])
-def test_curl_256mib_download_and_upload_byte_exact(hostd, guest, http_server, mtu):
-    h = hostd("--mtu", str(mtu))
+@pytest.mark.parametrize(("mtu", "offload"), [(1500, False), (65520, False), (1500, True)])
+def test_curl_256mib_download_and_upload_byte_exact(hostd, guest, http_server, mtu, offload):
+    """MTU 1500 and 65520 with plain frames, and MTU 1500 with the virtio-net offload link
+    (TSO super-segments and partial checksums both ways)."""
+    h = hostd("--mtu", str(mtu), offload=offload)
     g = guest(h)
     assert f"mtu {mtu}" in g.ns.run("ip", "link", "show", "eth0").stdout
     url = f"http://192.168.127.254:{http_server.port}"
@@ -40,7 +42,12 @@ def test_curl_256mib_download_and_upload_byte_exact(hostd, guest, http_server, m
     t2 = time.monotonic()
     assert up.stdout.strip() == http_server.blob.sha256
     assert http_server.uploads[-1] == (http_server.blob.size, http_server.blob.sha256)
-    print(f"MTU {mtu}: download {256 / (t1 - t0):.0f} MiB/s, upload {256 / (t2 - t1):.0f} MiB/s")
+    print(
+        f"MTU {mtu}{' offload' if offload else ''}: download {256 / (t1 - t0):.0f} MiB/s, "
+        f"upload {256 / (t2 - t1):.0f} MiB/s"
+    )
+    if offload:
+        assert h.stats()["network"].get("tcp_bad_checksum", 0) == 0
 
 
 CONCURRENT_ECHO = r"""

@@ -506,14 +506,8 @@ def test_grpcurl_tunnel_ends_once_both_sides_closed(hostd, guest) -> None:
             timeout=60,
         )  # fmt: skip
         got = messages(r.stdout)
-        assert got and got[-1] == {"close": {}}, shown(r)  # the exchange itself works...
-        if r.returncode == 68 and "DeadlineExceeded" in r.stderr:
-            # ...but the call ends only after TIME_WAIT. Imperative (not a marker) so that only
-            # this symptom is expected, and a fixed hostd makes the test simply pass.
-            pytest.xfail(
-                "hostd bug: Tunnel returns only on tcp.Closed, which an active close emits after"
-                " TIME_WAIT (--tcp-time-wait, 60 s): the RPC outlives the finished exchange"
-            )
+        assert got and got[-1] == {"close": {}}, shown(r)
+        # The call ends once both sides have closed, not after the TCP TIME_WAIT.
         assert r.returncode == 0, shown(r)
     finally:
         stop(echo)

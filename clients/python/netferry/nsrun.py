@@ -115,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
             child = subprocess.Popen(command)
         except OSError as e:
             return fail(f"cannot run {command[0]}: {e.strerror}", 127 if e.errno == 2 else 126)
+        if pending_signal:  # it came while COMMAND was starting: it is still COMMAND's
+            child.send_signal(pending_signal[0])
         while True:
             try:
                 rc = child.wait()

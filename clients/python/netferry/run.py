@@ -31,7 +31,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
@@ -157,6 +156,7 @@ class Run:
         self.inner: subprocess.Popen[bytes] | None = None
         self.sigints = 0
         self.forks = False
+        self.inner_done = threading.Event()
         self.interactive = sys.stdin.isatty()
 
     # -- the pieces ------------------------------------------------------------------------
@@ -331,6 +331,7 @@ class Run:
                 break
             except InterruptedError:
                 continue
+        self.inner_done.set()
         if not ready:
             if self.sigints:
                 return 130
@@ -368,10 +369,14 @@ class Run:
                     break
             except OSError:
                 break
+        # SIGTERM first (COMMAND may clean up); SIGKILL to unshare only if the namespace
+        # has not ended after a grace period (that kills everything in it).
         self.signal_inner(signal.SIGTERM)
-        time.sleep(5)
-        if self.inner is not None and self.inner.poll() is None:
-            self.inner.kill()
+        if not self.inner_done.wait(15) and self.inner is not None:
+            try:
+                os.kill(self.inner.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     def teardown(self) -> None:
         self.signal_inner(signal.SIGTERM)

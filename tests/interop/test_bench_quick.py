@@ -1,0 +1,26 @@
+"""The benchmark must not rot: its one-round smoke run works end to end (no thresholds)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.interop
+def test_bench_quick_prints_every_row_for_every_contender():
+    r = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "run.py"), "--quick"],
+        cwd=REPO, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    out = r.stdout
+    for contender in ("netferry", "slirp4netns", "pasta"):
+        assert contender in out, out[-2000:]
+    for row in ("guest→host", "host→guest", "conn", "request-response", "UDP", "forward"):
+        assert row.lower() in out.lower(), (row, out[-2000:])
+    print(out[-4000:])
