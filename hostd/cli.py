@@ -112,6 +112,20 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="[tcp:|udp:|unix:]LOCAL=REMOTE",
         help="static forward at start, e.g. 127.0.0.1:2222=192.168.127.2:22 (repeatable)",
     )
+    guest = p.add_argument_group("guests")
+    guest.add_argument(
+        "--guest",
+        action="append",
+        default=[],
+        metavar="URI",
+        help="handshake with network-setup at unix:///path or vsock://CID:PORT (repeatable); "
+        "redone when the guest's data link drops",
+    )
+    guest.add_argument(
+        "--guest-data",
+        metavar="URI",
+        help="data address offered to guests (default: the first unix/tcp/vsock --listen)",
+    )
     add_logging_arguments(p)
     return p
 
@@ -176,6 +190,7 @@ async def run(args: argparse.Namespace, config: NetworkConfig) -> int:
 
     loop.add_signal_handler(signal.SIGUSR1, dump_stats)  # `kill -USR1`: stats to the log
     api: ApiServer | None = None
+    guests = None
     try:
         for uri in args.listen:
             await switch.listen(parse_link_uri(uri))
@@ -185,6 +200,11 @@ async def run(args: argparse.Namespace, config: NetworkConfig) -> int:
         for spec in args.port_forward:
             protocol, local, remote = parse_port_forward(spec)
             await switch.forwards.expose(protocol, local, remote)
+        from hostd.guests import GuestManager
+
+        guests = GuestManager.from_args(switch, args)
+        if guests is not None:
+            guests.start()
     except (OSError, ForwardError) as e:
         log.error("startup.failed", error=str(e))
         if api is not None:
@@ -205,6 +225,8 @@ async def run(args: argparse.Namespace, config: NetworkConfig) -> int:
     )
     await stop.wait()
     log.info("hostd.stopping", stats=switch.stats())
+    if guests is not None:
+        await guests.stop()
     if api is not None:
         await api.stop()
     await switch.close()
@@ -225,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
             parse_record_spec(spec)
         for spec in args.port_forward:
             parse_port_forward(spec)
+        from hostd.guests import validate_args
+
+        validate_args(args)
     except ValueError as e:
         parser.error(str(e))
     with contextlib.suppress(KeyboardInterrupt):

@@ -231,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("events", help="stream events until Ctrl-C")
     sub.add_parser("demo", help="bring up hostd and a namespace guest and show it working")
     sub.add_parser("run", help="run a command in namespaces networked by netferry (see run -h)")
+    sub.add_parser("agent", help="publish port mappings to wsl-proxy and hostd (see agent -h)")
     return p
 
 
@@ -240,6 +241,10 @@ def main(argv: list[str] | None = None) -> int:
         from netferry.run import main as run_main
 
         return run_main(argv[1:])
+    if argv[:1] == ["agent"]:  # the guest agent: its own options
+        from netferry.agent import main as agent_main
+
+        return agent_main(argv[1:])
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if args.command == "demo":
