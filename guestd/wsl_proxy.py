@@ -37,7 +37,6 @@ import ipaddress
 import os
 import signal
 import socket
-import stat
 import sys
 import time
 from collections import OrderedDict
@@ -49,6 +48,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from netferry.log import add_logging_arguments, configure_logging
+from netferry.unixsock import clear_stale_socket
 from netferry.v1 import proxy_pb2 as pb
 from netferry.v1 import proxy_pb2_grpc as pb_grpc
 
@@ -458,25 +458,6 @@ class PortProxyService(pb_grpc.PortProxyServicer):
         )
 
 
-def prepare_unix_path(path: str) -> None:
-    """Make the parent directory; replace only a stale socket (never any other file)."""
-    parent = os.path.dirname(path)
-    if parent and not os.path.isdir(parent):
-        os.makedirs(parent, mode=0o700, exist_ok=True)
-    if os.path.lexists(path):
-        if not stat.S_ISSOCK(os.lstat(path).st_mode):
-            raise FileExistsError(f"{path} exists and is not a socket; refusing to replace it")
-        probe = socket.socket(socket.AF_UNIX)
-        try:
-            probe.connect(path)
-        except OSError:
-            os.unlink(path)  # stale: its server is gone
-        else:
-            raise FileExistsError(f"{path} is in use by a running process")
-        finally:
-            probe.close()
-
-
 class UnixGrpcServer:
     """grpc.aio on a unix socket (0600) with reflection and health: netferry's conventions."""
 
@@ -495,7 +476,7 @@ class UnixGrpcServer:
         reflection.enable_server_reflection(
             (*self.services, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
-        prepare_unix_path(self.path)
+        clear_stale_socket(self.path, make_parent=True)
         old = os.umask(0o177)
         try:
             server.add_insecure_port(f"unix:{self.path}")

@@ -15,8 +15,6 @@ import contextlib
 import ipaddress
 import os
 import random
-import socket
-import stat
 import struct
 import time
 from typing import TYPE_CHECKING
@@ -33,6 +31,7 @@ from hostd.forwards import Forward, ForwardError
 from hostd.services.dns import DnsRecord, _name_error, normalize_name
 from hostd.stack import tcp
 from netferry.address import AddressError, parse_remote
+from netferry.unixsock import clear_stale_socket
 from netferry.v1 import host_pb2 as pb
 from netferry.v1 import host_pb2_grpc as pb_grpc
 
@@ -600,7 +599,7 @@ class ApiServer:
         uri = self.uri
         if uri.startswith("unix://"):
             path = uri[len("unix://") :]
-            self._prepare_unix_path(path)
+            clear_stale_socket(path, make_parent=True)
             old = os.umask(0o177)  # the socket is created 0600: only our user may drive us
             try:
                 server.add_insecure_port(f"unix:{path}")
@@ -621,24 +620,6 @@ class ApiServer:
         await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
         self.server = server
         log.info("api.listening", uri=uri)
-
-    @staticmethod
-    def _prepare_unix_path(path: str) -> None:
-        parent = os.path.dirname(path)
-        if parent and not os.path.isdir(parent):
-            os.makedirs(parent, mode=0o700, exist_ok=True)
-        if os.path.lexists(path):
-            if not stat.S_ISSOCK(os.lstat(path).st_mode):
-                raise FileExistsError(f"{path} exists and is not a socket; refusing to replace it")
-            probe = socket.socket(socket.AF_UNIX)
-            try:
-                probe.connect(path)
-            except OSError:
-                os.unlink(path)  # stale: its server is gone
-            else:
-                raise FileExistsError(f"{path} is in use by a running process")
-            finally:
-                probe.close()
 
     async def stop(self) -> None:
         if self.server is not None:

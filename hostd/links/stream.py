@@ -9,7 +9,6 @@ batch. Listeners accept any number of connections, each a new switch port.
 from __future__ import annotations
 
 import asyncio
-import errno
 import os
 import socket
 import stat
@@ -19,6 +18,7 @@ import structlog
 
 from hostd.links.base import Link, LinkSink
 from netferry.framing import FramingError, StreamDeframer, get_framing
+from netferry.unixsock import clear_stale_socket
 from netferry.uri import VMADDR_CID_ANY, LinkUri
 
 log = structlog.get_logger("hostd.links")
@@ -137,26 +137,7 @@ def bind_unix_socket(path: str, type_: int) -> socket.socket:
 
     A live socket (someone listens) is an error; a file that is not a socket is never
     touched (an API or a flag must not become a way to delete files)."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        pass
-    else:
-        if not stat.S_ISSOCK(st.st_mode):
-            raise FileExistsError(f"{path} exists and is not a socket; refusing to replace it")
-        probe = socket.socket(socket.AF_UNIX, type_)
-        try:
-            probe.connect(path)
-        except (ConnectionRefusedError, FileNotFoundError):
-            os.unlink(path)  # stale socket from a process that is gone
-        except OSError as e:
-            if e.errno == errno.EPROTOTYPE:  # alive, but a socket of another type
-                raise FileExistsError(f"{path} is in use by a running process") from None
-            os.unlink(path)
-        else:
-            raise FileExistsError(f"{path} is in use by a running process")
-        finally:
-            probe.close()
+    clear_stale_socket(path, type_)
     sock = socket.socket(socket.AF_UNIX, type_)
     try:
         sock.bind(path)

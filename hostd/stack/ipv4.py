@@ -104,11 +104,7 @@ def build_ipv4(
     tos: int = 0,
     flags_offset: int = 0,
 ) -> bytes:
-    header = HEADER.pack(
-        0x45, tos, HEADER_LEN + len(payload), ident, flags_offset, ttl, proto, 0, src, dst
-    )
-    csum = checksum(header)
-    return header[:10] + csum.to_bytes(2, "big") + header[12:] + payload
+    return build_header(src, dst, proto, len(payload), ident, ttl, tos, flags_offset) + payload
 
 
 def fragment(

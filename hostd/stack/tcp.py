@@ -272,43 +272,23 @@ def _build(
     options: bytes,
     payload: bytes | memoryview,
     urgent: int = 0,
+    partial: bool = False,
 ) -> bytes:
     # `pseudo` is the ones' sum of src+dst addresses plus the protocol number; the length
     # word is added here. Summing header and payload separately avoids concatenating twice.
+    # `partial` (checksum offload, virtio-net NEEDS_CSUM): the field holds only the folded
+    # pseudo header sum and the guest kernel finishes it (CHECKSUM_PARTIAL): no payload sum.
     olen = len(options)
     hlen = 20 + olen
     off = (hlen >> 2) << 4
-    hdr = _HDR.pack(src_port, dst_port, seq, ack, off, flags, window, 0, urgent)
-    if olen:
-        hdr += options
-    initial = pseudo + hlen + len(payload) + ones_sum(hdr)
-    csum = checksum(payload, initial) if payload else checksum(b"", initial)
-    hdr = _HDR.pack(src_port, dst_port, seq, ack, off, flags, window, csum, urgent)
-    if olen:
-        return b"".join((hdr, options, payload))
-    return b"".join((hdr, payload)) if payload else hdr
-
-
-def _build_partial(
-    pseudo: int,
-    src_port: int,
-    dst_port: int,
-    seq: int,
-    ack: int,
-    flags: int,
-    window: int,
-    options: bytes,
-    payload: bytes | memoryview,
-    urgent: int = 0,
-) -> bytes:
-    # Checksum offload (virtio-net NEEDS_CSUM): the field holds only the folded pseudo
-    # header sum; the guest kernel treats the segment as CHECKSUM_PARTIAL. No payload sum.
-    olen = len(options)
-    hlen = 20 + olen
     s = pseudo + hlen + len(payload)
-    s = (s & 0xFFFF) + (s >> 16)
-    s = (s & 0xFFFF) + (s >> 16)
-    hdr = _HDR.pack(src_port, dst_port, seq, ack, (hlen >> 2) << 4, flags, window, s, urgent)
+    if partial:
+        s = (s & 0xFFFF) + (s >> 16)
+        csum = (s & 0xFFFF) + (s >> 16)
+    else:
+        hdr = _HDR.pack(src_port, dst_port, seq, ack, off, flags, window, 0, urgent)
+        csum = checksum(payload, s + ones_sum(hdr + options))
+    hdr = _HDR.pack(src_port, dst_port, seq, ack, off, flags, window, csum, urgent)
     return b"".join((hdr, options, payload))
 
 
@@ -596,7 +576,7 @@ class TcpConnection:
         # Offload toward the guest (virtio-net header on the link): segments carry only the
         # pseudo header checksum, and new data goes out in segments of up to `gso_max` bytes
         # that the guest kernel treats as GRO super-packets of MSS-sized segments.
-        self._builder = _build_partial if partial_checksum else _build
+        self._partial = partial_checksum
         self._gso_max = gso_max
         self._now = now  # latest time seen; stamps ACKs that read() makes pending
 
@@ -1012,7 +992,7 @@ class TcpConnection:
         st.segments_out += 1
         if payload:
             st.bytes_out += len(payload)
-        return self._builder(
+        return _build(
             self._pseudo,
             self.local_port,
             self.remote_port,
@@ -1022,6 +1002,7 @@ class TcpConnection:
             window,
             options,
             payload,
+            partial=self._partial,
         )
 
     def _rst_segment(self) -> bytes:
