@@ -46,6 +46,7 @@ class HostSwitch:
         self.links: dict[int, Link] = {}
         # Counters of links that have closed: frames in/out, bytes in/out (totals stay monotonic).
         self.closed_link_totals = [0, 0, 0, 0]
+        self._flushing = False
         self.endpoints: list[Endpoint] = []
         self.pcap = PcapWriter.open(pcap_path) if pcap_path else None
         if self.pcap is not None:
@@ -125,6 +126,15 @@ class HostSwitch:
     # ---- the batch boundary ---------------------------------------------------------
 
     def flush(self) -> None:
+        if self._flushing:
+            return  # a socket callback inside a flush: the loop below picks its work up
+        self._flushing = True
+        try:
+            self._flush()
+        finally:
+            self._flushing = False
+
+    def _flush(self) -> None:
         network = self.network
         now = self.loop.time()
         # Events can produce output (a NAT reply, a TCP read opening the window) and output

@@ -200,21 +200,15 @@ class TcpNat:
             "bytes_to_guest": 0,
             "bytes_to_host": 0,
         }
-        self._flush_scheduled = False
 
     @property
     def active(self) -> int:
         return len(self.hosts)
 
     def touch(self, conn: tcp.TcpConnection) -> None:
-        """Mark `conn` for output and flush once at the end of this loop iteration."""
+        """Mark `conn` for output and flush now: a reply should not wait a loop iteration
+        (request-response latency); inside a flush this only marks it."""
         self.network.tcp_touch(conn)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self.loop.call_soon(self._scheduled_flush)
-
-    def _scheduled_flush(self) -> None:
-        self._flush_scheduled = False
         self.flush()
 
     # events from the network -------------------------------------------------------------

@@ -456,8 +456,10 @@ class Network:
         key = (guest_ip, guest_port, src_ip, src_port)
         if key in self.tcp_conns:
             return None
+        mac = self.neighbours.lookup(guest_ip)
+        port = self.cam.lookup(mac) if mac is not None else None
         conn = tcp.TcpConnection(
-            src_ip, src_port, guest_ip, guest_port, now=now, **self.tcp_options
+            src_ip, src_port, guest_ip, guest_port, now=now, **self._tcp_options_for(port)
         )
         conn.key = key  # type: ignore[attr-defined]
         conn.app = None  # type: ignore[attr-defined]

@@ -276,3 +276,31 @@ def test_root_netns_only(page_server):
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert r.stdout == body.decode()
+
+
+def test_enter_networks_an_existing_process(netns, page_server):
+    """As `slirp4netns PID tap0`: a process already in its own network namespace gets eth0,
+    a lease and the host's loopback through .254; ending netferry removes eth0 again."""
+    port, body = page_server
+    ns = netns()
+    target = ns.popen("sleep", "300")
+    ready_r, ready_w = os.pipe()
+    p = subprocess.Popen(
+        netferry_run("--enter", str(target.pid), "--ready-fd", str(ready_w),
+                     "--dns-upstream", "127.0.0.1:9"),
+        pass_fds=(ready_w,), stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    os.close(ready_w)
+    try:
+        with os.fdopen(ready_r, "rb") as r:
+            assert r.read(1) == b"1", p.stderr.read() if p.poll() is not None else ""
+        assert "inet 192.168.127.2/24" in ns.run("ip", "-4", "addr", "show", "eth0").stdout
+        out = ns.run("curl", "-s", "--max-time", "10", f"http://192.168.127.254:{port}/").stdout
+        assert out == body.decode()
+    finally:
+        p.send_signal(signal.SIGTERM)
+        p.wait(30)
+        target.kill()
+        target.wait()
+    assert p.returncode == 0, p.stderr.read()
+    assert ns.run("ip", "link", "show", "eth0", check=False).returncode != 0  # tap gone
