@@ -340,6 +340,8 @@ def write_resolv_conf(path: str, servers: list[str], search: list[str]) -> None:
 
 
 async def run(args: argparse.Namespace) -> int:
+    if args.give_tap is not None:
+        return await run_give_tap(args)
     uri = parse_link_uri(args.connect)
     if args.resolv_conf and os.path.realpath(args.resolv_conf) == "/etc/resolv.conf":
         if not args.allow_etc_resolv_conf:
@@ -408,9 +410,64 @@ async def run(args: argparse.Namespace) -> int:
     return rc
 
 
+async def run_give_tap(args: argparse.Namespace) -> int:
+    """Hand the tap itself to hostd (SCM_RIGHTS over the unix socket `--give-tap FD`) and
+    keep only the DHCP client and resolv.conf here: frames then go kernel → hostd → kernel
+    without this process in between (what `netferry run` does)."""
+    try:
+        tap_fd = open_tap(args.tap_interface, vnet_hdr=args.offload)
+        await configure_link(args.tap_interface, args.tap_mac_address, args.mtu)
+    except TapError as e:
+        log.error("tap.failed", error=str(e))
+        return 1
+    loop = asyncio.get_running_loop()
+    try:
+        with socket.socket(fileno=args.give_tap) as channel:
+            socket.send_fds(channel, [b"tap"], [tap_fd])
+            # Start DHCP only once hostd serves the tap: a lost DISCOVER costs a retry.
+            go = await loop.run_in_executor(None, channel.recv, 1)
+    except OSError as e:
+        log.error("tap.handoff_failed", error=str(e))
+        os.close(tap_fd)
+        return 1
+    os.close(tap_fd)  # hostd holds the device now; it lives as long as hostd's fd
+    if go != b"g":
+        log.error("tap.handoff_failed", error="hostd did not start")
+        return 1
+    log.info("tap.handed_over", interface=args.tap_interface, offload=args.offload)
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    dhcp = DhcpRunner(args)
+    dhcp.start()
+    ready_task = None
+    if args.ready_fd is not None:
+        ready_task = loop.create_task(signal_ready(dhcp, args.ready_fd, args.dhcp_client))
+    try:
+        await stop.wait()
+    finally:
+        if ready_task is not None:
+            ready_task.cancel()
+        await dhcp.stop()
+        log.info("vm-switch.stopped")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vm-switch", description=__doc__.split("\n\n")[0])
-    p.add_argument("--connect", required=True, metavar="URI", help="hostd link URI to dial")
+    p.add_argument("--connect", metavar="URI", help="hostd link URI to dial")
+    p.add_argument(
+        "--give-tap",
+        type=int,
+        metavar="FD",
+        help="instead of pumping frames, pass the tap fd to hostd over this unix socket fd "
+        "and only run DHCP (hostd then uses tapfd://)",
+    )
+    p.add_argument(
+        "--offload",
+        action="store_true",
+        help="with --give-tap: open the tap with virtio-net headers and TSO/checksum offload",
+    )
     p.add_argument("--tap-interface", default="eth0")
     p.add_argument("--tap-mac-address", default="5a:94:ef:e4:0c:ee")
     p.add_argument("--mtu", type=int, default=1500)
@@ -437,7 +494,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if (args.connect is None) == (args.give_tap is None):
+        parser.error("give exactly one of --connect URI and --give-tap FD")
     configure_logging(args.log_format, "debug" if args.debug else "info", args.log_file)
     with contextlib.suppress(KeyboardInterrupt):
         return asyncio.run(run(args))

@@ -7,7 +7,7 @@ import socket
 from typing import Protocol
 
 from hostd.links.base import Link, LinkSink
-from hostd.links.packet import PacketLink, SeqpacketListener, unixgram_link
+from hostd.links.packet import PacketLink, SeqpacketListener, TapLink, unixgram_link
 from hostd.links.stream import StreamListener, connect_stdio, connect_stream_fd
 from netferry.uri import LinkUri
 
@@ -41,6 +41,11 @@ async def open_endpoint(uri: LinkUri, sink: LinkSink) -> Endpoint:
         return _Single(unixgram_link(sink, uri))
     if uri.scheme == "stdio":
         return _Single(await connect_stdio(sink, uri))
+    if uri.scheme == "tapfd":
+        tap = TapLink(sink, str(uri), uri.fd, uri.max_frame)
+        tap.vnet = uri.vnet
+        sink.link_opened(tap)
+        return _Single(tap)
     if uri.scheme == "fd":
         sock = socket.socket(fileno=uri.fd)
         if sock.type == socket.SOCK_STREAM:

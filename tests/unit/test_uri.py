@@ -40,3 +40,10 @@ def test_forms():
 def test_errors_say_what_is_wrong(text, message):
     with pytest.raises(ValueError, match=message):
         parse_link_uri(text)
+
+
+def test_tapfd_uri():
+    u = parse_link_uri("tapfd://7?offload=vnet")
+    assert (u.scheme, u.fd, u.vnet) == ("tapfd", 7, True)
+    with pytest.raises(ValueError, match="expected tapfd://N"):
+        parse_link_uri("tapfd://x")

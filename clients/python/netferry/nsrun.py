@@ -59,8 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     vm = subprocess.Popen(
         [
             str(BIN / "vm-switch"),
-            "--connect",
-            f"fd://{args.link_fd}" + ("" if args.no_offload else "?offload=vnet"),
+            "--give-tap",
+            str(args.link_fd),
+            *([] if args.no_offload else ["--offload"]),
             "--mtu",
             str(args.mtu),
             "--dhcp-client",

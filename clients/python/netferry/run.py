@@ -162,13 +162,14 @@ class Run:
     # -- the pieces ------------------------------------------------------------------------
 
     def start_hostd(self, link_fd: int) -> None:
+        """hostd with the guest's tap fd as its link (`tapfd://`)."""
         a = self.args
         ready_r, ready_w = os.pipe()
         offload = "" if a.no_offload else "?offload=vnet"
         cmd = [
             str(BIN / "host-switch"),
             "--listen",
-            f"fd://{link_fd}{offload}",
+            f"tapfd://{link_fd}{offload}",
             "--mtu",
             str(a.mtu),
             "--log-format",
@@ -261,6 +262,30 @@ class Run:
         )
         self.forks = wrapper[0] == "unshare"
 
+    def receive_tap(self, channel: socket.socket) -> int:
+        channel.settimeout(60)
+        try:
+            _, fds, _, _ = socket.recv_fds(channel, 16, 1)
+        except TimeoutError:
+            raise RunError("the namespace did not hand over its tap within 60 s") from None
+        if not fds:
+            if self.inner is not None:
+                try:
+                    rc = self.inner.wait(5)
+                except subprocess.TimeoutExpired:
+                    rc = None
+                if rc is not None and not (self.state / "vm-switch.log").exists():
+                    raise RunError(
+                        f"the namespace did not come up (exit {rc}); if unshare was refused, "
+                        "check user.max_user_namespaces and kernel.unprivileged_userns_clone"
+                    )
+            log = self.state / "vm-switch.log"
+            why = log.read_text()[-1500:] if log.exists() else ""
+            raise RunError(
+                "the namespace could not create its tap device" + (": " + why if why else "")
+            )
+        return fds[0]
+
     def inner_pid(self) -> int | None:
         """The pid of nsrun: unshare forks it (it is pid 1 of the new PID namespace)."""
         if self.inner is None or self.inner.poll() is not None:
@@ -303,14 +328,22 @@ class Run:
             check_userns()
         for spec in a.publish:
             parse_publish(spec)
-        host_end, guest_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        # The namespace comes up first: vm-switch opens the tap inside it and hands the fd
+        # out over `channel`; hostd then owns the tap (no frame stream, no second copy).
+        channel, guest_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        ready_r, ready_w = os.pipe()
         try:
-            self.start_hostd(host_end.fileno())
-            ready_r, ready_w = os.pipe()
             self.start_inner(guest_end.fileno(), ready_w)
             os.close(ready_w)
+            guest_end.close()
+            tap_fd = self.receive_tap(channel)
+            try:
+                self.start_hostd(tap_fd)
+            finally:
+                os.close(tap_fd)
+            channel.sendall(b"g")  # the guest may start DHCP now
         finally:
-            host_end.close()
+            channel.close()
             guest_end.close()
         signal.signal(signal.SIGINT, self._on_sigint)
         signal.signal(signal.SIGTERM, self._on_sigterm)

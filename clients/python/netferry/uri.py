@@ -6,6 +6,8 @@
     unixgram:///path       SOCK_DGRAM, one frame per datagram (vfkit); peer learned on receive
     vsock://[CID]:PORT     AF_VSOCK stream (CID optional when listening)
     fd://N                 an inherited socket; stream or packet by its SO_TYPE
+    tapfd://N              an inherited tap device fd (hostd reads and writes the guest's
+                           tap itself: `netferry run` gets it from inside the namespace)
     stdio://               standard input/output as a stream (2-byte LE length by default,
                            as gvproxy's -listen-stdio and gvforwarder's stdio: speak)
 
@@ -23,7 +25,7 @@ from netferry.framing import FRAMINGS, MAX_FRAME
 
 STREAM_SCHEMES = {"unix", "tcp", "vsock", "stdio"}
 PACKET_SCHEMES = {"unixpacket", "unixgram"}
-SCHEMES = STREAM_SCHEMES | PACKET_SCHEMES | {"fd"}
+SCHEMES = STREAM_SCHEMES | PACKET_SCHEMES | {"fd", "tapfd"}
 VMADDR_CID_ANY = 0xFFFFFFFF
 
 
@@ -105,11 +107,11 @@ def parse_link_uri(text: str) -> LinkUri:
         if not 0 < port < 2**32 or (cid is not None and not 0 <= cid < 2**32):
             raise ValueError(f"link URI {text!r}: CID and port must be 32-bit unsigned")
         return LinkUri(scheme, port=port, cid=cid, **common)
-    if scheme == "fd":
+    if scheme in ("fd", "tapfd"):
         try:
             fd = int(parts.netloc)
         except ValueError:
-            raise ValueError(f"link URI {text!r}: expected fd://N") from None
+            raise ValueError(f"link URI {text!r}: expected {scheme}://N") from None
         if fd < 0:
             raise ValueError(f"link URI {text!r}: fd must be >= 0")
         return LinkUri(scheme, fd=fd, **common)
