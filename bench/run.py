@@ -204,6 +204,26 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / CLK_TCK
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (from /proc, children before grandchildren)."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+        parents.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        kids = parents.get(todo.pop(0), [])
+        out += kids
+        todo += kids
+    return out
+
+
 def rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -334,52 +354,29 @@ class Netferry(Contender):
         self.warnings: dict[str, int] = {}
 
     def _start(self) -> None:
+        # The topology `netferry run` uses: hostd owns the namespace's tap (handed over by
+        # vm-switch --give-tap), with TSO/checksum offload. `--enter` networks the bench's
+        # own namespace (a holder process keeps it), so every contender runs in `ip netns`.
         assert self.dir
-        link, api = self.dir / "link.sock", self.dir / "api.sock"
+        api = self.dir / "api.sock"
         self.api = f"unix://{api}"
-        hlog, vlog = self.dir / "hostd.log", self.dir / "vm-switch.log"
-        self.logs.update({"hostd": hlog, "vm-switch": vlog})
+        holder = self._spawn("holder", ns_cmd(self.ns, "sleep", "1000000"))
         self._spawn(
-            "hostd",
+            "run",
             [
-                str(VENV_BIN / "host-switch"),
-                "--listen",
-                f"unix://{link}?offload=vnet",  # TSO/checksum offload, as netferry run uses
+                str(VENV_BIN / "netferry"),
+                "run",
+                "--enter",
+                str(holder.pid),
                 "--mtu",
                 str(self.mtu),
                 "--api",
-                self.api,
+                str(api),
                 "--dns-upstream",
                 "127.0.0.1:9",
-                "--log-format",
-                "json",
-                "--log-file",
-                str(hlog),
-            ],
-        )
-        wait_for(
-            lambda: self.check_alive() or '"hostd.ready"' in tail(hlog, 50),
-            20,
-            "host-switch to be ready",
-        )
-        self._spawn(
-            "vm-switch",
-            ns_cmd(
-                self.ns,
-                str(VENV_BIN / "vm-switch"),
-                "--connect",
-                f"unix://{link}?offload=vnet",  # TSO/checksum offload, as netferry run uses
-                "--mtu",
-                str(self.mtu),
                 "--dhcp-client",
                 "udhcpc",
-                "--resolv-conf",
-                str(self.dir / "resolv.conf"),
-                "--log-format",
-                "json",
-                "--log-file",
-                str(vlog),
-            ),
+            ],
         )
 
         def leased() -> bool:
@@ -408,8 +405,9 @@ class Netferry(Contender):
 
     def teardown(self) -> None:
         # collect warnings/errors hostd and vm-switch logged, to report oddities
-        for key in ("hostd", "vm-switch"):
-            path = self.logs.get(key)
+        run_dirs = sorted(Path("/tmp").glob("netferry-run-*"), key=lambda p: p.stat().st_mtime)
+        for key, name in (("hostd", "hostd.log"), ("vm-switch", "vm-switch.log")):
+            path = run_dirs[-1] / name if run_dirs else None
             if not path or not path.exists():
                 continue
             for line in path.read_text(errors="replace").splitlines():
@@ -425,8 +423,24 @@ class Netferry(Contender):
                     self.warnings[k] = self.warnings.get(k, 0) + 1
         super().teardown()
 
+    def _daemons(self) -> dict[str, int]:
+        """host-switch and vm-switch under `netferry run` (found by their command lines)."""
+        found: dict[str, int] = {}
+        for pid in descendants(self.procs["run"].pid):
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            for name in ("host-switch", "vm-switch"):
+                if any(part.endswith(name.encode()) for part in cmd[:2]):
+                    found[name] = pid
+        return found
+
+    def cpu_pids(self) -> list[int]:
+        return [self.procs["run"].pid, *descendants(self.procs["run"].pid)]
+
     def rss_pids(self) -> dict[str, int]:
-        return {"host-switch": self.procs["hostd"].pid, "vm-switch": self.procs["vm-switch"].pid}
+        return self._daemons()
 
 
 class Slirp(Contender):
@@ -1182,7 +1196,11 @@ def run_profile(args: argparse.Namespace) -> int:
     try:
         for fmt_name, ext in (("speedscope", "speedscope.json"), ("flamegraph", "svg")):
             spies = []
-            for key, proc in (("hostd", c.procs["hostd"]), ("vm-switch", c.procs["vm-switch"])):
+            daemons = c._daemons()
+            for key, pid in (
+                ("hostd", daemons["host-switch"]),
+                ("vm-switch", daemons["vm-switch"]),
+            ):
                 out = RESULTS / (
                     f"profile-{stamp}-{key}-{args.profile_direction}-mtu{args.profile_mtu}.{ext}"
                 )
@@ -1194,7 +1212,7 @@ def run_profile(args: argparse.Namespace) -> int:
                                 pyspy,
                                 "record",
                                 "--pid",
-                                str(proc.pid),
+                                str(pid),
                                 "--rate",
                                 "200",
                                 "--duration",
