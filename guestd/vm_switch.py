@@ -6,6 +6,10 @@ backoff and the guest's sockets see a pause, not a dead interface. Once the link
 first time it gets an address by DHCP (pyroute2's client, or udhcpc), sets the default
 route and MTU from the lease, and writes a resolv.conf only to the path it is given.
 
+With `--give-tap FD` it does not pump at all: it opens the tap, passes the fd to hostd over
+the unix socket FD (SCM_RIGHTS) and keeps only the DHCP client; hostd then reads and writes
+the tap itself (`tapfd://`), which is how `netferry run` works.
+
 Flow control: when the link cannot take more (its write buffer is over the high-water
 mark) vm-switch stops reading the tap, so the guest kernel's queue fills and its TCP slows
 down, instead of vm-switch buffering without bound.
