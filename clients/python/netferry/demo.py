@@ -91,8 +91,9 @@ ping -c 2 -i 0.3 192.168.127.254
 curl -s "http://192.168.127.254:$WEB_PORT/"
 say "A web server inside on port 8080, published on the host"
 python3 -m http.server 8080 --bind 0.0.0.0 -d /etc >/dev/null 2>&1 &
+server=$!
 while [ ! -e "$STATE/fetched" ]; do sleep 0.1; done
-kill %1
+kill "$server"
 """
 
 
