@@ -344,9 +344,6 @@ def write_resolv_conf(path: str, servers: list[str], search: list[str]) -> None:
 
 
 async def run(args: argparse.Namespace) -> int:
-    if args.give_tap is not None:
-        return await run_give_tap(args)
-    uri = parse_link_uri(args.connect)
     if args.resolv_conf and os.path.realpath(args.resolv_conf) == "/etc/resolv.conf":
         if not args.allow_etc_resolv_conf:
             log.error(
@@ -356,11 +353,11 @@ async def run(args: argparse.Namespace) -> int:
                 "private mount namespace",
             )
             return 2
-    try:
-        tap_fd = open_tap(args.tap_interface, vnet_hdr=uri.vnet)
-        await configure_link(args.tap_interface, args.tap_mac_address, args.mtu)
-    except TapError as e:
-        log.error("tap.failed", error=str(e))
+    if args.give_tap is not None:
+        return await run_give_tap(args)
+    uri = parse_link_uri(args.connect)
+    tap_fd = await create_tap(args, uri.vnet)
+    if tap_fd is None:
         return 1
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -414,15 +411,23 @@ async def run(args: argparse.Namespace) -> int:
     return rc
 
 
+async def create_tap(args: argparse.Namespace, vnet: bool) -> int | None:
+    """Open and configure the tap; None (logged) when that fails."""
+    try:
+        tap_fd = open_tap(args.tap_interface, vnet_hdr=vnet)
+        await configure_link(args.tap_interface, args.tap_mac_address, args.mtu)
+    except TapError as e:
+        log.error("tap.failed", error=str(e))
+        return None
+    return tap_fd
+
+
 async def run_give_tap(args: argparse.Namespace) -> int:
     """Hand the tap itself to hostd (SCM_RIGHTS over the unix socket `--give-tap FD`) and
     keep only the DHCP client and resolv.conf here: frames then go kernel → hostd → kernel
     without this process in between (what `netferry run` does)."""
-    try:
-        tap_fd = open_tap(args.tap_interface, vnet_hdr=args.offload)
-        await configure_link(args.tap_interface, args.tap_mac_address, args.mtu)
-    except TapError as e:
-        log.error("tap.failed", error=str(e))
+    tap_fd = await create_tap(args, args.offload)
+    if tap_fd is None:
         return 1
     loop = asyncio.get_running_loop()
     try:

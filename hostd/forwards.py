@@ -253,14 +253,22 @@ class Forwards:
         ):
             raise ForwardError("invalid_argument", f"remote: {ip} is not a guest address")
 
-    async def expose(self, protocol: str, local: str, remote: str) -> Forward:
+    @staticmethod
+    def _local(protocol: str, local: str) -> tuple[str, str, HostPort | None]:
+        """(protocol, canonical local text, host:port) or ForwardError INVALID_ARGUMENT."""
         protocol = protocol.lower()
         if protocol not in PROTOCOLS:
             raise ForwardError(
                 "invalid_argument", f"protocol: {protocol!r} is not tcp, udp or unix"
             )
         try:
-            local_text, local_hp = canonical_local(protocol, local)
+            return (protocol, *canonical_local(protocol, local))
+        except AddressError as e:
+            raise ForwardError("invalid_argument", str(e)) from None
+
+    async def expose(self, protocol: str, local: str, remote: str) -> Forward:
+        protocol, local_text, local_hp = self._local(protocol, local)
+        try:
             remote_hp = parse_remote(remote)
         except AddressError as e:
             raise ForwardError("invalid_argument", str(e)) from None
@@ -367,15 +375,7 @@ class Forwards:
         return sock
 
     async def unexpose(self, protocol: str, local: str) -> Forward:
-        protocol = protocol.lower()
-        if protocol not in PROTOCOLS:
-            raise ForwardError(
-                "invalid_argument", f"protocol: {protocol!r} is not tcp, udp or unix"
-            )
-        try:
-            local_text, _ = canonical_local(protocol, local)
-        except AddressError as e:
-            raise ForwardError("invalid_argument", str(e)) from None
+        protocol, local_text, _ = self._local(protocol, local)
         fwd = self.table.pop((protocol, local_text), None)
         if fwd is None:
             raise ForwardError("not_found", f"no {protocol} forward on {local_text}")
