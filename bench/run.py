@@ -1182,77 +1182,107 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 def run_profile(args: argparse.Namespace) -> int:
+    """One workload through netferry with py-spy on host-switch (and vm-switch, when it is
+    in the data path): a file per process and, for the `raw` format, the hottest functions
+    by own time and by total time printed here."""
     pyspy = shutil.which("py-spy", path=f"{VENV_BIN}:{os.environ.get('PATH', '')}")
     if not pyspy:
         raise SystemExit("py-spy is not installed (.venv/bin/pip install py-spy)")
     secs = args.profile_seconds
-    reverse = args.profile_direction == "h2g"
+    work = args.profile_work
     RESULTS.mkdir(exist_ok=True)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    tmp = REAPER.mkdtemp()
+    peer, peer_port = start_peer_server(tmp) if work in ("connrate", "rr") else (None, 0)
     c = Netferry()
     c.setup(args.profile_mtu, 0)
-    bench = Bench(Opts(tput_secs=secs, connrate_secs=1, rr_secs=1, hold_n=0), 0)
+    bench = Bench(Opts(tput_secs=secs, connrate_secs=secs, rr_secs=secs, hold_n=0), peer_port)
+    ext = {"raw": "txt", "speedscope": "speedscope.json", "flamegraph": "svg"}[args.profile_format]
     written = []
     try:
-        for fmt_name, ext in (("speedscope", "speedscope.json"), ("flamegraph", "svg")):
-            spies = []
-            daemons = c._daemons()
-            for key, pid in (
-                ("hostd", daemons["host-switch"]),
-                ("vm-switch", daemons["vm-switch"]),
-            ):
-                out = RESULTS / (
-                    f"profile-{stamp}-{key}-{args.profile_direction}-mtu{args.profile_mtu}.{ext}"
+        spies = []
+        for key, pid in c._daemons().items():
+            tag = f"{work}-{args.profile_direction}" if work == "tcp" else work
+            out = RESULTS / f"profile-{stamp}-{key}-{tag}-mtu{args.profile_mtu}.{ext}"
+            err = open(c.dir / f"py-spy-{key}.err", "ab")
+            spies.append(
+                (
+                    out,
+                    REAPER.popen(
+                        [pyspy, "record", "--pid", str(pid), "--rate", "250"]
+                        + ["--duration", str(secs + 1), "--format", args.profile_format]
+                        + ["--output", str(out)]
+                        # native unwinding has to stop the process to read its stack
+                        + ([] if args.profile_native else ["--nonblocking"])
+                        + (["--idle"] if args.profile_idle else [])
+                        + (["--native"] if args.profile_native else []),
+                        stdout=subprocess.DEVNULL,
+                        stderr=err,
+                    ),
                 )
-                spies.append(
-                    (
-                        out,
-                        REAPER.popen(
-                            [
-                                pyspy,
-                                "record",
-                                "--pid",
-                                str(pid),
-                                "--rate",
-                                "200",
-                                "--duration",
-                                str(secs + 1),
-                                "--format",
-                                fmt_name,
-                                "--output",
-                                str(out),
-                                "--nonblocking",
-                            ],
-                            stdout=subprocess.DEVNULL,
-                            stderr=open(c.dir / f"py-spy-{key}.err", "ab"),
-                        ),
-                    )
-                )
-            time.sleep(1.0)
-            gbps, cpu = bench.tcp_throughput(c, reverse)
-            print(
-                f"{fmt_name}: TCP {args.profile_direction} MTU {args.profile_mtu}: "
-                f"{gbps:.3f} Gbit/s, {cpu:.1f} CPU s/GiB (sampled, so slower than unprofiled)"
             )
-            for out, sp in spies:
-                try:
-                    sp.wait(secs + 30)
-                except subprocess.TimeoutExpired:
-                    pass
-                REAPER.stop(sp)
-                if out.exists():
-                    written.append(out)
-                else:
-                    print(
-                        f"py-spy wrote nothing to {out}: {tail(c.dir / 'py-spy-hostd.err', 5)}",
-                        file=sys.stderr,
-                    )
+            err.close()
+        time.sleep(1.0)
+        if work == "tcp":
+            gbps, cpu = bench.tcp_throughput(c, args.profile_direction == "h2g")
+            result = f"{gbps:.3f} Gbit/s, {cpu:.1f} CPU s/GiB"
+        elif work == "udp":
+            gbps, loss = bench.udp_throughput(c)
+            result = f"{gbps:.3f} Gbit/s received, {loss:.1f} % lost"
+        elif work == "connrate":
+            result = f"{bench.connrate(c):,.0f} connections/s"
+        else:
+            result = f"{bench.rr_latency(c):.0f} µs median round trip"
+        print(f"{work} MTU {args.profile_mtu} under py-spy (slower than unprofiled): {result}")
+        for out, sp in spies:
+            try:
+                sp.wait(secs + 30)
+            except subprocess.TimeoutExpired:
+                pass
+            REAPER.stop(sp)
+            if out.exists():
+                written.append(out)
+            else:
+                print(f"py-spy wrote nothing to {out}", file=sys.stderr)
     finally:
         c.teardown()
+        if peer is not None:
+            REAPER.stop(peer)
     for w in written:
         print(f"wrote {w}")
-    print("open a .speedscope.json at https://www.speedscope.app or the .svg in a browser")
+        if args.profile_format == "raw":
+            print(summarize_collapsed(w.read_text(), top=args.profile_top))
     return 0
+
+
+def summarize_collapsed(text: str, top: int = 25) -> str:
+    """py-spy's collapsed stacks ("a;b;c COUNT" per line) → own and total time per function."""
+    own: dict[str, int] = {}
+    total: dict[str, int] = {}
+    samples = 0
+    for line in text.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        samples += n
+        # "func (path/file.py:LINE)" → "func file.py": lines of one function add up
+        frames = [
+            f.split(" (")[0] + " " + f.split("/")[-1].rstrip(")").split(":")[0]
+            for f in stack.split(";")
+        ]
+        own[frames[-1]] = own.get(frames[-1], 0) + n
+        for f in set(frames):
+            total[f] = total.get(f, 0) + n
+    if not samples:
+        return "  (no samples)"
+    lines = [f"  {samples} samples; own time:"]
+    for f, n in sorted(own.items(), key=lambda kv: -kv[1])[:top]:
+        lines.append(f"    {100 * n / samples:5.1f} %  {f}")
+    lines.append("  total time (function and what it calls):")
+    for f, n in sorted(total.items(), key=lambda kv: -kv[1])[:top]:
+        lines.append(f"    {100 * n / samples:5.1f} %  {f}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1276,9 +1306,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--profile",
         action="store_true",
-        help="netferry only: one TCP throughput run under py-spy, twice "
-        "(speedscope, flamegraph), for host-switch and vm-switch; "
-        "files go to bench/results/",
+        help="netferry only: one workload (--profile-work) under py-spy on host-switch "
+        "and vm-switch; files go to bench/results/, the raw format is summarized here",
+    )
+    ap.add_argument(
+        "--profile-work", choices=("tcp", "connrate", "rr", "udp"), default="tcp"
+    )
+    ap.add_argument(
+        "--profile-format", choices=("raw", "speedscope", "flamegraph"), default="raw"
+    )
+    ap.add_argument("--profile-top", type=int, default=25, help="functions listed per table")
+    ap.add_argument(
+        "--profile-idle", action="store_true", help="sample idle (waiting) stacks too"
+    )
+    ap.add_argument(
+        "--profile-native", action="store_true", help="C frames too (py-spy --native)"
     )
     ap.add_argument("--profile-direction", choices=("g2h", "h2g"), default="g2h")
     ap.add_argument("--profile-mtu", type=int, default=1500)

@@ -8,6 +8,7 @@ import contextlib
 import os
 import signal
 import sys
+from collections.abc import Callable
 
 import structlog
 
@@ -91,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     lim.add_argument("--tcp-time-wait", type=float, default=60.0, metavar="SECONDS")
     p.add_argument("--pcap", metavar="FILE", help="write every frame through the switch here")
+    p.add_argument(
+        "--event-loop",
+        choices=("auto", "uvloop", "asyncio"),
+        default="auto",
+        help="auto: uvloop when it is installed (fewer microseconds per wake-up), else asyncio",
+    )
     p.add_argument(
         "--ready-fd",
         type=int,
@@ -252,9 +259,37 @@ def main(argv: list[str] | None = None) -> int:
         validate_args(args)
     except ValueError as e:
         parser.error(str(e))
+    try:
+        loop_factory = event_loop_factory(args.event_loop)
+    except ImportError as e:
+        parser.error(f"--event-loop uvloop: {e}")
     with contextlib.suppress(KeyboardInterrupt):
-        return asyncio.run(run(args, config))
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            if os.environ.get("NF_CPROFILE"):  # TEMP
+                import cProfile
+
+                pr = cProfile.Profile()
+                pr.enable()
+                try:
+                    return runner.run(run(args, config))
+                finally:
+                    pr.disable()
+                    pr.dump_stats(os.environ["NF_CPROFILE"])
+            return runner.run(run(args, config))
     return 130
+
+
+def event_loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop (libuv) when asked for or, with "auto", when installed; None: asyncio's own."""
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise
+        return None
+    return uvloop.new_event_loop
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Port forwards: host listeners whose connections and datagrams go into the guest network.
 
 - TCP: each accepted client becomes an active open through the stack (`Network.tcp_connect`)
-  to the guest address, spliced by the same `HostSide` protocol the outbound NAT uses. The
+  to the guest address, spliced by the same `HostSide` the outbound NAT uses. The
   guest sees the client's own address when it is a non-loopback IPv4 address (slirp4netns
   and pasta keep it; gvproxy and Rancher Desktop hide it), else .254, the host.
 - UNIX: a host socket path forwarded to a guest TCP port, from .254. The path is created
@@ -64,7 +64,7 @@ class Forward:
             "bytes_from_guest": 0,
         }
     )
-    listener: object = None  # asyncio Server or DatagramTransport
+    listener: object = None  # StreamListener or DatagramTransport
     runtime: object = None  # UdpForwarder
     socket_inode: tuple[int, int] | None = None  # (dev, ino) of a unix socket we created
     connections: set[ForwardSide] = field(default_factory=set)
@@ -89,25 +89,23 @@ def _overlaps(a: HostPort, b: HostPort) -> bool:
 
 
 class ForwardSide(HostSide):
-    """A forwarded client: its connection into the guest is opened when it connects."""
+    """A forwarded client: its connection into the guest is opened when it is accepted."""
 
     def __init__(self, forwards: Forwards, fwd: Forward) -> None:
-        super().__init__(forwards.switch.tcp_nat, None)  # type: ignore[arg-type]
+        super().__init__(forwards.switch.tcp_nat, None)
         self.forwards = forwards
         self.fwd = fwd
         self.counters = fwd.counters
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+    def start(self, sock: socket.socket, peer: object) -> None:
         network = self.forwards.switch.network
-        peer = transport.get_extra_info("peername")
         src_ip, src_port = self.forwards.source_for(peer, self.fwd.remote, "tcp")
         guest_ip = ipaddress.IPv4Address(self.fwd.remote.host).packed
         conn = network.tcp_connect(
             guest_ip, self.fwd.remote.port, src_ip, src_port, self.forwards.switch.loop.time()
         )
         if conn is None:
-            transport.abort()
+            sock.close()
             return
         self.conn = conn
         conn.app = self  # type: ignore[attr-defined]
@@ -115,27 +113,78 @@ class ForwardSide(HostSide):
         self.fwd.connections.add(self)
         self.fwd.counters["active"] += 1
         self.fwd.counters["total"] += 1
+        self.attach(sock)
         self.nat.touch(conn)
-
-    def data_received(self, data: bytes) -> None:
-        if self.conn is None:
-            return
-        super().data_received(data)
-
-    def eof_received(self) -> bool:
-        if self.conn is None:
-            return False
-        return super().eof_received()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.conn is None:
-            return
-        super().connection_lost(exc)
 
     def finished(self) -> None:
         if self in self.fwd.connections:
             self.fwd.connections.discard(self)
             self.fwd.counters["active"] -= 1
+
+
+class StreamListener:
+    """Listening sockets of one TCP or unix forward: every accepted client is a
+    `ForwardSide`, without an asyncio transport in between."""
+
+    ACCEPT_BATCH = 64
+
+    def __init__(self, forwards: Forwards, fwd: Forward, socks: list[socket.socket]) -> None:
+        self.forwards = forwards
+        self.fwd = fwd
+        self.socks = socks
+        self.loop = forwards.switch.loop
+        for sock in socks:
+            sock.setblocking(False)
+            self.loop.add_reader(sock.fileno(), self._accept, sock)
+
+    def _accept(self, listener: socket.socket) -> None:
+        for _ in range(self.ACCEPT_BATCH):
+            try:
+                sock, peer = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # EMFILE, ECONNABORTED: this client is lost, not the forward
+                log.warning("forward.accept_failed", forward=self.fwd.describe(), error=str(e))
+                return
+            sock.setblocking(False)
+            if sock.family != socket.AF_UNIX:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            ForwardSide(self.forwards, self.fwd).start(sock, peer)
+        self.forwards.switch.flush()
+
+    def close(self) -> None:
+        for sock in self.socks:
+            if sock.fileno() >= 0:
+                self.loop.remove_reader(sock.fileno())
+                sock.close()
+        self.socks = []
+
+
+def tcp_listen_sockets(host: str, port: int, backlog: int = 1024) -> list[socket.socket]:
+    """Bound, listening TCP sockets as asyncio's create_server makes them: every address
+    `host` resolves to (no host: IPv4 and IPv6 wildcards, the IPv6 one v6-only)."""
+    infos = socket.getaddrinfo(
+        host or None, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE
+    )
+    socks: list[socket.socket] = []
+    seen: set[tuple] = set()
+    try:
+        for family, type_, proto, _, addr in infos:
+            if (family, addr) in seen:
+                continue
+            seen.add((family, addr))
+            sock = socket.socket(family, type_, proto)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(addr)
+            sock.listen(backlog)
+    except OSError:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
 
 
 @dataclass(eq=False)
@@ -300,17 +349,14 @@ class Forwards:
         try:
             if fwd.protocol == "tcp":
                 assert local_hp is not None
-                fwd.listener = await loop.create_server(
-                    lambda: ForwardSide(self, fwd), local_hp.host or None, local_hp.port,
-                    reuse_address=True, backlog=1024,
-                )  # fmt: skip
+                fwd.listener = StreamListener(
+                    self, fwd, tcp_listen_sockets(local_hp.host, local_hp.port)
+                )
             elif fwd.protocol == "unix":
                 sock = self._unix_listener(fwd.local)
                 st = os.stat(fwd.local)
                 fwd.socket_inode = (st.st_dev, st.st_ino)
-                fwd.listener = await loop.create_unix_server(
-                    lambda: ForwardSide(self, fwd), sock=sock, backlog=1024
-                )
+                fwd.listener = StreamListener(self, fwd, [sock])
             else:
                 assert local_hp is not None
                 family = socket.AF_INET6 if ":" in local_hp.host else socket.AF_INET
@@ -388,7 +434,7 @@ class Forwards:
         listener = fwd.listener
         if isinstance(fwd.runtime, UdpForwarder):
             fwd.runtime.close()
-        elif isinstance(listener, asyncio.AbstractServer):
+        elif isinstance(listener, StreamListener):
             listener.close()
             # Open connections end cleanly: FIN to both sides after what is in flight.
             for side in list(fwd.connections):

@@ -1,20 +1,23 @@
 """TCP NAT: each guest connection is spliced to a real host socket.
 
-A guest SYN arrives as a `TcpDial` event. The host connection is dialled first, each dial
-its own task with `connect_timeout`: success completes the guest's handshake
-(`Network.tcp_accept`), ECONNREFUSED answers the SYN with RST, a timeout or an unreachable
-network answers with ICMP host/net unreachable so the guest's connect() fails at once.
-Dials never wait on each other (gvisor-tap-vsock #676: ten black-holed dials blocked all
-outbound TCP); their number is bounded in `Network` by evicting the oldest.
+A guest SYN arrives as a `TcpDial` event. The host connection is dialled first, right there
+in the flush: a non-blocking connect() that to loopback usually completes inside the call,
+so the SYN-ACK leaves in the same batch. Otherwise the socket waits for writability with
+`connect_timeout`: success completes the guest's handshake (`Network.tcp_accept`),
+ECONNREFUSED answers the SYN with RST, a timeout or an unreachable network answers with ICMP
+host/net unreachable so the guest's connect() fails at once. Dials never wait on each other
+(gvisor-tap-vsock #676: ten black-holed dials blocked all outbound TCP); their number is
+bounded in `Network` by evicting the oldest.
 
-Data moves through `HostSide`, an asyncio protocol per connection:
-- host → guest: `data_received` offers bytes to `conn.send`; what the connection's send
-  buffer cannot take is kept and the host transport paused, until `SendSpaceAvailable`.
-- guest → host: `DataReceived` reads the connection into the transport; when the transport
-  is over its high-water mark we stop reading, so the window we advertise shrinks and the
-  guest slows down, until `resume_writing`.
+Data moves through `HostSide`, which drives the raw socket with loop readers and writers
+(no asyncio transport or task per connection: a transport costs more than the dial itself):
+- host → guest: a read takes at most what the connection's send buffer has room for, so
+  nothing is held here; with no room the reader pauses until `SendSpaceAvailable`.
+- guest → host: `DataReceived` reads the connection into the socket; what the socket does
+  not take waits for writability, and meanwhile the connection is not read, so the window
+  we advertise shrinks and the guest slows down.
 - A host EOF becomes a FIN after all data (`conn.close`); a guest FIN becomes
-  `write_eof` (shutdown(SHUT_WR)); a reset on either side resets the other (a host RST is
+  shutdown(SHUT_WR) after all data; a reset on either side resets the other (a host RST is
   seen as ECONNRESET; a guest RST closes the host socket with SO_LINGER 0, which sends RST).
 - `Closed` frees everything; nothing outlives its connection.
 """
@@ -37,134 +40,208 @@ log = structlog.get_logger("hostd.nat.tcp")
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
 HOST_SOCKET_BUFFER = 4 << 20
+RECV_MAX = 256 << 10  # per read: large enough for throughput, below malloc's mmap threshold
+READ_MAX = 1 << 20  # guest bytes taken from the connection per socket send
+_RESET_ERRNOS = (errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED, errno.ETIMEDOUT)
 
 
-class HostSide(asyncio.Protocol):
+def host_socket(family: int) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, HOST_SOCKET_BUFFER)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, HOST_SOCKET_BUFFER)
+    return sock
+
+
+class HostSide:
     """The host socket of one spliced connection."""
 
     # Per-forward counters (port forwards share this class), or None for outbound NAT.
     counters: dict[str, int] | None = None
 
-    def __init__(self, nat: TcpNat, conn: tcp.TcpConnection) -> None:
+    def __init__(self, nat: TcpNat, conn: tcp.TcpConnection | None) -> None:
         self.nat = nat
-        self.conn = conn
-        self.transport: asyncio.Transport | None = None
-        self.pending = bytearray()  # host bytes the connection could not take yet
-        self.host_eof = False
-        self.guest_eof = False
-        self.write_paused = False
+        self.loop = nat.loop
+        self.conn = conn  # type: ignore[assignment]
+        self.sock: socket.socket | None = None
+        self.fd = -1
+        self.unsent: memoryview | None = None  # guest bytes the socket has not taken yet
+        self.host_eof = False  # the host peer finished sending (or the socket is gone)
+        self.guest_eof = False  # the guest finished sending
+        self.shut_wr = False
+        self.reading = False
+        self.writing = False
+        self.closing = False  # close once `unsent` is written
         self.closed = False
 
-    # asyncio.Protocol --------------------------------------------------------------
+    def attach(self, sock: socket.socket) -> None:
+        """Start splicing the connected socket `sock`."""
+        self.sock = sock
+        self.fd = sock.fileno()
+        self._resume_reading()
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+    # host socket → guest -----------------------------------------------------------------
 
-    def data_received(self, data: bytes) -> None:
+    def _resume_reading(self) -> None:
+        if not self.reading and not self.host_eof and not self.closed and not self.closing:
+            self.loop.add_reader(self.fd, self._readable)
+            self.reading = True
+
+    def _pause_reading(self) -> None:
+        if self.reading:
+            self.loop.remove_reader(self.fd)
+            self.reading = False
+
+    def _readable(self) -> None:
         conn = self.conn
-        if self.pending:
-            self.pending += data
-        else:
-            try:
-                n = conn.send(data)
-            except tcp.TcpStateError:
-                return
-            if n < len(data):
-                self.pending += memoryview(data)[n:]
-        if self.pending and self.transport is not None:
-            self.transport.pause_reading()
-        self.nat.stats["bytes_to_guest"] += len(data)
-        if self.counters is not None:
-            self.counters["bytes_to_guest"] += len(data)
-        self.nat.touch(conn)
-
-    def eof_received(self) -> bool:
-        self.host_eof = True
-        if not self.pending:
-            self.conn.close()
-            self.nat.touch(self.conn)
-        # Keep our write side open while the guest may still send (half-close); once the
-        # guest has finished too, let asyncio close the socket.
-        return not self.guest_eof
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        conn = self.conn
-        if isinstance(exc, ConnectionResetError) or (
-            isinstance(exc, OSError) and exc.errno == errno.ECONNRESET
-        ):
-            self.nat.stats["host_resets"] += 1
-            self.pending.clear()
-            conn.abort()
-        else:
+        space = conn.send_space()
+        if space <= 0:
+            # Full: wait for the guest's ACKs (SendSpaceAvailable), or the connection is
+            # closing and `Closed` will clean up.
+            self._pause_reading()
+            conn.notify_send_space()
+            return
+        try:
+            data = self.sock.recv(RECV_MAX if space > RECV_MAX else space)  # type: ignore[union-attr]
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self._host_error(e)
+            return
+        if not data:
             self.host_eof = True
-            if not self.pending:  # held bytes still go to the guest, then the FIN
-                conn.close()
+            self._pause_reading()
+            conn.close()  # FIN after everything queued
+            self._maybe_finish()
+            self.nat.touch(conn)
+            return
+        conn.send(data)
+        n = len(data)
+        self.nat.stats["bytes_to_guest"] += n
+        if self.counters is not None:
+            self.counters["bytes_to_guest"] += n
         self.nat.touch(conn)
 
-    def pause_writing(self) -> None:
-        self.write_paused = True
-
-    def resume_writing(self) -> None:
-        self.write_paused = False
-        self.pump_to_host()
-        self.nat.touch(self.conn)
-
-    # connection events -----------------------------------------------------------------
+    # guest → host socket -----------------------------------------------------------------
 
     def pump_to_host(self) -> None:
-        """Guest bytes → host socket, as far as the transport will take them."""
-        t = self.transport
+        """Guest bytes → host socket, as far as the socket takes them."""
         conn = self.conn
-        if t is None or self.closed:
+        if self.closed or self.sock is None:
             conn.read()  # nowhere to deliver: keep the window open so the guest can finish
             return
-        while not self.write_paused and conn.readable():
-            data = conn.read(1 << 20)
-            t.write(data)
-            self.nat.stats["bytes_to_host"] += len(data)
-            if self.counters is not None:
-                self.counters["bytes_from_guest"] += len(data)
-        if self.guest_eof and not conn.readable() and not t.is_closing():
-            if self.host_eof and not self.pending:
-                t.close()  # both directions are done: free the socket now, not after TIME_WAIT
-            elif t.can_write_eof():
-                t.write_eof()
+        if self.unsent is not None:
+            return  # `_writable` continues
+        send = self.sock.send
+        while conn.readable():
+            data = conn.read(READ_MAX)
+            try:
+                n = send(data)
+            except (BlockingIOError, InterruptedError):
+                n = 0
+            except OSError as e:
+                self._host_error(e)
+                return
+            self._count_to_host(n)
+            if n < len(data):
+                self.unsent = memoryview(data)[n:]
+                self.loop.add_writer(self.fd, self._writable)
+                self.writing = True
+                return
+        if self.guest_eof and not self.shut_wr:
+            self.shut_wr = True
+            try:
+                self.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+            self._maybe_finish()
+
+    def _count_to_host(self, n: int) -> None:
+        self.nat.stats["bytes_to_host"] += n
+        if self.counters is not None:
+            self.counters["bytes_from_guest"] += n
+
+    def _writable(self) -> None:
+        data = self.unsent
+        if data is None or self.sock is None:
+            return
+        try:
+            n = self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self._host_error(e)
+            return
+        self._count_to_host(n)
+        if n < len(data):
+            self.unsent = data[n:]
+            return
+        self.unsent = None
+        self.loop.remove_writer(self.fd)
+        self.writing = False
+        if self.closing:
+            self._close_socket()
+            return
+        self.pump_to_host()
+        self.nat.touch(self.conn)  # what pump read opened the window
+
+    # the end ----------------------------------------------------------------------------
+
+    def _host_error(self, e: OSError) -> None:
+        """A read or write failed: a reset (or a dead peer) resets the guest's side too."""
+        if e.errno in _RESET_ERRNOS:
+            self.nat.stats["host_resets"] += 1
+            self.conn.abort()
+        else:
+            self.host_eof = True
+            self.conn.close()
+        self.unsent = None
+        self._close_socket()
+        self.nat.touch(self.conn)
+
+    def _maybe_finish(self) -> None:
+        """Both directions are done: free the socket now, not after the guest's TIME_WAIT."""
+        if self.host_eof and self.shut_wr and self.unsent is None:
+            self._close_socket()
+
+    def _close_socket(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.host_eof = True
+        if self.sock is not None:
+            self._pause_reading()
+            if self.writing:
+                self.loop.remove_writer(self.fd)
+                self.writing = False
+            self.sock.close()
 
     def pump_to_guest(self) -> None:
-        """Bytes held back → the connection's send buffer, then resume the host socket."""
-        conn = self.conn
-        if self.pending:
-            try:
-                n = conn.send(self.pending)
-            except tcp.TcpStateError:
-                self.pending.clear()
-                return
-            del self.pending[:n]
-        if not self.pending:
-            if self.host_eof:
-                conn.close()
-                if self.guest_eof:
-                    self.close_host()
-            elif self.transport is not None and not self.closed:
-                self.transport.resume_reading()
+        """The connection has room again (SendSpaceAvailable): read the socket again."""
+        if not self.closed and self.sock is not None:
+            self._resume_reading()
 
     def reset_host(self) -> None:
         """The guest reset: reset the host peer too (SO_LINGER 0 → RST on close)."""
-        t = self.transport
-        if t is None or self.closed:
+        if self.closed or self.sock is None:
             return
-        sock = t.get_extra_info("socket")
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-            except OSError:
-                pass
-        t.abort()
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        except OSError:
+            pass
+        self.unsent = None
+        self._close_socket()
 
     def close_host(self) -> None:
-        if self.transport is not None and not self.closed:
-            self.transport.close()
+        """Close after what the guest sent has been written (the FIN follows it)."""
+        if self.closed:
+            return
+        if self.unsent is not None:
+            self.closing = True
+            self._pause_reading()
+            return
+        self._close_socket()
 
     def finished(self) -> None:
         """The connection is gone (its `Closed` event): subclasses release what they hold."""
@@ -186,7 +263,8 @@ class TcpNat:
         self.dns_handler = dns_handler
         self.on_error = on_error
         self.loop = asyncio.get_running_loop()
-        self.dials: dict[tcp.TcpConnection, asyncio.Task[None]] = {}
+        # Dials still in progress: their socket and timeout.
+        self.dials: dict[tcp.TcpConnection, tuple[socket.socket, asyncio.TimerHandle]] = {}
         self.hosts: dict[tcp.TcpConnection, HostSide] = {}
         self.stats = {
             "dials": 0,
@@ -214,15 +292,100 @@ class TcpNat:
     # events from the network -------------------------------------------------------------
 
     def dial(self, ev: TcpDial) -> None:
+        conn = ev.conn
         if ev.service == "dns":
-            self.network.tcp_accept(ev.conn, self.loop.time())
+            self.network.tcp_accept(conn, self.loop.time())
             if self.dns_handler is not None:
-                ev.conn.app = self.dns_handler(ev.conn)  # type: ignore[attr-defined]
+                conn.app = self.dns_handler(conn)  # type: ignore[attr-defined]
             return
         self.stats["dials"] += 1
-        task = self.loop.create_task(self._dial(ev))
-        self.dials[ev.conn] = task
-        task.add_done_callback(lambda _t, c=ev.conn: self.dials.pop(c, None))
+        try:
+            sock = host_socket(socket.AF_INET6 if ":" in ev.target_ip else socket.AF_INET)
+        except OSError as e:  # EMFILE and friends: this dial fails, the switch carries on
+            log.warning("nat.tcp.socket_failed", error=str(e))
+            self._failed(ev, None, e)
+            return
+        err = sock.connect_ex((ev.target_ip, ev.target_port))
+        if err in (0, errno.EISCONN):
+            self._connected(ev, sock)
+            return
+        if err != errno.EINPROGRESS:
+            self._failed(ev, sock, OSError(err, errno.errorcode.get(err, str(err))))
+            return
+        # To loopback the handshake has usually finished inside connect(): a peer name
+        # means connected; a pending error means it failed; neither means wait.
+        try:
+            sock.getpeername()
+        except OSError:
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                self._failed(ev, sock, OSError(err, errno.errorcode.get(err, str(err))))
+                return
+        else:
+            self._connected(ev, sock)
+            return
+        fd = sock.fileno()
+        timer = self.loop.call_later(self.connect_timeout, self._dial_timeout, ev, sock)
+        self.dials[conn] = (sock, timer)
+        self.loop.add_writer(fd, self._dial_writable, ev, sock)
+
+    def _dial_writable(self, ev: TcpDial, sock: socket.socket) -> None:
+        self._dial_done(ev.conn)
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self._failed(ev, sock, OSError(err, errno.errorcode.get(err, str(err))))
+        else:
+            self._connected(ev, sock)
+        self.flush()
+
+    def _dial_timeout(self, ev: TcpDial, sock: socket.socket) -> None:
+        self._dial_done(ev.conn)
+        self._failed(ev, sock, TimeoutError())
+        self.flush()
+
+    def _dial_done(self, conn: tcp.TcpConnection) -> None:
+        """Forget a pending dial: stop watching its socket and cancel its timer."""
+        pending = self.dials.pop(conn, None)
+        if pending is not None:
+            sock, timer = pending
+            timer.cancel()
+            self.loop.remove_writer(sock.fileno())
+
+    def _cancel_dial(self, conn: tcp.TcpConnection) -> None:
+        pending = self.dials.get(conn)
+        if pending is not None:
+            self._dial_done(conn)
+            pending[0].close()
+
+    def _failed(self, ev: TcpDial, sock: socket.socket | None, e: OSError) -> None:
+        if sock is not None:
+            sock.close()
+        now = self.loop.time()
+        if isinstance(e, ConnectionRefusedError) or e.errno == errno.ECONNREFUSED:
+            self.stats["refused"] += 1
+            self._report(ev, "refused")
+            self.network.tcp_refuse(ev.conn, now)
+        elif isinstance(e, TimeoutError) or e.errno == errno.ETIMEDOUT:
+            self.stats["timed_out"] += 1
+            self._report(ev, "timeout")
+            self.network.tcp_refuse(ev.conn, now, unreachable=icmp.HOST_UNREACHABLE)
+        else:
+            self.stats["unreachable"] += 1
+            self._report(ev, "unreachable")
+            code = icmp.NET_UNREACHABLE if e.errno == errno.ENETUNREACH else icmp.HOST_UNREACHABLE
+            self.network.tcp_refuse(ev.conn, now, unreachable=code)
+
+    def _connected(self, ev: TcpDial, sock: socket.socket) -> None:
+        conn = ev.conn
+        if conn.state is not tcp.TcpState.LISTEN:  # evicted or reset while dialling
+            sock.close()
+            return
+        host = HostSide(self, conn)
+        host.attach(sock)
+        conn.app = host  # type: ignore[attr-defined]
+        self.hosts[conn] = host
+        self.stats["opened"] += 1
+        self.network.tcp_accept(conn, self.loop.time())
 
     def _report(self, ev: TcpDial, reason: str) -> None:
         if self.on_error is not None:
@@ -233,59 +396,6 @@ class TcpNat:
                 destination=f"{ipaddress.IPv4Address(dst_ip)}:{dst_port}",
                 reason=reason,
             )
-
-    async def _dial(self, ev: TcpDial) -> None:
-        conn = ev.conn
-        family = socket.AF_INET6 if ":" in ev.target_ip else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setblocking(False)
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, HOST_SOCKET_BUFFER)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, HOST_SOCKET_BUFFER)
-            async with asyncio.timeout(self.connect_timeout):
-                await self.loop.sock_connect(sock, (ev.target_ip, ev.target_port))
-        except ConnectionRefusedError:
-            sock.close()
-            self.stats["refused"] += 1
-            self._report(ev, "refused")
-            self.network.tcp_refuse(conn, self.loop.time())
-            self.flush()
-            return
-        except TimeoutError:
-            sock.close()
-            self.stats["timed_out"] += 1
-            self._report(ev, "timeout")
-            self.network.tcp_refuse(conn, self.loop.time(), unreachable=icmp.HOST_UNREACHABLE)
-            self.flush()
-            return
-        except OSError as e:
-            sock.close()
-            self.stats["unreachable"] += 1
-            self._report(ev, "unreachable")
-            code = icmp.NET_UNREACHABLE if e.errno == errno.ENETUNREACH else icmp.HOST_UNREACHABLE
-            self.network.tcp_refuse(conn, self.loop.time(), unreachable=code)
-            self.flush()
-            return
-        except asyncio.CancelledError:
-            sock.close()
-            raise
-        if conn.state is not tcp.TcpState.LISTEN:  # evicted or reset while dialling
-            sock.close()
-            return
-        host = HostSide(self, conn)
-        try:
-            await self.loop.connect_accepted_socket(lambda: host, sock)
-        except OSError:
-            sock.close()
-            self.network.tcp_refuse(conn, self.loop.time())
-            self.flush()
-            return
-        conn.app = host  # type: ignore[attr-defined]
-        self.hosts[conn] = host
-        self.stats["opened"] += 1
-        self.network.tcp_accept(conn, self.loop.time())
-        self.flush()
 
     def connection_event(self, ev: TcpConnEvent) -> None:
         conn, event = ev.conn, ev.event
@@ -305,18 +415,14 @@ class TcpNat:
                 host.guest_eof = True
                 host.pump_to_host()
         elif isinstance(event, tcp.ConnectionReset | tcp.ConnectionFailed):
-            task = self.dials.pop(conn, None)
-            if task is not None:
-                task.cancel()
+            self._cancel_dial(conn)
             if host is not None:
                 if getattr(event, "reason", "") == "reset":
                     self.stats["guest_resets"] += 1
                 host.reset_host()
         elif isinstance(event, tcp.Closed):
             self.stats["closed"] += 1
-            task = self.dials.pop(conn, None)
-            if task is not None:
-                task.cancel()
+            self._cancel_dial(conn)
             if host is not None:
                 self.hosts.pop(conn, None)
                 if conn.readable():
@@ -327,8 +433,8 @@ class TcpNat:
         self.network.tcp_touch(conn)
 
     def close(self) -> None:
-        for task in list(self.dials.values()):
-            task.cancel()
+        for conn in list(self.dials):
+            self._cancel_dial(conn)
         for host in list(self.hosts.values()):
-            host.close_host()
+            host._close_socket()
         self.hosts.clear()

@@ -755,6 +755,12 @@ class TcpConnection:
             self._sndbuf.append(data)
         return n
 
+    def notify_send_space(self) -> None:
+        """Ask for a `SendSpaceAvailable` once the guest's ACKs free room (an application
+        that only sends what `send_space` allows never overruns, so never gets blocked)."""
+        if self._state in _APP_MAY_SEND and self._fin_off is None:
+            self._send_blocked = True
+
     def readable(self) -> int:
         return len(self._rcvbuf)
 
