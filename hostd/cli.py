@@ -91,12 +91,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="host dials in progress at once; beyond it the oldest dial is abandoned",
     )
     lim.add_argument("--tcp-time-wait", type=float, default=60.0, metavar="SECONDS")
+    lim.add_argument(
+        "--tcp-ack-delay",
+        type=float,
+        default=0.0005,
+        metavar="SECONDS",
+        help="how long an ACK for a small guest segment may wait to ride on the reply "
+        "(delayed ACK, at most 0.2; 0: at once)",
+    )
     p.add_argument("--pcap", metavar="FILE", help="write every frame through the switch here")
     p.add_argument(
         "--event-loop",
-        choices=("auto", "uvloop", "asyncio"),
-        default="auto",
-        help="auto: uvloop when it is installed (fewer microseconds per wake-up), else asyncio",
+        choices=("asyncio", "uvloop", "auto"),
+        default="asyncio",
+        help="asyncio's own loop (default: as fast here, see bench/README.md), uvloop (must "
+        "be installed), or auto: uvloop when installed",
     )
     p.add_argument(
         "--ready-fd",
@@ -160,6 +169,7 @@ def config_from_args(args: argparse.Namespace) -> NetworkConfig:
         tcp_connect_timeout=args.tcp_connect_timeout,
         tcp_max_pending=args.tcp_max_pending,
         tcp_time_wait=args.tcp_time_wait,
+        tcp_ack_delay=args.tcp_ack_delay,
     )
 
 
@@ -265,16 +275,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--event-loop uvloop: {e}")
     with contextlib.suppress(KeyboardInterrupt):
         with asyncio.Runner(loop_factory=loop_factory) as runner:
-            if os.environ.get("NF_CPROFILE"):  # TEMP
+            profile_to = os.environ.get("NETFERRY_HOSTD_CPROFILE")
+            if profile_to:  # bench/README.md: call counts that py-spy's samples lack
                 import cProfile
 
-                pr = cProfile.Profile()
-                pr.enable()
+                profiler = cProfile.Profile()
+                profiler.enable()
                 try:
                     return runner.run(run(args, config))
                 finally:
-                    pr.disable()
-                    pr.dump_stats(os.environ["NF_CPROFILE"])
+                    profiler.disable()
+                    profiler.dump_stats(profile_to)
             return runner.run(run(args, config))
     return 130
 

@@ -41,10 +41,13 @@ class NetworkConfig:
     tcp_max_pending: int = 1024
     tcp_buffer: int = 4 << 20
     tcp_time_wait: float = 60.0
+    tcp_ack_delay: float = 0.0005  # a reply from a loopback server usually comes sooner
 
     def __post_init__(self) -> None:
         if self.subnet.prefixlen > 29:
             raise ValueError(f"subnet {self.subnet} is too small: need at least a /29")
+        if not 0 <= self.tcp_ack_delay <= 0.2:
+            raise ValueError(f"TCP ACK delay {self.tcp_ack_delay} s out of range 0..0.2")
         if not MIN_MTU <= self.mtu <= MAX_MTU:
             raise ValueError(f"MTU {self.mtu} out of range {MIN_MTU}..{MAX_MTU}")
         if not self.static_leases:

@@ -139,7 +139,14 @@ class HostSwitch:
         now = self.loop.time()
         # Events can produce output (a NAT reply, a TCP read opening the window) and output
         # can produce events (TCP): go round a few times, then yield to the loop.
+        events = network.events
         for _ in range(8):
+            # Act on events first (host writes, dials), then write this batch's frames.
+            network.pull_tcp_events()
+            if network.udp_flow_datagrams:
+                self.udp_nat.send_flow_datagrams(network.take_udp_flow_datagrams())  # type: ignore[arg-type]
+            while events:
+                self._dispatch(events.popleft())
             frames_by_port = network.frames_to_send(now)
             if network.originated:
                 if self.pcap is not None:
@@ -151,11 +158,8 @@ class HostSwitch:
                 link = self.links.get(port)
                 if link is not None:
                     link.send_frames(frames)
-            events = network.events
             if not events:
                 break
-            while events:
-                self._dispatch(events.popleft())
         else:
             self.loop.call_soon(self.flush)
         self._arm_timer()

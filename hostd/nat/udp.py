@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from hostd.stack import icmp
-from hostd.stack.network import Network, UdpOutbound
+from hostd.stack.network import Network, UdpOutbound, udp_flow_key
 
 log = structlog.get_logger("hostd.nat.udp")
 
@@ -39,7 +39,8 @@ class UdpFlow:
     key: FlowKey
     sock: socket.socket
     last_active: float
-    quote: bytes  # last guest datagram's IP header + 8 bytes, for ICMP errors
+    quote: bytes  # a guest datagram's IP header + 8 bytes, for ICMP errors
+    frame_key: bytes = b""  # its key in Network.udp_flows
     stats: dict[str, int] = field(default_factory=lambda: {"out": 0, "in": 0})
 
 
@@ -88,8 +89,22 @@ class UdpNat:
             self.flows.move_to_end(key)
         flow.last_active = now
         flow.quote = ev.quote
+        self._send(flow, ev.payload)
+
+    def send_flow_datagrams(self, items: list[tuple[UdpFlow, bytes]]) -> None:
+        """Datagrams of open flows that `Network` recognised on the fast path."""
+        now = self.loop.time()
+        move_to_end = self.flows.move_to_end
+        for flow, payload in items:
+            if flow.sock.fileno() < 0:
+                continue  # closed since (evicted within this batch)
+            flow.last_active = now
+            move_to_end(flow.key)
+            self._send(flow, payload)
+
+    def _send(self, flow: UdpFlow, payload: bytes) -> None:
         try:
-            flow.sock.send(ev.payload)
+            flow.sock.send(payload)
         except (BlockingIOError, InterruptedError):
             self.stats["send_errors"] += 1  # full socket buffer: a lost datagram, as on a wire
             return
@@ -99,8 +114,9 @@ class UdpNat:
         except OSError as e:
             self.stats["send_errors"] += 1
             if e.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH):
+                guest_ip, _, dst_ip, _ = flow.key
                 self.network.send_icmp_error(
-                    ev.dst_ip, ev.guest_ip, icmp.DEST_UNREACHABLE, icmp.HOST_UNREACHABLE, ev.quote
+                    dst_ip, guest_ip, icmp.DEST_UNREACHABLE, icmp.HOST_UNREACHABLE, flow.quote
                 )
             return
         flow.stats["out"] += 1
@@ -121,8 +137,9 @@ class UdpNat:
             self.stats["send_errors"] += 1
             log.debug("nat.udp.connect_failed", target=target_ip, port=port, error=str(e))
             return None
-        flow = UdpFlow(key, sock, now, b"")
+        flow = UdpFlow(key, sock, now, b"", udp_flow_key(*key))
         self.flows[key] = flow
+        self.network.udp_flows[flow.frame_key] = flow
         self.loop.add_reader(sock.fileno(), self._readable, flow)
         self.stats["flows_opened"] += 1
         return flow
@@ -160,6 +177,7 @@ class UdpNat:
             )
 
     def _close(self, flow: UdpFlow) -> None:
+        self.network.udp_flows.pop(flow.frame_key, None)
         try:
             self.loop.remove_reader(flow.sock.fileno())
         except (ValueError, OSError):

@@ -131,6 +131,15 @@ Event = (
 TcpKey = tuple[bytes, int, bytes, int]  # guest ip, guest port, destination ip, port
 
 
+_PORTS = struct.Struct("!HH")
+
+
+def udp_flow_key(guest_ip: bytes, guest_port: int, dst_ip: bytes, dst_port: int) -> bytes:
+    """A flow's key in `Network.udp_flows`: the bytes of its datagrams' source and
+    destination addresses and ports, as they sit in the frame."""
+    return guest_ip + dst_ip + _PORTS.pack(guest_port, dst_port)
+
+
 def ip_bytes(addr: ipaddress.IPv4Address | str) -> bytes:
     return ipaddress.IPv4Address(addr).packed
 
@@ -190,9 +199,14 @@ class Network:
             "recv_buffer": config.tcp_buffer,
             "send_buffer": config.tcp_buffer,
             "time_wait": config.tcp_time_wait,
+            "ack_delay": config.tcp_ack_delay,
         }
         # UDP port-forward sessions: (guest ip, guest port, our ip, our port) → session.
         self.udp_sessions: dict[TcpKey, object] = {}
+        # UDP NAT flows the NAT has opened, by `udp_flow_key`: their datagrams skip the event
+        # objects and land in `udp_flow_datagrams` as (flow, payload), see `_udp_flow_path`.
+        self.udp_flows: dict[bytes, object] = {}
+        self.udp_flow_datagrams: list[tuple[object, bytes]] = []
         self._tcp_dirty: dict[tcp.TcpConnection, None] = {}
         self._tcp_timers: list[tuple[float, int, tcp.TcpConnection]] = []
         self._tcp_timer_seq = 0
@@ -392,6 +406,17 @@ class Network:
             del self.tcp_conns[key]
         self.tcp_pending.pop(key, None)
 
+    def pull_tcp_events(self) -> None:
+        """Move the events of connections touched since the last output into `events`; they
+        stay marked for output. The NAT can then act (write to the host, dial) before this
+        batch's frames are written, and a reply can still ride on them."""
+        events = self.events
+        for conn in self._tcp_dirty:
+            while (ev := conn.next_event()) is not None:
+                if isinstance(ev, tcp.Closed):
+                    self._tcp_forget(conn)
+                events.append(TcpConnEvent(conn, ev))
+
     def _tcp_output(self, now: float) -> None:
         dirty, self._tcp_dirty = self._tcp_dirty, {}
         events = self.events
@@ -477,6 +502,8 @@ class Network:
         if port in self._vnet_ports:
             # Our own vm-switch: the guest kernel's checksums may be left to us (offload) and
             # it is the only writer of this stream, so layer-4 checksums are not re-verified.
+            if self.udp_flows:
+                frames = self._udp_flow_path(frames, VNET_LEN)
             self._trusted = True
             try:
                 for frame in frames:
@@ -484,8 +511,72 @@ class Network:
             finally:
                 self._trusted = False
             return
+        if self.udp_flows:
+            frames = self._udp_flow_path(frames, 0)
         for frame in frames:
             self.receive_frame(port, frame, now)
+
+    def take_udp_flow_datagrams(self) -> list[tuple[object, bytes]]:
+        out, self.udp_flow_datagrams = self.udp_flow_datagrams, []
+        return out
+
+    def _udp_flow_path(self, frames: list[bytes], off: int) -> list[bytes]:
+        """Datagrams of open UDP NAT flows, found by a few byte compares and one dict
+        lookup, go straight to `udp_flow_datagrams`; every other frame is returned for the
+        full path. Only the plainest form qualifies: to the gateway MAC, IPv4 without
+        options or fragmentation, TTL above 1, lengths consistent, no GSO, and on a plain
+        port valid header and UDP checksums. A flow exists only after its first datagram
+        passed every check of the full path, so what that path checks per flow (source in
+        the subnet, a destination that may be reached) holds for these as well."""
+        flows = self.udp_flows
+        out = self.udp_flow_datagrams
+        gateway_mac = self.gateway_mac
+        rest: list[bytes] = []
+        taken = taken_bytes = 0
+        ip = off + 14
+        for frame in frames:
+            if (
+                len(frame) >= ip + 28
+                and frame[ip + 9] == 17
+                and frame[ip] == 0x45
+                and frame[off : off + 6] == gateway_mac
+                and frame[ip - 2 : ip] == b"\x08\x00"
+                and frame[ip + 8] > 1
+                and not (frame[ip + 6] & 0x3F or frame[ip + 7])
+                and (not off or not frame[1])
+            ):
+                flow = flows.get(frame[ip + 12 : ip + 24])
+                if flow is not None:
+                    total = (frame[ip + 2] << 8) | frame[ip + 3]
+                    if (
+                        total == ((frame[ip + 24] << 8) | frame[ip + 25]) + 20
+                        and ip + total <= len(frame)
+                        and total >= 28
+                        and (off or self._plain_udp_valid(frame, total))
+                    ):
+                        out.append((flow, frame[ip + 28 : ip + total]))
+                        taken += 1
+                        taken_bytes += total
+                        continue
+            rest.append(frame)
+        if taken:
+            stats = self.stats
+            stats["frames_in"] += taken
+            stats["ipv4_in"] += taken
+            stats["udp_packets_in"] += taken
+            stats["udp_bytes_in"] += taken_bytes
+            stats["udp_in"] += taken
+        return rest
+
+    @staticmethod
+    def _plain_udp_valid(frame: bytes, total: int) -> bool:
+        if checksum_mod.ones_sum(frame[14:34]) != 0xFFFF:
+            return False
+        if frame[40] == 0 and frame[41] == 0:
+            return True  # no UDP checksum
+        return checksum_mod.verify_transport_v4(
+            frame[26:30], frame[30:34], ipv4.PROTO_UDP, frame[34 : 14 + total]
+        )
 
     def _receive_vnet(self, port: int, frame: bytes, now: float) -> None:
         if len(frame) < VNET_LEN + ethernet.HEADER_LEN:

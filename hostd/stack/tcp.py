@@ -530,7 +530,9 @@ class TcpConnection:
     Constructor parameters beyond the brief: `rto_initial`/`rto_min`/`rto_max` (seconds,
     RFC 6298 with Linux's 200 ms floor), `max_retries` (RTO expiries or unanswered window
     probes in a row before giving up, like Linux's tcp_retries2), `syn_retries` (SYN or
-    SYN-ACK retransmissions before `ConnectionFailed`), `initial_cwnd` (segments)."""
+    SYN-ACK retransmissions before `ConnectionFailed`), `initial_cwnd` (segments),
+    `ack_delay` (seconds an ACK for in-order data may wait for a reply to ride on: RFC 9293
+    3.8.6.3 delayed ACK; 0 acknowledges at once)."""
 
     def __init__(
         self,
@@ -553,6 +555,7 @@ class TcpConnection:
         initial_cwnd: int = 10,
         partial_checksum: bool = False,
         gso_max: int = 0,
+        ack_delay: float = 0.0,
     ) -> None:
         if len(local_ip) != 4 or len(remote_ip) != 4:
             raise ValueError("IPv4 addresses must be 4 bytes")
@@ -617,6 +620,8 @@ class TcpConnection:
         self._rfin_off: int | None = None  # guest FIN seen beyond a hole
         self._ack_pending = False
         self._ack_due: float | None = None
+        self._ack_delay = ack_delay
+        self._unacked_segments = 0  # in-order data segments since our last ACK
         self._syn_opts: TcpOptions = NO_OPTIONS
 
         # Timers and RTT (RFC 6298).
@@ -950,9 +955,19 @@ class TcpConnection:
     # ------------------------------------------------------------------ output
 
     def _want_ack(self, now: float) -> None:
-        if not self._ack_pending:
+        if not self._ack_pending or self._ack_due > now:  # type: ignore[operator]
             self._ack_pending = True
             self._ack_due = now
+
+    def _want_delayed_ack(self, now: float, size: int) -> None:
+        """ACK in-order data after `ack_delay` unless a reply carries it first; at once for
+        a full-sized segment or the second one since our last ACK (RFC 9293 3.8.6.3)."""
+        self._unacked_segments += 1
+        if not self._ack_delay or size >= self._smss or self._unacked_segments >= 2:
+            self._want_ack(now)
+        elif not self._ack_pending:
+            self._ack_pending = True
+            self._ack_due = now + self._ack_delay
 
     def _window_to_offer(self, cur: int) -> int:
         # Receiver SWS avoidance (RFC 9293 3.8.6.2.2): move the right edge only by at least
@@ -992,6 +1007,7 @@ class TcpConnection:
     ) -> bytes:
         if flags & ACK:
             self._ack_pending = False
+            self._unacked_segments = 0
         if window is None:
             window = self._advertise()
         st = self.stats
@@ -1069,9 +1085,8 @@ class TcpConnection:
         if self._ack_pending:
             if st is TcpState.CLOSED or st is TcpState.LISTEN:
                 self._ack_pending = False
-            else:
+            elif self._ack_due <= now:  # type: ignore[operator]
                 out.append(self._segment(self._snd_nxt, ACK, options=self._sack_option()))
-        self._ack_due = None
         return out
 
     def _send_syn(self, now: float, out: list[bytes]) -> None:
@@ -1394,9 +1409,14 @@ class TcpConnection:
     def _rx_fin(self, now: float) -> None:
         self._rcv_nxt += 1
         self._rfin_off = None
-        self._want_ack(now)
-        self._events.append(PeerClosed())
         st = self._state
+        if st is TcpState.ESTABLISHED:
+            # The application usually answers a FIN with its own soon: one segment for both.
+            self._unacked_segments = 0
+            self._want_delayed_ack(now, 0)
+        else:
+            self._want_ack(now)
+        self._events.append(PeerClosed())
         if st is TcpState.ESTABLISHED:
             self._state = TcpState.CLOSE_WAIT
         elif st is TcpState.FIN_WAIT_1:
@@ -1629,7 +1649,8 @@ class TcpConnection:
                 ev.length += delivered
             else:
                 self._events.append(DataReceived(delivered))
-            self._want_ack(now)
+            if not self._ack_pending or self._ack_due > now:  # type: ignore[operator]
+                self._want_delayed_ack(now, plen)
             if self._rfin_off is not None and self._rfin_off == rcv_nxt:
                 self._rx_fin(now)
         else:

@@ -1,0 +1,148 @@
+"""The UDP flow path frame by frame: datagrams of a flow the NAT opened skip the event
+objects, and everything that is not the plainest valid form still takes the full path,
+where it is checked, counted and dropped or turned into an event as before."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+from scapy.layers.inet import IP, UDP
+from scapy.layers.l2 import Ether
+
+from hostd.config import NetworkConfig
+from hostd.stack.network import VNET_HDR, VNET_NONE, Network, UdpOutbound, udp_flow_key
+
+GW_MAC = "5a:94:ef:e4:0c:dd"
+GUEST_MAC = "5a:94:ef:e4:0c:ee"
+GUEST_IP = "192.168.127.2"
+HOST_IP = "192.168.127.254"
+FLOW = object()  # what the NAT registers: opaque to the network
+
+
+def b(ip: str) -> bytes:
+    return ipaddress.IPv4Address(ip).packed
+
+
+def datagram(payload: bytes = b"payload", sport: int = 40000, dport: int = 5001, **ip) -> bytes:
+    ip.setdefault("src", GUEST_IP)
+    ip.setdefault("dst", HOST_IP)
+    return bytes(
+        Ether(src=GUEST_MAC, dst=GW_MAC) / IP(**ip) / UDP(sport=sport, dport=dport) / payload
+    )
+
+
+def net_with_flow(vnet: bool) -> tuple[Network, int]:
+    net = Network(NetworkConfig())
+    port = net.add_port(vnet=vnet)
+    net.udp_flows[udp_flow_key(b(GUEST_IP), 40000, b(HOST_IP), 5001)] = FLOW
+    return net, port
+
+
+def feed(net: Network, port: int, frames: list[bytes], vnet: bool) -> None:
+    net.receive_frames(port, [(VNET_NONE + f) if vnet else f for f in frames], 0.0)
+
+
+@pytest.mark.parametrize("vnet", [False, True])
+def test_flow_datagrams_skip_events_and_count_like_the_full_path(vnet):
+    net, port = net_with_flow(vnet)
+    frames = [datagram(b"x" * n) for n in (0, 1, 1400)]
+    feed(net, port, frames, vnet)
+    assert not net.events
+    assert net.take_udp_flow_datagrams() == [(FLOW, b""), (FLOW, b"x"), (FLOW, b"x" * 1400)]
+    assert net.udp_flow_datagrams == []
+    for key in ("frames_in", "ipv4_in", "udp_packets_in", "udp_in"):
+        assert net.stats[key] == 3
+    assert net.stats["udp_bytes_in"] == sum(len(f) - 14 for f in frames)
+
+
+@pytest.mark.parametrize("vnet", [False, True])
+def test_padded_frame_gives_the_datagram_without_padding(vnet):
+    net, port = net_with_flow(vnet)
+    feed(net, port, [datagram(b"p") + bytes(20)], vnet)
+    assert net.take_udp_flow_datagrams() == [(FLOW, b"p")]
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        datagram(dport=5002),  # another flow: none open
+        datagram(sport=40001),
+        datagram(src="192.168.127.3"),
+        datagram(ttl=1),  # time exceeded is the full path's answer
+        datagram(flags="MF"),  # a fragment: reassembly first
+        datagram(frag=100),
+        datagram(options=b"\x01\x01\x01\x01"),  # IP options: header longer than 20
+        bytes(Ether(src=GUEST_MAC, dst="ff:ff:ff:ff:ff:ff"))[:14] + datagram()[14:],
+    ],
+    ids=["other-port", "other-sport", "other-src", "ttl1", "mf", "offset", "options", "bcast"],
+)
+@pytest.mark.parametrize("vnet", [False, True])
+def test_anything_but_the_plain_form_takes_the_full_path(frame, vnet):
+    net, port = net_with_flow(vnet)
+    feed(net, port, [frame], vnet)
+    assert net.udp_flow_datagrams == []
+    assert net.stats["frames_in"] == 1  # counted once, by the full path
+
+
+def test_plain_port_bad_udp_checksum_dropped_by_the_full_path():
+    net, port = net_with_flow(False)
+    raw = bytearray(datagram(b"data"))
+    raw[-1] ^= 0xFF  # payload changed, checksum not
+    feed(net, port, [bytes(raw)], False)
+    assert net.udp_flow_datagrams == [] and not net.events
+    assert net.stats["udp_bad_checksum"] == 1
+
+
+def test_plain_port_bad_header_checksum_dropped_by_the_full_path():
+    net, port = net_with_flow(False)
+    raw = bytearray(datagram())
+    raw[24] ^= 0x01  # header checksum byte
+    feed(net, port, [bytes(raw)], False)
+    assert net.udp_flow_datagrams == [] and not net.events
+    assert net.stats["ipv4_bad_checksum"] == 1
+
+
+def test_plain_port_zero_udp_checksum_accepted():
+    net, port = net_with_flow(False)
+    raw = bytearray(datagram(b"z"))
+    raw[40:42] = b"\x00\x00"
+    feed(net, port, [bytes(raw)], False)
+    assert net.take_udp_flow_datagrams() == [(FLOW, b"z")]
+
+
+@pytest.mark.parametrize("bad", ["udp_length", "ip_length", "truncated"])
+def test_inconsistent_lengths_take_the_full_path(bad):
+    net, port = net_with_flow(True)
+    raw = bytearray(datagram(b"abcdef"))
+    if bad == "udp_length":
+        raw[38:40] = (100).to_bytes(2, "big")
+    elif bad == "ip_length":
+        raw[16:18] = (200).to_bytes(2, "big")
+    else:
+        raw = raw[:-3]
+    feed(net, port, [bytes(raw)], True)
+    assert net.udp_flow_datagrams == []
+    assert not any(isinstance(ev, UdpOutbound) for ev in net.events)
+
+
+def test_gso_frame_on_offload_port_takes_the_full_path():
+    net, port = net_with_flow(True)
+    frame = VNET_HDR.pack(0, 5, 0, 1400, 0, 0) + datagram()  # gso_type UDP_L4
+    net.receive_frames(port, [frame], 0.0)
+    assert net.udp_flow_datagrams == []
+
+
+def test_without_flows_every_datagram_is_an_event_in_order():
+    net = Network(NetworkConfig())
+    port = net.add_port()
+    feed(net, port, [datagram(bytes([i])) for i in range(5)], False)
+    assert [ev.payload for ev in net.events] == [bytes([i]) for i in range(5)]
+
+
+def test_mixed_batch_keeps_other_frames_on_the_full_path():
+    net, port = net_with_flow(True)
+    feed(net, port, [datagram(b"1"), datagram(b"2", dport=53), datagram(b"3")], True)
+    assert net.take_udp_flow_datagrams() == [(FLOW, b"1"), (FLOW, b"3")]
+    (ev,) = net.events
+    assert isinstance(ev, UdpOutbound) and ev.dst_port == 53 and ev.payload == b"2"
