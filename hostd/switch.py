@@ -183,7 +183,13 @@ class HostSwitch:
 
     def _arm_timer(self) -> None:
         when = self.network.get_timer()
-        if when is None or (self._timer_at is not None and self._timer_at <= when):
+        if when is None:
+            return  # an armed timer finds nothing due and is not re-armed
+        armed = self._timer_at
+        # A timer armed a little early fires, finds nothing and re-arms: cheaper than moving
+        # it on every flush as ACKs push retransmission deadlines on. One armed far too early
+        # (a delayed ACK that rode on a reply) is moved: a wake-up is dearer than a re-arm.
+        if armed is not None and armed <= when < armed + 0.005:
             return
         if self._timer is not None:
             self._timer.cancel()

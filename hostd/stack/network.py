@@ -132,6 +132,7 @@ TcpKey = tuple[bytes, int, bytes, int]  # guest ip, guest port, destination ip, 
 
 
 _PORTS = struct.Struct("!HH")
+_ADDRS_PORTS = struct.Struct("!4s4sHH")  # IPv4 source, destination, then layer-4 ports
 
 
 def udp_flow_key(guest_ip: bytes, guest_port: int, dst_ip: bytes, dst_port: int) -> bytes:
@@ -502,8 +503,8 @@ class Network:
         if port in self._vnet_ports:
             # Our own vm-switch: the guest kernel's checksums may be left to us (offload) and
             # it is the only writer of this stream, so layer-4 checksums are not re-verified.
-            if self.udp_flows:
-                frames = self._udp_flow_path(frames, VNET_LEN)
+            if self.udp_flows or self.tcp_conns:
+                frames = self._flow_path(frames, VNET_LEN, now)
             self._trusted = True
             try:
                 for frame in frames:
@@ -511,8 +512,8 @@ class Network:
             finally:
                 self._trusted = False
             return
-        if self.udp_flows:
-            frames = self._udp_flow_path(frames, 0)
+        if self.udp_flows or self.tcp_conns:
+            frames = self._flow_path(frames, 0, now)
         for frame in frames:
             self.receive_frame(port, frame, now)
 
@@ -520,62 +521,99 @@ class Network:
         out, self.udp_flow_datagrams = self.udp_flow_datagrams, []
         return out
 
-    def _udp_flow_path(self, frames: list[bytes], off: int) -> list[bytes]:
-        """Datagrams of open UDP NAT flows, found by a few byte compares and one dict
-        lookup, go straight to `udp_flow_datagrams`; every other frame is returned for the
-        full path. Only the plainest form qualifies: to the gateway MAC, IPv4 without
-        options or fragmentation, TTL above 1, lengths consistent, no GSO, and on a plain
-        port valid header and UDP checksums. A flow exists only after its first datagram
-        passed every check of the full path, so what that path checks per flow (source in
-        the subnet, a destination that may be reached) holds for these as well."""
-        flows = self.udp_flows
-        out = self.udp_flow_datagrams
+    def _flow_path(self, frames: list[bytes], off: int, now: float) -> list[bytes]:
+        """Segments of open TCP connections and datagrams of open UDP NAT flows, found by a
+        few byte compares and one dict lookup, skip the generic layers: a TCP segment goes
+        to its connection, a datagram to `udp_flow_datagrams` (no event object). Every
+        other frame is returned for the full path. Only the plainest form qualifies: to the
+        gateway MAC, IPv4 without options or fragmentation, lengths consistent, no SYN, for
+        UDP a TTL above 1 and no GSO, and on a plain port valid header and layer-4
+        checksums. A connection or flow exists only after its first packet passed every
+        check of the full path, so what that path checks once (a source in the subnet, a
+        destination that may be reached) holds for these as well."""
+        udp_flows = self.udp_flows
+        tcp_conns = self.tcp_conns
+        udp_out = self.udp_flow_datagrams
         gateway_mac = self.gateway_mac
+        addrs = _ADDRS_PORTS.unpack_from
+        listen = tcp.TcpState.LISTEN
+        parse = tcp.TcpSegment.parse
         rest: list[bytes] = []
-        taken = taken_bytes = 0
+        n_udp = udp_bytes = n_tcp = tcp_bytes = 0
         ip = off + 14
         for frame in frames:
-            if (
+            if not (
                 len(frame) >= ip + 28
-                and frame[ip + 9] == 17
                 and frame[ip] == 0x45
                 and frame[off : off + 6] == gateway_mac
                 and frame[ip - 2 : ip] == b"\x08\x00"
-                and frame[ip + 8] > 1
                 and not (frame[ip + 6] & 0x3F or frame[ip + 7])
-                and (not off or not frame[1])
             ):
-                flow = flows.get(frame[ip + 12 : ip + 24])
-                if flow is not None:
-                    total = (frame[ip + 2] << 8) | frame[ip + 3]
-                    if (
-                        total == ((frame[ip + 24] << 8) | frame[ip + 25]) + 20
-                        and ip + total <= len(frame)
-                        and total >= 28
-                        and (off or self._plain_udp_valid(frame, total))
-                    ):
-                        out.append((flow, frame[ip + 28 : ip + total]))
-                        taken += 1
-                        taken_bytes += total
-                        continue
-            rest.append(frame)
-        if taken:
+                rest.append(frame)
+                continue
+            proto = frame[ip + 9]
+            total = (frame[ip + 2] << 8) | frame[ip + 3]
+            if proto == 6:
+                src, dst, sport, dport = addrs(frame, ip + 12)
+                conn = tcp_conns.get((src, sport, dst, dport))
+                if (
+                    conn is None
+                    or conn.state is listen
+                    or frame[ip + 33] & 0x02  # SYN: new connections, TIME_WAIT reuse
+                    or ip + total > len(frame)
+                    or total < 40
+                    or (not off and not self._plain_valid(frame, total, 6))
+                ):
+                    rest.append(frame)
+                    continue
+                try:
+                    seg = parse(memoryview(frame)[ip + 20 : ip + total])
+                except tcp.TcpParseError:
+                    rest.append(frame)  # counted there
+                    continue
+                self.cam.learn(frame[off + 6 : off + 12], self._in_port)
+                conn.receive_segment(seg, now)
+                self._tcp_dirty[conn] = None
+                n_tcp += 1
+                tcp_bytes += total
+            elif proto == 17 and frame[ip + 8] > 1 and (not off or not frame[1]):
+                flow = udp_flows.get(frame[ip + 12 : ip + 24])
+                if (
+                    flow is None
+                    or total != ((frame[ip + 24] << 8) | frame[ip + 25]) + 20
+                    or ip + total > len(frame)
+                    or (not off and not self._plain_valid(frame, total, 17))
+                ):
+                    rest.append(frame)
+                    continue
+                udp_out.append((flow, frame[ip + 28 : ip + total]))
+                n_udp += 1
+                udp_bytes += total
+            else:
+                rest.append(frame)
+        if n_udp or n_tcp:
             stats = self.stats
-            stats["frames_in"] += taken
-            stats["ipv4_in"] += taken
-            stats["udp_packets_in"] += taken
-            stats["udp_bytes_in"] += taken_bytes
-            stats["udp_in"] += taken
+            stats["frames_in"] += n_udp + n_tcp
+            stats["ipv4_in"] += n_udp + n_tcp
+            if n_udp:
+                stats["udp_packets_in"] += n_udp
+                stats["udp_bytes_in"] += udp_bytes
+                stats["udp_in"] += n_udp
+            if n_tcp:
+                stats["tcp_packets_in"] += n_tcp
+                stats["tcp_bytes_in"] += tcp_bytes
+                stats["tcp_segments_in"] += n_tcp
         return rest
 
     @staticmethod
-    def _plain_udp_valid(frame: bytes, total: int) -> bool:
+    def _plain_valid(frame: bytes, total: int, proto: int) -> bool:
+        """Header and layer-4 checksums of a plain frame (IPv4 at 14, no options)."""
         if checksum_mod.ones_sum(frame[14:34]) != 0xFFFF:
             return False
-        if frame[40] == 0 and frame[41] == 0:
+        if proto == 17 and frame[40] == 0 and frame[41] == 0:
             return True  # no UDP checksum
         return checksum_mod.verify_transport_v4(
-            frame[26:30], frame[30:34], ipv4.PROTO_UDP, frame[34 : 14 + total]
+            frame[26:30], frame[30:34], proto, frame[34 : 14 + total]
         )
 
     def _receive_vnet(self, port: int, frame: bytes, now: float) -> None:

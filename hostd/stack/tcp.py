@@ -484,6 +484,10 @@ class TcpState(enum.Enum):
     LAST_ACK = "LAST_ACK"
     TIME_WAIT = "TIME_WAIT"
 
+    # Members are singletons compared by identity; Enum's own hash is Python code that
+    # every `state in _SOME_SET` test on the per-segment path would run.
+    __hash__ = object.__hash__
+
 
 _S = TcpState
 _SYNCHRONIZED = frozenset(

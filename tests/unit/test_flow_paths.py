@@ -1,17 +1,27 @@
-"""The UDP flow path frame by frame: datagrams of a flow the NAT opened skip the event
-objects, and everything that is not the plainest valid form still takes the full path,
-where it is checked, counted and dropped or turned into an event as before."""
+"""The flow path frame by frame: segments of open TCP connections and datagrams of UDP
+flows the NAT opened skip the generic layers (and, for UDP, the event objects); everything
+that is not the plainest valid form still takes the full path, where it is checked, counted
+and dropped or turned into an event as before."""
 
 from __future__ import annotations
 
 import ipaddress
 
 import pytest
-from scapy.layers.inet import IP, UDP
+from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import Ether
 
 from hostd.config import NetworkConfig
-from hostd.stack.network import VNET_HDR, VNET_NONE, Network, UdpOutbound, udp_flow_key
+from hostd.stack import tcp
+from hostd.stack.network import (
+    VNET_HDR,
+    VNET_NONE,
+    Network,
+    TcpConnEvent,
+    TcpDial,
+    UdpOutbound,
+    udp_flow_key,
+)
 
 GW_MAC = "5a:94:ef:e4:0c:dd"
 GUEST_MAC = "5a:94:ef:e4:0c:ee"
@@ -146,3 +156,108 @@ def test_mixed_batch_keeps_other_frames_on_the_full_path():
     assert net.take_udp_flow_datagrams() == [(FLOW, b"1"), (FLOW, b"3")]
     (ev,) = net.events
     assert isinstance(ev, UdpOutbound) and ev.dst_port == 53 and ev.payload == b"2"
+
+
+# --------------------------------------------------------------------------- TCP
+
+
+def segment(flags: str = "A", seq: int = 1001, ack: int = 0, payload: bytes = b"", **ip) -> bytes:
+    ip.setdefault("src", GUEST_IP)
+    ip.setdefault("dst", HOST_IP)
+    return bytes(
+        Ether(src=GUEST_MAC, dst=GW_MAC)
+        / IP(**ip)
+        / TCP(sport=40000, dport=80, flags=flags, seq=seq, ack=ack, window=65535)
+        / payload
+    )
+
+
+def established(vnet: bool) -> tuple[Network, int, tcp.TcpConnection, int]:
+    """A guest connection to .254:80 through the full path, accepted and acknowledged."""
+    net = Network(NetworkConfig())
+    port = net.add_port(vnet=vnet)
+    feed(net, port, [segment("S", seq=1000)], vnet)
+    dial = next(ev for ev in net.events if isinstance(ev, TcpDial))
+    net.events.clear()
+    net.tcp_accept(dial.conn, 0.0)
+    (synack,) = net.frames_to_send(0.0)[port]
+    our_seq = Ether(synack[10:] if vnet else synack)[TCP].seq + 1
+    feed(net, port, [segment("A", ack=our_seq)], vnet)
+    net.frames_to_send(0.0)
+    net.events.clear()
+    net.stats.clear()
+    return net, port, dial.conn, our_seq
+
+
+def no_full_path(net: Network) -> None:
+    def fail(*_args):
+        raise AssertionError("took the full path")
+
+    net._ipv4 = fail  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize("vnet", [False, True])
+def test_established_segments_go_straight_to_their_connection(vnet):
+    net, port, conn, ack = established(vnet)
+    no_full_path(net)
+    feed(
+        net,
+        port,
+        [
+            segment("PA", ack=ack, payload=b"hello"),
+            segment("PA", seq=1006, ack=ack, payload=b" world"),
+        ],
+        vnet,
+    )
+    assert conn.read() == b"hello world"
+    for key in ("frames_in", "ipv4_in", "tcp_packets_in", "tcp_segments_in"):
+        assert net.stats[key] == 2
+    net.pull_tcp_events()
+    assert [type(ev.event) for ev in net.events] == [tcp.DataReceived]
+    assert isinstance(net.events[0], TcpConnEvent)
+
+
+@pytest.mark.parametrize("vnet", [False, True])
+def test_fin_and_rst_take_the_flow_path_too(vnet):
+    net, port, conn, ack = established(vnet)
+    no_full_path(net)
+    feed(net, port, [segment("FA", ack=ack)], vnet)
+    assert conn.state is tcp.TcpState.CLOSE_WAIT
+    feed(net, port, [segment("R", seq=1002)], vnet)
+    assert conn.state is tcp.TcpState.CLOSED
+
+
+def test_plain_port_bad_tcp_checksum_dropped_by_the_full_path():
+    net, port, conn, ack = established(False)
+    raw = bytearray(segment("PA", ack=ack, payload=b"data"))
+    raw[-1] ^= 0xFF
+    feed(net, port, [bytes(raw)], False)
+    assert conn.readable() == 0
+    assert net.stats["tcp_bad_checksum"] == 1
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        segment("S", seq=5000),  # a SYN: new connection or TIME_WAIT reuse, full path
+        segment("PA", payload=b"x", options=b"\x01\x01\x01\x01"),  # IP options
+        segment("PA", payload=b"x", frag=3),  # a fragment (offset 24)
+    ],
+    ids=["syn", "ip-options", "fragment"],
+)
+def test_odd_tcp_frames_take_the_full_path(frame):
+    net, port, _conn, _ack = established(True)
+    seen = []
+    full_path = net._ipv4
+    net._ipv4 = lambda *a: (seen.append(1), full_path(*a))  # type: ignore[method-assign]
+    feed(net, port, [frame], True)
+    assert seen == [1]
+
+
+def test_segment_for_a_pending_dial_takes_the_full_path():
+    net = Network(NetworkConfig())
+    port = net.add_port(vnet=True)
+    feed(net, port, [segment("S", seq=1000)], True)
+    net.events.clear()
+    feed(net, port, [segment("S", seq=1000)], True)  # retransmitted SYN while dialling
+    assert not net.events and net.frames_to_send(0.0) == {}

@@ -1189,3 +1189,78 @@ def test_rst_in_time_wait_and_closing_states() -> None:
     events(conn)
     conn.receive_segment(g.seg(RST), 0.02)
     assert conn.state is TcpState.CLOSED and event_types(conn) == [Closed]
+
+
+# --------------------------------------------------------------------------- delayed ACK
+
+
+def test_delayed_ack_waits_then_goes_alone_at_the_deadline() -> None:
+    conn, g = passive_open(ack_delay=0.0005)
+    conn.receive_segment(g.data(b"q"), 1.0)
+    assert out_segments(conn, 1.0) == []  # nothing yet: a reply may carry it
+    assert conn.get_timer() == pytest.approx(1.0005)
+    assert out_segments(conn, 1.0004) == []
+    (ack,) = out_segments(conn, 1.0005)
+    assert ack.flags == ACK and ack.ack == g.snd_nxt and not ack.payload
+
+
+def test_delayed_ack_rides_on_the_reply() -> None:
+    conn, g = passive_open(ack_delay=0.0005)
+    conn.receive_segment(g.data(b"request"), 1.0)
+    assert conn.read() == b"request"
+    conn.send(b"response")
+    (seg,) = out_segments(conn, 1.0001)
+    assert seg.payload == b"response" and seg.flags & ACK and seg.ack == g.snd_nxt
+    assert out_segments(conn, 1.01) == []  # and no ACK of its own later
+    assert conn.get_timer() != pytest.approx(1.0005)
+
+
+def test_second_small_segment_and_full_segment_are_acked_at_once() -> None:
+    conn, g = passive_open(ack_delay=0.0005)
+    conn.receive_segment(g.data(b"a"), 1.0)
+    conn.receive_segment(g.data(b"b"), 1.0)
+    (ack,) = out_segments(conn, 1.0)
+    assert ack.ack == g.snd_nxt
+    conn.receive_segment(g.data(b"x" * conn.effective_mss), 2.0)
+    (ack,) = out_segments(conn, 2.0)
+    assert ack.ack == g.snd_nxt
+
+
+def test_out_of_order_segment_is_acked_at_once_even_with_delay() -> None:
+    conn, g = passive_open(ack_delay=0.0005)
+    first = g.data(b"1" * 100)
+    second = g.data(b"2" * 100)
+    conn.receive_segment(second, 1.0)
+    (dup,) = out_segments(conn, 1.0)
+    assert dup.ack == first.seq  # the duplicate ACK that drives fast retransmit
+    conn.receive_segment(first, 1.0)
+    (ack,) = out_segments(conn, 1.0)  # the hole filled: ACK now, not after the delay
+    assert ack.ack == g.snd_nxt
+
+
+def test_fin_ack_delayed_to_ride_on_our_fin() -> None:
+    conn, g = passive_open(ack_delay=0.0005)
+    conn.receive_segment(g.fin(), 1.0)
+    assert conn.state is TcpState.CLOSE_WAIT
+    assert out_segments(conn, 1.0) == []
+    conn.close()
+    (fin,) = out_segments(conn, 1.0002)
+    assert fin.flags == FIN | ACK and fin.ack == g.snd_nxt
+    g.handle(fin)
+    conn.receive_segment(g.seg(), 1.0003)
+    assert conn.state is TcpState.CLOSED
+
+
+def test_fin_ack_sent_alone_when_the_application_keeps_it_open() -> None:
+    conn, g = passive_open(ack_delay=0.0005)
+    conn.receive_segment(g.fin(), 1.0)
+    assert out_segments(conn, 1.0) == []
+    (ack,) = out_segments(conn, 1.001)
+    assert ack.flags == ACK and ack.ack == g.snd_nxt
+
+
+def test_zero_ack_delay_acks_every_segment_at_once() -> None:
+    conn, g = passive_open()
+    conn.receive_segment(g.data(b"q"), 1.0)
+    (ack,) = out_segments(conn, 1.0)
+    assert ack.ack == g.snd_nxt
