@@ -1309,19 +1309,11 @@ def main(argv: list[str] | None = None) -> int:
         help="netferry only: one workload (--profile-work) under py-spy on host-switch "
         "and vm-switch; files go to bench/results/, the raw format is summarized here",
     )
-    ap.add_argument(
-        "--profile-work", choices=("tcp", "connrate", "rr", "udp"), default="tcp"
-    )
-    ap.add_argument(
-        "--profile-format", choices=("raw", "speedscope", "flamegraph"), default="raw"
-    )
+    ap.add_argument("--profile-work", choices=("tcp", "connrate", "rr", "udp"), default="tcp")
+    ap.add_argument("--profile-format", choices=("raw", "speedscope", "flamegraph"), default="raw")
     ap.add_argument("--profile-top", type=int, default=25, help="functions listed per table")
-    ap.add_argument(
-        "--profile-idle", action="store_true", help="sample idle (waiting) stacks too"
-    )
-    ap.add_argument(
-        "--profile-native", action="store_true", help="C frames too (py-spy --native)"
-    )
+    ap.add_argument("--profile-idle", action="store_true", help="sample idle (waiting) stacks too")
+    ap.add_argument("--profile-native", action="store_true", help="C frames too (py-spy --native)")
     ap.add_argument("--profile-direction", choices=("g2h", "h2g"), default="g2h")
     ap.add_argument("--profile-mtu", type=int, default=1500)
     ap.add_argument("--profile-seconds", type=int, default=10)
