@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     lim.add_argument(
         "--tcp-ack-delay",
         type=float,
-        default=0.0005,
+        default=0.002,
         metavar="SECONDS",
         help="how long an ACK for a small guest segment may wait to ride on the reply "
         "(delayed ACK, at most 0.2; 0: at once)",

@@ -41,7 +41,7 @@ class NetworkConfig:
     tcp_max_pending: int = 1024
     tcp_buffer: int = 4 << 20
     tcp_time_wait: float = 60.0
-    tcp_ack_delay: float = 0.0005  # a reply from a loopback server usually comes sooner
+    tcp_ack_delay: float = 0.002  # a reply from a loopback server usually comes sooner
 
     def __post_init__(self) -> None:
         if self.subnet.prefixlen > 29:

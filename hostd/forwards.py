@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger("hostd.forwards")
 
 PROTOCOLS = ("tcp", "udp", "unix")
+ACCEPT_RETRY_DELAY = 1.0
 
 
 class ForwardError(Exception):
@@ -141,16 +142,26 @@ class StreamListener:
         for _ in range(self.ACCEPT_BATCH):
             try:
                 sock, peer = listener.accept()
-            except (BlockingIOError, InterruptedError):
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                 return
-            except OSError as e:  # EMFILE, ECONNABORTED: this client is lost, not the forward
-                log.warning("forward.accept_failed", forward=self.fwd.describe(), error=str(e))
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    # Out of descriptors or memory: the listener stays readable, so stop
+                    # watching it for a second instead of spinning (asyncio's servers do
+                    # the same); the client waits in the backlog meanwhile.
+                    log.warning("forward.accept_paused", forward=self.fwd.describe(), error=str(e))
+                    self.loop.remove_reader(listener.fileno())
+                    self.loop.call_later(ACCEPT_RETRY_DELAY, self._resume, listener)
                 return
             sock.setblocking(False)
             if sock.family != socket.AF_UNIX:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             ForwardSide(self.forwards, self.fwd).start(sock, peer)
         self.forwards.switch.flush()
+
+    def _resume(self, listener: socket.socket) -> None:
+        if listener in self.socks and listener.fileno() >= 0:
+            self.loop.add_reader(listener.fileno(), self._accept, listener)
 
     def close(self) -> None:
         for sock in self.socks:

@@ -277,7 +277,9 @@ class TcpNat:
             "closed": 0,
             "bytes_to_guest": 0,
             "bytes_to_host": 0,
+            "socket_errors": 0,
         }
+        self._socket_error_logged = float("-inf")
 
     @property
     def active(self) -> int:
@@ -302,7 +304,13 @@ class TcpNat:
         try:
             sock = host_socket(socket.AF_INET6 if ":" in ev.target_ip else socket.AF_INET)
         except OSError as e:  # EMFILE and friends: this dial fails, the switch carries on
-            log.warning("nat.tcp.socket_failed", error=str(e))
+            self.stats["socket_errors"] += 1
+            now = self.loop.time()
+            if now >= self._socket_error_logged + 5.0:  # a warning, not one per SYN
+                self._socket_error_logged = now
+                log.warning(
+                    "nat.tcp.socket_failed", error=str(e), total=self.stats["socket_errors"]
+                )
             self._failed(ev, None, e)
             return
         err = sock.connect_ex((ev.target_ip, ev.target_port))
