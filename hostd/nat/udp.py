@@ -92,35 +92,53 @@ class UdpNat:
         self._send(flow, ev.payload)
 
     def send_flow_datagrams(self, items: list[tuple[UdpFlow, bytes]]) -> None:
-        """Datagrams of open flows that `Network` recognised on the fast path."""
+        """Datagrams of open flows that `Network` recognised on its flow path: sent in
+        order; the bookkeeping (idle clock, LRU order, counters) once per run of one flow."""
         now = self.loop.time()
         move_to_end = self.flows.move_to_end
-        for flow, payload in items:
-            if flow.sock.fileno() < 0:
-                continue  # closed since (evicted within this batch)
-            flow.last_active = now
-            move_to_end(flow.key)
-            self._send(flow, payload)
+        flow: UdpFlow | None = None
+        sent = 0
+        for item_flow, payload in items:
+            if item_flow is not flow:
+                if flow is not None:
+                    self._sent(flow, sent)
+                flow, sent = item_flow, 0
+                if flow.sock.fileno() >= 0:
+                    flow.last_active = now
+                    move_to_end(flow.key)
+            try:
+                flow.sock.send(payload)
+            except OSError as e:
+                self._send_failed(flow, e)
+            else:
+                sent += 1
+        if flow is not None:
+            self._sent(flow, sent)
+
+    def _sent(self, flow: UdpFlow, n: int) -> None:
+        flow.stats["out"] += n
+        self.stats["datagrams_out"] += n
 
     def _send(self, flow: UdpFlow, payload: bytes) -> None:
         try:
             flow.sock.send(payload)
-        except (BlockingIOError, InterruptedError):
-            self.stats["send_errors"] += 1  # full socket buffer: a lost datagram, as on a wire
-            return
-        except ConnectionRefusedError:
-            self._refused(flow)
-            return
         except OSError as e:
+            self._send_failed(flow, e)
+            return
+        self._sent(flow, 1)
+
+    def _send_failed(self, flow: UdpFlow, e: OSError) -> None:
+        if isinstance(e, BlockingIOError | InterruptedError):
+            self.stats["send_errors"] += 1  # full socket buffer: a lost datagram, as on a wire
+        elif isinstance(e, ConnectionRefusedError):
+            self._refused(flow)  # an earlier datagram met a closed port: tell the guest
+        else:
             self.stats["send_errors"] += 1
             if e.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH):
                 guest_ip, _, dst_ip, _ = flow.key
                 self.network.send_icmp_error(
                     dst_ip, guest_ip, icmp.DEST_UNREACHABLE, icmp.HOST_UNREACHABLE, flow.quote
                 )
-            return
-        flow.stats["out"] += 1
-        self.stats["datagrams_out"] += 1
 
     def _open(self, key: FlowKey, target_ip: str, port: int, now: float) -> UdpFlow | None:
         while len(self.flows) >= self.max_flows:
