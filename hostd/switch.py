@@ -47,6 +47,7 @@ class HostSwitch:
         # Counters of links that have closed: frames in/out, bytes in/out (totals stay monotonic).
         self.closed_link_totals = [0, 0, 0, 0]
         self._flushing = False
+        self._internal_error_logged = float("-inf")
         self.endpoints: list[Endpoint] = []
         self.pcap = PcapWriter.open(pcap_path) if pcap_path else None
         if self.pcap is not None:
@@ -110,7 +111,16 @@ class HostSwitch:
             self.pcap.write(frames)
         for listener in self.capture_listeners:
             listener(frames)
-        self.network.receive_frames(link.port, frames, self.loop.time())
+        try:
+            self.network.receive_frames(link.port, frames, self.loop.time())
+        except Exception:
+            # The core must not raise on guest input; if a bug makes it, the batch is lost
+            # but the switch and the link go on (logged with the trace, at most every 10 s).
+            self.network.stats["internal_errors"] += 1
+            now = self.loop.time()
+            if now >= self._internal_error_logged + 10.0:
+                self._internal_error_logged = now
+                log.exception("switch.internal_error", total=self.network.stats["internal_errors"])
         self.flush()
 
     def link_closed(self, link: Link, reason: str | None) -> None:

@@ -559,9 +559,9 @@ class Network:
                 if (
                     conn is None
                     or conn.state is listen
-                    or frame[ip + 33] & 0x02  # SYN: new connections, TIME_WAIT reuse
-                    or ip + total > len(frame)
                     or total < 40
+                    or ip + total > len(frame)
+                    or frame[ip + 33] & 0x02  # SYN: new connections, TIME_WAIT reuse
                     or (not off and not self._plain_valid(frame, total, 6))
                 ):
                     rest.append(frame)

@@ -261,3 +261,46 @@ def test_segment_for_a_pending_dial_takes_the_full_path():
     net.events.clear()
     feed(net, port, [segment("S", seq=1000)], True)  # retransmitted SYN while dialling
     assert not net.events and net.frames_to_send(0.0) == {}
+
+
+@pytest.mark.parametrize("vnet", [False, True])
+@pytest.mark.parametrize("cut", [28, 33, 39])
+def test_truncated_segment_of_an_open_connection_is_counted_not_raised(vnet, cut):
+    """A frame that ends inside the TCP header of an established connection's 4-tuple."""
+    net, port, conn, ack = established(vnet)
+    raw = bytearray(segment("PA", ack=ack, payload=b"data"))[: 14 + 20 + cut - 20]
+    raw[16:18] = (len(raw) - 14).to_bytes(2, "big")  # IP total length says so too
+    feed(net, port, [bytes(raw)], vnet)
+    assert conn.readable() == 0 and conn.state is tcp.TcpState.ESTABLISHED
+    assert (
+        sum(v for k, v in net.stats.items() if "malformed" in k or "bad" in k or "truncated" in k)
+        == 1
+    )
+
+
+@pytest.mark.parametrize("vnet", [False, True])
+def test_mutated_frames_of_open_flows_never_raise(vnet):
+    """Seeded mutations (bytes flipped, cut, extended) of segments and datagrams of an open
+    connection and flow: each ends counted or delivered, none raises, the switch goes on."""
+    import random
+
+    rng = random.Random(7)
+    net, port, _conn, ack = established(vnet)
+    net.udp_flows[udp_flow_key(b(GUEST_IP), 40000, b(HOST_IP), 5001)] = FLOW
+    seeds = [segment("PA", ack=ack, payload=b"abc"), datagram(b"xyz")]
+    for i in range(3000):
+        raw = bytearray(rng.choice(seeds))
+        for _ in range(rng.randint(1, 4)):
+            op = rng.random()
+            if op < 0.6:
+                pos = rng.randrange(len(raw))
+                raw[pos] = rng.randrange(256)
+            elif op < 0.8 and len(raw) > 15:
+                del raw[rng.randrange(14, len(raw)) :]
+            else:
+                raw += rng.randbytes(rng.randint(1, 40))
+        feed(net, port, [bytes(raw)], vnet)
+        net.take_udp_flow_datagrams()
+        net.frames_to_send(float(i))
+        net.events.clear()
+    assert net.stats["frames_in"] == 3000

@@ -1,5 +1,6 @@
-"""The NAT's socket side with the kernel's failures injected: descriptors running out while
-dialling or accepting must cost one connection, never the switch or a busy loop."""
+"""The switch's socket side with failures injected: descriptors running out while dialling
+or accepting must cost one connection, and a bug in the core one batch, never the switch
+or a busy loop."""
 
 from __future__ import annotations
 
@@ -144,3 +145,32 @@ def test_dial_failure_codes(monkeypatch, err):
         assert reply[TCP].flags == "RA"
     else:
         assert reply[ICMP].type == 3 and reply[ICMP].code == 0  # net unreachable
+
+
+def test_a_core_bug_costs_the_batch_not_the_switch(monkeypatch):
+    async def main():
+        sw = HostSwitch(NetworkConfig())
+        link = CollectLink()
+        sw.link_opened(link)  # type: ignore[arg-type]
+
+        def broken(*_a):
+            raise IndexError("a bug")
+
+        real = sw.network.receive_frames
+        monkeypatch.setattr(sw.network, "receive_frames", broken)
+        with structlog.testing.capture_logs() as logs:
+            for _ in range(3):
+                sw.link_frames(link, [b"\x00" * 60])  # type: ignore[arg-type]
+        monkeypatch.setattr(sw.network, "receive_frames", real)
+        arp = Ether(src=GUEST_MAC, dst="ff:ff:ff:ff:ff:ff") / ARP(
+            op=1, hwsrc=GUEST_MAC, psrc=GUEST_IP, pdst="192.168.127.1"
+        )
+        sw.link_frames(link, [bytes(arp)])  # type: ignore[arg-type]
+        errors = sw.network.stats["internal_errors"]
+        await sw.close()
+        return logs, errors, [Ether(f) for f in link.sent]
+
+    logs, errors, sent = asyncio.run(main())
+    assert errors == 3
+    assert [e["event"] for e in logs] == ["switch.internal_error"]  # once, not per batch
+    assert len(sent) == 1 and sent[0][ARP].op == 2  # and the next batch is served
