@@ -24,3 +24,16 @@ def test_bench_quick_prints_every_row_for_every_contender():
     for row in ("guest→host", "host→guest", "conn", "request-response", "UDP", "forward"):
         assert row.lower() in out.lower(), (row, out[-2000:])
     print(out[-4000:])
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_core_benchmark_runs(offload):
+    """bench/core.py (the sans-IO core in a hot loop) still drives a connection: it exits
+    non-zero if a round does not produce exactly one reply frame."""
+    args = [sys.executable, str(REPO / "bench" / "core.py"), "--rounds", "300"]
+    r = subprocess.run(
+        args + (["--offload"] if offload else []),
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "µs of core per 1-byte request-response" in r.stdout
