@@ -524,10 +524,11 @@ class Network:
     def _flow_path(self, frames: list[bytes], off: int, now: float) -> list[bytes]:
         """Segments of open TCP connections and datagrams of open UDP NAT flows, found by a
         few byte compares and one dict lookup, skip the generic layers: a TCP segment goes
-        to its connection, a datagram to `udp_flow_datagrams` (no event object). Every
-        other frame is returned for the full path. Only the plainest form qualifies: to the
-        gateway MAC, IPv4 without options or fragmentation, lengths consistent, no SYN, for
-        UDP a TTL above 1 and no GSO, and on a plain port valid header and layer-4
+        to its connection, a datagram to `udp_flow_datagrams` (no event object). The first
+        frame that is not for them, and every frame after it in the batch, are returned for
+        the full path (so nothing overtakes anything). Only the plainest form qualifies: to
+        the gateway MAC, IPv4 without options or fragmentation, lengths consistent, no SYN,
+        for UDP a TTL above 1 and no GSO, and on a plain port valid header and layer-4
         checksums. A connection or flow exists only after its first packet passed every
         check of the full path, so what that path checks once (a source in the subnet, a
         destination that may be reached) holds for these as well."""
@@ -542,6 +543,12 @@ class Network:
         n_udp = udp_bytes = n_tcp = tcp_bytes = 0
         ip = off + 14
         for frame in frames:
+            if rest:
+                # Once one frame needs the full path, the rest of the batch follows it, so
+                # frames keep their order (the flow path's work happens before the full
+                # path's, and a flow's datagrams go out before the full path's events).
+                rest.append(frame)
+                continue
             if not (
                 len(frame) >= ip + 28
                 and frame[ip] == 0x45

@@ -8,7 +8,7 @@ from __future__ import annotations
 import ipaddress
 
 import pytest
-from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.inet import IP, TCP, UDP, fragment
 from scapy.layers.l2 import Ether
 
 from hostd.config import NetworkConfig
@@ -150,12 +150,22 @@ def test_without_flows_every_datagram_is_an_event_in_order():
     assert [ev.payload for ev in net.events] == [bytes([i]) for i in range(5)]
 
 
-def test_mixed_batch_keeps_other_frames_on_the_full_path():
+def test_mixed_batch_keeps_its_order():
+    """After the first frame that needs the full path, the rest of the batch takes it too,
+    so the flow's third datagram cannot overtake the second flow's."""
     net, port = net_with_flow(True)
     feed(net, port, [datagram(b"1"), datagram(b"2", dport=53), datagram(b"3")], True)
-    assert net.take_udp_flow_datagrams() == [(FLOW, b"1"), (FLOW, b"3")]
-    (ev,) = net.events
-    assert isinstance(ev, UdpOutbound) and ev.dst_port == 53 and ev.payload == b"2"
+    assert net.take_udp_flow_datagrams() == [(FLOW, b"1")]
+    assert [(ev.dst_port, ev.payload) for ev in net.events] == [(53, b"2"), (5001, b"3")]
+
+
+def test_fragmented_datagram_is_not_overtaken_by_a_later_small_one():
+    net, port = net_with_flow(False)
+    big = IP(src=GUEST_IP, dst=HOST_IP) / UDP(sport=40000, dport=5001) / (b"b" * 3000)
+    frags = [bytes(Ether(src=GUEST_MAC, dst=GW_MAC) / f) for f in fragment(big, 1480)]
+    feed(net, port, [*frags, datagram(b"small")], False)
+    assert net.udp_flow_datagrams == []
+    assert [ev.payload for ev in net.events] == [b"b" * 3000, b"small"]
 
 
 # --------------------------------------------------------------------------- TCP
