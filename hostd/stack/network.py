@@ -205,7 +205,7 @@ class Network:
         # UDP port-forward sessions: (guest ip, guest port, our ip, our port) → session.
         self.udp_sessions: dict[TcpKey, object] = {}
         # UDP NAT flows the NAT has opened, by `udp_flow_key`: their datagrams skip the event
-        # objects and land in `udp_flow_datagrams` as (flow, payload), see `_udp_flow_path`.
+        # objects and land in `udp_flow_datagrams` as (flow, payload), see `_flow_path`.
         self.udp_flows: dict[bytes, object] = {}
         self.udp_flow_datagrams: list[tuple[object, bytes]] = []
         self._tcp_dirty: dict[tcp.TcpConnection, None] = {}
@@ -411,24 +411,22 @@ class Network:
         """Move the events of connections touched since the last output into `events`; they
         stay marked for output. The NAT can then act (write to the host, dial) before this
         batch's frames are written, and a reply can still ride on them."""
-        events = self.events
         for conn in self._tcp_dirty:
-            while (ev := conn.next_event()) is not None:
-                if isinstance(ev, tcp.Closed):
-                    self._tcp_forget(conn)
-                events.append(TcpConnEvent(conn, ev))
+            self._tcp_take_events(conn)
+
+    def _tcp_take_events(self, conn: tcp.TcpConnection) -> None:
+        while (ev := conn.next_event()) is not None:
+            if isinstance(ev, tcp.Closed):
+                self._tcp_forget(conn)
+            self.events.append(TcpConnEvent(conn, ev))
 
     def _tcp_output(self, now: float) -> None:
         dirty, self._tcp_dirty = self._tcp_dirty, {}
-        events = self.events
         for conn in dirty:
             segments = conn.segments_to_send(now)
             if segments:
                 self._tcp_emit(conn, segments)
-            while (ev := conn.next_event()) is not None:
-                if isinstance(ev, tcp.Closed):
-                    self._tcp_forget(conn)
-                events.append(TcpConnEvent(conn, ev))
+            self._tcp_take_events(conn)
             deadline = conn.get_timer()
             if deadline is not None:
                 self._tcp_timer_seq += 1

@@ -1416,7 +1416,6 @@ class TcpConnection:
         st = self._state
         if st is TcpState.ESTABLISHED:
             # The application usually answers a FIN with its own soon: one segment for both.
-            self._unacked_segments = 0
             self._want_delayed_ack(now, 0)
         else:
             self._want_ack(now)
@@ -1653,8 +1652,7 @@ class TcpConnection:
                 ev.length += delivered
             else:
                 self._events.append(DataReceived(delivered))
-            if not self._ack_pending or self._ack_due > now:  # type: ignore[operator]
-                self._want_delayed_ack(now, plen)
+            self._want_delayed_ack(now, plen)
             if self._rfin_off is not None and self._rfin_off == rcv_nxt:
                 self._rx_fin(now)
         else:
