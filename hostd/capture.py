@@ -6,6 +6,7 @@ recorded once, with the wall-clock time it was handled. tshark and Wireshark rea
 
 from __future__ import annotations
 
+import ipaddress
 import struct
 import time
 from typing import BinaryIO
@@ -51,3 +52,43 @@ class PcapWriter:
 
     def close(self) -> None:
         self.stream.close()
+
+
+class CaptureFilter:
+    """The simple BPF-like filter of live captures: protocol ("tcp", "udp", "icmp", "arp" or
+    None), host (IPv4 text or "") and port (0: any). Unset fields match everything."""
+
+    PROTOCOL_NUMBERS = {"tcp": 6, "udp": 17, "icmp": 1}
+
+    def __init__(self, protocol: str | None, host: str, port: int) -> None:
+        self.proto = protocol
+        self.host = ipaddress.IPv4Address(host).packed if host else None  # ValueError: bad host
+        self.port = port
+
+    def match(self, frame: bytes) -> bool:
+        if len(frame) < 14:
+            return self.proto is None and not self.host and not self.port
+        ethertype = int.from_bytes(frame[12:14], "big")
+        if ethertype == 0x0806:
+            if self.proto not in (None, "arp") or self.port:
+                return False
+            return self.host is None or self.host in (frame[28:32], frame[38:42])
+        if ethertype != 0x0800 or len(frame) < 34:
+            return self.proto is None and not self.host and not self.port
+        if self.proto == "arp":
+            return False
+        proto = frame[23]
+        if self.proto is not None and proto != self.PROTOCOL_NUMBERS[self.proto]:
+            return False
+        if self.host is not None and self.host not in (frame[26:30], frame[30:34]):
+            return False
+        if self.port:
+            if proto not in (6, 17):
+                return False
+            off = 14 + (frame[14] & 0x0F) * 4
+            if len(frame) < off + 4:
+                return False
+            sport, dport = struct.unpack_from("!HH", frame, off)
+            if self.port not in (sport, dport):
+                return False
+        return True

@@ -12,7 +12,9 @@ from collections.abc import Callable
 
 import structlog
 
+from hostd.api.http import parse_http_api_uri
 from hostd.config import DEFAULT_SUBNET, MAX_MTU, MIN_MTU, NetworkConfig, parse_subnet
+from hostd.errors import ControlError
 from hostd.services.dhcp import parse_static_lease
 from hostd.services.dns import parse_record_spec, parse_upstream, upstreams_from_resolv_conf
 from hostd.stack.ethernet import parse_mac
@@ -122,6 +124,24 @@ def build_parser() -> argparse.ArgumentParser:
         "$XDG_RUNTIME_DIR/netferry/hostd.sock)",
     )
     api.add_argument(
+        "--http-api",
+        action="append",
+        default=[],
+        metavar="URI",
+        help="gvproxy's HTTP API (/services/forwarder/*, /stats, /leases, /tunnel, ...) on "
+        "unix:///path (created 0600) or tcp://HOST:PORT (repeatable); POST /connect there "
+        "turns the connection into a link (2-byte LE frames, as gvforwarder); "
+        "append ?connect=0 to refuse /connect (gvproxy's -services)",
+    )
+    api.add_argument(
+        "--guest-expose",
+        choices=("self", "any", "off"),
+        default="self",
+        help="the forwarder API inside the network on the gateway's port 80: guests may "
+        "expose ports that forward to themselves (self, default), to any guest (any), or "
+        "the port is closed (off)",
+    )
+    api.add_argument(
         "--port-forward",
         action="append",
         default=[],
@@ -187,11 +207,15 @@ def parse_port_forward(spec: str) -> tuple[str, str, str]:
 
 
 async def run(args: argparse.Namespace, config: NetworkConfig) -> int:
+    from hostd.api.http import HttpApiServer, serve_gateway_http
     from hostd.api.server import ApiServer, default_api_path
-    from hostd.forwards import ForwardError
+    from hostd.control import Control
     from hostd.switch import HostSwitch
 
     switch = HostSwitch(config, pcap_path=args.pcap)
+    control = Control(switch)
+    if args.guest_expose != "off":
+        serve_gateway_http(control, allow_any=args.guest_expose == "any")
     for spec in args.dns_record:
         zone, record = parse_record_spec(spec, switch.network.zones)
         switch.network.zones.add_records(zone, [record])
@@ -207,23 +231,29 @@ async def run(args: argparse.Namespace, config: NetworkConfig) -> int:
 
     loop.add_signal_handler(signal.SIGUSR1, dump_stats)  # `kill -USR1`: stats to the log
     api: ApiServer | None = None
+    http_apis: list[HttpApiServer] = []
     guests = None
     try:
         for uri in args.listen:
             await switch.listen(parse_link_uri(uri))
         if args.api != "none":
-            api = ApiServer(switch, args.api or f"unix://{default_api_path()}")
+            api = ApiServer(control, args.api or f"unix://{default_api_path()}")
             await api.start()
+        for uri in args.http_api:
+            http_apis.append(HttpApiServer(control, uri))
+            await http_apis[-1].start()
         for spec in args.port_forward:
             protocol, local, remote = parse_port_forward(spec)
-            await switch.forwards.expose(protocol, local, remote)
+            await control.expose(protocol, local, remote)
         from hostd.guests import GuestManager
 
         guests = GuestManager.from_args(switch, args)
         if guests is not None:
             guests.start()
-    except (OSError, ForwardError) as e:
+    except (OSError, ControlError) as e:
         log.error("startup.failed", error=str(e))
+        for server in http_apis:
+            await server.stop()
         if api is not None:
             await api.stop()
         await switch.close()
@@ -244,6 +274,8 @@ async def run(args: argparse.Namespace, config: NetworkConfig) -> int:
     log.info("hostd.stopping", stats=switch.stats())
     if guests is not None:
         await guests.stop()
+    for server in http_apis:
+        await server.stop()
     if api is not None:
         await api.stop()
     await switch.close()
@@ -264,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
             parse_record_spec(spec)
         for spec in args.port_forward:
             parse_port_forward(spec)
+        for uri in args.http_api:
+            parse_http_api_uri(uri)
         from hostd.guests import validate_args
 
         validate_args(args)

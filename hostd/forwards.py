@@ -26,16 +26,35 @@ import socket
 import stat
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import structlog
 
+from hostd.errors import ControlError
 from hostd.nat.tcp import HostSide
 from hostd.stack import tcp
 from netferry.address import AddressError, HostPort, parse_host_port, parse_remote, parse_unix_path
 
 if TYPE_CHECKING:
-    from hostd.switch import HostSwitch
+    import asyncio as _asyncio
+
+    from hostd.config import NetworkConfig
+    from hostd.nat.tcp import TcpNat
+    from hostd.stack.network import Network
+
+
+class SwitchSide(Protocol):
+    """What forwards need of the switch (and nothing more, so the switch may own them
+    without the two modules importing each other)."""
+
+    config: NetworkConfig
+    network: Network
+    loop: _asyncio.AbstractEventLoop
+    tcp_nat: TcpNat
+
+    def flush(self) -> None: ...
+    def emit_event(self, kind: str, **fields: object) -> None: ...
+
 
 log = structlog.get_logger("hostd.forwards")
 
@@ -43,12 +62,7 @@ PROTOCOLS = ("tcp", "udp", "unix")
 ACCEPT_RETRY_DELAY = 1.0
 
 
-class ForwardError(Exception):
-    """An Expose/Unexpose that cannot be done. `kind` maps to a gRPC status code."""
-
-    def __init__(self, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind  # invalid_argument | already_exists | not_found | unavailable
+ForwardError = ControlError  # the name front ends used before the control core had one
 
 
 @dataclass
@@ -99,12 +113,7 @@ class ForwardSide(HostSide):
         self.counters = fwd.counters
 
     def start(self, sock: socket.socket, peer: object) -> None:
-        network = self.forwards.switch.network
-        src_ip, src_port = self.forwards.source_for(peer, self.fwd.remote, "tcp")
-        guest_ip = ipaddress.IPv4Address(self.fwd.remote.host).packed
-        conn = network.tcp_connect(
-            guest_ip, self.fwd.remote.port, src_ip, src_port, self.forwards.switch.loop.time()
-        )
+        conn = self.forwards.open_to_guest(self.fwd.remote, peer=peer)
         if conn is None:
             sock.close()
             return
@@ -268,19 +277,36 @@ class UdpForwarder(asyncio.DatagramProtocol):
 
 
 class Forwards:
-    def __init__(self, switch: HostSwitch) -> None:
+    def __init__(self, switch: SwitchSide) -> None:
         self.switch = switch
         self.table: dict[tuple[str, str], Forward] = {}
 
     def list(self) -> list[Forward]:
         return [self.table[k] for k in sorted(self.table)]
 
-    def source_for(self, peer: object, remote: HostPort, proto: str) -> tuple[bytes, int]:
+    def open_to_guest(
+        self, remote: HostPort, *, peer: object = None, via: bytes | None = None
+    ) -> tcp.TcpConnection | None:
+        """The one active open into the guest network (TCP forwards, HTTP and gRPC tunnels):
+        picks the source (`source_for`) and sends the SYN; None when no 4-tuple is free."""
+        src_ip, src_port = self.source_for(peer, remote, "tcp", via=via)
+        return self.switch.network.tcp_connect(
+            ipaddress.IPv4Address(remote.host).packed,
+            remote.port,
+            src_ip,
+            src_port,
+            self.switch.loop.time(),
+        )
+
+    def source_for(
+        self, peer: object, remote: HostPort, proto: str, via: bytes | None = None
+    ) -> tuple[bytes, int]:
         """The source address the guest sees for a client at `peer`: the client's own IPv4
-        address and port when it is not loopback (nor inside the virtual subnet), else the
-        host address .254 with a port free for this guest endpoint."""
+        address and port when it is not loopback (nor inside the virtual subnet), else `via`
+        (default: the host address .254) with a port free for this guest endpoint."""
         network = self.switch.network
-        ip: bytes = network.host_ip
+        fallback: bytes = via or network.host_ip
+        ip = fallback
         port = 0
         if isinstance(peer, tuple) and len(peer) >= 2:
             try:
@@ -296,8 +322,8 @@ class Forwards:
         guest = ipaddress.IPv4Address(remote.host).packed
         table = network.tcp_conns if proto == "tcp" else network.udp_sessions
         while not port or (guest, remote.port, ip, port) in table:
-            if ip != network.host_ip:
-                ip = network.host_ip  # the client's own 4-tuple is taken: fall back to .254
+            if ip != fallback:
+                ip = fallback  # the client's own 4-tuple is taken: fall back to .254
                 continue
             port = random.randint(32768, 60999)
         return ip, port
@@ -306,32 +332,32 @@ class Forwards:
         net = self.switch.network
         ip = ipaddress.IPv4Address(remote.host)
         if ip not in net.subnet:
-            raise ForwardError("invalid_argument", f"remote: {ip} is not in {net.subnet}")
+            raise ControlError("invalid_argument", f"remote: {ip} is not in {net.subnet}")
         if ip.packed in net.virtual_ips or ip in (
             net.subnet.network_address,
             net.subnet.broadcast_address,
         ):
-            raise ForwardError("invalid_argument", f"remote: {ip} is not a guest address")
+            raise ControlError("invalid_argument", f"remote: {ip} is not a guest address")
 
     @staticmethod
     def _local(protocol: str, local: str) -> tuple[str, str, HostPort | None]:
         """(protocol, canonical local text, host:port) or ForwardError INVALID_ARGUMENT."""
         protocol = protocol.lower()
         if protocol not in PROTOCOLS:
-            raise ForwardError(
+            raise ControlError(
                 "invalid_argument", f"protocol: {protocol!r} is not tcp, udp or unix"
             )
         try:
             return (protocol, *canonical_local(protocol, local))
         except AddressError as e:
-            raise ForwardError("invalid_argument", str(e)) from None
+            raise ControlError("invalid_argument", str(e)) from None
 
     async def expose(self, protocol: str, local: str, remote: str) -> Forward:
         protocol, local_text, local_hp = self._local(protocol, local)
         try:
             remote_hp = parse_remote(remote)
         except AddressError as e:
-            raise ForwardError("invalid_argument", str(e)) from None
+            raise ControlError("invalid_argument", str(e)) from None
         self._check_remote(remote_hp)
         key = (protocol, local_text)
         for other in self.table.values():
@@ -340,7 +366,7 @@ class Forwards:
                 and local_hp is not None
                 and _overlaps(local_hp, parse_host_port(other.local, "local"))
             ):
-                raise ForwardError(
+                raise ControlError(
                     "already_exists",
                     f"{protocol} {local_text} is held by the forward {other.describe()}",
                 )
@@ -395,27 +421,27 @@ class Forwards:
             if isinstance(fwd.runtime, UdpForwarder):
                 fwd.runtime.close()
             if e.errno == errno.EADDRINUSE:
-                raise ForwardError(
+                raise ControlError(
                     "already_exists", f"{fwd.protocol} {fwd.local} is in use by another process"
                 ) from None
             if e.errno == errno.EADDRNOTAVAIL:
-                raise ForwardError(
+                raise ControlError(
                     "invalid_argument", f"local: {fwd.local} is not an address of this host"
                 ) from None
             if e.errno == errno.EACCES:
-                raise ForwardError(
+                raise ControlError(
                     "permission_denied", f"local: binding {fwd.local} is not permitted"
                 ) from None
-            raise ForwardError("unavailable", f"local: {fwd.local}: {e.strerror or e}") from None
+            raise ControlError("unavailable", f"local: {fwd.local}: {e.strerror or e}") from None
 
     @staticmethod
     def _unix_listener(path: str) -> socket.socket:
         parent = os.path.dirname(path) or "/"
         if not os.path.isdir(parent):
-            raise ForwardError("invalid_argument", f"local: directory {parent} does not exist")
+            raise ControlError("invalid_argument", f"local: directory {parent} does not exist")
         if os.path.lexists(path):
             kind = "a socket" if stat.S_ISSOCK(os.lstat(path).st_mode) else "a file"
-            raise ForwardError(
+            raise ControlError(
                 "already_exists", f"local: {path} already exists ({kind}); it is never replaced"
             )
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -425,17 +451,23 @@ class Forwards:
             sock.listen(1024)
         except OSError as e:
             sock.close()
-            raise ForwardError(
+            raise ControlError(
                 "unavailable", f"local: cannot listen on {path}: {e.strerror}"
             ) from None
         sock.setblocking(False)
         return sock
 
+    def find(self, protocol: str, local: str) -> Forward | None:
+        """The forward on `local` (any spelling of it), or None; ControlError when `local`
+        or `protocol` is malformed."""
+        protocol, local_text, _ = self._local(protocol, local)
+        return self.table.get((protocol, local_text))
+
     async def unexpose(self, protocol: str, local: str) -> Forward:
         protocol, local_text, _ = self._local(protocol, local)
         fwd = self.table.pop((protocol, local_text), None)
         if fwd is None:
-            raise ForwardError("not_found", f"no {protocol} forward on {local_text}")
+            raise ControlError("not_found", f"no {protocol} forward on {local_text}")
         await self._stop(fwd)
         log.info("forward.removed", forward=fwd.describe())
         self.switch.emit_event("forward_removed", forward=fwd)

@@ -17,6 +17,7 @@ import structlog
 
 from hostd.capture import PcapWriter
 from hostd.config import NetworkConfig
+from hostd.forwards import Forwards
 from hostd.links import Endpoint, Link, open_endpoint
 from hostd.nat.icmp import IcmpNat, ping_sockets_allowed
 from hostd.nat.tcp import TcpNat
@@ -70,9 +71,11 @@ class HostSwitch:
             self.network,
             self.flush,
             connect_timeout=config.tcp_connect_timeout,
-            dns_handler=lambda conn: DnsTcpSession(
-                conn, self.network.dns, self.dns_forwarder, self.tcp_nat.touch
-            ),
+            services={
+                "dns": lambda conn: DnsTcpSession(
+                    conn, self.network.dns, self.dns_forwarder, self.tcp_nat.touch
+                )
+            },
             on_error=lambda **fields: self._event("connection_error", **fields),
         )
         self._dns_tasks: set[asyncio.Task[None]] = set()
@@ -82,8 +85,6 @@ class HostSwitch:
         self.event_listeners: list[Callable[[str, dict], None]] = []
         # Live captures: each gets every frame (in and out) through `capture_listeners`.
         self.capture_listeners: list[Callable[[list[bytes]], None]] = []
-        from hostd.forwards import Forwards
-
         self.forwards = Forwards(self)
         allowed, value = ping_sockets_allowed()
         if not allowed:

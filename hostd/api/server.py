@@ -14,10 +14,7 @@ import asyncio
 import contextlib
 import ipaddress
 import os
-import random
-import struct
 import time
-from typing import TYPE_CHECKING
 
 import grpc
 import structlog
@@ -26,17 +23,15 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from hostd.capture import SNAPLEN, pcap_header, pcap_record
-from hostd.forwards import Forward, ForwardError
-from hostd.services.dns import DnsRecord, _name_error, normalize_name
+from hostd.capture import SNAPLEN, CaptureFilter, pcap_header, pcap_record
+from hostd.control import Control, DnsRecordSpec, StatsSnapshot
+from hostd.errors import ControlError
+from hostd.forwards import Forward
+from hostd.services.dns import DnsRecord
 from hostd.stack import tcp
-from netferry.address import AddressError, parse_remote
 from netferry.unixsock import clear_stale_socket
 from netferry.v1 import host_pb2 as pb
 from netferry.v1 import host_pb2_grpc as pb_grpc
-
-if TYPE_CHECKING:
-    from hostd.switch import HostSwitch
 
 log = structlog.get_logger("hostd.api")
 
@@ -57,18 +52,6 @@ STATUS = {
 }
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["HostSwitch"].full_name
 CAPTURE_QUEUE = 8192  # frames buffered per capture client before dropping
-MALFORMED_PREFIXES = (
-    "malformed_",
-    "ipv4_bad",
-    "ipv4_truncated",
-    "ipv4_reserved",
-    "udp_bad",
-    "udp_truncated",
-    "icmp_bad",
-    "icmp_truncated",
-    "tcp_bad",
-    "tcp_malformed",
-)
 
 
 def timestamp(seconds: float) -> Timestamp:
@@ -97,90 +80,48 @@ def protocol_name(value: int, field: str = "protocol") -> str:
     try:
         return PROTOCOL_NAMES[value]
     except KeyError:
-        raise ForwardError("invalid_argument", f"{field}: unknown value {value}") from None
+        raise ControlError("invalid_argument", f"{field}: unknown value {value}") from None
 
 
-class CaptureFilter:
-    """The simple BPF-like filter: protocol, host, port. Unset fields match everything."""
+CAPTURE_PROTOCOLS = {
+    pb.CAPTURE_PROTOCOL_TCP: "tcp",
+    pb.CAPTURE_PROTOCOL_UDP: "udp",
+    pb.CAPTURE_PROTOCOL_ICMP: "icmp",
+    pb.CAPTURE_PROTOCOL_ARP: "arp",
+}
 
-    def __init__(self, f: pb.CaptureFilter) -> None:
-        self.proto = f.protocol
-        self.host = ipaddress.IPv4Address(f.host).packed if f.host else None
-        self.port = f.port
 
-    def match(self, frame: bytes) -> bool:
-        if len(frame) < 14:
-            return self.proto == pb.CAPTURE_PROTOCOL_UNSPECIFIED and not self.host and not self.port
-        ethertype = int.from_bytes(frame[12:14], "big")
-        if ethertype == 0x0806:
-            if self.proto not in (pb.CAPTURE_PROTOCOL_UNSPECIFIED, pb.CAPTURE_PROTOCOL_ARP):
-                return False
-            if self.port:
-                return False
-            return self.host is None or self.host in (frame[28:32], frame[38:42])
-        if ethertype != 0x0800 or len(frame) < 34:
-            return self.proto == pb.CAPTURE_PROTOCOL_UNSPECIFIED and not self.host and not self.port
-        proto = frame[23]
-        want = {
-            pb.CAPTURE_PROTOCOL_TCP: 6,
-            pb.CAPTURE_PROTOCOL_UDP: 17,
-            pb.CAPTURE_PROTOCOL_ICMP: 1,
-        }
-        if self.proto == pb.CAPTURE_PROTOCOL_ARP:
-            return False
-        if self.proto in want and proto != want[self.proto]:
-            return False
-        if self.host is not None and self.host not in (frame[26:30], frame[30:34]):
-            return False
-        if self.port:
-            if proto not in (6, 17):
-                return False
-            ihl = (frame[14] & 0x0F) * 4
-            off = 14 + ihl
-            if len(frame) < off + 4:
-                return False
-            sport, dport = struct.unpack_from("!HH", frame, off)
-            if self.port not in (sport, dport):
-                return False
-        return True
+def stats_pb(snap: StatsSnapshot) -> pb.Stats:
+    s = pb.Stats(time=timestamp(snap.time))
+    s.frames_in, s.frames_out = snap.frames_in, snap.frames_out
+    s.bytes_in, s.bytes_out = snap.bytes_in, snap.bytes_out
+    for name, pc in snap.protocols.items():
+        ps = getattr(s, name)
+        ps.packets_from_guests, ps.bytes_from_guests = pc.packets_from_guests, pc.bytes_from_guests
+        ps.packets_to_guests, ps.bytes_to_guests = pc.packets_to_guests, pc.bytes_to_guests
+    s.drops.update(snap.drops)
+    s.malformed, s.dropped = snap.malformed, snap.dropped
+    s.tcp_connections, s.tcp_pending_dials = snap.tcp_connections, snap.tcp_pending_dials
+    s.udp_flows, s.icmp_flows, s.forwards = snap.udp_flows, snap.icmp_flows, snap.forwards
+    for link in snap.links:
+        s.links.add(
+            name=link.name, port=link.port, frames_in=link.frames_in, frames_out=link.frames_out,
+            bytes_in=link.bytes_in, bytes_out=link.bytes_out, dropped_out=link.dropped_out,
+            errors=link.errors,
+        )  # fmt: skip
+    s.counters.update(snap.counters)
+    return s
 
 
 CLIENT_DONE = object()  # queued by the request reader when the client half-closed
 
 
-class TunnelSession:
-    """The guest side of a Tunnel RPC: a TCP connection opened from the gateway."""
-
-    def __init__(self, conn: tcp.TcpConnection, touch) -> None:  # type: ignore[no-untyped-def]
-        self.conn = conn
-        self.touch = touch
-        self.events: asyncio.Queue[object] = asyncio.Queue()
-        self.space = asyncio.Event()
-        self.detached = False
-
-    def on_event(self, event: tcp.TcpEvent) -> None:
-        if self.detached:
-            return  # the RPC is over; the connection finishes its close (TIME_WAIT) alone
-        if isinstance(event, tcp.SendSpaceAvailable):
-            self.space.set()
-        self.events.put_nowait(event)
-
-    async def send(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            n = self.conn.send(view)
-            view = view[n:]
-            self.touch(self.conn)
-            if view:
-                self.space.clear()
-                await self.space.wait()
-
-
 class HostSwitchService(pb_grpc.HostSwitchServicer):
-    def __init__(self, switch: HostSwitch) -> None:
-        self.switch = switch
+    def __init__(self, control: Control) -> None:
+        self.control = control
+        self.switch = control.switch
 
-    async def _fail(self, context: grpc.aio.ServicerContext, e: ForwardError) -> None:
+    async def _fail(self, context: grpc.aio.ServicerContext, e: ControlError) -> None:
         await context.abort(STATUS[e.kind], str(e))
 
     # ---- forwards ---------------------------------------------------------------------
@@ -188,86 +129,28 @@ class HostSwitchService(pb_grpc.HostSwitchServicer):
     async def Expose(self, request, context):
         try:
             proto = protocol_name(request.protocol)
-            if not request.local:
-                raise ForwardError("invalid_argument", "local: is empty")
-            if not request.remote:
-                raise ForwardError("invalid_argument", "remote: is empty")
-            fwd = await self.switch.forwards.expose(proto, request.local, request.remote)
-        except ForwardError as e:
+            fwd = await self.control.expose(proto, request.local, request.remote)
+        except ControlError as e:
             await self._fail(context, e)
         return pb.ExposeResponse(forward=forward_pb(fwd))
 
     async def Unexpose(self, request, context):
         try:
             proto = protocol_name(request.protocol)
-            if not request.local:
-                raise ForwardError("invalid_argument", "local: is empty")
-            fwd = await self.switch.forwards.unexpose(proto, request.local)
-        except ForwardError as e:
+            fwd = await self.control.unexpose(proto, request.local)
+        except ControlError as e:
             await self._fail(context, e)
         return pb.UnexposeResponse(forward=forward_pb(fwd))
 
     async def ListForwards(self, request, context):
         return pb.ListForwardsResponse(
-            forwards=[forward_pb(f) for f in self.switch.forwards.list()]
+            forwards=[forward_pb(f) for f in self.control.list_forwards()]
         )
 
     # ---- stats ------------------------------------------------------------------------
 
     def stats(self) -> pb.Stats:
-        sw = self.switch
-        raw = sw.stats()
-        net: dict[str, int] = raw["network"]  # type: ignore[assignment]
-        s = pb.Stats(time=timestamp(time.time()))
-        links = list(sw.links.values())
-        s.frames_in = sum(link.counters.frames_in for link in links) + sw.closed_link_totals[0]
-        s.frames_out = sum(link.counters.frames_out for link in links) + sw.closed_link_totals[1]
-        s.bytes_in = sum(link.counters.bytes_in for link in links) + sw.closed_link_totals[2]
-        s.bytes_out = sum(link.counters.bytes_out for link in links) + sw.closed_link_totals[3]
-        for name in ("tcp", "udp", "icmp", "arp"):
-            ps = getattr(s, name)
-            ps.packets_from_guests = net.get(f"{name}_packets_in", 0)
-            ps.bytes_from_guests = net.get(f"{name}_bytes_in", 0)
-            if name == "arp":
-                ps.packets_to_guests = net.get("arp_replies_out", 0) + net.get(
-                    "arp_requests_out", 0
-                )
-                ps.bytes_to_guests = 28 * ps.packets_to_guests
-            else:
-                ps.packets_to_guests = net.get(f"{name}_packets_out", 0)
-                ps.bytes_to_guests = net.get(f"{name}_bytes_out", 0)
-        drops: dict[str, int] = {}
-        for key, value in net.items():
-            if (
-                key.startswith(MALFORMED_PREFIXES)
-                or key.endswith("_dropped")
-                or key.endswith("_refused")
-            ):
-                drops[key] = value
-        for key, value in raw["reassembly"].items():  # type: ignore[union-attr]
-            if key.endswith("_dropped"):
-                drops["reassembly_" + key] = value
-        s.drops.update(drops)
-        s.malformed = sum(v for k, v in drops.items() if k.startswith(MALFORMED_PREFIXES))
-        s.dropped = sum(drops.values()) - s.malformed
-        s.tcp_connections = len(sw.network.tcp_conns)
-        s.tcp_pending_dials = len(sw.network.tcp_pending)
-        s.udp_flows = sw.udp_nat.active + len(sw.network.udp_sessions)
-        s.icmp_flows = len(sw.icmp_nat.flows)
-        s.forwards = len(sw.forwards.table)
-        for link in links:
-            c = link.counters
-            s.links.add(
-                name=link.name, port=link.port, frames_in=c.frames_in, frames_out=c.frames_out,
-                bytes_in=c.bytes_in, bytes_out=c.bytes_out, dropped_out=c.dropped_out,
-                errors=c.errors,
-            )  # fmt: skip
-        for group, values in raw.items():
-            if isinstance(values, dict) and group != "links":
-                for key, value in values.items():
-                    if isinstance(value, int) and value >= 0:
-                        s.counters[f"{group}.{key}"] = value
-        return s
+        return stats_pb(self.control.stats())
 
     async def GetStats(self, request, context):
         return pb.GetStatsResponse(stats=self.stats())
@@ -288,22 +171,20 @@ class HostSwitchService(pb_grpc.HostSwitchServicer):
     # ---- leases and DNS -----------------------------------------------------------------
 
     async def ListLeases(self, request, context):
-        now_mono = self.switch.loop.time()
-        offset = time.time() - now_mono
         leases = [
             pb.Lease(
                 mac=lease.mac,
                 ip=str(lease.ip),
                 hostname=lease.hostname or "",
                 static=lease.static,
-                expires=timestamp(lease.expires + offset),
+                expires=timestamp(lease.expires),
             )
-            for lease in self.switch.network.dhcp.leases(now_mono)
+            for lease in self.control.leases()
         ]
         return pb.ListLeasesResponse(leases=leases)
 
     def _zone_pb(self, name: str) -> pb.DnsZone:
-        for zname, records in self.switch.network.zones.zones():
+        for zname, records in self.control.dns_zones():
             if zname == name:
                 return pb.DnsZone(name=zname, records=[self._record_pb(r) for r in records])
         return pb.DnsZone(name=name)
@@ -313,78 +194,28 @@ class HostSwitchService(pb_grpc.HostSwitchServicer):
         return pb.DnsRecord(name=r.name, type=RECORD_VALUES[r.rtype], value=r.value, ttl=r.ttl)
 
     async def AddDnsRecords(self, request, context):
-        zone = request.zone.strip()
-        if not zone:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "zone: is empty")
-        if not request.records:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "records: is empty")
-        zones = self.switch.network.zones
-        zname = normalize_name(zone)
-        if why := _name_error(zname):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"zone: {zone!r} {why}")
+        specs = [
+            DnsRecordSpec(r.name, RECORD_TYPES.get(r.type, ""), r.value, r.ttl)
+            for r in request.records
+        ]
         try:
-            records = []
-            for i, r in enumerate(request.records):
-                if r.type not in RECORD_TYPES:
-                    raise ValueError(f"records[{i}].type: must be A, AAAA or CNAME")
-                name = r.name.strip()
-                if not name:
-                    raise ValueError(f"records[{i}].name: is empty")
-                fqdn = normalize_name(name)
-                if not (fqdn == zname or fqdn.endswith("." + zname)):
-                    fqdn = normalize_name(name.rstrip(".") + "." + zname)  # relative name
-                try:
-                    record = DnsRecord(fqdn, RECORD_TYPES[r.type], r.value, r.ttl)  # type: ignore[arg-type]
-                    record.validate()
-                except ValueError as e:
-                    raise ValueError(f"records[{i}]: {e}") from None
-                records.append(record)
-            if zname not in [z for z, _ in zones.zones()]:
-                zones.add_zone(zname)
-                try:
-                    zones.add_records(zname, records)
-                except ValueError:
-                    zones.remove_zone(zname)
-                    raise
-            else:
-                zones.add_records(zname, records)
-        except ValueError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            zname = self.control.add_dns_records(request.zone, specs)
+        except ControlError as e:
+            await self._fail(context, e)
         return pb.AddDnsRecordsResponse(zone=self._zone_pb(zname))
 
     async def RemoveDnsRecords(self, request, context):
-        zones = self.switch.network.zones
-        if not request.zone.strip():
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "zone: is empty")
-        zname = normalize_name(request.zone)
-        if why := _name_error(zname):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"zone: {request.zone!r} {why}")
-        if not request.names:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "names: is empty")
-        if zname not in [z for z, _ in zones.zones()]:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"zone {zname} does not exist")
-        names = []
-        for i, n in enumerate(request.names):
-            if not n.strip():
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"names[{i}]: is empty")
-            fq = normalize_name(n)
-            if not (fq == zname or fq.endswith("." + zname)):
-                fq = normalize_name(n.strip().rstrip(".") + "." + zname)  # relative name
-            if why := _name_error(fq):
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"names[{i}]: {n!r} {why}")
-            names.append(fq)
-        removed = zones.remove_records(zname, names)
-        if not removed:
-            await context.abort(
-                grpc.StatusCode.NOT_FOUND, f"none of {', '.join(names)} has records in {zname}"
-            )
+        try:
+            removed = self.control.remove_dns_records(request.zone, list(request.names))
+        except ControlError as e:
+            await self._fail(context, e)
         return pb.RemoveDnsRecordsResponse(removed=removed)
 
     async def ListDnsZones(self, request, context):
         return pb.ListDnsZonesResponse(
             zones=[
                 pb.DnsZone(name=z, records=[self._record_pb(r) for r in records])
-                for z, records in self.switch.network.zones.zones()
+                for z, records in self.control.dns_zones()
             ]
         )
 
@@ -392,7 +223,11 @@ class HostSwitchService(pb_grpc.HostSwitchServicer):
 
     async def Capture(self, request, context):
         try:
-            flt = CaptureFilter(request.filter)
+            flt = CaptureFilter(
+                CAPTURE_PROTOCOLS.get(request.filter.protocol),
+                request.filter.host,
+                request.filter.port,
+            )
         except ValueError:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
@@ -448,30 +283,14 @@ class HostSwitchService(pb_grpc.HostSwitchServicer):
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, "open: the first message must open the tunnel"
             )
-        try:
-            dest = parse_remote(first.open.address, "open.address")
-        except AddressError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         sw = self.switch
-        network = sw.network
-        if ipaddress.IPv4Address(dest.host) not in network.subnet:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"open.address: {dest.host} is not inside the virtual network {network.subnet}",
-            )
-        guest_ip = ipaddress.IPv4Address(dest.host).packed
-        for _ in range(64):
-            src_port = random.randint(32768, 60999)
-            conn = network.tcp_connect(
-                guest_ip, dest.port, network.gateway_ip, src_port, sw.loop.time()
-            )
-            if conn is not None:
-                break
-        else:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "no free source port")
-        session = TunnelSession(conn, sw.tcp_nat.touch)
-        conn.app = session  # type: ignore[attr-defined]
-        sw.tcp_nat.touch(conn)
+        try:
+            dest = self.control.tunnel_destination(first.open.address)
+            session = self.control.open_tunnel(dest)
+        except ControlError as e:
+            await self._fail(context, e)
+        conn = session.conn
+        src_ip, src_port = conn.key[2], conn.key[3]  # type: ignore[attr-defined]
         client_done = False  # the client half-closed (TunnelClose, or its stream ended)
         peer_done = False  # the guest half-closed and we told the client
 
@@ -501,7 +320,7 @@ class HostSwitchService(pb_grpc.HostSwitchServicer):
                     reader = asyncio.ensure_future(pump_requests())
                     yield pb.TunnelResponse(
                         connected=pb.TunnelConnected(
-                            local_address=f"{ipaddress.IPv4Address(network.gateway_ip)}:{src_port}"
+                            local_address=f"{ipaddress.IPv4Address(src_ip)}:{src_port}"
                         )
                     )
                 elif isinstance(event, tcp.DataReceived):
@@ -582,8 +401,8 @@ def default_api_path() -> str:
 class ApiServer:
     """grpc.aio server for HostSwitch + reflection + health on a unix socket (0600) or TCP."""
 
-    def __init__(self, switch: HostSwitch, uri: str) -> None:
-        self.switch = switch
+    def __init__(self, control: Control, uri: str) -> None:
+        self.control = control
         self.uri = uri
         self.server: grpc.aio.Server | None = None
         self.path: str | None = None
@@ -591,7 +410,7 @@ class ApiServer:
 
     async def start(self) -> None:
         server = grpc.aio.server()
-        pb_grpc.add_HostSwitchServicer_to_server(HostSwitchService(self.switch), server)
+        pb_grpc.add_HostSwitchServicer_to_server(HostSwitchService(self.control), server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         names = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)

@@ -23,6 +23,12 @@ from netferry.uri import VMADDR_CID_ANY, LinkUri
 
 log = structlog.get_logger("hostd.links")
 
+# gvforwarder (gvisor-tap-vsock's guest) opens its link with an HTTP request it never reads
+# an answer to, then sends frames with a 2-byte little-endian length.
+CONNECT_REQUEST_LINE = b"POST /connect HTTP/1.1\r\n"
+CONNECT_FRAMING = "len16le"
+CONNECT_MAX_HEADER = 8192
+
 
 class StreamLink(Link, asyncio.Protocol):
     kind = "stream"
@@ -32,6 +38,12 @@ class StreamLink(Link, asyncio.Protocol):
         self.framing = get_framing(framing)
         self.deframer = StreamDeframer(self.framing, max_frame)
         self.transport: asyncio.WriteTransport | None = None
+        # Accepted connections look at their first bytes for gvforwarder's `POST /connect`
+        # (None: decided, frames only).
+        self._preface: bytearray | None = None
+
+    def expect_connect_preface(self) -> None:
+        self._preface = bytearray()
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -40,6 +52,11 @@ class StreamLink(Link, asyncio.Protocol):
             self.sink.link_opened(self)
 
     def data_received(self, data: bytes) -> None:
+        if self._preface is not None:
+            rest = self._take_preface(data)
+            if not rest:
+                return
+            data = rest
         try:
             frames = self.deframer.feed(data)
         except FramingError as e:
@@ -48,6 +65,30 @@ class StreamLink(Link, asyncio.Protocol):
             return
         if frames:
             self._delivered(frames)
+
+    def _take_preface(self, data: bytes) -> bytes | None:
+        """Bytes that are frames, once the first bytes are known not to be (or to have
+        finished) a `POST /connect` request; None while undecided."""
+        buf = self._preface
+        assert buf is not None
+        buf += data
+        line = CONNECT_REQUEST_LINE
+        if not buf.startswith(line[: len(buf)]):
+            self._preface = None  # frames from the first byte (QEMU, vm-switch, passt)
+            return bytes(buf)
+        if len(buf) < len(line):
+            return None
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            if len(buf) > CONNECT_MAX_HEADER:
+                log.warning("link.connect_header_too_long", link=self.name, size=len(buf))
+                self.close("framing_error: POST /connect header over 8 KiB")
+            return None
+        self._preface = None
+        self.framing = get_framing(CONNECT_FRAMING)
+        self.deframer = StreamDeframer(self.framing, self.deframer.max_frame)
+        log.info("link.connect_preface", link=self.name, framing=CONNECT_FRAMING)
+        return bytes(buf[end + 4 :])
 
     def eof_received(self) -> bool:
         return False
@@ -94,6 +135,7 @@ class StreamListener:
             self.sink, f"{self.uri}#{self._count}", self.uri.framing, self.uri.max_frame
         )
         link.vnet = self.uri.vnet
+        link.expect_connect_preface()
         return link
 
     async def start(self) -> None:

@@ -254,13 +254,15 @@ class TcpNat:
         flush: Callable[[], None],
         *,
         connect_timeout: float,
-        dns_handler: Callable[[tcp.TcpConnection], object] | None = None,
+        services: dict[str, Callable[[tcp.TcpConnection], object]] | None = None,
         on_error: Callable[..., None] | None = None,
     ) -> None:
         self.network = network
         self.flush = flush
         self.connect_timeout = connect_timeout
-        self.dns_handler = dns_handler
+        # The gateway's own TCP services (DNS on 53, the forwarder API on 80): name → a
+        # factory of the application that serves one connection.
+        self.services = services if services is not None else {}
         self.on_error = on_error
         self.loop = asyncio.get_running_loop()
         # Dials still in progress: their socket and timeout.
@@ -295,10 +297,13 @@ class TcpNat:
 
     def dial(self, ev: TcpDial) -> None:
         conn = ev.conn
-        if ev.service == "dns":
+        if ev.service is not None:
+            factory = self.services.get(ev.service)
+            if factory is None:
+                self.network.tcp_refuse(conn, self.loop.time())
+                return
             self.network.tcp_accept(conn, self.loop.time())
-            if self.dns_handler is not None:
-                conn.app = self.dns_handler(conn)  # type: ignore[attr-defined]
+            conn.app = factory(conn)  # type: ignore[attr-defined]
             return
         self.stats["dials"] += 1
         try:

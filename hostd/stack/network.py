@@ -162,6 +162,8 @@ class Network:
         self.network_ip = config.subnet.network_address.packed
         self.mtu = config.mtu
         self.virtual_ips = {self.gateway_ip, self.host_ip}
+        # TCP ports the gateway serves itself (port → service name for the NAT's factories).
+        self.gateway_tcp_services: dict[int, str] = {DNS_PORT: "dns"}
         self.cam = ethernet.CamTable()
         self.neighbours = arp.NeighbourTable()
         self.reassembler = ipv4.Reassembler(config.reassembly_max_bytes, config.reassembly_timeout)
@@ -904,13 +906,14 @@ class Network:
             return
         service = None
         if pkt.dst == self.gateway_ip:
-            if seg.dst_port != DNS_PORT:
+            service = self.gateway_tcp_services.get(seg.dst_port)
+            if service is None:
                 stats["tcp_gateway_refused"] += 1
                 reply = tcp.build_reset_reply(pkt.dst, pkt.src, seg)
                 if reply is not None:
                     self.send_ip(pkt.dst, pkt.src, ipv4.PROTO_TCP, reply)
                 return
-            service, target = "dns", ""
+            target = ""
         else:
             dst = pkt.dst
             if dst == LIMITED_BROADCAST or dst == self.broadcast_ip or dst[0] >= 224:

@@ -1,0 +1,385 @@
+"""The control core: every operation hostd's front ends offer, written once.
+
+Forwards, DNS zones and records, leases, the switch table, counters and tunnels into the
+guest network live here; the gRPC service (`api/server.py`), gvproxy's HTTP API
+(`api/http.py`) and the slirp4netns API socket are translators that parse their own wire,
+call one method here and render the result or the `ControlError` in their own dialect. A
+forward made through one front end is therefore visible through all of them.
+
+It runs on the switch's event loop (no locks, no threads) and owns no sockets beyond what
+`Forwards` and the tunnels it opens hold.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from hostd.errors import ControlError
+from hostd.forwards import Forward, Forwards
+from hostd.nat.tcp import HostSide
+from hostd.services.dhcp import Lease
+from hostd.services.dns import DnsRecord, _name_error, normalize_name
+from hostd.stack import tcp
+from netferry.address import AddressError, HostPort, parse_remote
+
+if TYPE_CHECKING:
+    from hostd.switch import HostSwitch
+
+# Counter names that count malformed input (the rest of the drops are policy or limits).
+MALFORMED_PREFIXES = (
+    "malformed_",
+    "ipv4_bad",
+    "ipv4_truncated",
+    "ipv4_reserved",
+    "udp_bad",
+    "udp_truncated",
+    "icmp_bad",
+    "icmp_truncated",
+    "tcp_bad",
+    "tcp_malformed",
+)
+RECORD_TYPES = ("A", "AAAA", "CNAME")
+
+
+@dataclass
+class ProtocolCounters:
+    packets_from_guests: int = 0
+    bytes_from_guests: int = 0
+    packets_to_guests: int = 0
+    bytes_to_guests: int = 0
+
+
+@dataclass
+class LinkSnapshot:
+    name: str
+    port: int
+    frames_in: int
+    frames_out: int
+    bytes_in: int
+    bytes_out: int
+    dropped_out: int
+    errors: dict[str, int]
+
+
+@dataclass
+class StatsSnapshot:
+    """Every counter of the switch at one moment, already summed the way users read them."""
+
+    time: float
+    frames_in: int
+    frames_out: int
+    bytes_in: int
+    bytes_out: int
+    protocols: dict[str, ProtocolCounters]  # tcp, udp, icmp, arp
+    drops: dict[str, int]  # by reason, malformed input included
+    malformed: int
+    dropped: int  # drops that are not malformed input
+    tcp_connections: int
+    tcp_pending_dials: int
+    udp_flows: int
+    icmp_flows: int
+    forwards: int
+    links: list[LinkSnapshot]
+    counters: dict[str, int] = field(default_factory=dict)  # every raw counter, "group.name"
+
+
+@dataclass
+class DnsRecordSpec:
+    """A record as a front end received it: the name may be relative to the zone."""
+
+    name: str
+    rtype: str
+    value: str
+    ttl: int = 0
+
+
+class TunnelSession:
+    """The guest side of a tunnel whose far end is not a socket (the gRPC Tunnel): the
+    connection's events arrive on `events`, `send` waits for window space."""
+
+    def __init__(self, conn: tcp.TcpConnection, touch) -> None:  # type: ignore[no-untyped-def]
+        self.conn = conn
+        self.touch = touch
+        self.events: asyncio.Queue[object] = asyncio.Queue()
+        self.space = asyncio.Event()
+        self.detached = False
+
+    def on_event(self, event: tcp.TcpEvent) -> None:
+        if self.detached:
+            return  # the caller is gone; the connection finishes its close (TIME_WAIT) alone
+        if isinstance(event, tcp.SendSpaceAvailable):
+            self.space.set()
+        self.events.put_nowait(event)
+
+    async def send(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            n = self.conn.send(view)
+            view = view[n:]
+            self.touch(self.conn)
+            if view:
+                self.space.clear()
+                await self.space.wait()
+
+
+class Control:
+    def __init__(self, switch: HostSwitch) -> None:
+        self.switch = switch
+        self.forwards: Forwards = switch.forwards
+
+    # ---- forwards -------------------------------------------------------------------
+
+    async def expose(self, protocol: str, local: str, remote: str) -> Forward:
+        if not local:
+            raise ControlError("invalid_argument", "local: is empty")
+        if not remote:
+            raise ControlError("invalid_argument", "remote: is empty")
+        return await self.forwards.expose(protocol or "tcp", local, remote)
+
+    async def unexpose(self, protocol: str, local: str) -> Forward:
+        if not local:
+            raise ControlError("invalid_argument", "local: is empty")
+        return await self.forwards.unexpose(protocol or "tcp", local)
+
+    def list_forwards(self) -> list[Forward]:
+        return self.forwards.list()
+
+    # ---- leases and the switch table ------------------------------------------------
+
+    def leases(self) -> list[Lease]:
+        """Active leases, expiry in wall-clock seconds."""
+        now = self.switch.loop.time()
+        offset = time.time() - now
+        return [
+            Lease(lease.mac, lease.ip, lease.expires + offset, lease.hostname, lease.static)
+            for lease in self.switch.network.dhcp.leases(now)
+        ]
+
+    def switch_table(self) -> dict[str, int]:
+        """MAC → switch port, as learned."""
+        cam = self.switch.network.cam
+        return {
+            ":".join(f"{b:02x}" for b in mac): port
+            for port in sorted(self.switch.network.ports)
+            for mac in cam.macs(port)
+        }
+
+    # ---- DNS ------------------------------------------------------------------------
+
+    def dns_zones(self) -> list[tuple[str, list[DnsRecord]]]:
+        return self.switch.network.zones.zones()
+
+    @staticmethod
+    def _zone_name(zone: str, field_name: str = "zone") -> str:
+        if not zone.strip():
+            raise ControlError("invalid_argument", f"{field_name}: is empty")
+        zname = normalize_name(zone.strip())
+        if why := _name_error(zname):
+            raise ControlError("invalid_argument", f"{field_name}: {zone!r} {why}")
+        return zname
+
+    @staticmethod
+    def _owner(zname: str, name: str) -> str:
+        """A record name as given (absolute inside the zone, or relative to it) → FQDN."""
+        fqdn = normalize_name(name.strip())
+        if fqdn == zname or fqdn.endswith("." + zname):
+            return fqdn
+        return normalize_name(name.strip().rstrip(".") + "." + zname)
+
+    def add_dns_records(self, zone: str, specs: list[DnsRecordSpec]) -> str:
+        """Add records to `zone` (created when missing), all or nothing; returns the zone."""
+        zname = self._zone_name(zone)
+        if not specs:
+            raise ControlError("invalid_argument", "records: is empty")
+        records = []
+        for i, spec in enumerate(specs):
+            if spec.rtype not in RECORD_TYPES:
+                raise ControlError(
+                    "invalid_argument", f"records[{i}].type: must be A, AAAA or CNAME"
+                )
+            if not spec.name.strip():
+                raise ControlError("invalid_argument", f"records[{i}].name: is empty")
+            record = DnsRecord(self._owner(zname, spec.name), spec.rtype, spec.value, spec.ttl)  # type: ignore[arg-type]
+            try:
+                record.validate()
+            except ValueError as e:
+                raise ControlError("invalid_argument", f"records[{i}]: {e}") from None
+            records.append(record)
+        zones = self.switch.network.zones
+        created = zname not in [z for z, _ in zones.zones()]
+        try:
+            zones.add_records(zname, records)
+        except ValueError as e:
+            if created:
+                zones.remove_zone(zname)
+            raise ControlError("invalid_argument", str(e)) from None
+        return zname
+
+    def add_dns_zone(self, zone: str) -> str:
+        zname = self._zone_name(zone)
+        try:
+            return self.switch.network.zones.add_zone(zname)
+        except ValueError as e:
+            raise ControlError("invalid_argument", f"zone: {e}") from None
+
+    def remove_dns_records(self, zone: str, names: list[str]) -> int:
+        zname = self._zone_name(zone)
+        if not names:
+            raise ControlError("invalid_argument", "names: is empty")
+        zones = self.switch.network.zones
+        if zname not in [z for z, _ in zones.zones()]:
+            raise ControlError("not_found", f"zone {zname} does not exist")
+        owners = []
+        for i, name in enumerate(names):
+            if not name.strip():
+                raise ControlError("invalid_argument", f"names[{i}]: is empty")
+            owner = self._owner(zname, name)
+            if why := _name_error(owner):
+                raise ControlError("invalid_argument", f"names[{i}]: {name!r} {why}")
+            owners.append(owner)
+        removed = zones.remove_records(zname, owners)
+        if not removed:
+            raise ControlError("not_found", f"none of {', '.join(owners)} has records in {zname}")
+        return removed
+
+    def remove_dns_record(self, zone: str, name: str, value: str) -> None:
+        """Remove the one record of `name` with `value` (an address or a CNAME target)."""
+        zname = self._zone_name(zone)
+        zones = self.switch.network.zones
+        records = dict(zones.zones()).get(zname)
+        if records is None:
+            raise ControlError("not_found", f"zone {zname} does not exist")
+        owner = self._owner(zname, name)
+        keep = [r for r in records if r.name == owner and r.value != value]
+        if len(keep) == len([r for r in records if r.name == owner]):
+            raise ControlError("not_found", f"{owner} has no record {value} in {zname}")
+        zones.remove_records(zname, [owner])
+        if keep:
+            zones.add_records(zname, keep)
+
+    def remove_dns_zone(self, zone: str) -> None:
+        zname = self._zone_name(zone)
+        if not self.switch.network.zones.remove_zone(zname):
+            raise ControlError("not_found", f"zone {zname} does not exist")
+
+    # ---- counters ---------------------------------------------------------------------
+
+    def stats(self) -> StatsSnapshot:
+        sw = self.switch
+        raw = sw.stats()
+        net: dict[str, int] = raw["network"]  # type: ignore[assignment]
+        links = list(sw.links.values())
+        closed = sw.closed_link_totals
+        protocols = {}
+        for name in ("tcp", "udp", "icmp", "arp"):
+            pc = ProtocolCounters(
+                packets_from_guests=net.get(f"{name}_packets_in", 0),
+                bytes_from_guests=net.get(f"{name}_bytes_in", 0),
+            )
+            if name == "arp":
+                pc.packets_to_guests = net.get("arp_replies_out", 0) + net.get(
+                    "arp_requests_out", 0
+                )
+                pc.bytes_to_guests = 28 * pc.packets_to_guests
+            else:
+                pc.packets_to_guests = net.get(f"{name}_packets_out", 0)
+                pc.bytes_to_guests = net.get(f"{name}_bytes_out", 0)
+            protocols[name] = pc
+        drops = {
+            key: value
+            for key, value in net.items()
+            if key.startswith(MALFORMED_PREFIXES)
+            or key.endswith("_dropped")
+            or key.endswith("_refused")
+        }
+        for key, value in raw["reassembly"].items():  # type: ignore[union-attr]
+            if key.endswith("_dropped"):
+                drops["reassembly_" + key] = value
+        malformed = sum(v for k, v in drops.items() if k.startswith(MALFORMED_PREFIXES))
+        counters = {
+            f"{group}.{key}": value
+            for group, values in raw.items()
+            if isinstance(values, dict) and group != "links"
+            for key, value in values.items()
+            if isinstance(value, int) and value >= 0
+        }
+        return StatsSnapshot(
+            time=time.time(),
+            frames_in=sum(link.counters.frames_in for link in links) + closed[0],
+            frames_out=sum(link.counters.frames_out for link in links) + closed[1],
+            bytes_in=sum(link.counters.bytes_in for link in links) + closed[2],
+            bytes_out=sum(link.counters.bytes_out for link in links) + closed[3],
+            protocols=protocols,
+            drops=drops,
+            malformed=malformed,
+            dropped=sum(drops.values()) - malformed,
+            tcp_connections=len(sw.network.tcp_conns),
+            tcp_pending_dials=len(sw.network.tcp_pending),
+            udp_flows=sw.udp_nat.active + len(sw.network.udp_sessions),
+            icmp_flows=len(sw.icmp_nat.flows),
+            forwards=len(self.forwards.table),
+            links=[
+                LinkSnapshot(
+                    link.name,
+                    link.port,
+                    link.counters.frames_in,
+                    link.counters.frames_out,
+                    link.counters.bytes_in,
+                    link.counters.bytes_out,
+                    link.counters.dropped_out,
+                    dict(link.counters.errors),
+                )
+                for link in links
+            ],
+            counters=counters,
+        )
+
+    # ---- tunnels into the guest network --------------------------------------------------
+
+    def tunnel_destination(self, address: str, field_name: str = "open.address") -> HostPort:
+        """`address` parsed and checked to be a guest's address:port in the subnet."""
+        try:
+            dest = parse_remote(address, field_name)
+        except AddressError as e:
+            raise ControlError("invalid_argument", str(e)) from None
+        network = self.switch.network
+        ip = ipaddress.IPv4Address(dest.host)
+        if ip not in network.subnet:
+            raise ControlError(
+                "invalid_argument",
+                f"{field_name}: {dest.host} is not inside the virtual network {network.subnet}",
+            )
+        return dest
+
+    def _open(self, dest: HostPort) -> tcp.TcpConnection:
+        network = self.switch.network
+        conn = self.forwards.open_to_guest(dest, via=network.gateway_ip)
+        if conn is None:
+            raise ControlError("unavailable", f"no free source port toward {dest}")
+        return conn
+
+    def open_tunnel(self, dest: HostPort) -> TunnelSession:
+        """A connection from the gateway to `dest`, driven by the caller (gRPC Tunnel)."""
+        conn = self._open(dest)
+        session = TunnelSession(conn, self.switch.tcp_nat.touch)
+        conn.app = session  # type: ignore[attr-defined]
+        self.switch.tcp_nat.touch(conn)
+        return session
+
+    def splice_tunnel(self, dest: HostPort, sock: socket.socket, first: bytes = b"") -> None:
+        """A connection from the gateway to `dest`, spliced to the host socket `sock` by
+        the same `HostSide` the NAT and the forwards use (gvproxy's /tunnel)."""
+        conn = self._open(dest)
+        side = HostSide(self.switch.tcp_nat, conn)
+        conn.app = side  # type: ignore[attr-defined]
+        self.switch.tcp_nat.hosts[conn] = side
+        if first:
+            conn.send(first)  # bytes the client sent before its tunnel was answered
+        sock.setblocking(False)
+        side.attach(sock)
+        self.switch.tcp_nat.touch(conn)
