@@ -13,7 +13,6 @@ It runs on the switch's event loop (no locks, no threads) and owns no sockets be
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import socket
 import time
 from dataclasses import dataclass, field
@@ -342,18 +341,13 @@ class Control:
     # ---- tunnels into the guest network --------------------------------------------------
 
     def tunnel_destination(self, address: str, field_name: str = "open.address") -> HostPort:
-        """`address` parsed and checked to be a guest's address:port in the subnet."""
+        """`address` parsed and checked to be a guest's address:port."""
         try:
             dest = parse_remote(address, field_name)
         except AddressError as e:
             raise ControlError("invalid_argument", str(e)) from None
-        network = self.switch.network
-        ip = ipaddress.IPv4Address(dest.host)
-        if ip not in network.subnet:
-            raise ControlError(
-                "invalid_argument",
-                f"{field_name}: {dest.host} is not inside the virtual network {network.subnet}",
-            )
+        # Only a guest: the gateway's own ports and .254 are not tunnel destinations.
+        self.forwards.check_guest_address(dest, field_name)
         return dest
 
     def _open(self, dest: HostPort) -> tcp.TcpConnection:

@@ -328,16 +328,18 @@ class Forwards:
             port = random.randint(32768, 60999)
         return ip, port
 
-    def _check_remote(self, remote: HostPort) -> None:
+    def check_guest_address(self, remote: HostPort, field: str = "remote") -> None:
+        """ControlError unless `remote` may be a guest: in the subnet, not the gateway,
+        a virtual address, the network or the broadcast address."""
         net = self.switch.network
         ip = ipaddress.IPv4Address(remote.host)
         if ip not in net.subnet:
-            raise ControlError("invalid_argument", f"remote: {ip} is not in {net.subnet}")
+            raise ControlError("invalid_argument", f"{field}: {ip} is not in {net.subnet}")
         if ip.packed in net.virtual_ips or ip in (
             net.subnet.network_address,
             net.subnet.broadcast_address,
         ):
-            raise ControlError("invalid_argument", f"remote: {ip} is not a guest address")
+            raise ControlError("invalid_argument", f"{field}: {ip} is not a guest address")
 
     @staticmethod
     def _local(protocol: str, local: str) -> tuple[str, str, HostPort | None]:
@@ -358,7 +360,7 @@ class Forwards:
             remote_hp = parse_remote(remote)
         except AddressError as e:
             raise ControlError("invalid_argument", str(e)) from None
-        self._check_remote(remote_hp)
+        self.check_guest_address(remote_hp)
         key = (protocol, local_text)
         for other in self.table.values():
             if other.key == key or (

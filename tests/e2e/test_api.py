@@ -274,7 +274,12 @@ def test_bad_requests_get_precise_statuses(hostd):
         (lambda: api.dns_remove("nope.internal", ["x"]), "NOT_FOUND", "nope.internal"),
         (lambda: list(api.capture(host="not-an-ip")), "INVALID_ARGUMENT", "filter.host"),
         (lambda: list(api.tunnel("192.168.127.2", [])), "INVALID_ARGUMENT", "open.address"),
-        (lambda: list(api.tunnel("10.1.1.1:22", [])), "INVALID_ARGUMENT", "not inside"),
+        (lambda: list(api.tunnel("10.1.1.1:22", [])), "INVALID_ARGUMENT", "is not in"),
+        # the gateway's own ports, host loopback, network and broadcast are no guests
+        (lambda: list(api.tunnel("192.168.127.1:53", [])), "INVALID_ARGUMENT", "not a guest"),
+        (lambda: list(api.tunnel("192.168.127.254:22", [])), "INVALID_ARGUMENT", "not a guest"),
+        (lambda: list(api.tunnel("192.168.127.0:22", [])), "INVALID_ARGUMENT", "not a guest"),
+        (lambda: list(api.tunnel("192.168.127.255:22", [])), "INVALID_ARGUMENT", "not a guest"),
     ]
     for call, code, text in cases:
         with pytest.raises(NetferryError) as e:

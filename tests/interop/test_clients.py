@@ -220,6 +220,51 @@ def test_node_example_against_hostd(hostd, node_example) -> None:
     exercise_example(node_example, hostd())
 
 
+# ---- Go's net/http against the gvproxy-compatible HTTP API ----------------------------
+
+
+@pytest.fixture(scope="session")
+def go_http_example(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """clients/go/httpexample: standard library only, built in GOPATH mode (no modules)."""
+    need("go", "apt-get install golang-go")
+    work = tmp_path_factory.mktemp("gohttp")
+    out = work / "httpexample"
+    env = dict(os.environ, GO111MODULE="off", GOPATH=str(work / "gopath"), GOPROXY="off",
+               GOCACHE=str(work / "cache"), CGO_ENABLED="0")  # fmt: skip
+    env.pop("GOFLAGS", None)
+    r = run(["go", "build", "-trimpath", "-o", str(out), "."], timeout=400,
+            cwd=GO_DIR / "httpexample", env=env)  # fmt: skip
+    assert r.returncode == 0, f"go build of clients/go/httpexample failed:\n{shown(r)}"
+    return str(out)
+
+
+def test_go_net_http_drives_the_http_api(hostd, go_http_example, short_tmp) -> None:
+    """Acceptance 4 of the gvproxy drop-in: what podman does, with Go's net/http alone."""
+    sock = str(short_tmp / "network.sock")
+    h = hostd("--http-api", f"unix://{sock}")
+    port = free_tcp_port()
+    r = run([go_http_example, sock, f"127.0.0.1:{port}", REMOTE])
+    assert r.returncode == 0, shown(r)
+    calls = {c["call"]: c for c in map(json.loads, r.stdout.splitlines())}
+    assert calls["all"]["body"] == "[]\n"
+    assert calls["expose"] == {"call": "expose", "status": 200, "body": ""}
+    assert calls["expose-again"]["status"] == 500
+    assert json.loads(calls["all-after-expose"]["body"]) == [
+        {"local": f"127.0.0.1:{port}", "remote": REMOTE, "protocol": "tcp"}
+    ]
+    assert calls["all-after-unexpose"]["body"] == "[]\n"
+    assert json.loads(calls["leases"]["body"]) == {"192.168.127.1": "5a:94:ef:e4:0c:dd"}
+    zones = {z["Name"]: z for z in json.loads(calls["dns-all"]["body"])}
+    assert zones["go.internal."]["Records"] == [
+        {"Name": "api", "IP": "192.168.127.9", "Regexp": None}
+    ]
+    # what the Go client changed is what the gRPC API sees
+    grpc_zones = {z.name: z for z in h.client().dns_zones()}
+    assert [(r.name, r.value) for r in grpc_zones["go.internal."].records] == [
+        ("api.go.internal.", "192.168.127.9")
+    ]
+
+
 # ---- grpcurl --------------------------------------------------------------------------
 
 
