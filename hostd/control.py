@@ -261,6 +261,30 @@ class Control:
         if keep:
             zones.add_records(zname, keep)
 
+    def add_dns_pattern(self, zone: str, pattern: str, address: str) -> None:
+        """gvproxy's regexp record: names of `zone` that `pattern` matches → `address`."""
+        zname = self._zone_name(zone)
+        try:
+            self.switch.network.zones.add_pattern(zname, pattern, address)
+        except ValueError as e:
+            raise ControlError("invalid_argument", str(e)) from None
+
+    def remove_dns_pattern(self, zone: str, pattern: str) -> None:
+        zname = self._zone_name(zone)
+        if not self.switch.network.zones.remove_pattern(zname, pattern):
+            raise ControlError("not_found", f"zone {zname} has no regexp record {pattern!r}")
+
+    def set_dns_default(self, zone: str, address: str | None) -> None:
+        """gvproxy's DefaultIP: every other name of `zone` → `address` (None: NXDOMAIN)."""
+        zname = self._zone_name(zone)
+        try:
+            self.switch.network.zones.set_default(zname, address)
+        except ValueError as e:
+            raise ControlError("invalid_argument", str(e)) from None
+
+    def dns_extras(self, zone: str) -> tuple[list[tuple[str, str]], str | None]:
+        return self.switch.network.zones.extras(zone)
+
     def remove_dns_zone(self, zone: str) -> None:
         zname = self._zone_name(zone)
         if not self.switch.network.zones.remove_zone(zname):

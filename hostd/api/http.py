@@ -31,6 +31,7 @@ import http
 import ipaddress
 import json
 import os
+import re
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -273,54 +274,69 @@ class GvproxyApi:
     def _zones(self) -> list[dict[str, object]]:
         out = []
         for zone, records in self.control.dns_zones():
-            rows = []
+            rows: list[dict[str, object]] = []
             for r in records:
                 if r.rtype == "CNAME":
                     continue  # gvproxy's records are addresses only
                 name = r.name[: -len(zone) - 1] if r.name.endswith("." + zone) else ""
                 rows.append({"Name": name, "IP": r.value, "Regexp": None})
-            out.append({"Name": zone, "Records": rows, "DefaultIP": ""})
+            patterns, default = self.control.dns_extras(zone)
+            rows += [{"Name": "", "IP": ip, "Regexp": p} for p, ip in patterns]
+            out.append({"Name": zone, "Records": rows, "DefaultIP": default or ""})
         return out
 
     @staticmethod
-    def _zone_body(body: bytes) -> tuple[str, list[dict[str, Any]]]:
+    def _zone_body(body: bytes) -> tuple[str, list[dict[str, Any]], str]:
+        """(zone name, records with lower-case keys, DefaultIP) of a types.Zone body."""
         obj = _decode_object(body, "types.Zone")
         name = _string(obj, "Name", "types.Zone")
         records = obj.get("records") or []
         if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
             raise BadRequest("json: cannot unmarshal Records into types.Zone.Records")
-        if _string(obj, "DefaultIP", "types.Zone"):
-            raise BadRequest("DefaultIP: a zone catch-all address is not supported by netferry")
         rows = [{str(k).lower(): v for k, v in r.items()} for r in records]
         for i, row in enumerate(rows):
-            if row.get("regexp"):
-                raise BadRequest(f"Records[{i}].Regexp: regexp records are not supported")
-        return name, rows
+            for key in ("name", "ip", "regexp"):
+                _string(row, key, f"types.Zone.Records[{i}]")
+        return name, rows, _string(obj, "DefaultIP", "types.Zone")
 
     async def _dns_add(self, body: bytes, caller: str | None) -> None:
-        zone, rows = self._zone_body(body)
+        zone, rows, default = self._zone_body(body)
         specs = []
-        for i, row in enumerate(rows):
-            ip = _string(row, "ip", f"types.Zone.Records[{i}]")
-            rtype = "AAAA" if ":" in ip else "A"
-            specs.append(DnsRecordSpec(_string(row, "name", "types.Record"), rtype, ip))
+        for row in rows:
+            ip = row.get("ip") or ""
+            if row.get("regexp"):
+                continue
+            specs.append(DnsRecordSpec(row.get("name") or "", "AAAA" if ":" in ip else "A", ip))
+        for i, row in enumerate(rows):  # checked before anything changes: all or nothing
+            if row.get("regexp"):
+                try:
+                    re.compile(row["regexp"])
+                    ipaddress.ip_address(row.get("ip") or "")
+                except (re.error, ValueError) as e:
+                    raise BadRequest(f"Records[{i}]: {e}") from None
         if specs:
             self.control.add_dns_records(zone, specs)
         else:
             self.control.add_dns_zone(zone)
+        for row in rows:
+            if row.get("regexp"):
+                self.control.add_dns_pattern(zone, row["regexp"], row.get("ip") or "")
+        if default:
+            self.control.set_dns_default(zone, default)
 
     async def _dns_remove(self, body: bytes, caller: str | None) -> None:
-        zone, _ = self._zone_body(body)
+        zone, _, _ = self._zone_body(body)
         self.control.remove_dns_zone(zone)
 
     async def _dns_remove_record(self, body: bytes, caller: str | None) -> None:
-        zone, rows = self._zone_body(body)
+        zone, rows, _ = self._zone_body(body)
         if not rows:
             raise BadRequest("Records: is empty")
-        for i, row in enumerate(rows):
-            name = _string(row, "name", f"types.Zone.Records[{i}]")
-            ip = _string(row, "ip", f"types.Zone.Records[{i}]")
-            if ip:
+        for row in rows:
+            name, ip, pattern = row.get("name") or "", row.get("ip") or "", row.get("regexp")
+            if pattern:
+                self.control.remove_dns_pattern(zone, pattern)
+            elif ip:
                 self.control.remove_dns_record(zone, name, ip)
             else:
                 self.control.remove_dns_records(zone, [name])

@@ -240,6 +240,11 @@ class DnsZones:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._zones: dict[str, list[DnsRecord]] = {}
+        # gvproxy's zone extras: records whose name is a regular expression (searched in the
+        # name relative to the zone) and a catch-all address; both answer only names that
+        # have no record of their own.
+        self._patterns: dict[str, list[tuple[str, re.Pattern[str], str]]] = {}
+        self._defaults: dict[str, str] = {}
         self.serial = 1  # bumped on every change; used as SOA serial
 
     # -- mutation -----------------------------------------------------------------------
@@ -257,6 +262,8 @@ class DnsZones:
         name = normalize_name(zone)
         with self._lock:
             removed = self._zones.pop(name, None) is not None
+            self._patterns.pop(name, None)
+            self._defaults.pop(name, None)
             if removed:
                 self.serial += 1
         return removed
@@ -316,6 +323,51 @@ class DnsZones:
                 self.serial += 1
             return removed
 
+    def add_pattern(self, zone: str, pattern: str, address: str) -> None:
+        """A record for every name of `zone` (relative to it) that `pattern` matches."""
+        zname = self._check_zone(zone)
+        try:
+            compiled = re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f"regexp {pattern!r}: {e}") from None
+        _check_address(address)
+        with self._lock:
+            self._zones.setdefault(zname, [])
+            patterns = self._patterns.setdefault(zname, [])
+            if all((p, a) != (pattern, address) for p, _, a in patterns):
+                patterns.append((pattern, compiled, address))
+            self.serial += 1
+
+    def remove_pattern(self, zone: str, pattern: str) -> int:
+        zname = normalize_name(zone)
+        with self._lock:
+            patterns = self._patterns.get(zname, [])
+            kept = [p for p in patterns if p[0] != pattern]
+            self._patterns[zname] = kept
+            if len(kept) != len(patterns):
+                self.serial += 1
+            return len(patterns) - len(kept)
+
+    def set_default(self, zone: str, address: str | None) -> None:
+        """The address every other name in `zone` resolves to (None: NXDOMAIN again)."""
+        zname = self._check_zone(zone)
+        if address:
+            _check_address(address)
+        with self._lock:
+            self._zones.setdefault(zname, [])
+            if address:
+                self._defaults[zname] = address
+            else:
+                self._defaults.pop(zname, None)
+            self.serial += 1
+
+    def extras(self, zone: str) -> tuple[list[tuple[str, str]], str | None]:
+        """(pattern, address) pairs and the catch-all address of `zone`."""
+        zname = normalize_name(zone)
+        with self._lock:
+            patterns = [(p, a) for p, _, a in self._patterns.get(zname, [])]
+            return patterns, self._defaults.get(zname)
+
     # -- queries ------------------------------------------------------------------------
 
     def zones(self) -> list[tuple[str, list[DnsRecord]]]:
@@ -358,6 +410,12 @@ class DnsZones:
                     continue
                 if current == cur_zone and tname == "SOA":
                     return LocalAnswer(RCODE_NOERROR, answers, zone, cur_zone, soa_in_answer=True)
+                if not recs and current != cur_zone:
+                    extra = self._extra_locked(current, cur_zone)
+                    if extra is not None:
+                        if tname in (extra.rtype, "ANY"):
+                            return LocalAnswer(RCODE_NOERROR, [*answers, extra], zone)
+                        return LocalAnswer(RCODE_NOERROR, answers, zone, soa_zone=cur_zone)
                 exists = (
                     bool(recs)
                     or current == cur_zone
@@ -378,12 +436,29 @@ class DnsZones:
             raise ValueError(f"zone {zone!r} {why}")
         return name
 
+    def _extra_locked(self, name: str, zone: str) -> DnsRecord | None:
+        relative = name[: -len(zone) - 1]
+        for _, compiled, address in self._patterns.get(zone, ()):
+            if compiled.search(relative):
+                return DnsRecord(name, "AAAA" if ":" in address else "A", address)
+        default = self._defaults.get(zone)
+        if default is not None:
+            return DnsRecord(name, "AAAA" if ":" in default else "A", default)
+        return None
+
     def _zone_for_locked(self, name: str) -> str | None:
         best: str | None = None
         for zone in self._zones:
             if _in_zone(name, zone) and (best is None or len(zone) > len(best)):
                 best = zone
         return best
+
+
+def _check_address(address: str) -> None:
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        raise ValueError(f"address {address!r} is not an IPv4 or IPv6 address") from None
 
 
 def default_zones(gateway: str, host: str) -> DnsZones:

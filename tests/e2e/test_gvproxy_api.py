@@ -155,6 +155,24 @@ def test_dns_endpoints_answer_the_guest(hostd, guest, short_tmp) -> None:
     ]
     dig = g.ns.run("dig", "+short", "+time=2", "+tries=2", "@192.168.127.1", "db.test.internal")
     assert dig.stdout.split() == ["192.168.127.7"]
+    # CRC's shape: a regexp record for every app name, and a zone catch-all
+    crc = {"Name": "apps-crc.testing.",
+           "Records": [{"Name": "", "IP": "192.168.127.11", "Regexp": "^.*-console$"}],
+           "DefaultIP": "192.168.127.12"}  # fmt: skip
+    assert curl("http:/unix/services/dns/add", "-d", json.dumps(crc), sock=api)[0] == 200
+    zones = {z["Name"]: z for z in json.loads(curl("http:/unix/services/dns/all", sock=api)[2])}
+    assert zones["apps-crc.testing."] == {
+        "Name": "apps-crc.testing.",
+        "Records": [{"Name": "", "IP": "192.168.127.11", "Regexp": "^.*-console$"}],
+        "DefaultIP": "192.168.127.12",
+    }
+    for name, want in (("web-console", "192.168.127.11"), ("other", "192.168.127.12")):
+        dig = g.ns.run("dig", "+short", "+time=2", "+tries=2", "@192.168.127.1",
+                       f"{name}.apps-crc.testing")  # fmt: skip
+        assert dig.stdout.split() == [want], (name, dig.stdout)
+    bad = {"Name": "x.test.", "Records": [{"IP": "192.168.127.3", "Regexp": "(unclosed"}]}
+    status, _, msg = curl("http:/unix/services/dns/add", "-d", json.dumps(bad), sock=api)
+    assert status == 400 and b"Records[0]" in msg
     # gvisor-tap-vsock's newer removal endpoints
     one = {"Name": "test.internal.", "Records": [{"Name": "db", "IP": "192.168.127.7"}]}
     assert curl("http:/unix/services/dns/remove/record", "-d", json.dumps(one), sock=api)[0] == 200

@@ -18,9 +18,12 @@ from dnslib import AAAA, EDNS0, MX, QTYPE, RR, SRV, TXT, A, DNSRecord
 from dnslib.server import DNSHandler, DNSLogger, DNSServer
 
 from hostd.services.dns import (
+    RCODE_NOERROR,
+    RCODE_NXDOMAIN,
     DnsForwarder,
     DnsRecord,
     DnsResolver,
+    DnsZones,
     ForwardQuery,
     default_zones,
     parse_record_spec,
@@ -822,3 +825,39 @@ def test_forward_concurrent(upstream: Upstream) -> None:
         parsed = DNSRecord.parse(answer)
         assert parsed.q == DNSRecord.parse(query).q
     assert sorted(a for _, a in upstream.sent) == sorted(answers)
+
+
+# ---- gvproxy's zone extras: regexp records and a catch-all address ------------------
+
+
+def test_regexp_record_answers_names_without_their_own_records() -> None:
+    zones = DnsZones()
+    zones.add_records("apps.test.", [DnsRecord("fixed.apps.test.", "A", "192.168.127.5")])
+    zones.add_pattern("apps.test.", r"^[a-z]+-crc$", "192.168.127.11")
+    hit = zones.lookup("console-crc.apps.test.", "A")
+    assert hit is not None and [r.value for r in hit.answers] == ["192.168.127.11"]
+    assert hit.answers[0].name == "console-crc.apps.test."
+    # its own record wins over the pattern; a name the pattern misses is NXDOMAIN
+    assert [r.value for r in zones.lookup("fixed.apps.test.", "A").answers] == ["192.168.127.5"]
+    assert zones.lookup("Console2.apps.test.", "A").rcode == RCODE_NXDOMAIN
+    # an A-only pattern answers AAAA with NODATA, not NXDOMAIN
+    nodata = zones.lookup("console-crc.apps.test.", "AAAA")
+    assert nodata.rcode == RCODE_NOERROR and nodata.answers == []
+    assert zones.extras("apps.test.") == ([(r"^[a-z]+-crc$", "192.168.127.11")], None)
+    assert zones.remove_pattern("apps.test.", r"^[a-z]+-crc$") == 1
+    assert zones.lookup("console-crc.apps.test.", "A").rcode == RCODE_NXDOMAIN
+
+
+def test_zone_default_address_and_bad_extras() -> None:
+    zones = DnsZones()
+    zones.set_default("catch.test.", "192.168.127.9")
+    assert [r.value for r in zones.lookup("anything.catch.test.", "A").answers] == ["192.168.127.9"]
+    zones.set_default("catch.test.", None)
+    assert zones.lookup("anything.catch.test.", "A").rcode == RCODE_NXDOMAIN
+    with pytest.raises(ValueError, match="regexp"):
+        zones.add_pattern("catch.test.", "(unclosed", "192.168.127.9")
+    with pytest.raises(ValueError, match="not an IPv4 or IPv6"):
+        zones.set_default("catch.test.", "nope")
+    zones.add_pattern("catch.test.", ".*", "192.168.127.9")
+    assert zones.remove_zone("catch.test.")
+    assert zones.extras("catch.test.") == ([], None)
