@@ -231,6 +231,88 @@ def test_unix_len16le_framing_both_ways(sockdir):
     run(main())
 
 
+GVFORWARDER_PREFACE = (
+    b"POST /connect HTTP/1.1\r\nHost: \r\nUser-Agent: Go-http-client/1.1\r\n"
+    b"Content-Length: 0\r\n\r\n"
+)
+
+
+@pytest.mark.parametrize("query", ["", "?framing=len16le"])
+@pytest.mark.parametrize("chunk", [1, 7, 85, 4096])
+def test_connect_preface_switches_a_stream_link_to_len16le(sockdir, query, chunk):
+    """gvforwarder's 85-byte POST /connect, however it is split across reads, is skipped
+    (nothing answered) and the frames after it are 2-byte LE, whatever the listener's
+    framing; the frames in the same write as the preface are not lost."""
+    path = str(sockdir / "s.sock")
+
+    async def main():
+        sink = Sink()
+        ep = await open_endpoint(parse_link_uri(f"unix://{path}{query}"), sink)
+        r, w = await asyncio.open_unix_connection(path)
+        await until(lambda: sink.opened, "link")
+        (link,) = sink.opened
+        frames = [frame(1), frame(2, 1514)]
+        data = GVFORWARDER_PREFACE + b"".join(len16(f) for f in frames)
+        for i in range(0, len(data), chunk):
+            w.write(data[i : i + chunk])
+            await w.drain()
+        await until(lambda: len(sink.frames_of(link)) == 2, "frames after the preface")
+        assert sink.frames_of(link) == frames
+        assert await nothing_more(r)  # no HTTP answer: gvforwarder reads none
+        link.send_frames([frame(9, 300)])
+        (length,) = struct.unpack("<H", await r.readexactly(2))
+        assert await r.readexactly(length) == frame(9, 300)
+        close_all(sink, ep)
+        await close_writer(w)
+
+    run(main())
+
+
+@pytest.mark.parametrize(
+    "first",
+    [
+        b"POST /connect HTTP/1.0\r\n",  # diverges late: frames in the listener's framing
+        b"PO",  # a 2-byte prefix only, then frames
+    ],
+)
+def test_bytes_that_are_not_the_preface_stay_frames(sockdir, first):
+    path = str(sockdir / "s.sock")
+
+    async def main():
+        sink = Sink()
+        ep = await open_endpoint(parse_link_uri(f"unix://{path}?framing=len16le"), sink)
+        _r, w = await asyncio.open_unix_connection(path)
+        await until(lambda: sink.opened, "link")
+        (link,) = sink.opened
+        # "PO" read as a 2-byte LE length is 20304: a frame of that size follows.
+        body = first[2:] + bytes(0x4F50 - len(first) + 2)
+        w.write(first[:2] + body)
+        await until(lambda: sink.frames_of(link), "the frame")
+        assert sink.frames_of(link) == [body] and not link.closed
+        close_all(sink, ep)
+        await close_writer(w)
+
+    run(main())
+
+
+def test_connect_preface_without_end_closes_only_that_link(sockdir):
+    path = str(sockdir / "s.sock")
+
+    async def main():
+        sink = Sink()
+        ep = await open_endpoint(parse_link_uri(f"unix://{path}"), sink)
+        _r, w = await asyncio.open_unix_connection(path)
+        await until(lambda: sink.opened, "link")
+        (link,) = sink.opened
+        w.write(b"POST /connect HTTP/1.1\r\n" + b"X-Long: " + b"a" * 9000)
+        await until(lambda: sink.is_closed(link), "closed")
+        assert "POST /connect header" in sink.reason(link)
+        close_all(sink, ep)
+        await close_writer(w)
+
+    run(main())
+
+
 def free_tcp_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
