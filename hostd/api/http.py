@@ -493,7 +493,12 @@ class HttpExchange:
                 return None
 
     async def answer(self, method: str, target: str, body: bytes) -> bytes | Hijack:
-        result = await self.api.handle(method, target, body, self.caller, self.connect)
+        """The response's bytes (or the hijack); a bug in a handler is a 500, never a hang."""
+        try:
+            result = await self.api.handle(method, target, body, self.caller, self.connect)
+        except Exception:
+            log.exception("http.handler_failed", target=target)
+            result = Response.fail(500, "internal error")
         if isinstance(result, Hijack):
             return result
         return _render(self.h11, result)
@@ -563,11 +568,7 @@ class HttpApiProtocol(asyncio.Protocol):
         task.add_done_callback(self.server.tasks.discard)
 
     async def _answer(self, method: str, target: str, body: bytes) -> None:
-        try:
-            out = await self.exchange.answer(method, target, body)
-        except Exception:
-            log.exception("http.handler_failed", target=target)
-            out = self.exchange.render_error(Response.fail(500, "internal error"))
+        out = await self.exchange.answer(method, target, body)
         if self.transport is None:
             return
         if isinstance(out, Hijack):
@@ -717,11 +718,7 @@ class GatewayHttpSession:
         self.task = asyncio.get_running_loop().create_task(self._answer(*got))
 
     async def _answer(self, method: str, target: str, body: bytes) -> None:
-        try:
-            out = await self.exchange.answer(method, target, body)
-        except Exception:
-            log.exception("http.handler_failed", target=target)
-            out = self.exchange.render_error(Response.fail(500, "internal error"))
+        out = await self.exchange.answer(method, target, body)
         assert not isinstance(out, Hijack)  # no /connect or /tunnel inside
         self._send(out)
         self.busy = False
