@@ -386,14 +386,15 @@ def gvproxy_stats(snap: StatsSnapshot) -> dict[str, object]:
         "DroppedPackets": snap.dropped + snap.malformed,
         "ARP": {
             "PacketsReceived": p["arp"].packets_from_guests,
-            "RequestsReceived": n("network.arp_requests_in"),
             "OutgoingRequestsSent": n("network.arp_requests_out"),
             "OutgoingRepliesSent": n("network.arp_replies_out"),
         },
         "ICMP": {
             "V4": {
-                "PacketsReceived": {"Echo": n("network.icmp_in")},
-                "PacketsSent": {"EchoReply": n("network.icmp_packets_out")},
+                "PacketsReceived": {
+                    "Echo": n("network.icmp_in") - n("network.icmp_non_echo_dropped")
+                },
+                "PacketsSent": {"EchoReply": n("network.icmp_echo_replies")},
             }
         },
         "IGMP": {},
