@@ -31,12 +31,37 @@ finish() {
     sleep 60
 }
 
+# The value of kernel command-line word "nf.$1=VALUE", empty if there is none.
+arg() {
+    for w in $(cat /proc/cmdline); do
+        case "$w" in
+        "nf.$1="*)
+            echo "${w#*=}"
+            return
+            ;;
+        esac
+    done
+}
+
+# Uptime in centiseconds (UML's clock is the host's), for the benchmark's timings.
+now_cs() {
+    read -r up _ </proc/uptime
+    echo $((${up%.*} * 100 + 1${up#*.} - 100))
+}
+
 ip link set lo up
 if ! ip link set vec0 up; then
     echo "NETFERRY-NIC fail"
     finish
 fi
-if ! udhcpc -i vec0 -n -q -t 10 -T 2 -O mtu -s /run/nf/udhcpc.sh; then
+static_addr=$(arg addr)
+if [ -n "$static_addr" ]; then
+    # A fixed address (slirp4netns's plan: 10.0.2.100/24 via 10.0.2.2), no DHCP.
+    if ! ip addr add "$static_addr" dev vec0 || ! ip route add default via "$(arg gw)"; then
+        echo "NETFERRY-STATIC fail"
+        finish
+    fi
+elif ! udhcpc -i vec0 -n -q -t 10 -T 2 -O mtu -s /run/nf/udhcpc.sh; then
     echo "NETFERRY-DHCP fail"
     finish
 fi
@@ -58,18 +83,30 @@ for word in $(cat /proc/cmdline); do
             echo "NETFERRY-PING fail"
         fi
         ;;
+    addr | gw) ;; # applied above
     fetch)
         # Streamed into sha256sum, so the size is not bounded by the guest's memory.
         # Debian's busybox 1.35 "wget -T" segfaults, hence the outer timeout.
+        start=$(now_cs)
         sum=$({
             timeout 600 wget -q -O - "$val"
             echo $? >/tmp/wget.rc
         } | sha256sum | cut -d' ' -f1)
         rc=$(cat /tmp/wget.rc)
         if [ "$rc" = 0 ]; then
+            echo "NETFERRY-FETCHTIME cs=$(($(now_cs) - start))"
             echo "NETFERRY-FETCH sha256=$sum"
         else
             echo "NETFERRY-FETCH fail wget-exit=$rc"
+        fi
+        ;;
+    sink)
+        # The same transfer into /dev/null: the network alone, without the guest's hashing.
+        start=$(now_cs)
+        if timeout 600 wget -q -O /dev/null "$val"; then
+            echo "NETFERRY-SINK cs=$(($(now_cs) - start))"
+        else
+            echo "NETFERRY-SINK fail"
         fi
         ;;
     *)
