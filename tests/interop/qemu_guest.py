@@ -307,7 +307,7 @@ def build_guest(cache_dir: Path | None = None) -> GuestImage:
     return image
 
 
-def _check_step(key: str, value: str) -> None:
+def check_step(key: str, value: str) -> None:
     if not STEP_RE.match(key):
         raise ValueError(f"bad step name {key!r}")
     if not value or any(c.isspace() or c in "\"'\\" for c in value):
@@ -326,7 +326,7 @@ def qemu_command(
     if "," in socket_path:
         raise ValueError(f"socket path {socket_path!r} must not contain ','")
     for key, value in steps.items():
-        _check_step(key, value)
+        check_step(key, value)
     append = ["console=ttyS0", "panic=-1", "quiet", "ipv6.disable=1"]
     append += [f"nf.{k}={v}" for k, v in steps.items()]
     return [

@@ -1,0 +1,117 @@
+#!/bin/sh
+# init of the netferry User Mode Linux test guest (see tests/interop/uml_guest.py).
+# The root is the host's filesystem over hostfs, read-only; writable state lives in two
+# tmpfs mounts that only the guest sees. Test steps come from kernel command-line words
+# "nf.<step>=<value>"; results are printed on the console (con0 = UML's stdout) as lines
+# starting with "NETFERRY-" for the test to parse. Programs are the host's busybox.
+
+# UML runs under uml_exec.py, which keeps only x87/SSE state across its context switches:
+# keep glibc's string functions off AVX (without this busybox prints "%s" raw).
+export GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX,-AVX2,-AVX512F,-AVX512VL,-AVX512BW,-AVX512DQ,-AVX_Fast_Unaligned_Load
+bb=/bin/busybox
+here=$($bb dirname "$0")
+$bb mount -t proc proc /proc
+$bb mount -t sysfs sysfs /sys
+# /run for our tools, /tmp for udhcpc's lease file (the QEMU guest's hook writes /tmp/lease).
+$bb mount -t tmpfs -o size=4m tmpfs /run
+$bb mkdir -p /run/nf/bin
+$bb cp "$here/qemu_udhcpc.sh" /run/nf/udhcpc.sh
+$bb chmod 755 /run/nf/udhcpc.sh
+for applet in cat cut ip ping poweroff sha256sum sleep sync timeout tr udhcpc wget; do
+    $bb ln -s $bb "/run/nf/bin/$applet"
+done
+$bb mount -t tmpfs -o size=4m tmpfs /tmp
+export PATH=/run/nf/bin
+echo "NETFERRY-INIT start"
+
+finish() {
+    echo "NETFERRY-DONE"
+    sync
+    poweroff -f
+    sleep 60
+}
+
+# The value of kernel command-line word "nf.$1=VALUE", empty if there is none.
+arg() {
+    for w in $(cat /proc/cmdline); do
+        case "$w" in
+        "nf.$1="*)
+            echo "${w#*=}"
+            return
+            ;;
+        esac
+    done
+}
+
+# Uptime in centiseconds (UML's clock is the host's), for the benchmark's timings.
+now_cs() {
+    read -r up _ </proc/uptime
+    echo $((${up%.*} * 100 + 1${up#*.} - 100))
+}
+
+ip link set lo up
+if ! ip link set vec0 up; then
+    echo "NETFERRY-NIC fail"
+    finish
+fi
+static_addr=$(arg addr)
+if [ -n "$static_addr" ]; then
+    # A fixed address (slirp4netns's plan: 10.0.2.100/24 via 10.0.2.2), no DHCP.
+    if ! ip addr add "$static_addr" dev vec0 || ! ip route add default via "$(arg gw)"; then
+        echo "NETFERRY-STATIC fail"
+        finish
+    fi
+elif ! udhcpc -i vec0 -n -q -t 10 -T 2 -O mtu -s /run/nf/udhcpc.sh; then
+    echo "NETFERRY-DHCP fail"
+    finish
+fi
+
+for word in $(cat /proc/cmdline); do
+    case "$word" in
+    nf.*=*) ;;
+    *) continue ;;
+    esac
+    key=${word%%=*}
+    key=${key#nf.}
+    val=${word#*=}
+    case "$key" in
+    ping)
+        if ping -c 2 -W 3 "$val" >/tmp/ping.out 2>&1; then
+            echo "NETFERRY-PING ok"
+        else
+            cat /tmp/ping.out
+            echo "NETFERRY-PING fail"
+        fi
+        ;;
+    addr | gw) ;; # applied above
+    fetch)
+        # Streamed into sha256sum, so the size is not bounded by the guest's memory.
+        # Debian's busybox 1.35 "wget -T" segfaults, hence the outer timeout.
+        start=$(now_cs)
+        sum=$({
+            timeout 600 wget -q -O - "$val"
+            echo $? >/tmp/wget.rc
+        } | sha256sum | cut -d' ' -f1)
+        rc=$(cat /tmp/wget.rc)
+        if [ "$rc" = 0 ]; then
+            echo "NETFERRY-FETCHTIME cs=$(($(now_cs) - start))"
+            echo "NETFERRY-FETCH sha256=$sum"
+        else
+            echo "NETFERRY-FETCH fail wget-exit=$rc"
+        fi
+        ;;
+    sink)
+        # The same transfer into /dev/null: the network alone, without the guest's hashing.
+        start=$(now_cs)
+        if timeout 600 wget -q -O /dev/null "$val"; then
+            echo "NETFERRY-SINK cs=$(($(now_cs) - start))"
+        else
+            echo "NETFERRY-SINK fail"
+        fi
+        ;;
+    *)
+        echo "NETFERRY-UNKNOWN $key"
+        ;;
+    esac
+done
+finish
