@@ -435,3 +435,31 @@ def test_nat_ruleset() -> None:
     assert text.startswith("table ip netferry\ndelete table ip netferry\n")  # replace, atomically
     limited = nat_rules.ruleset(ports=[8080, 53, 8080])
     assert "th dport { 53, 8080 }" in limited
+
+
+# ---- wsl-proxy: Rancher Desktop's JSON PortMapping -----------------------------------------
+
+
+def test_rancher_desktop_port_mapping_parsing() -> None:
+    from guestd.wsl_proxy import JsonRequestError, parse_port_mapping
+
+    remove, items = parse_port_mapping(
+        {"remove": True, "connectAddrs": None,
+         "ports": {"8080/TCP": [{"HostIp": "", "HostPort": "18080"}],
+                   "53": [{"HostIp": "127.0.0.1", "HostPort": "5353"}],
+                   "9/udp": None}}
+    )  # fmt: skip
+    assert remove is True
+    assert [(m.protocol, m.host_ip, m.port) for _, m, _ in items if m is not None] == [
+        (pb.MAPPING_PROTOCOL_TCP, "0.0.0.0", 18080),  # empty HostIp: every address (docker)
+        (pb.MAPPING_PROTOCOL_TCP, "127.0.0.1", 5353),  # no /proto: tcp, as docker
+    ]
+    assert parse_port_mapping({}) == (False, [])
+    _, bad = parse_port_mapping({"ports": {"1/tcp": [{"HostPort": "x"}], "2/tcp": {}}})
+    assert [why for _, m, why in bad] == [
+        "HostPort: 'x' is not a port number",
+        'ports["2/tcp"]: expected a list',
+    ]
+    for doc, why in (([1], "expected a JSON object"), ({"remove": 1}, '"remove": expected')):
+        with pytest.raises(JsonRequestError, match=why):
+            parse_port_mapping(doc)
