@@ -138,3 +138,64 @@ def test_parse_bool() -> None:
     assert parse_bool("true") and not parse_bool("0")
     with pytest.raises(ValueError, match="invalid boolean"):
         parse_bool("on")
+
+
+# ---- the seeds' command lines, as Rancher Desktop writes them ------------------------------
+
+
+def test_rancher_desktop_network_setup_argv() -> None:
+    from guestd import network_setup
+
+    a = parse_args(
+        network_setup.build_parser(),
+        ["--logfile", "/l/ns.log", "--vm-switch-path", "/usr/local/bin/vm-switch",
+         "--vm-switch-logfile", "/l/vs.log", "-debug", "-trace-packets", "--unshare-arg",
+         "/usr/local/bin/wsl-init", "-subnet=192.168.127.0/24", "-dhcp-script", ""],
+        network_setup.GO_ALIASES,
+    )  # fmt: skip
+    assert (a.log_file, a.vm_switch_path, a.vm_switch_log_file) == (
+        "/l/ns.log", "/usr/local/bin/vm-switch", "/l/vs.log",
+    )  # fmt: skip
+    assert a.debug and a.trace_packets and a.unshare_arg == ["/usr/local/bin/wsl-init"]
+    assert a.subnet == "192.168.127.0/24" and a.dhcp_script == ""
+
+
+def test_rancher_desktop_vm_switch_argv() -> None:
+    from guestd import vm_switch
+
+    argv = ["-tap-interface", "eth0", "-subnet", "192.168.127.0/24", "-tap-mac-address",
+            "5a:94:ef:e4:0c:ee", "-dhcp-script", "", "-logfile", "/l/vs.log", "-debug"]  # fmt: skip
+    a = parse_args(vm_switch.build_parser(), argv, vm_switch.GO_ALIASES)
+    assert (a.tap_interface, a.subnet, a.tap_mac_address, a.dhcp_script, a.log_file) == (
+        "eth0", "192.168.127.0/24", "5a:94:ef:e4:0c:ee", "", "/l/vs.log",
+    )  # fmt: skip
+    assert a.debug and a.connect is None  # main() then takes the inherited fd 3
+    a = parse_args(vm_switch.build_parser(), ["-vsock-fd", "5"], vm_switch.GO_ALIASES)
+    assert a.connect == "fd://5?framing=len16le"
+    with pytest.raises(SystemExit):
+        parse_args(vm_switch.build_parser(), ["-vsock-fd=-1"], vm_switch.GO_ALIASES)
+
+
+def test_rancher_desktop_wsl_proxy_argv() -> None:
+    from guestd import wsl_proxy
+
+    a = parse_args(
+        wsl_proxy.build_parser(),
+        ["-debug=false", "-logfile=/l/wp.log", "-socketFile", "/run/x.sock",
+         "-upstreamAddress=192.168.143.1", "-udpBuffer", "8388608"],
+        wsl_proxy.GO_ALIASES,
+    )  # fmt: skip
+    assert not a.debug and a.log_file == "/l/wp.log" and a.socket == "/run/x.sock"
+    assert a.upstream_address == "192.168.143.1" and a.udp_buffer == 8 << 20
+
+
+def test_rancher_desktop_host_switch_argv() -> None:
+    from hostd import cli
+
+    a = parse_args(
+        cli.build_parser(),
+        ["-debug", "-subnet", "192.168.127.0/24", "--port-forward",
+         "127.0.0.1:6443=192.168.127.2:6443", "-listen", "unix:///x"],
+    )  # fmt: skip
+    assert a.debug and a.subnet == "192.168.127.0/24" and a.listen == ["unix:///x"]
+    assert a.port_forward == ["127.0.0.1:6443=192.168.127.2:6443"]
