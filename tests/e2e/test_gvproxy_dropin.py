@@ -1,0 +1,136 @@
+"""netferry-gvproxy end to end: gvproxy's command line runs host-switch.
+
+A guest (vm-switch with the kernel in a namespace, as the `guest` fixture makes it) dials
+the `-listen-qemu` socket, gets its lease and fetches from the host's loopback through .254.
+DNS goes to the test's own loopback resolver (`-dns-upstream`, netferry's addition).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import (
+    STARTED,
+    DnsUpstream,
+    HttpServer,
+    _bin,
+    free_tcp_port,
+    stop_process,
+    wait_for,
+)
+
+pytestmark = pytest.mark.e2e
+
+ECHO_22 = r"""
+import socket, threading
+s = socket.create_server(("0.0.0.0", 22))
+print("listening", flush=True)
+def echo(c):
+    with c:
+        while d := c.recv(65536):
+            c.sendall(d)
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=echo, args=(c,), daemon=True).start()
+"""
+
+
+class Gvproxy:
+    def __init__(self, proc: subprocess.Popen, d: Path) -> None:
+        self.proc, self.dir = proc, d
+
+    @property
+    def log(self) -> str:
+        p = self.dir / "gvproxy.log"
+        return p.read_text() if p.exists() else ""
+
+
+@pytest.fixture
+def gvproxy(short_tmp: Path, dns_upstream: DnsUpstream) -> Iterator:
+    started: list[subprocess.Popen] = []
+
+    def start(*flags: str) -> Gvproxy:
+        d = short_tmp / f"gv{len(started)}"
+        d.mkdir()
+        argv = [_bin("netferry-gvproxy"), *flags, "-log-file", str(d / "gvproxy.log"),
+                "-dns-upstream", dns_upstream.spec]  # fmt: skip
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        STARTED.append(proc)
+        started.append(proc)
+        g = Gvproxy(proc, d)
+
+        def ready() -> bool:
+            if proc.poll() is not None:
+                err = proc.stderr.read().decode() if proc.stderr else ""
+                pytest.fail(f"netferry-gvproxy exited {proc.returncode}: {err}\n{g.log}")
+            return "hostd.ready" in g.log
+
+        wait_for(ready, 15, "netferry-gvproxy to listen")
+        return g
+
+    try:
+        yield start
+    finally:
+        for p in started:
+            stop_process(p)
+
+
+def test_qemu_listener_lease_fetch_and_pid_file(
+    gvproxy, guest, short_tmp: Path, http_server: HttpServer
+) -> None:
+    sock, pid_file = short_tmp / "qemu.sock", short_tmp / "gvproxy.pid"
+    g = gvproxy("-listen-qemu", f"unix://{sock}", "-ssh-port", "-1", "-pid-file", str(pid_file),
+                "-mtu", "0", "-debug")  # fmt: skip
+    assert pid_file.read_text().strip() == str(g.proc.pid)
+    vm = guest(None, connect=f"unix://{sock}")
+    assert vm.addr() == "192.168.127.2/24"
+    r = vm.ns.run("curl", "-s", "-m", "20", f"http://192.168.127.254:{http_server.port}/blob?mib=8",
+                  text=False)  # fmt: skip
+    want = hashlib.sha256(http_server.blob.path.read_bytes()[: 8 << 20]).hexdigest()
+    assert hashlib.sha256(r.stdout).hexdigest() == want
+    assert "mtu=1500" in g.log  # -mtu 0 is gvproxy's 1500
+    stop_process(g.proc)
+    assert g.proc.returncode == 0
+    assert not pid_file.exists() and not sock.exists()
+
+
+def test_ssh_port_forwards_to_the_guest_port_22(gvproxy, guest, short_tmp: Path) -> None:
+    sock, port = short_tmp / "qemu.sock", free_tcp_port()
+    gvproxy("-listen-qemu", f"unix://{sock}", f"-ssh-port={port}")
+    vm = guest(None, connect=f"unix://{sock}")
+    server = vm.ns.popen(sys.executable, "-c", ECHO_22, stdout=subprocess.PIPE, text=True)
+    STARTED.append(server)
+    try:
+        assert server.stdout is not None and server.stdout.readline().strip() == "listening"
+        data = os.urandom(2 << 20)
+        got = hashlib.sha256()
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as c:
+
+            def send() -> None:
+                c.sendall(data)
+                c.shutdown(socket.SHUT_WR)
+
+            t = threading.Thread(target=send)
+            t.start()
+            while chunk := c.recv(1 << 16):
+                got.update(chunk)
+            t.join()
+        assert got.hexdigest() == hashlib.sha256(data).hexdigest()
+    finally:
+        stop_process(server)
+
+
+def test_unsupported_flag_exits_2_naming_it() -> None:
+    r = subprocess.run([_bin("netferry-gvproxy"), "-listen-qemu", "unix:///nonexistent/q.sock",
+                        "-forward-sock", "/tmp/x.sock"], capture_output=True, text=True,
+                       timeout=30)  # fmt: skip
+    assert r.returncode == 2 and "-forward-sock: not supported" in r.stderr
