@@ -104,11 +104,11 @@ def test_normalized_form() -> None:
         (["-lis", "x"], "flag provided but not defined: -lis"),  # no abbreviations in Go
         (["-listen"], "flag needs an argument: -listen"),
         (["-debug", "-logfile"], "flag needs an argument: -logfile"),
-        (["-debug=maybe"], "invalid boolean value 'maybe' for -debug"),
-        (["-debug=yes"], "invalid boolean value 'yes' for -debug"),
+        (["-debug=maybe"], 'invalid boolean value "maybe" for -debug'),
+        (["-debug=yes"], 'invalid boolean value "yes" for -debug'),
         (["---listen", "x"], "bad flag syntax: ---listen"),
         (["-=x"], "bad flag syntax: -=x"),
-        (["-vsock-fd", "three"], "invalid value 'three' for flag -vsock-fd"),
+        (["-vsock-fd", "three"], 'invalid value "three" for flag -vsock-fd'),
     ],
 )
 def test_errors_name_the_flag(argv: list[str], message: str) -> None:

@@ -106,7 +106,7 @@ def test_debug_flag() -> None:
         ([], "no listener"),
         (["-nonsense"], "flag provided but not defined: -nonsense"),
         (["-listen-qemu"], "flag needs an argument: -listen-qemu"),
-        (["-debug=maybe", "-listen-qemu", "unix:///q"], "invalid boolean value 'maybe'"),
+        (["-debug=maybe", "-listen-qemu", "unix:///q"], 'invalid boolean value "maybe"'),
     ],
 )  # fmt: skip
 def test_flag_errors(flags: list[str], message: str) -> None:

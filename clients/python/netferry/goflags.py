@@ -113,7 +113,7 @@ def normalize(
             elif value in GO_FALSE:
                 setting = False
             else:
-                raise GoFlagError(f"invalid boolean value {value!r} for -{name}")
+                raise GoFlagError(f'invalid boolean value "{value}" for -{name}')
             if flag.convert is not None:
                 out += flag.convert("true" if setting else "false")
             else:
@@ -129,7 +129,7 @@ def normalize(
             try:
                 out += flag.convert(value)
             except ValueError as e:
-                raise GoFlagError(f"invalid value {value!r} for flag -{name}: {e}") from None
+                raise GoFlagError(f'invalid value "{value}" for flag -{name}: {e}') from None
         elif flag.option.startswith("--"):
             out.append(f"{flag.option}={value}")
         else:
