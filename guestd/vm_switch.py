@@ -254,12 +254,19 @@ class DhcpRunner:
         watcher = None
         if script_path:  # a script of the user's own prints no lease line: watch the address
             watcher = asyncio.get_running_loop().create_task(self._watch_address())
+        try:
+            await self._run_udhcpc(exe, str(script))
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+
+    async def _run_udhcpc(self, exe: str, script: str) -> None:
         env = dict(os.environ)
         env.pop("NETFERRY_RESOLV_CONF", None)
         if self.args.resolv_conf:
             env["NETFERRY_RESOLV_CONF"] = self.args.resolv_conf
         cmd = [exe] if exe.endswith("udhcpc") else [exe, "udhcpc"]
-        cmd += ["-f", "-i", self.args.tap_interface, "-s", str(script), "-t", "20", "-T", "1"]
+        cmd += ["-f", "-i", self.args.tap_interface, "-s", script, "-t", "20", "-T", "1"]
         cmd += ["-A", "1", "-R"]  # retry soon after a failed round; release on exit
         self.proc = await asyncio.create_subprocess_exec(
             *cmd, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
@@ -275,8 +282,6 @@ class DhcpRunner:
             elif line:
                 log.debug("dhcp.udhcpc", line=line)
         await self.proc.wait()
-        if watcher is not None:
-            watcher.cancel()
 
     async def _watch_address(self) -> None:
         """With `--dhcp-script`: the lease is whatever IPv4 address the script put on the tap."""

@@ -560,7 +560,9 @@ MOVE_TO_FD3 = (
 )
 
 
-def start_rd_vm_switch(ns: Netns, link: Path, log: Path, subnet: str) -> subprocess.Popen:
+def start_rd_vm_switch(
+    ns: Netns, link: Path, log: Path, subnet: str, dhcp_script: str = ""
+) -> subprocess.Popen:
     """vm-switch exactly as Rancher Desktop's network-setup starts it: the connection as fd 3
     (2-byte little-endian frames), `-tap-interface eth0 -subnet S -tap-mac-address M
     -dhcp-script '' -logfile F -debug`."""
@@ -568,7 +570,7 @@ def start_rd_vm_switch(ns: Netns, link: Path, log: Path, subnet: str) -> subproc
     try:
         conn.connect(str(link))
         argv = [_bin("vm-switch"), "-tap-interface", "eth0", "-subnet", subnet,
-                "-tap-mac-address", "5a:94:ef:e4:0c:ee", "-dhcp-script", "", "-logfile",
+                "-tap-mac-address", "5a:94:ef:e4:0c:ee", "-dhcp-script", dhcp_script, "-logfile",
                 str(log), "-debug"]  # fmt: skip
         fd = conn.fileno()
         proc = subprocess.Popen(
@@ -581,12 +583,31 @@ def start_rd_vm_switch(ns: Netns, link: Path, log: Path, subnet: str) -> subproc
     return proc
 
 
-def test_vm_switch_rancher_desktop_argv(hostd, netns, short_tmp: Path, http_server) -> None:
+# A udhcpc script of the user's own (as -dhcp-script names one): it prints no lease line.
+OWN_DHCP_SCRIPT = """#!/bin/sh
+case "$1" in
+  deconfig) ip -4 addr flush dev "$interface"; ip link set "$interface" up ;;
+  bound|renew) ip -4 addr flush dev "$interface"; ip addr add "$ip/$mask" dev "$interface"
+               ip route replace default via "$router" dev "$interface" ;;
+esac
+"""
+
+
+@pytest.mark.parametrize("own_script", [False, True], ids=["default-dhcp", "own-dhcp-script"])
+def test_vm_switch_rancher_desktop_argv(
+    hostd, netns, short_tmp: Path, http_server, own_script: bool
+) -> None:
     link = short_tmp / "rd-link.sock"
     hostd("--listen", f"unix://{link}?framing=len16le")
     ns = netns()
     log = short_tmp / "rd-vm-switch.log"
-    proc = start_rd_vm_switch(ns, link, log, "192.168.127.0/24")
+    script = ""
+    if own_script:
+        path = short_tmp / "dhcp.script"
+        path.write_text(OWN_DHCP_SCRIPT)
+        path.chmod(0o755)
+        script = str(path)
+    proc = start_rd_vm_switch(ns, link, log, "192.168.127.0/24", script)
     try:
 
         def leased() -> bool:
@@ -601,7 +622,9 @@ def test_vm_switch_rancher_desktop_argv(hostd, netns, short_tmp: Path, http_serv
                    text=False)  # fmt: skip
         assert hashlib.sha256(r.stdout).hexdigest() == want
         # -logfile took effect, and the inherited fd 3 was the link, with Rancher Desktop's framing
-        assert "uri='fd://3?framing=len16le'" in log.read_text()
+        text = log.read_text()
+        assert "uri='fd://3?framing=len16le'" in text
+        assert ("client=udhcpc" in text) == own_script and "dhcp.bound" in text
     finally:
         stop_process(proc)
     assert proc.returncode == 0
