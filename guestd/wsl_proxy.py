@@ -526,6 +526,12 @@ ERROR_NAMES = {v: k.removeprefix("MAPPING_ERROR_") for k, v in pb.MappingError.i
 STATUS_NAMES = {v: k.removeprefix("MAPPING_STATUS_") for k, v in pb.MappingStatus.items()}
 
 
+def _truncated(e: json.JSONDecodeError) -> bool:
+    """The text so far is a valid beginning: the error is at its end (only whitespace after
+    it) or inside a string not yet closed."""
+    return not e.doc[e.pos :].strip() or e.msg.startswith("Unterminated string")
+
+
 class JsonRequestError(Exception):
     """The request as a whole is unusable (not JSON, wrong shape): nothing was changed."""
 
@@ -612,15 +618,19 @@ class JsonPortMappings:
             await asyncio.wait_for(writer.drain(), 5)
 
     async def _read(self, buf: bytes, reader: asyncio.StreamReader) -> object:
-        """One JSON value: complete when it parses, at a newline, or at end of input."""
+        """One JSON value: done when it parses (a newline is not needed, and a value spread
+        over several lines or writes is waited for), refused as soon as it cannot become
+        valid, or at the end of input, 1 MiB or 10 s."""
         deadline = asyncio.get_running_loop().time() + JSON_READ_TIMEOUT
         while True:
             try:
                 return json.loads(buf)
-            except (ValueError, UnicodeDecodeError) as e:
-                error = e
-            if buf.rstrip(b" \t\r").endswith(b"\n"):
-                raise JsonRequestError(f"bad JSON: {error}")
+            except UnicodeDecodeError as e:
+                if len(buf) - e.end > 3:  # not a multi-byte character cut short
+                    raise JsonRequestError(f"bad JSON: {e}") from None
+            except json.JSONDecodeError as e:
+                if not _truncated(e):
+                    raise JsonRequestError(f"bad JSON: {e}") from None
             if len(buf) > JSON_MAX_BYTES:
                 raise JsonRequestError(f"request over {JSON_MAX_BYTES} bytes")
             left = deadline - asyncio.get_running_loop().time()

@@ -15,6 +15,7 @@ import os
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -217,7 +218,8 @@ def test_agent_that_never_reads_the_ack(proxy: Proxy, upstream_echo: int) -> Non
         (b'{"remove": false} [1]\n', "bad JSON: Extra data"),
         (b'{"remove": "yes", "ports": {}}\n', '"remove": expected true or false'),
         (b'{"ports": [1]}\n', '"ports": expected an object'),
-        (b"{" + b" " * (1 << 20) + b"\n", "bad JSON"),
+        (b"{" + b" " * (1 << 20) + b"\n", "request over 1048576 bytes"),
+        (b'{"remove": false,\n "ports": {}} x', "bad JSON: Extra data"),
         (b"GET / HTTP/1.1\r\n\r\n", "expected a gRPC client (HTTP/2) or a JSON PortMapping"),
     ],
 )
@@ -267,3 +269,20 @@ def test_grpc_stream_on_the_same_path(proxy: Proxy, upstream_echo: int) -> None:
     reply = proxy.mapping(True, {f"{port}/udp": [{"HostIp": "127.0.0.1", "HostPort": str(port)}]})
     assert reply["ok"] and reply["results"][0]["status"] == "REMOVED"
     assert proxy.listed() == set()
+
+
+def test_a_value_over_several_lines_and_writes(proxy: Proxy, upstream_echo: int) -> None:
+    """A pretty-printed PortMapping written in pieces is waited for, not cut at a newline."""
+    port = upstream_echo
+    text = json.dumps({"remove": False, "ports": {f"{port}/tcp": [
+        {"HostIp": "127.0.0.1", "HostPort": str(port)}]}}, indent=2).encode()  # fmt: skip
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(15)
+        s.connect(str(proxy.sock))
+        cut = text.index(b"\n", 5) + 1
+        s.sendall(text[:cut])
+        time.sleep(0.2)  # so the first piece is read on its own
+        s.sendall(text[cut:])  # no trailing newline, write side still open
+        ack = json.loads(s.makefile("rb").readline())
+    assert ack["ok"] and ack["results"][0]["status"] == "APPLIED", ack
+    assert proxy.listed() == {(ppb.MAPPING_PROTOCOL_TCP, "127.0.0.1", port, "rancher-desktop")}

@@ -463,3 +463,63 @@ def test_rancher_desktop_port_mapping_parsing() -> None:
     for doc, why in (([1], "expected a JSON object"), ({"remove": 1}, '"remove": expected')):
         with pytest.raises(JsonRequestError, match=why):
             parse_port_mapping(doc)
+
+
+def test_front_listener_tells_grpc_from_json_and_pipes_exactly() -> None:
+    """The HTTP/2 preface, even split across writes, goes to the gRPC socket byte for byte;
+    other first bytes get an error line; a connection closed at once costs nothing."""
+    from guestd.wsl_proxy import H2_PREFACE, FrontListener, JsonPortMappings
+
+    async def main() -> None:
+        d = tempfile.mkdtemp(prefix="nf-front-")
+        front_path, grpc_path = os.path.join(d, "front.sock"), os.path.join(d, "grpc.sock")
+        got = bytearray()
+        done = asyncio.Event()
+
+        async def fake_grpc(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            while data := await r.read(65536):
+                got.extend(data)
+            w.write(b"reply")
+            await w.drain()
+            w.close()
+            done.set()
+
+        upstream = await asyncio.start_unix_server(fake_grpc, grpc_path)
+        front = FrontListener(
+            front_path, grpc_path, JsonPortMappings(PortProxyService(MappingTable()))
+        )
+        await front.start()
+        try:
+            assert os.stat(front_path).st_mode & 0o777 == 0o600
+            r, w = await asyncio.open_unix_connection(front_path)
+            w.write(H2_PREFACE[:5])
+            await w.drain()
+            await asyncio.sleep(0.05)
+            w.write(H2_PREFACE[5:] + b"\x00frames")
+            w.write_eof()
+            assert await r.read() == b"reply"
+            await done.wait()
+            assert bytes(got) == H2_PREFACE + b"\x00frames"
+            w.close()
+            # not HTTP/2, not JSON
+            r, w = await asyncio.open_unix_connection(front_path)
+            w.write(b"PUT / HTTP/1.1\r\n\r\n")
+            reply = json.loads(await r.readline())
+            assert reply["ok"] is False and "expected a gRPC client" in reply["message"]
+            w.close()
+            # closed before a byte: nothing happens
+            r, w = await asyncio.open_unix_connection(front_path)
+            w.close()
+            # JSON after leading whitespace
+            r, w = await asyncio.open_unix_connection(front_path)
+            w.write(b'  \n {"remove": false, "ports": {}}\n')
+            assert json.loads(await r.readline()) == {"ok": True, "results": []}
+            w.close()
+        finally:
+            await front.stop()
+            upstream.close()
+            os.unlink(grpc_path)
+            assert not os.path.exists(front_path)
+            os.rmdir(d)
+
+    asyncio.run(main())
