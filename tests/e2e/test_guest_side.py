@@ -598,7 +598,10 @@ def test_vm_switch_rancher_desktop_argv(
     hostd, netns, short_tmp: Path, http_server, own_script: bool
 ) -> None:
     link = short_tmp / "rd-link.sock"
-    hostd("--listen", f"unix://{link}?framing=len16le")
+    port = free_port_pair()
+    # host-switch with Rancher Desktop's flags as well (its -port-forward form)
+    hostd("--listen", f"unix://{link}?framing=len16le", "-debug", "-subnet", "192.168.127.0/24",
+          "-port-forward", f"127.0.0.1:{port}=192.168.127.2:{port}")  # fmt: skip
     ns = netns()
     log = short_tmp / "rd-vm-switch.log"
     script = ""
@@ -625,6 +628,18 @@ def test_vm_switch_rancher_desktop_argv(
         text = log.read_text()
         assert "uri='fd://3?framing=len16le'" in text
         assert ("client=udhcpc" in text) == own_script and "dhcp.bound" in text
+        # host-switch's -port-forward reaches the guest
+        on_all = SERVERS.replace('("127.0.0.1", tcp_port)', '("0.0.0.0", tcp_port)')
+        server = ns.popen("python3", "-c", on_all, str(port), str(port), stdout=subprocess.PIPE,
+                          text=True)  # fmt: skip
+        STARTED.append(server)
+        try:
+            assert server.stdout is not None and server.stdout.readline().strip() == "serving"
+            wait_for(lambda: subprocess.run(["curl", "-s", "-m", "5", f"http://127.0.0.1:{port}/"],
+                                            capture_output=True, text=True).stdout
+                     == "hello from B", 20, "the -port-forward")  # fmt: skip
+        finally:
+            stop_process(server)
     finally:
         stop_process(proc)
     assert proc.returncode == 0

@@ -84,14 +84,18 @@ def gvproxy(short_tmp: Path, dns_upstream: DnsUpstream) -> Iterator:
             stop_process(p)
 
 
-def test_qemu_listener_lease_fetch_and_pid_file(
-    gvproxy, guest, short_tmp: Path, http_server: HttpServer
+@pytest.mark.parametrize(
+    "flag, scheme",
+    [("-listen-qemu", "unix"), ("-listen-bess", "unixpacket"), ("-listen-vfkit", "unixgram")],
+)
+def test_link_listener_lease_fetch_and_pid_file(
+    gvproxy, guest, short_tmp: Path, http_server: HttpServer, flag: str, scheme: str
 ) -> None:
-    sock, pid_file = short_tmp / "qemu.sock", short_tmp / "gvproxy.pid"
-    g = gvproxy("-listen-qemu", f"unix://{sock}", "-ssh-port", "-1", "-pid-file", str(pid_file),
+    sock, pid_file = short_tmp / "link.sock", short_tmp / "gvproxy.pid"
+    g = gvproxy(flag, f"{scheme}://{sock}", "-ssh-port", "-1", "-pid-file", str(pid_file),
                 "-mtu", "0", "-debug")  # fmt: skip
     assert pid_file.read_text().strip() == str(g.proc.pid)
-    vm = guest(None, connect=f"unix://{sock}")
+    vm = guest(None, connect=f"{scheme}://{sock}")
     assert vm.addr() == "192.168.127.2/24"
     r = vm.ns.run("curl", "-s", "-m", "20", f"http://192.168.127.254:{http_server.port}/blob?mib=8",
                   text=False)  # fmt: skip
