@@ -213,7 +213,7 @@ class Settings:
     dns_search: list[str] = field(default_factory=list)
     nat: dict | None = None
     gateway_virtual_ips: list | None = None
-    tcp_max_pending: int | None = None
+    tcp_max_pending: int | float | None = None
     tcp_connect_timeout: float | None = None
 
 
@@ -257,12 +257,9 @@ def settings_from_config(doc: dict, warnings: list[str]) -> Settings:
             warnings.append(f"config: unknown key stack.{key} ignored")
     s.debug = s.debug or bool(stack.get("debug"))
     s.pcap = str(stack.get("capture-file") or "")
-    if stack.get("mtu") is not None:
-        try:
-            s.mtu = int(stack["mtu"])
-        except (TypeError, ValueError):
-            raise GvproxyError(f"config: stack.mtu: {stack['mtu']!r} is not a number",
-                               CONFIG_EXIT) from None  # fmt: skip
+    mtu = _number(stack, "mtu", int)
+    if mtu is not None:
+        s.mtu = int(mtu)
     s.subnet = str(stack.get("subnet") or DEFAULT_SUBNET)
     s.gateway_ip = str(stack.get("gatewayIP") or "")
     s.device_ip = str(stack.get("deviceIP") or "")
@@ -310,11 +307,20 @@ def settings_from_config(doc: dict, warnings: list[str]) -> Settings:
         s.nat = _mapping(stack.get("nat"), "stack.nat")
     if "gatewayVirtualIPs" in stack:
         s.gateway_virtual_ips = _list(stack.get("gatewayVirtualIPs"), "stack.gatewayVirtualIPs")
-    if stack.get("tcpMaxInFlight") is not None:
-        s.tcp_max_pending = int(stack["tcpMaxInFlight"])
-    if stack.get("tcpConnectTimeout") is not None:
-        s.tcp_connect_timeout = float(stack["tcpConnectTimeout"])
+    s.tcp_max_pending = _number(stack, "tcpMaxInFlight", int)
+    tcp_connect_timeout = _number(stack, "tcpConnectTimeout", float)
+    s.tcp_connect_timeout = None if tcp_connect_timeout is None else float(tcp_connect_timeout)
     return s
+
+
+def _number(stack: dict, key: str, kind: type[int] | type[float]) -> int | float | None:
+    value = stack.get(key)
+    if value is None:
+        return None
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise GvproxyError(f"config: stack.{key}: {value!r} is not a number", CONFIG_EXIT) from None
 
 
 # ---- flags + configuration → host-switch ---------------------------------------------------

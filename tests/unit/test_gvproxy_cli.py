@@ -252,6 +252,8 @@ def test_unknown_keys_warn(tmp_path: Path) -> None:
          "forwards: SSH unix-socket forwards are not supported"),
         ("interfaces: {vpnkit: unix:///v}", "interfaces.vpnkit"),
         ("stack: {mtu: big}", "stack.mtu: 'big' is not a number"),
+        ("stack: {tcpMaxInFlight: many}", "stack.tcpMaxInFlight: 'many' is not a number"),
+        ("stack: {tcpConnectTimeout: [1]}", "stack.tcpConnectTimeout: [1] is not a number"),
         ("stack: [1]", "stack: expected a mapping"),
         ("listen: unix:///x", "listen: expected a list"),
         ("- 1\n- 2", "expected a mapping at the top level"),

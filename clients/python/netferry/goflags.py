@@ -20,6 +20,7 @@ unchanged. Errors use Go's wording and name the flag: `flag provided but not def
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -60,6 +61,7 @@ class _Flag:
 def _option_table(parser: argparse.ArgumentParser) -> dict[str, tuple[str, bool]]:
     """Long option name (no dashes) → (option string, takes no value)."""
     table: dict[str, tuple[str, bool]] = {}
+    # argparse has no public list of its actions; `_actions` has been stable since 2.7.
     for action in parser._actions:
         for opt in action.option_strings:
             if opt.startswith("--"):
@@ -145,8 +147,6 @@ def parse_args(
     aliases: AliasTable | None = None,
 ) -> argparse.Namespace:
     """`parser.parse_args` after `normalize`; a Go-syntax error exits 2 via parser.error."""
-    import sys
-
     raw = sys.argv[1:] if argv is None else list(argv)
     try:
         normalized = normalize(raw, parser, aliases)
