@@ -138,3 +138,52 @@ def test_unsupported_flag_exits_2_naming_it() -> None:
                         "-forward-sock", "/tmp/x.sock"], capture_output=True, text=True,
                        timeout=30)  # fmt: skip
     assert r.returncode == 2 and "-forward-sock: not supported" in r.stderr
+
+
+def host_switch_has_http_api() -> bool:
+    out = subprocess.run([_bin("host-switch"), "--help"], capture_output=True, text=True)
+    return "--http-api" in out.stdout
+
+
+def curl_unix(sock: Path, path: str, data: str | None = None) -> tuple[int, str]:
+    cmd = ["curl", "-s", "-m", "10", "-o", "-", "-w", "\n%{http_code}", "--unix-socket",
+           str(sock), f"http://localhost{path}"]  # fmt: skip
+    if data is not None:
+        cmd += ["-X", "POST", "-d", data]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    body, _, code = r.stdout.rpartition("\n")
+    return int(code), body
+
+
+def test_listen_and_services_serve_the_http_api(gvproxy, guest, short_tmp: Path) -> None:
+    """-listen and -services become host-switch's --http-api (the latter without /connect);
+    a forward exposed through the API carries 4 MiB sha256-exact to a guest server."""
+    if not host_switch_has_http_api():
+        pytest.skip("host-switch has no --http-api yet (issue 11 item 2 lands separately)")
+    qemu, api, services = short_tmp / "q.sock", short_tmp / "n.sock", short_tmp / "s.sock"
+    ssh_port, port = free_tcp_port(), free_tcp_port()
+    gvproxy("-listen", f"unix://{api}", "-listen-qemu", f"unix://{qemu}",
+            "-services", f"unix://{services}", "-ssh-port", str(ssh_port))  # fmt: skip
+    vm = guest(None, connect=f"unix://{qemu}")
+    assert curl_unix(api, "/services/forwarder/all") == (
+        200, f'[{{"local":"127.0.0.1:{ssh_port}","remote":"192.168.127.2:22","protocol":"tcp"}}]'
+    )  # fmt: skip
+    code, _ = curl_unix(services, "/services/forwarder/expose",
+                        f'{{"local":"127.0.0.1:{port}","remote":"192.168.127.2:22"}}')  # fmt: skip
+    assert code == 200
+    assert curl_unix(services, "/connect", "")[0] == 404  # -services: no /connect
+    server = vm.ns.popen(sys.executable, "-c", ECHO_22, stdout=subprocess.PIPE, text=True)
+    STARTED.append(server)
+    try:
+        assert server.stdout is not None and server.stdout.readline().strip() == "listening"
+        data = os.urandom(4 << 20)
+        got = hashlib.sha256()
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as c:
+            t = threading.Thread(target=lambda: (c.sendall(data), c.shutdown(socket.SHUT_WR)))
+            t.start()
+            while chunk := c.recv(1 << 16):
+                got.update(chunk)
+            t.join()
+        assert got.hexdigest() == hashlib.sha256(data).hexdigest()
+    finally:
+        stop_process(server)
