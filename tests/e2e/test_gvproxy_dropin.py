@@ -165,9 +165,8 @@ def test_listen_and_services_serve_the_http_api(gvproxy, guest, short_tmp: Path)
     gvproxy("-listen", f"unix://{api}", "-listen-qemu", f"unix://{qemu}",
             "-services", f"unix://{services}", "-ssh-port", str(ssh_port))  # fmt: skip
     vm = guest(None, connect=f"unix://{qemu}")
-    assert curl_unix(api, "/services/forwarder/all") == (
-        200, f'[{{"local":"127.0.0.1:{ssh_port}","remote":"192.168.127.2:22","protocol":"tcp"}}]'
-    )  # fmt: skip
+    listed = f'[{{"local":"127.0.0.1:{ssh_port}","remote":"192.168.127.2:22","protocol":"tcp"}}]'
+    assert curl_unix(api, "/services/forwarder/all") == (200, listed + "\n")  # JSON + newline
     code, _ = curl_unix(services, "/services/forwarder/expose",
                         f'{{"local":"127.0.0.1:{port}","remote":"192.168.127.2:22"}}')  # fmt: skip
     assert code == 200
