@@ -49,6 +49,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ipaddress
 import os
 import shutil
 import signal
@@ -374,8 +375,6 @@ class Guest:
         sh("ip", "-n", ns, "addr", "add", a.veth_inside_address, "dev", a.veth_inside)
         sh("ip", "-n", ns, "link", "set", a.veth_inside, "up")
         if not a.no_nat:
-            import ipaddress
-
             subnet = str(ipaddress.ip_interface(a.veth_inside_address).network)
             try:
                 nat_rules.apply(ns, a.tap_interface, a.veth_inside, subnet, a.nat_port)
@@ -530,8 +529,6 @@ def subnet_mismatch(mine: str | None, hosts: str) -> str:
     """'' when `-subnet` (if given) is the network hostd's handshake announces, else why not."""
     if not mine:
         return ""
-    import ipaddress
-
     try:
         if ipaddress.ip_network(hosts, strict=False) == ipaddress.ip_network(mine, strict=False):
             return ""
@@ -708,8 +705,6 @@ def main(argv: list[str] | None = None) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     args.unshare_arg = [*args.unshare_arg, *command]
     if args.subnet:
-        import ipaddress
-
         try:
             ipaddress.ip_network(args.subnet, strict=False)
         except ValueError as e:
