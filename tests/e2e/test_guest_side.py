@@ -555,7 +555,7 @@ def test_subnet_mismatch_is_refused(stack) -> None:
 
 # dup2 the connection to fd 3 and exec the rest (dash cannot redirect fds above 9)
 MOVE_TO_FD3 = (
-    "import os,sys; fd=int(sys.argv[1]); os.dup2(fd, 3); os.close(fd); "
+    "import os,sys; fd=int(sys.argv[1]); fd != 3 and (os.dup2(fd, 3), os.close(fd)); "
     "os.execvp(sys.argv[2], sys.argv[2:])"
 )
 

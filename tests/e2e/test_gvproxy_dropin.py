@@ -58,12 +58,13 @@ class Gvproxy:
 def gvproxy(short_tmp: Path, dns_upstream: DnsUpstream) -> Iterator:
     started: list[subprocess.Popen] = []
 
-    def start(*flags: str) -> Gvproxy:
+    def start(*flags: str, **popen: object) -> Gvproxy:
         d = short_tmp / f"gv{len(started)}"
         d.mkdir()
         argv = [_bin("netferry-gvproxy"), *flags, "-log-file", str(d / "gvproxy.log"),
                 "-dns-upstream", dns_upstream.spec]  # fmt: skip
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        popen.setdefault("stdin", subprocess.DEVNULL)
+        proc = subprocess.Popen(argv, stderr=subprocess.PIPE, **popen)  # type: ignore[call-overload]
         STARTED.append(proc)
         started.append(proc)
         g = Gvproxy(proc, d)
@@ -105,6 +106,49 @@ def test_link_listener_lease_fetch_and_pid_file(
     stop_process(g.proc)
     assert g.proc.returncode == 0
     assert not pid_file.exists() and not sock.exists()
+
+
+# dup2 an fd to 3 and exec the rest (what Rancher Desktop's network-setup does for vm-switch)
+MOVE_TO_FD3 = (
+    "import os,sys; fd=int(sys.argv[1]); fd != 3 and (os.dup2(fd, 3), os.close(fd)); "
+    "os.execvp(sys.argv[2], sys.argv[2:])"
+)
+
+
+def test_listen_stdio(gvproxy, netns, short_tmp: Path, http_server: HttpServer) -> None:
+    """-listen-stdio: frames on netferry-gvproxy's stdin/stdout (2-byte LE), here one end of
+    a socket pair whose other end is vm-switch's inherited fd 3 (`-vsock-fd 3`)."""
+    ours, theirs = socket.socketpair()
+    try:
+        g = gvproxy("-listen-stdio", "yes", "-ssh-port", "-1", stdin=theirs, stdout=theirs)
+    finally:
+        theirs.close()
+    ns = netns()
+    log = short_tmp / "vm-switch.log"
+    try:
+        fd = ours.fileno()
+        vm = subprocess.Popen(
+            [sys.executable, "-c", MOVE_TO_FD3, str(fd), *ns.cmd(_bin("vm-switch"), "-vsock-fd",
+             "3", "-logfile", str(log))], pass_fds=[fd], stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+    finally:
+        ours.close()
+    STARTED.append(vm)
+    try:
+
+        def leased() -> bool:
+            assert vm.poll() is None, log.read_text() if log.exists() else "vm-switch exited"
+            out = ns.run("ip", "-4", "-o", "addr", "show", "dev", "eth0", check=False).stdout
+            return "192.168.127.2/24" in out
+
+        wait_for(leased, 30, "a lease over stdio", step=0.2)
+        r = ns.run("curl", "-s", "-m", "20",
+                   f"http://192.168.127.254:{http_server.port}/blob?mib=4", text=False)  # fmt: skip
+        want = hashlib.sha256(http_server.blob.path.read_bytes()[: 4 << 20]).hexdigest()
+        assert hashlib.sha256(r.stdout).hexdigest() == want
+    finally:
+        stop_process(vm)
+        stop_process(g.proc)
 
 
 def test_ssh_port_forwards_to_the_guest_port_22(gvproxy, guest, short_tmp: Path) -> None:
