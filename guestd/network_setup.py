@@ -49,6 +49,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ipaddress
 import os
 import shutil
 import signal
@@ -63,6 +64,7 @@ import structlog
 
 from guestd import nat_rules
 from guestd.wsl_proxy import UnixGrpcServer
+from netferry.goflags import parse_args as parse_go_flags
 from netferry.log import add_logging_arguments, configure_logging
 from netferry.uri import LinkUri, parse_link_uri
 from netferry.v1 import guest_pb2 as pb
@@ -297,6 +299,10 @@ class Guest:
             raise HandshakeRefused(
                 grpc.StatusCode.INVALID_ARGUMENT, f"mtu: {req.mtu} is not 68..65520"
             )
+        mismatch = subnet_mismatch(self.args.subnet, req.subnet)
+        if mismatch:
+            log.error("handshake.subnet_mismatch", subnet=self.args.subnet, host_subnet=req.subnet)
+            raise HandshakeRefused(grpc.StatusCode.FAILED_PRECONDITION, mismatch)
         if self.stopping:
             raise HandshakeRefused(grpc.StatusCode.UNAVAILABLE, "network-setup is stopping")
         self.generation += 1
@@ -369,8 +375,6 @@ class Guest:
         sh("ip", "-n", ns, "addr", "add", a.veth_inside_address, "dev", a.veth_inside)
         sh("ip", "-n", ns, "link", "set", a.veth_inside, "up")
         if not a.no_nat:
-            import ipaddress
-
             subnet = str(ipaddress.ip_interface(a.veth_inside_address).network)
             try:
                 nat_rules.apply(ns, a.tap_interface, a.veth_inside, subnet, a.nat_port)
@@ -404,6 +408,10 @@ class Guest:
             argv += ["--log-format", "json", "--log-file", a.vm_switch_log_file]
         if a.debug:
             argv.append("--debug")
+        if a.subnet:
+            argv += ["--subnet", a.subnet]
+        if a.dhcp_script:
+            argv += ["--dhcp-script", a.dhcp_script]
         self.vm_switch.start(argv, {3: sock.fileno()})
         self._watch(self._watch_vm_switch(self.vm_switch.exited))
 
@@ -517,6 +525,21 @@ class Guest:
         )
 
 
+def subnet_mismatch(mine: str | None, hosts: str) -> str:
+    """'' when `-subnet` (if given) is the network hostd's handshake announces, else why not."""
+    if not mine:
+        return ""
+    try:
+        if ipaddress.ip_network(hosts, strict=False) == ipaddress.ip_network(mine, strict=False):
+            return ""
+    except ValueError:
+        pass
+    return (
+        f"subnet: hostd's network is {hosts or '(not announced)'} but network-setup was started "
+        f"with -subnet {mine}; start both with the same subnet"
+    )
+
+
 class HandshakeRefused(Exception):
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
         super().__init__(message)
@@ -622,6 +645,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--veth-outside-address", default="192.168.143.2/24")
     p.add_argument("--tap-interface", default="eth0")
     p.add_argument("--tap-mac-address", default="5a:94:ef:e4:0c:ee")
+    p.add_argument(
+        "--subnet",
+        metavar="CIDR",
+        help="the network this guest expects (Rancher Desktop's -subnet): a handshake for "
+        "another is refused, and vm-switch checks its lease (default: no check)",
+    )
+    p.add_argument("--dhcp-script", metavar="PATH", help="passed to vm-switch ('' = default)")
+    p.add_argument(
+        "--trace-packets",
+        action="store_true",
+        help="accepted for Rancher Desktop; netferry logs no packets (use host-switch --pcap)",
+    )
     p.add_argument("--mtu", type=int, help="tap MTU (default: what the handshake says)")
     p.add_argument("--dhcp-client", choices=["pyroute2", "udhcpc", "none"], default="pyroute2")
     p.add_argument("--resolv-conf", metavar="PATH", help="passed to vm-switch")
@@ -655,11 +690,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Rancher Desktop's network-setup flags (Go syntax: `--logfile F -debug --unshare-arg S`);
+# -vm-switch-path, -unshare-arg, -tap-interface, -tap-mac-address, -subnet, -dhcp-script,
+# -trace-packets and -debug are ours under the same names.
+GO_ALIASES = {
+    "logfile": "--log-file",
+    "vm-switch-logfile": "--vm-switch-log-file",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parse_go_flags(parser, argv, GO_ALIASES)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     args.unshare_arg = [*args.unshare_arg, *command]
+    if args.subnet:
+        try:
+            ipaddress.ip_network(args.subnet, strict=False)
+        except ValueError as e:
+            parser.error(f"--subnet: {e}")
     configure_logging(args.log_format, "debug" if args.debug else "info", args.log_file)
+    if args.trace_packets:
+        log.warning("trace_packets.unsupported", hint="use host-switch --pcap FILE")
     for text in args.listen:
         try:
             uri = parse_link_uri(text)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ipaddress
 import os
 import shutil
 import signal
@@ -32,6 +33,8 @@ import structlog
 
 from guestd.tap import TapError, configure_link, open_tap, set_mtu
 from netferry.framing import FramingError, StreamDeframer, get_framing
+from netferry.goflags import Alias
+from netferry.goflags import parse_args as parse_go_flags
 from netferry.log import add_logging_arguments, configure_logging
 from netferry.uri import LinkUri, parse_link_uri
 
@@ -214,25 +217,56 @@ class DhcpRunner:
         self.proc: asyncio.subprocess.Process | None = None
         self.task: asyncio.Task[None] | None = None
         self.bound = asyncio.Event()
+        self.failed = asyncio.Event()  # the lease is outside --subnet: vm-switch must stop
+        self.failure = ""
+
+    def check_lease(self, ip: str) -> None:
+        """`--subnet` (Rancher Desktop's -subnet) must agree with what hostd leases."""
+        subnet = self.args.subnet
+        if subnet is None or self.failed.is_set():
+            return
+        try:
+            inside = ipaddress.ip_address(ip) in ipaddress.ip_network(subnet, strict=False)
+        except ValueError:
+            inside = False
+        if not inside:
+            self.failure = (
+                f"-subnet {subnet} does not match hostd's network: the DHCP lease is {ip}; "
+                f"start vm-switch with hostd's subnet (or without -subnet)"
+            )
+            log.error("dhcp.subnet_mismatch", subnet=subnet, lease=ip, error=self.failure)
+            self.failed.set()
 
     def start(self) -> None:
-        if self.args.dhcp_client == "udhcpc":
+        if self.args.dhcp_script:
+            self.task = asyncio.get_running_loop().create_task(self._udhcpc(self.args.dhcp_script))
+        elif self.args.dhcp_client == "udhcpc":
             self.task = asyncio.get_running_loop().create_task(self._udhcpc())
         elif self.args.dhcp_client == "pyroute2":
             self.task = asyncio.get_running_loop().create_task(self._pyroute2())
 
-    async def _udhcpc(self) -> None:
+    async def _udhcpc(self, script_path: str | None = None) -> None:
         exe = shutil.which("udhcpc") or shutil.which("busybox")
         if exe is None:
             log.error("dhcp.udhcpc_missing", fix="apt-get install udhcpc")
             return
-        script = resources.files("guestd").joinpath("udhcpc.script")
+        script = script_path or resources.files("guestd").joinpath("udhcpc.script")
+        watcher = None
+        if script_path:  # a script of the user's own prints no lease line: watch the address
+            watcher = asyncio.get_running_loop().create_task(self._watch_address())
+        try:
+            await self._run_udhcpc(exe, str(script))
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+
+    async def _run_udhcpc(self, exe: str, script: str) -> None:
         env = dict(os.environ)
         env.pop("NETFERRY_RESOLV_CONF", None)
         if self.args.resolv_conf:
             env["NETFERRY_RESOLV_CONF"] = self.args.resolv_conf
         cmd = [exe] if exe.endswith("udhcpc") else [exe, "udhcpc"]
-        cmd += ["-f", "-i", self.args.tap_interface, "-s", str(script), "-t", "20", "-T", "1"]
+        cmd += ["-f", "-i", self.args.tap_interface, "-s", script, "-t", "20", "-T", "1"]
         cmd += ["-A", "1", "-R"]  # retry soon after a failed round; release on exit
         self.proc = await asyncio.create_subprocess_exec(
             *cmd, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
@@ -243,10 +277,28 @@ class DhcpRunner:
             if line.startswith("NETFERRY-LEASE"):
                 fields = dict(kv.split("=", 1) for kv in line.split()[1:] if "=" in kv)
                 log.info("dhcp.bound", client="udhcpc", **fields)
+                self.check_lease(fields.get("ip", ""))
                 self.bound.set()
             elif line:
                 log.debug("dhcp.udhcpc", line=line)
         await self.proc.wait()
+
+    async def _watch_address(self) -> None:
+        """With `--dhcp-script`: the lease is whatever IPv4 address the script put on the tap."""
+        while not self.bound.is_set():
+            proc = await asyncio.create_subprocess_exec(
+                "ip", "-4", "-o", "addr", "show", "dev", self.args.tap_interface,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+            )  # fmt: skip
+            out, _ = await proc.communicate()
+            words = out.decode().split()
+            if "inet" in words:
+                ip = words[words.index("inet") + 1].split("/")[0]
+                log.info("dhcp.bound", client="udhcpc", script=self.args.dhcp_script, ip=ip)
+                self.check_lease(ip)
+                self.bound.set()
+                return
+            await asyncio.sleep(0.2)
 
     async def _pyroute2(self) -> None:
         from pyroute2.dhcp import fsm
@@ -285,6 +337,7 @@ class DhcpRunner:
                 dns=",".join(servers),
                 mtu=mtu,
             )
+            self.check_lease(str(lease.ip))
             self.bound.set()
 
         cfg = ClientConfig(
@@ -394,9 +447,14 @@ async def run(args: argparse.Namespace) -> int:
                         signal_ready(dhcp, args.ready_fd, args.dhcp_client)
                     )
             stopper = loop.create_task(stop.wait())
-            await asyncio.wait([pump.done, stopper], return_when=asyncio.FIRST_COMPLETED)
+            failed = loop.create_task(dhcp.failed.wait())
+            await asyncio.wait([pump.done, stopper, failed], return_when=asyncio.FIRST_COMPLETED)
             stopper.cancel()
+            failed.cancel()
             pump.stop()
+            if dhcp.failed.is_set():
+                rc = 1
+                break
             if pump.done.done():
                 log.warning("link.down", uri=str(uri), reason=pump.done.result())
                 if uri.scheme == "fd":
@@ -452,14 +510,18 @@ async def run_give_tap(args: argparse.Namespace) -> int:
     ready_task = None
     if args.ready_fd is not None:
         ready_task = loop.create_task(signal_ready(dhcp, args.ready_fd, args.dhcp_client))
+    stopper = loop.create_task(stop.wait())
+    failed = loop.create_task(dhcp.failed.wait())
     try:
-        await stop.wait()
+        await asyncio.wait([stopper, failed], return_when=asyncio.FIRST_COMPLETED)
     finally:
+        stopper.cancel()
+        failed.cancel()
         if ready_task is not None:
             ready_task.cancel()
         await dhcp.stop()
         log.info("vm-switch.stopped")
-    return 0
+    return 1 if dhcp.failed.is_set() else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -493,6 +555,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--allow-etc-resolv-conf", action="store_true", help=argparse.SUPPRESS)
     p.add_argument(
+        "--subnet",
+        metavar="CIDR",
+        help="hostd's network as this guest expects it: a lease outside it is an error "
+        "(Rancher Desktop's -subnet; default: no check)",
+    )
+    p.add_argument(
+        "--dhcp-script",
+        metavar="PATH",
+        help="run udhcpc with this script instead of netferry's DHCP client ('' = default)",
+    )
+    p.add_argument(
+        "--trace-packets",
+        action="store_true",
+        help="accepted for Rancher Desktop; netferry logs no packets (use host-switch --pcap)",
+    )
+    p.add_argument(
         "--ready-fd",
         type=int,
         metavar="N",
@@ -502,12 +580,58 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def vsock_fd_uri(fd: int) -> str:
+    """An inherited connection, as Rancher Desktop's network-setup passes it (fd 3): its
+    frames are 2-byte little-endian, gvisor-tap-vsock's stdio framing."""
+    return f"fd://{fd}?framing=len16le"
+
+
+def _vsock_fd(value: str) -> list[str]:
+    fd = int(value, 10)
+    if fd < 0:
+        raise ValueError("must be a file descriptor number")
+    return [f"--connect={vsock_fd_uri(fd)}"]
+
+
+# Rancher Desktop's vm-switch flags (Go syntax); -tap-interface, -tap-mac-address, -subnet,
+# -dhcp-script, -trace-packets and -debug are ours under the same names.
+GO_ALIASES = {
+    "logfile": "--log-file",
+    "vsock-fd": Alias("--connect", convert=_vsock_fd),
+}
+INHERITED_FD = 3
+
+
+def _is_socket(fd: int) -> bool:
+    import stat
+
+    try:
+        return stat.S_ISSOCK(os.fstat(fd).st_mode)
+    except OSError:
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if (args.connect is None) == (args.give_tap is None):
+    args = parse_go_flags(parser, argv, GO_ALIASES)
+    if args.connect is None and args.give_tap is None:
+        # Rancher Desktop starts vm-switch with the connection as fd 3 and no flag for it.
+        if not _is_socket(INHERITED_FD):
+            parser.error(
+                "give --connect URI or --give-tap FD, or pass the connection as fd 3 "
+                "(as Rancher Desktop's network-setup does; -vsock-fd N names another fd)"
+            )
+        args.connect = vsock_fd_uri(INHERITED_FD)
+    if args.connect is not None and args.give_tap is not None:
         parser.error("give exactly one of --connect URI and --give-tap FD")
+    if args.subnet is not None:
+        try:
+            ipaddress.ip_network(args.subnet, strict=False)
+        except ValueError as e:
+            parser.error(f"--subnet: {e}")
     configure_logging(args.log_format, "debug" if args.debug else "info", args.log_file)
+    if args.trace_packets:
+        log.warning("trace_packets.unsupported", hint="use host-switch --pcap FILE")
     with contextlib.suppress(KeyboardInterrupt):
         return asyncio.run(run(args))
     return 130

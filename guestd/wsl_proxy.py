@@ -25,6 +25,16 @@ When its stream ends they stay, listening and forwarding, so an agent restart (o
 causes no outage. A reconnecting agent sends `hello{resync: true}`, re-adds everything it
 wants and then `sync_done`; its mappings it did not re-add are removed then and listed in
 the answer. A removal by anyone removes the mapping, whoever added it.
+
+Rancher Desktop's wire, on the same socket path: its guest agent connects, writes one JSON
+PortMapping (`{"remove": false, "ports": {"8080/tcp": [{"HostIp": "0.0.0.0", "HostPort":
+"8080"}]}}`, newline-terminated) and closes. The public socket is a small front listener
+that peeks at the first bytes: the HTTP/2 preface (`PRI * HTTP/2.0`) is a gRPC client and
+its connection is piped byte for byte to grpcio's server on a private socket (in a 0700
+directory beside the public one; grpcio cannot take an accepted connection); `{` is a JSON
+PortMapping (see `JsonPortMappings`); anything else gets a JSON error line and is closed.
+Rancher Desktop's own wsl-proxy wrote nothing back; this one answers every PortMapping with
+one JSON line (the ack), and a client that closed without reading it loses nothing.
 """
 
 from __future__ import annotations
@@ -34,10 +44,12 @@ import asyncio
 import contextlib
 import errno
 import ipaddress
+import json
 import os
 import signal
 import socket
 import sys
+import tempfile
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -47,6 +59,7 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from netferry.goflags import parse_args as parse_go_flags
 from netferry.log import add_logging_arguments, configure_logging
 from netferry.unixsock import clear_stale_socket
 from netferry.v1 import proxy_pb2 as pb
@@ -286,8 +299,10 @@ class MappingTable:
         connect_timeout: float = 5.0,
         udp_idle_timeout: float = 60.0,
         udp_max_sessions: int = 1024,
+        udp_buffer: int | None = None,
     ) -> None:
         self.upstream_address = upstream_address
+        self.udp_buffer = udp_buffer  # SO_RCVBUF of each UDP mapping's socket
         self.connect_timeout = connect_timeout
         self.udp_idle_timeout = udp_idle_timeout
         self.udp_max_sessions = udp_max_sessions
@@ -326,6 +341,10 @@ class MappingTable:
                     family=family,
                 )
                 entry.udp = proto
+                if self.udp_buffer:
+                    sock = proto.transport.get_extra_info("socket") if proto.transport else None
+                    if sock is not None:
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.udp_buffer)
         except OSError as e:
             self.entries.pop(key, None)
             raise fault_from_oserror(key, e) from None
@@ -498,23 +517,290 @@ class UnixGrpcServer:
                 os.unlink(self.path)
 
 
+# ---- Rancher Desktop's JSON PortMapping wire ----------------------------------------------
+
+RD_AGENT = "rancher-desktop"  # owner of mappings made through the JSON wire
+JSON_MAX_BYTES = 1 << 20
+JSON_READ_TIMEOUT = 10.0
+ERROR_NAMES = {v: k.removeprefix("MAPPING_ERROR_") for k, v in pb.MappingError.items()}
+STATUS_NAMES = {v: k.removeprefix("MAPPING_STATUS_") for k, v in pb.MappingStatus.items()}
+
+
+def _truncated(e: json.JSONDecodeError) -> bool:
+    """The text so far is a valid beginning: the error is at its end (only whitespace after
+    it) or inside a string not yet closed."""
+    return not e.doc[e.pos :].strip() or e.msg.startswith("Unterminated string")
+
+
+class JsonRequestError(Exception):
+    """The request as a whole is unusable (not JSON, wrong shape): nothing was changed."""
+
+
+def parse_port_mapping(doc: object) -> tuple[bool, list[tuple[str, pb.Mapping | None, str]]]:
+    """A Rancher Desktop PortMapping → (remove, [(label, mapping or None, why not)]).
+
+    `ports` is docker's nat.PortMap: "PORT[/PROTO]" (tcp when absent, as docker) → a list of
+    {"HostIp", "HostPort"}. As in Rancher Desktop, the mapping listens on HostIp:HostPort and
+    forwards to the upstream's HostPort; an empty HostIp means every address (0.0.0.0).
+    A bad binding is reported on its own and does not stop the others."""
+    if not isinstance(doc, dict):
+        raise JsonRequestError(f"expected a JSON object (a PortMapping), got {type(doc).__name__}")
+    remove = doc.get("remove", False)
+    if not isinstance(remove, bool):
+        raise JsonRequestError(f'"remove": expected true or false, got {remove!r}')
+    ports = doc.get("ports")
+    if ports is None:
+        ports = {}
+    if not isinstance(ports, dict):
+        raise JsonRequestError('"ports": expected an object like {"8080/tcp": [...]}')
+    items: list[tuple[str, pb.Mapping | None, str]] = []
+    for port_key, bindings in ports.items():
+        _, _, proto = str(port_key).partition("/")
+        proto = (proto or "tcp").lower()
+        if bindings is None:
+            bindings = []
+        if not isinstance(bindings, list):
+            items.append((str(port_key), None, f'ports["{port_key}"]: expected a list'))
+            continue
+        for b in bindings:
+            label = f"{port_key} {json.dumps(b)}"
+            if not isinstance(b, dict):
+                items.append((label, None, f'ports["{port_key}"]: a binding must be an object'))
+                continue
+            if proto not in PROTOCOL_VALUES:
+                items.append((label, None, f'ports["{port_key}"]: protocol {proto!r} is not '
+                                           "tcp or udp"))  # fmt: skip
+                continue
+            host_ip = b.get("HostIp") or "0.0.0.0"
+            host_port = b.get("HostPort")
+            if not isinstance(host_ip, str):
+                items.append((label, None, f"HostIp: {host_ip!r} is not a string"))
+                continue
+            try:
+                port = int(str(host_port), 10)
+            except ValueError:
+                items.append((label, None, f"HostPort: {host_port!r} is not a port number"))
+                continue
+            m = pb.Mapping(protocol=PROTOCOL_VALUES[proto], host_ip=host_ip, port=port)
+            items.append((label, m, ""))
+    return remove, items
+
+
+class JsonPortMappings:
+    """Serves one Rancher Desktop PortMapping per connection and writes the ack.
+
+    The ack is one line of JSON, written once every binding of the request was handled:
+    `{"ok": true|false, "results": [{"mapping": "tcp 0.0.0.0:8080", "status": "APPLIED",
+    "message": "..."}]}`; a binding that failed has `"status": "ERROR"`, `"error"` (the
+    PortProxy error name: ADDRESS_IN_USE, BAD_ADDRESS, PERMISSION_DENIED, NOT_FOUND,
+    INVALID_ARGUMENT) and `"message"`; `ok` is true when every binding succeeded. A request
+    that is not a PortMapping (bad JSON, wrong shape, over 1 MiB, no complete object within
+    10 s) changes nothing and gets `{"ok": false, "error": "INVALID_ARGUMENT", "message":
+    "...", "results": []}`. Then the connection is closed. The mapping is applied whether or
+    not the client is still there to read the ack (Rancher Desktop's agent closes at once)."""
+
+    def __init__(self, service: PortProxyService) -> None:
+        self.service = service
+        self.requests = 0
+
+    async def serve(
+        self, first: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        self.requests += 1
+        try:
+            doc = await self._read(first, reader)
+            reply = await self.apply(doc)
+        except JsonRequestError as e:
+            log.info("json.refused", message=str(e))
+            reply = {"ok": False, "error": "INVALID_ARGUMENT", "message": str(e), "results": []}
+        with contextlib.suppress(ConnectionError, OSError, TimeoutError):
+            writer.write(json.dumps(reply).encode() + b"\n")
+            await asyncio.wait_for(writer.drain(), 5)
+
+    async def _read(self, buf: bytes, reader: asyncio.StreamReader) -> object:
+        """One JSON value: done when it parses (a newline is not needed, and a value spread
+        over several lines or writes is waited for), refused as soon as it cannot become
+        valid, or at the end of input, 1 MiB or 10 s."""
+        deadline = asyncio.get_running_loop().time() + JSON_READ_TIMEOUT
+        while True:
+            try:
+                return json.loads(buf)
+            except UnicodeDecodeError as e:
+                if len(buf) - e.end > 3:  # not a multi-byte character cut short
+                    raise JsonRequestError(f"bad JSON: {e}") from None
+            except json.JSONDecodeError as e:
+                if not _truncated(e):
+                    raise JsonRequestError(f"bad JSON: {e}") from None
+            if len(buf) > JSON_MAX_BYTES:
+                raise JsonRequestError(f"request over {JSON_MAX_BYTES} bytes")
+            left = deadline - asyncio.get_running_loop().time()
+            try:
+                chunk = await asyncio.wait_for(reader.read(1 << 16), max(left, 0))
+            except TimeoutError:
+                raise JsonRequestError(
+                    f"no complete JSON object within {JSON_READ_TIMEOUT:g} s"
+                ) from None
+            except (ConnectionError, OSError):
+                chunk = b""
+            if not chunk:
+                try:
+                    return json.loads(buf)
+                except (ValueError, UnicodeDecodeError) as e:
+                    raise JsonRequestError(f"bad JSON: {e}") from None
+            buf += chunk
+
+    async def apply(self, doc: object) -> dict:
+        remove, items = parse_port_mapping(doc)
+        state: dict = {"agent": RD_AGENT, "marked": None}
+        results = []
+        for label, mapping, why in items:
+            if mapping is None:
+                results.append({"mapping": label, "status": "ERROR",
+                                "error": "INVALID_ARGUMENT", "message": why})  # fmt: skip
+                continue
+            req = pb.StreamMappingsRequest(**{"remove" if remove else "add": mapping})
+            resp = await self.service.handle(req, state)
+            result = {
+                "mapping": str(key_from_pb(resp.mapping)) if resp.HasField("mapping") else label,
+                "status": STATUS_NAMES[resp.status],
+                "message": resp.message,
+            }
+            if resp.status == pb.MAPPING_STATUS_ERROR:
+                result["error"] = ERROR_NAMES[resp.error]
+            results.append(result)
+        ok = all(r["status"] != "ERROR" for r in results)
+        log.info("json.request", remove=remove, results=len(results), ok=ok)
+        return {"ok": ok, "results": results}
+
+
+# ---- the public socket: gRPC and JSON side by side ----------------------------------------
+
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+H2_PREFIX = H2_PREFACE[:14]  # "PRI * HTTP/2.0": enough to tell
+
+
+class FrontListener:
+    """The public unix socket (0600). It peeks at each connection's first bytes: gRPC
+    (HTTP/2) is piped to `grpc_path`, a JSON PortMapping goes to `json_server`."""
+
+    def __init__(self, path: str, grpc_path: str, json_server: JsonPortMappings) -> None:
+        self.path = path
+        self.grpc_path = grpc_path
+        self.json_server = json_server
+        self.server: asyncio.base_events.Server | None = None
+        self.tasks: set[asyncio.Task[None]] = set()
+        self._inode: tuple[int, int] | None = None
+
+    async def start(self) -> None:
+        clear_stale_socket(self.path, make_parent=True)
+        old = os.umask(0o177)
+        try:
+            self.server = await asyncio.start_unix_server(self._handle, self.path)
+        finally:
+            os.umask(old)
+        st = os.stat(self.path)
+        self._inode = (st.st_dev, st.st_ino)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.tasks.add(task)
+        try:
+            kind, first = await self._classify(reader)
+            if kind == "grpc":
+                await self._pipe_to_grpc(first, reader, writer)
+            elif kind == "json":
+                await self.json_server.serve(first, reader, writer)
+            elif kind == "unknown":
+                log.info("front.unknown_protocol", first=first[:16].hex())
+                msg = "expected a gRPC client (HTTP/2) or a JSON PortMapping starting with '{'"
+                reply = {"ok": False, "error": "INVALID_ARGUMENT", "message": msg, "results": []}
+                with contextlib.suppress(ConnectionError, OSError, TimeoutError):
+                    writer.write(json.dumps(reply).encode() + b"\n")
+                    await asyncio.wait_for(writer.drain(), 5)
+        finally:
+            writer.close()
+            self.tasks.discard(task)
+
+    async def _classify(self, reader: asyncio.StreamReader) -> tuple[str, bytes]:
+        buf = b""
+        while True:
+            head = buf.lstrip()
+            if head[:1] == b"{":
+                return "json", buf
+            if buf[: len(H2_PREFIX)] == H2_PREFIX:
+                return "grpc", buf
+            if head and not H2_PREFIX.startswith(buf[: len(H2_PREFIX)]):
+                return "unknown", buf
+            try:
+                chunk = await asyncio.wait_for(reader.read(1 << 16), JSON_READ_TIMEOUT)
+            except (TimeoutError, ConnectionError, OSError):
+                return "closed", buf
+            if not chunk:
+                return "closed", buf
+            buf += chunk
+
+    async def _pipe_to_grpc(
+        self, first: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        try:
+            up_r, up_w = await asyncio.open_unix_connection(self.grpc_path)
+        except OSError as e:
+            log.warning("front.grpc_unreachable", path=self.grpc_path, error=str(e))
+            return
+        try:
+            up_w.write(first)
+            await asyncio.gather(_copy(reader, up_w), _copy(up_r, writer))
+        finally:
+            up_w.close()
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        for t in list(self.tasks):
+            t.cancel()
+        with contextlib.suppress(FileNotFoundError):
+            st = os.lstat(self.path)
+            if (st.st_dev, st.st_ino) == self._inode:
+                os.unlink(self.path)
+
+
 async def run(args: argparse.Namespace) -> int:
     table = MappingTable(
-        args.upstream_address, args.connect_timeout, args.udp_idle_timeout, args.udp_max_sessions
+        args.upstream_address,
+        args.connect_timeout,
+        args.udp_idle_timeout,
+        args.udp_max_sessions,
+        args.udp_buffer,
     )
+    service = PortProxyService(table)
+    # grpcio listens privately; the public path is the front listener (gRPC and JSON).
+    parent = os.path.dirname(os.path.abspath(args.socket))
+    try:
+        os.makedirs(parent, mode=0o700, exist_ok=True)
+        private = tempfile.mkdtemp(prefix=".wsl-proxy-", dir=parent)
+    except OSError as e:
+        log.error("startup.failed", error=str(e))
+        return 1
     server = UnixGrpcServer(
-        args.socket,
+        os.path.join(private, "grpc.sock"),
         [SERVICE_NAME],
-        lambda s: pb_grpc.add_PortProxyServicer_to_server(PortProxyService(table), s),
+        lambda s: pb_grpc.add_PortProxyServicer_to_server(service, s),
     )
+    front = FrontListener(args.socket, server.path, JsonPortMappings(service))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
         await server.start()
+        await front.start()
     except OSError as e:
         log.error("startup.failed", error=str(e))
+        await front.stop()
+        await server.stop()
+        with contextlib.suppress(OSError):
+            os.rmdir(private)
         return 1
     log.info("wsl-proxy.ready", socket=args.socket, upstream=args.upstream_address)
     if args.ready_fd is not None:
@@ -522,7 +808,10 @@ async def run(args: argparse.Namespace) -> int:
             os.write(args.ready_fd, b"ready\n")
             os.close(args.ready_fd)
     await stop.wait()
+    await front.stop()
     await server.stop()
+    with contextlib.suppress(OSError):
+        os.rmdir(private)
     await table.close()
     log.info("wsl-proxy.stopped")
     return 0
@@ -541,13 +830,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--connect-timeout", type=float, default=5.0, metavar="SECONDS")
     p.add_argument("--udp-idle-timeout", type=float, default=60.0, metavar="SECONDS")
     p.add_argument("--udp-max-sessions", type=int, default=1024, help="per UDP mapping")
+    p.add_argument(
+        "--udp-buffer",
+        type=int,
+        metavar="BYTES",
+        help="SO_RCVBUF of each UDP mapping's socket (Rancher Desktop's -udpBuffer; default: "
+        "the kernel's)",
+    )
     p.add_argument("--ready-fd", type=int, metavar="N", help="write 'ready' to fd N when serving")
     add_logging_arguments(p)
     return p
 
 
+# Rancher Desktop's wsl-proxy flags (Go syntax: `-debug=false -logfile=F`).
+GO_ALIASES = {
+    "logfile": "--log-file",
+    "socketFile": "--socket",
+    "upstreamAddress": "--upstream-address",
+    "udpBuffer": "--udp-buffer",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_go_flags(build_parser(), argv, GO_ALIASES)
     configure_logging(args.log_format, "debug" if args.debug else "info", args.log_file)
     with contextlib.suppress(KeyboardInterrupt):
         return asyncio.run(run(args))

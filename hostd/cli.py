@@ -18,6 +18,7 @@ from hostd.errors import ControlError
 from hostd.services.dhcp import parse_static_lease
 from hostd.services.dns import parse_record_spec, parse_upstream, upstreams_from_resolv_conf
 from hostd.stack.ethernet import parse_mac
+from netferry.goflags import parse_args as parse_go_flags
 from netferry.log import add_logging_arguments, configure_logging
 from netferry.uri import parse_link_uri
 
@@ -284,7 +285,9 @@ async def run(args: argparse.Namespace, config: NetworkConfig) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # Go flag syntax too (-debug, -subnet=..., -port-forward X): Rancher Desktop's
+    # host-switch flags have the same names as ours.
+    args = parse_go_flags(parser, argv)
     configure_logging(args.log_format, "debug" if args.debug else "info", args.log_file)
     if not args.listen:
         parser.error("at least one --listen URI is required")

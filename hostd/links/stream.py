@@ -217,6 +217,12 @@ async def connect_stdio(sink: LinkSink, uri: LinkUri) -> StreamLink:
     """stdin/stdout as one stream link (gvproxy's -listen-stdio)."""
     import sys
 
+    st_in, st_out = os.fstat(0), os.fstat(1)
+    if stat.S_ISSOCK(st_in.st_mode) and os.path.samestat(st_in, st_out):
+        # One socket on both (a socket pair, an inetd-style connection): a socket link,
+        # because asyncio's write-pipe transport takes any readable byte on a socket for
+        # the peer closing, and the link would drop at the first frame.
+        return await connect_stream_fd(sink, uri, socket.socket(fileno=os.dup(0)))
     loop = asyncio.get_running_loop()
     link = StreamLink(sink, "stdio://", uri.framing, uri.max_frame)
     # The write side first: connection_made of the read side announces the link.

@@ -10,12 +10,14 @@ also on failure (the finalizer falls back to deleting B and killing what is in i
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import random
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -197,28 +199,50 @@ class Stack:
 def stack(netns, hostd, short_tmp: Path) -> Iterator[Callable[..., Stack]]:
     made: list[Stack] = []
 
-    def start(init: str = "exec sleep infinity", start_hostd: bool = True) -> Stack:
+    def start(
+        init: str = "exec sleep infinity",
+        start_hostd: bool = True,
+        rd_argv: bool = False,
+        setup_extra: tuple[str, ...] = (),
+    ) -> Stack:
         a = netns()
         b = f"{NS_PREFIX}b-{os.urandom(2).hex()}"
         d = short_tmp
         guest_sock, proxy_sock = d / "guest.sock", d / "wslp.sock"
         pid_file, setup_log = d / "init.pid", d / "network-setup.log"
         script = f"echo $$ > {d}/init-saw-pid; {init}"
+        # Where the test runs things: its own socket, namespace and pid file (Rancher
+        # Desktop's defaults, /run/... and "netferry", are the machine's).
+        isolation = ["--listen", f"unix://{guest_sock}", "--namespace", b,
+                     "--pid-file", str(pid_file), "--stop-timeout", "2"]  # fmt: skip
+        if rd_argv:
+            # Rancher Desktop's wsl-init, verbatim in form: `network-setup --logfile F
+            # --vm-switch-path P --vm-switch-logfile F2 -debug --unshare-arg "${0}"`, where
+            # the unshare argument is the init script itself.
+            init_script = d / "wsl-init"
+            init_script.write_text(f"#!/bin/sh\n{script}\n")
+            init_script.chmod(0o755)
+            setup_argv = [_bin("network-setup"), "--logfile", str(setup_log),
+                          "--vm-switch-path", _bin("vm-switch"),
+                          "--vm-switch-logfile", str(d / "vm-switch.log"), "-debug",
+                          "--unshare-arg", str(init_script), *setup_extra, *isolation]  # fmt: skip
+            # `wsl-proxy -debug=false -logfile=F` (+ -socketFile, as Rancher Desktop's
+            # in-tree flag names it)
+            proxy_argv = [_bin("wsl-proxy"), "-debug=false", f"-logfile={d / 'wsl-proxy.log'}",
+                          f"-socketFile={proxy_sock}"]  # fmt: skip
+        else:
+            setup_argv = [_bin("network-setup"), *isolation, "--vm-switch-log-file",
+                          str(d / "vm-switch.log"), "--log-format", "json", "--log-file",
+                          str(setup_log), *setup_extra, "--", "sh", "-c", script]  # fmt: skip
+            proxy_argv = [_bin("wsl-proxy"), "--socket", str(proxy_sock), "--log-format", "json",
+                          "--log-file", str(d / "wsl-proxy.log")]  # fmt: skip
         # nsenter --net (not `ip netns exec`) keeps the root mount namespace, so B's
         # /run/netns entry is visible to the test (and `ip netns list`).
         setup = subprocess.Popen(
-            ["nsenter", f"--net=/run/netns/{a.name}", _bin("network-setup"),
-             "--listen", f"unix://{guest_sock}", "--namespace", b, "--pid-file", str(pid_file),
-             "--stop-timeout", "2", "--vm-switch-log-file", str(d / "vm-switch.log"),
-             "--log-format", "json", "--log-file", str(setup_log), "--", "sh", "-c", script],
-            stdin=subprocess.DEVNULL,
-        )  # fmt: skip
+            ["nsenter", f"--net=/run/netns/{a.name}", *setup_argv], stdin=subprocess.DEVNULL
+        )
         STARTED.append(setup)
-        proxy = subprocess.Popen(
-            a.cmd(_bin("wsl-proxy"), "--socket", str(proxy_sock), "--log-format", "json",
-                  "--log-file", str(d / "wsl-proxy.log")),
-            stdin=subprocess.DEVNULL,
-        )  # fmt: skip
+        proxy = subprocess.Popen(a.cmd(*proxy_argv), stdin=subprocess.DEVNULL)
         STARTED.append(proxy)
         wait_for(lambda: guest_sock.exists() and proxy_sock.exists(), 15, "guest and proxy sockets")
         h = hostd("--guest", f"unix://{guest_sock}") if start_hostd else None
@@ -468,3 +492,173 @@ def test_version_mismatch_is_refused(stack) -> None:
             gpb_grpc.GuestStub(ch).Handshake(req, timeout=10)
     assert e.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "/nonexistent.sock" in e.value.details()
+
+
+def test_rancher_desktop_argv(stack, http_server: HttpServer) -> None:
+    """Acceptance 5 (issue 11): network-setup and wsl-proxy started with Rancher Desktop's
+    argument forms; the handshake, lease, init and the mappings work as with ours, and
+    wsl-proxy serves a mapping sent as Rancher Desktop's JSON PortMapping."""
+    st = stack(rd_argv=True, setup_extra=("-subnet", "192.168.127.0/24"))
+    st.wait_leased()
+    assert (st.dir / "init-saw-pid").read_text().strip() == "1"
+    assert st.init_pid() == st.status().init_pid
+    # the logs went to the -logfile/--vm-switch-logfile paths, at debug level
+    assert "handshake.done" in st.log()
+    assert (st.dir / "vm-switch.log").read_text().count("dhcp.bound") >= 1
+    r = subprocess.run(st.in_b("curl", "-s", "-m", "10",
+                               f"http://192.168.127.254:{http_server.port}/blob?mib=1"),
+                       capture_output=True, timeout=30)  # fmt: skip
+    assert (
+        hashlib.sha256(r.stdout).hexdigest()
+        == hashlib.sha256(http_server.blob.path.read_bytes()[: 1 << 20]).hexdigest()
+    )
+    port = free_port_pair()
+    servers = start_servers(st, port, port)
+    try:
+        # the guest agent's JSON, sent from A as Rancher Desktop's agent sends it
+        pm = {"remove": False, "ports": {f"{port}/tcp": [{"HostIp": "127.0.0.1",
+                                                         "HostPort": str(port)}],
+                                         f"{port}/udp": [{"HostIp": "127.0.0.1",
+                                                         "HostPort": str(port)}]}}  # fmt: skip
+        ack = st.a.python(JSON_CLIENT, str(st.proxy_sock), json.dumps(pm)).stdout
+        assert json.loads(ack)["ok"], ack
+        assert st.curl(st.a.cmd(), port).stdout == "hello from B"
+        assert st.a.python(UDP_CLIENT, str(port), "json").stdout.strip() == "echo:json"
+        pm["remove"] = True
+        assert json.loads(st.a.python(JSON_CLIENT, str(st.proxy_sock), json.dumps(pm)).stdout)["ok"]
+        assert st.curl(st.a.cmd(), port).returncode != 0
+        # and the agent's gRPC stream on the same socket path
+        ag = st.agent()
+        ag.send(f"add tcp 127.0.0.1 {port}")
+        assert ag.answer("wsl-proxy", "add", f"tcp 127.0.0.1:{port}")["ok"]
+        assert st.curl(st.a.cmd(), port).stdout == "hello from B"
+    finally:
+        stop_process(servers)
+
+
+JSON_CLIENT = r"""
+import socket, sys
+s = socket.socket(socket.AF_UNIX); s.settimeout(10); s.connect(sys.argv[1])
+s.sendall(sys.argv[2].encode() + b"\n")
+print(s.makefile().readline())
+"""
+
+
+def test_subnet_mismatch_is_refused(stack) -> None:
+    """-subnet that is not hostd's: the handshake is refused naming both, nothing is made."""
+    st = stack(rd_argv=True, setup_extra=("-subnet", "10.99.0.0/24"))
+    wait_for(lambda: "handshake.subnet_mismatch" in st.log(), 20, "the refusal")
+    assert "192.168.127.0/24" in st.log() and "10.99.0.0/24" in st.log()
+    assert st.status().handshakes == 0 and st.b not in list_netns()
+    assert st.setup.poll() is None
+
+
+# dup2 the connection to fd 3 and exec the rest (dash cannot redirect fds above 9)
+MOVE_TO_FD3 = (
+    "import os,sys; fd=int(sys.argv[1]); fd != 3 and (os.dup2(fd, 3), os.close(fd)); "
+    "os.execvp(sys.argv[2], sys.argv[2:])"
+)
+
+
+def start_rd_vm_switch(
+    ns: Netns, link: Path, log: Path, subnet: str, dhcp_script: str = ""
+) -> subprocess.Popen:
+    """vm-switch exactly as Rancher Desktop's network-setup starts it: the connection as fd 3
+    (2-byte little-endian frames), `-tap-interface eth0 -subnet S -tap-mac-address M
+    -dhcp-script '' -logfile F -debug`."""
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        conn.connect(str(link))
+        argv = [_bin("vm-switch"), "-tap-interface", "eth0", "-subnet", subnet,
+                "-tap-mac-address", "5a:94:ef:e4:0c:ee", "-dhcp-script", dhcp_script, "-logfile",
+                str(log), "-debug"]  # fmt: skip
+        fd = conn.fileno()
+        proc = subprocess.Popen(
+            [sys.executable, "-c", MOVE_TO_FD3, str(fd), *ns.cmd(*argv)],
+            pass_fds=[fd], stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+    finally:
+        conn.close()
+    STARTED.append(proc)
+    return proc
+
+
+# A udhcpc script of the user's own (as -dhcp-script names one): it prints no lease line.
+OWN_DHCP_SCRIPT = """#!/bin/sh
+case "$1" in
+  deconfig) ip -4 addr flush dev "$interface"; ip link set "$interface" up ;;
+  bound|renew) ip -4 addr flush dev "$interface"; ip addr add "$ip/$mask" dev "$interface"
+               ip route replace default via "$router" dev "$interface" ;;
+esac
+"""
+
+
+@pytest.mark.parametrize("own_script", [False, True], ids=["default-dhcp", "own-dhcp-script"])
+def test_vm_switch_rancher_desktop_argv(
+    hostd, netns, short_tmp: Path, http_server, own_script: bool
+) -> None:
+    link = short_tmp / "rd-link.sock"
+    port = free_port_pair()
+    # host-switch with Rancher Desktop's flags as well (its -port-forward form)
+    hostd("--listen", f"unix://{link}?framing=len16le", "-debug", "-subnet", "192.168.127.0/24",
+          "-port-forward", f"127.0.0.1:{port}=192.168.127.2:{port}")  # fmt: skip
+    ns = netns()
+    log = short_tmp / "rd-vm-switch.log"
+    script = ""
+    if own_script:
+        path = short_tmp / "dhcp.script"
+        path.write_text(OWN_DHCP_SCRIPT)
+        path.chmod(0o755)
+        script = str(path)
+    proc = start_rd_vm_switch(ns, link, log, "192.168.127.0/24", script)
+    try:
+
+        def leased() -> bool:
+            if proc.poll() is not None:
+                pytest.fail(f"vm-switch exited {proc.returncode}: {log.read_text()}")
+            out = ns.run("ip", "-4", "-o", "addr", "show", "dev", "eth0", check=False).stdout
+            return "192.168.127.2/24" in out
+
+        wait_for(leased, 30, "the lease", step=0.2)
+        want = hashlib.sha256(http_server.blob.path.read_bytes()[: 4 << 20]).hexdigest()
+        r = ns.run("curl", "-s", "-m", "20", f"http://192.168.127.254:{http_server.port}/blob?mib=4",
+                   text=False)  # fmt: skip
+        assert hashlib.sha256(r.stdout).hexdigest() == want
+        # -logfile took effect, and the inherited fd 3 was the link, with Rancher Desktop's framing
+        text = log.read_text()
+        assert "uri='fd://3?framing=len16le'" in text
+        assert ("client=udhcpc" in text) == own_script and "dhcp.bound" in text
+        # host-switch's -port-forward reaches the guest
+        on_all = SERVERS.replace('("127.0.0.1", tcp_port)', '("0.0.0.0", tcp_port)')
+        server = ns.popen("python3", "-c", on_all, str(port), str(port), stdout=subprocess.PIPE,
+                          text=True)  # fmt: skip
+        STARTED.append(server)
+        try:
+            assert server.stdout is not None and server.stdout.readline().strip() == "serving"
+            wait_for(lambda: subprocess.run(["curl", "-s", "-m", "5", f"http://127.0.0.1:{port}/"],
+                                            capture_output=True, text=True).stdout
+                     == "hello from B", 20, "the -port-forward")  # fmt: skip
+        finally:
+            stop_process(server)
+    finally:
+        stop_process(proc)
+    assert proc.returncode == 0
+
+
+def test_vm_switch_subnet_mismatch_and_missing_fd(hostd, netns, short_tmp: Path) -> None:
+    link = short_tmp / "rd-link.sock"
+    hostd("--listen", f"unix://{link}?framing=len16le")
+    ns = netns()
+    log = short_tmp / "rd-vm-switch.log"
+    proc = start_rd_vm_switch(ns, link, log, "10.99.0.0/24")
+    try:
+        assert proc.wait(30) == 1
+    finally:
+        stop_process(proc)
+    text = log.read_text()
+    assert "dhcp.subnet_mismatch" in text and "-subnet 10.99.0.0/24 does not match" in text
+    assert "eth0" not in ns.run("ip", "link").stdout  # the tap went with vm-switch
+    # no --connect, no -vsock-fd and nothing on fd 3: a usage error that says what to give
+    r = subprocess.run([_bin("vm-switch"), "-tap-interface", "eth0"], capture_output=True,
+                       text=True, timeout=30)  # fmt: skip
+    assert r.returncode == 2 and "pass the connection as fd 3" in r.stderr

@@ -435,3 +435,91 @@ def test_nat_ruleset() -> None:
     assert text.startswith("table ip netferry\ndelete table ip netferry\n")  # replace, atomically
     limited = nat_rules.ruleset(ports=[8080, 53, 8080])
     assert "th dport { 53, 8080 }" in limited
+
+
+# ---- wsl-proxy: Rancher Desktop's JSON PortMapping -----------------------------------------
+
+
+def test_rancher_desktop_port_mapping_parsing() -> None:
+    from guestd.wsl_proxy import JsonRequestError, parse_port_mapping
+
+    remove, items = parse_port_mapping(
+        {"remove": True, "connectAddrs": None,
+         "ports": {"8080/TCP": [{"HostIp": "", "HostPort": "18080"}],
+                   "53": [{"HostIp": "127.0.0.1", "HostPort": "5353"}],
+                   "9/udp": None}}
+    )  # fmt: skip
+    assert remove is True
+    assert [(m.protocol, m.host_ip, m.port) for _, m, _ in items if m is not None] == [
+        (pb.MAPPING_PROTOCOL_TCP, "0.0.0.0", 18080),  # empty HostIp: every address (docker)
+        (pb.MAPPING_PROTOCOL_TCP, "127.0.0.1", 5353),  # no /proto: tcp, as docker
+    ]
+    assert parse_port_mapping({}) == (False, [])
+    _, bad = parse_port_mapping({"ports": {"1/tcp": [{"HostPort": "x"}], "2/tcp": {}}})
+    assert [why for _, m, why in bad] == [
+        "HostPort: 'x' is not a port number",
+        'ports["2/tcp"]: expected a list',
+    ]
+    for doc, why in (([1], "expected a JSON object"), ({"remove": 1}, '"remove": expected')):
+        with pytest.raises(JsonRequestError, match=why):
+            parse_port_mapping(doc)
+
+
+def test_front_listener_tells_grpc_from_json_and_pipes_exactly() -> None:
+    """The HTTP/2 preface, even split across writes, goes to the gRPC socket byte for byte;
+    other first bytes get an error line; a connection closed at once costs nothing."""
+    from guestd.wsl_proxy import H2_PREFACE, FrontListener, JsonPortMappings
+
+    async def main() -> None:
+        d = tempfile.mkdtemp(prefix="nf-front-")
+        front_path, grpc_path = os.path.join(d, "front.sock"), os.path.join(d, "grpc.sock")
+        got = bytearray()
+        done = asyncio.Event()
+
+        async def fake_grpc(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            while data := await r.read(65536):
+                got.extend(data)
+            w.write(b"reply")
+            await w.drain()
+            w.close()
+            done.set()
+
+        upstream = await asyncio.start_unix_server(fake_grpc, grpc_path)
+        front = FrontListener(
+            front_path, grpc_path, JsonPortMappings(PortProxyService(MappingTable()))
+        )
+        await front.start()
+        try:
+            assert os.stat(front_path).st_mode & 0o777 == 0o600
+            r, w = await asyncio.open_unix_connection(front_path)
+            w.write(H2_PREFACE[:5])
+            await w.drain()
+            await asyncio.sleep(0.05)
+            w.write(H2_PREFACE[5:] + b"\x00frames")
+            w.write_eof()
+            assert await r.read() == b"reply"
+            await done.wait()
+            assert bytes(got) == H2_PREFACE + b"\x00frames"
+            w.close()
+            # not HTTP/2, not JSON
+            r, w = await asyncio.open_unix_connection(front_path)
+            w.write(b"PUT / HTTP/1.1\r\n\r\n")
+            reply = json.loads(await r.readline())
+            assert reply["ok"] is False and "expected a gRPC client" in reply["message"]
+            w.close()
+            # closed before a byte: nothing happens
+            r, w = await asyncio.open_unix_connection(front_path)
+            w.close()
+            # JSON after leading whitespace
+            r, w = await asyncio.open_unix_connection(front_path)
+            w.write(b'  \n {"remove": false, "ports": {}}\n')
+            assert json.loads(await r.readline()) == {"ok": True, "results": []}
+            w.close()
+        finally:
+            await front.stop()
+            upstream.close()
+            os.unlink(grpc_path)
+            assert not os.path.exists(front_path)
+            os.rmdir(d)
+
+    asyncio.run(main())
