@@ -289,8 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     # host-switch flags have the same names as ours.
     args = parse_go_flags(parser, argv)
     configure_logging(args.log_format, "debug" if args.debug else "info", args.log_file)
-    if not args.listen:
-        parser.error("at least one --listen URI is required")
+    if not args.listen and not args.http_api:
+        parser.error("at least one --listen or --http-api URI is required")
     try:
         for uri in args.listen:
             parse_link_uri(uri)

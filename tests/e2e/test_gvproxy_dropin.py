@@ -8,6 +8,7 @@ DNS goes to the test's own loopback resolver (`-dns-upstream`, netferry's additi
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import socket
 import subprocess
@@ -184,11 +185,6 @@ def test_unsupported_flag_exits_2_naming_it() -> None:
     assert r.returncode == 2 and "-forward-sock: not supported" in r.stderr
 
 
-def host_switch_has_http_api() -> bool:
-    out = subprocess.run([_bin("host-switch"), "--help"], capture_output=True, text=True)
-    return "--http-api" in out.stdout
-
-
 def curl_unix(sock: Path, path: str, data: str | None = None) -> tuple[int, str]:
     cmd = ["curl", "-s", "-m", "10", "-o", "-", "-w", "\n%{http_code}", "--unix-socket",
            str(sock), f"http://localhost{path}"]  # fmt: skip
@@ -202,8 +198,6 @@ def curl_unix(sock: Path, path: str, data: str | None = None) -> tuple[int, str]
 def test_listen_and_services_serve_the_http_api(gvproxy, guest, short_tmp: Path) -> None:
     """-listen and -services become host-switch's --http-api (the latter without /connect);
     a forward exposed through the API carries 4 MiB sha256-exact to a guest server."""
-    if not host_switch_has_http_api():
-        pytest.skip("host-switch has no --http-api yet (issue 11 item 2 lands separately)")
     qemu, api, services = short_tmp / "q.sock", short_tmp / "n.sock", short_tmp / "s.sock"
     ssh_port, port = free_tcp_port(), free_tcp_port()
     gvproxy("-listen", f"unix://{api}", "-listen-qemu", f"unix://{qemu}",
@@ -230,3 +224,74 @@ def test_listen_and_services_serve_the_http_api(gvproxy, guest, short_tmp: Path)
         assert got.hexdigest() == hashlib.sha256(data).hexdigest()
     finally:
         stop_process(server)
+
+
+def test_readme_commands_against_netferry_gvproxy(gvproxy, guest, short_tmp: Path) -> None:
+    """Issue 11 acceptance 1: `netferry-gvproxy -debug -listen unix://.../network.sock
+    -listen-qemu unix://.../qemu.sock`, then gvisor-tap-vsock's README curl lines (only the
+    socket path and the port changed): gvproxy's statuses and bodies; the forward made that
+    way carries 8 MiB sha256-exact to a guest server."""
+    from tests.e2e.test_api import http_in_guest
+    from tests.e2e.test_gvproxy_api import GVPROXY_STATS_KEYS, assert_error, curl
+
+    net, qemu = str(short_tmp / "network.sock"), str(short_tmp / "qemu.sock")
+    gvproxy("-debug", "-listen", f"unix://{net}", "-listen-qemu", f"unix://{qemu}")
+    vm = guest(None, connect=f"unix://{qemu}")
+    www = short_tmp / "www"
+    www.mkdir()
+    blob = os.urandom(8 << 20)
+    (www / "blob").write_bytes(blob)
+    port = free_tcp_port()
+    server = http_in_guest(vm, str(www), port)
+    try:
+        status, _, body = curl("http:/unix/stats", sock=net)
+        assert status == 200 and GVPROXY_STATS_KEYS <= set(json.loads(body))
+        expose = f'{{"local":":{port}","remote":"192.168.127.2:{port}"}}'
+        assert curl("http:/unix/services/forwarder/expose", "-X", "POST", "-d", expose,
+                    sock=net)[::2] == (200, b"")  # fmt: skip
+        status, _, body = curl("http:/unix/services/forwarder/all", sock=net)
+        assert status == 200
+        # sorted by local, as gvproxy sorts: "1" before ":"
+        assert (
+            body
+            == (
+                '[{"local":"127.0.0.1:2222","remote":"192.168.127.2:22","protocol":"tcp"},'
+                f'{{"local":":{port}","remote":"192.168.127.2:{port}","protocol":"tcp"}}]\n'
+            ).encode()
+        )
+        r = subprocess.run(["curl", "-sS", "--max-time", "60", f"http://127.0.0.1:{port}/blob"],
+                           capture_output=True, timeout=90)  # fmt: skip
+        assert hashlib.sha256(r.stdout).digest() == hashlib.sha256(blob).digest(), r.stderr
+        unexpose = f'{{"local":":{port}"}}'
+        assert curl("http:/unix/services/forwarder/unexpose", "-X", "POST", "-d", unexpose,
+                    sock=net)[::2] == (200, b"")  # fmt: skip
+        assert_error(curl("http:/unix/services/forwarder/unexpose", "-X", "POST", "-d", unexpose,
+                          sock=net), 500, "proxy not found")  # fmt: skip
+    finally:
+        stop_process(server)
+
+
+def test_gvforwarder_guest_through_listen_alone(gvproxy, netns, short_tmp, http_server) -> None:
+    """Issue 11 acceptance 2 with gvproxy's own shape: only `-listen` (the guest's link is
+    its `POST /connect`), a gvforwarder-wire guest with udhcpc gets .2 and fetches via .254."""
+    net = str(short_tmp / "network.sock")
+    g = gvproxy("-listen", f"unix://{net}", "-ssh-port", "-1")
+    ns = netns()
+    ns.run("ip", "tuntap", "add", "tap0", "mode", "tap")
+    ns.run("ip", "link", "set", "tap0", "address", "5a:94:ef:e4:0c:ee", "up")
+    here = Path(__file__).parent
+    peer = ns.popen(sys.executable, str(here / "gvforwarder_peer.py"), net, "tap0",
+                    stdout=subprocess.PIPE, text=True)  # fmt: skip
+    STARTED.append(peer)
+    try:
+        assert peer.stdout is not None and peer.stdout.readline().strip() == "connected"
+        script = here.parents[1] / "guestd" / "udhcpc.script"
+        lease = ns.run("udhcpc", "-f", "-q", "-n", "-t", "5", "-T", "2", "-i", "tap0", "-s",
+                       str(script), timeout=60)  # fmt: skip
+        assert "NETFERRY-LEASE ip=192.168.127.2 " in lease.stdout, lease.stdout + g.log
+        r = ns.run("sh", "-c", f"curl -sS --max-time 60 http://192.168.127.254:{http_server.port}"
+                   "/blob?mib=8 | sha256sum", timeout=90)  # fmt: skip
+        want = hashlib.sha256(http_server.blob.path.read_bytes()[: 8 << 20]).hexdigest()
+        assert r.stdout.split()[0] == want
+    finally:
+        stop_process(peer)
