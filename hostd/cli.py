@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ipaddress
 import os
+import re
 import signal
 import sys
 from collections.abc import Callable
@@ -73,6 +75,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="NAME=TYPE:VALUE",
         help="static record, e.g. db.containers.internal=A:192.168.127.2 (repeatable)",
+    )
+    dns.add_argument(
+        "--dns-regexp",
+        action="append",
+        default=[],
+        metavar="ZONE=IP=REGEXP",
+        help="gvproxy's regexp record: names of ZONE (relative to it) that REGEXP matches "
+        "resolve to IP, unless they have records of their own (repeatable)",
+    )
+    dns.add_argument(
+        "--dns-default",
+        action="append",
+        default=[],
+        metavar="ZONE=IP",
+        help="gvproxy's DefaultIP: every other name of ZONE resolves to IP (repeatable)",
     )
     dns.add_argument("--dns-search", action="append", default=[], metavar="DOMAIN")
     lim = p.add_argument_group("limits")
@@ -194,6 +211,31 @@ def config_from_args(args: argparse.Namespace) -> NetworkConfig:
     )
 
 
+def parse_dns_regexp(spec: str) -> tuple[str, str, str]:
+    """'ZONE=IP=REGEXP' → (zone, ip, regexp), checked (the regexp may hold '=')."""
+    zone, _, rest = spec.partition("=")
+    ip, sep, pattern = rest.partition("=")
+    if not zone or not sep or not pattern:
+        raise ValueError(f"--dns-regexp {spec!r}: expected ZONE=IP=REGEXP")
+    try:
+        ipaddress.ip_address(ip)
+        re.compile(pattern)
+    except (ValueError, re.error) as e:
+        raise ValueError(f"--dns-regexp {spec!r}: {e}") from None
+    return zone, ip, pattern
+
+
+def parse_dns_default(spec: str) -> tuple[str, str]:
+    zone, sep, ip = spec.partition("=")
+    try:
+        ipaddress.ip_address(ip)
+    except ValueError as e:
+        raise ValueError(f"--dns-default {spec!r}: expected ZONE=IP ({e})") from None
+    if not zone or not sep:
+        raise ValueError(f"--dns-default {spec!r}: expected ZONE=IP")
+    return zone, ip
+
+
 def parse_port_forward(spec: str) -> tuple[str, str, str]:
     """'[tcp:|udp:|unix:]LOCAL=REMOTE' → (protocol, local, remote)."""
     protocol = "tcp"
@@ -220,6 +262,10 @@ async def run(args: argparse.Namespace, config: NetworkConfig) -> int:
     for spec in args.dns_record:
         zone, record = parse_record_spec(spec, switch.network.zones)
         switch.network.zones.add_records(zone, [record])
+    for zone, ip, pattern in map(parse_dns_regexp, args.dns_regexp):
+        control.add_dns_pattern(zone, pattern, ip)
+    for zone, ip in map(parse_dns_default, args.dns_default):
+        control.set_dns_default(zone, ip)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -299,6 +345,10 @@ def main(argv: list[str] | None = None) -> int:
             parse_record_spec(spec)
         for spec in args.port_forward:
             parse_port_forward(spec)
+        for spec in args.dns_regexp:
+            parse_dns_regexp(spec)
+        for spec in args.dns_default:
+            parse_dns_default(spec)
         for uri in args.http_api:
             parse_http_api_uri(uri)
         from hostd.guests import validate_args

@@ -210,6 +210,8 @@ class Settings:
     forwards: list[str] = field(default_factory=list)  # host-switch --port-forward specs
     static_leases: list[str] = field(default_factory=list)  # MAC=IP
     dns_records: list[str] = field(default_factory=list)  # NAME=A:IP
+    dns_regexps: list[str] = field(default_factory=list)  # ZONE=IP=REGEXP
+    dns_defaults: list[str] = field(default_factory=list)  # ZONE=IP
     dns_search: list[str] = field(default_factory=list)
     nat: dict | None = None
     gateway_virtual_ips: list | None = None
@@ -275,20 +277,15 @@ def settings_from_config(doc: dict, warnings: list[str]) -> Settings:
         if not name:
             raise GvproxyError(f"config: {where}.name: a zone needs a name", CONFIG_EXIT)
         if zone.get("defaultIP"):
-            raise GvproxyError(
-                f"config: {where}.defaultIP: a zone catch-all address is not supported by "
-                "netferry (list the names as records)",
-                CONFIG_EXIT,
-            )
+            default = _ip(zone.get("defaultIP"), f"config: {where}.defaultIP", CONFIG_EXIT)
+            s.dns_defaults.append(f"{name}.={default}")
         for j, rec in enumerate(_list(zone.get("records"), f"{where}.records")):
             rwhere = f"{where}.records[{j}]"
             rec = _mapping(rec, rwhere)
             if rec.get("regexp"):
-                raise GvproxyError(
-                    f"config: {rwhere}.regexp: regexp records are not supported by netferry "
-                    "(list the names as records)",
-                    CONFIG_EXIT,
-                )
+                ip = _ip(rec.get("ip"), f"config: {rwhere}.ip", CONFIG_EXIT)
+                s.dns_regexps.append(f"{name}.={ip}={rec['regexp']}")
+                continue
             rname = str(rec.get("name") or "").rstrip(".")
             if not rname:
                 raise GvproxyError(f"config: {rwhere}.name: a record needs a name", CONFIG_EXIT)
@@ -430,6 +427,10 @@ def merge(args: argparse.Namespace, config: dict | None) -> Translation:
         argv += ["--static-lease", lease]
     for record in s.dns_records:
         argv += ["--dns-record", record]
+    for spec in s.dns_regexps:
+        argv += ["--dns-regexp", spec]
+    for spec in s.dns_defaults:
+        argv += ["--dns-default", spec]
     for domain in s.dns_search:
         argv += ["--dns-search", domain]
     # forwards: -ssh-port (default mode only), then the file's

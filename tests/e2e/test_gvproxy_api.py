@@ -352,3 +352,14 @@ def test_guest_expose_off_closes_port_80(hostd, guest) -> None:
                  check=False)  # fmt: skip
     assert r.returncode == 7, (r.returncode, r.stderr)  # connection refused
     wait_for(lambda: h.proc.poll() is None, 1, "hostd alive")
+
+
+def test_dns_regexp_and_default_flags(hostd, guest) -> None:
+    """host-switch --dns-regexp / --dns-default (what netferry-gvproxy's -config passes on)."""
+    h = hostd("--dns-regexp", "apps.test=192.168.127.11=-console$",
+              "--dns-default", "apps.test=192.168.127.12")  # fmt: skip
+    g = guest(h)
+    for name, want in (("web-console", "192.168.127.11"), ("other", "192.168.127.12")):
+        dig = g.ns.run("dig", "+short", "+time=2", "+tries=2", "@192.168.127.1",
+                       f"{name}.apps.test")  # fmt: skip
+        assert dig.stdout.split() == [want], (name, dig.stdout)

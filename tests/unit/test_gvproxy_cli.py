@@ -235,9 +235,9 @@ def test_unknown_keys_warn(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "yaml_text, message",
     [
-        ("stack: {dns: [{name: z., records: [{regexp: '^.*$', ip: 192.168.127.3}]}]}",
-         "stack.dns[0].records[0].regexp: regexp records are not supported"),
-        ("stack: {dns: [{name: z., defaultIP: 192.168.127.5}]}", "stack.dns[0].defaultIP"),
+        ("stack: {dns: [{name: z., records: [{regexp: '^.*$', ip: bad}]}]}",
+         "stack.dns[0].records[0].ip: 'bad' is not an IPv4"),
+        ("stack: {dns: [{name: z., defaultIP: 1.2.x}]}", "stack.dns[0].defaultIP"),
         ("stack: {dns: [{name: z., records: [{name: a, ip: nope}]}]}",
          "stack.dns[0].records[0].ip: 'nope' is not an IPv4"),
         ("stack: {dns: [{records: []}]}", "stack.dns[0].name: a zone needs a name"),
@@ -281,3 +281,16 @@ def test_pid_file_is_ours_only(tmp_path: Path) -> None:
     p.write_text("1\n")  # another process's: left alone
     remove_pid_file(str(p))
     assert p.exists()
+
+
+def test_regexp_records_and_default_ip_pass_through(tmp_path: Path) -> None:
+    text = (
+        "stack:\n  dns:\n    - name: apps-crc.testing.\n      records:\n"
+        "        - {regexp: '^.*=x$', ip: 192.168.127.11}\n"
+        "        - {name: api, ip: 192.168.127.12}\n"
+        "      defaultIP: 192.168.127.13\n"
+    )
+    argv = translate(["-listen-qemu", "unix:///q.sock", "-config", write(tmp_path, text)]).argv
+    assert argv[argv.index("--dns-regexp") + 1] == "apps-crc.testing.=192.168.127.11=^.*=x$"
+    assert argv[argv.index("--dns-default") + 1] == "apps-crc.testing.=192.168.127.13"
+    assert argv[argv.index("--dns-record") + 1] == "api.apps-crc.testing=A:192.168.127.12"
