@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import ipaddress
 import time
 from collections.abc import Callable
 
@@ -27,6 +28,7 @@ from hostd.services.dns_tcp import DnsTcpSession
 from hostd.stack.network import (
     DNS_PORT,
     DnsQueryOutbound,
+    FlowDenied,
     IcmpEchoOutbound,
     LeaseEvent,
     Network,
@@ -67,6 +69,7 @@ class HostSwitch:
             max_flows=config.icmp_max_flows,
         )
         self.dns_forwarder = DnsForwarder(config.dns_upstreams) if config.dns_upstreams else None
+        self.dns_upstreams = list(self.dns_forwarder.upstreams) if self.dns_forwarder else []
         self.tcp_nat = TcpNat(
             self.network,
             self.flush,
@@ -188,6 +191,15 @@ class HostSwitch:
             self.icmp_nat.send(ev)
         elif isinstance(ev, DnsQueryOutbound):
             self._forward_dns(ev)
+        elif isinstance(ev, FlowDenied):
+            v = ev.verdict
+            self._event(
+                "flow_denied",
+                protocol=v.protocol,
+                source=v.source,
+                destination=v.destination,
+                rule=v.rule,
+            )
         elif isinstance(ev, LeaseEvent):
             log.info("dhcp.lease", mac=ev.mac, ip=ev.ip, hostname=ev.hostname)
             self._event("lease_granted", mac=ev.mac, ip=ev.ip, hostname=ev.hostname or "")
@@ -213,7 +225,30 @@ class HostSwitch:
         self.network.handle_timer(self.loop.time())
         self.flush()
 
+    def apply_policy(self) -> None:
+        """Re-decide what the policy decides once rather than per flow: the DNS upstreams
+        that queries may be forwarded to (a rule changed at run time calls this again)."""
+        if self.dns_forwarder is None:
+            return
+        policy = self.network.policy
+        allowed = []
+        for host, port in self.dns_upstreams:
+            try:
+                packed = ipaddress.IPv4Address(host).packed
+            except ValueError:
+                allowed.append((host, port))  # the policy speaks IPv4 only
+                continue
+            rule = policy.decide("udp", packed, port)
+            if rule is None or rule.action == "allow":
+                allowed.append((host, port))
+            else:
+                log.warning("dns.upstream_denied", upstream=f"{host}:{port}", rule=str(rule))
+        self.dns_forwarder.upstreams = allowed
+        self.dns_forwarder._preferred = 0
+
     def _forward_dns(self, ev: DnsQueryOutbound) -> None:
+        if self.dns_forwarder is not None and not self.dns_forwarder.upstreams:
+            self.network.stats["policy_dns_refused"] += 1
         if self.dns_forwarder is None:
             reply = self.network.dns.servfail(ev.query)
             self.network.send_udp(

@@ -11,9 +11,10 @@ naming the holder, NOT_FOUND naming what was looked up. The table is in the READ
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import os
+import shutil
+import tempfile
 import time
 
 import grpc
@@ -23,6 +24,12 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from hostd.api.auth import (
+    RefusingInterceptor,
+    TokenInterceptor,
+    UnixPeerGate,
+    owner_only_message,
+)
 from hostd.capture import SNAPLEN, CaptureFilter, pcap_header, pcap_record
 from hostd.control import Control, DnsRecordSpec, StatsSnapshot
 from hostd.errors import ControlError
@@ -399,55 +406,70 @@ def default_api_path() -> str:
 
 
 class ApiServer:
-    """grpc.aio server for HostSwitch + reflection + health on a unix socket (0600) or TCP."""
+    """grpc.aio server for HostSwitch + reflection + health on a unix socket (0600, peer uid
+    checked by `UnixPeerGate`) or TCP (a token required, see hostd/api/auth.py)."""
 
-    def __init__(self, control: Control, uri: str) -> None:
+    def __init__(self, control: Control, uri: str, token: str | None = None) -> None:
         self.control = control
         self.uri = uri
+        self.token = token
         self.server: grpc.aio.Server | None = None
+        self.refuser: grpc.aio.Server | None = None
+        self.gate: UnixPeerGate | None = None
+        self.private_dir: str | None = None
         self.path: str | None = None
-        self._inode: tuple[int, int] | None = None
 
     async def start(self) -> None:
-        server = grpc.aio.server()
+        uri = self.uri
+        if uri.startswith("tcp://"):
+            if not self.token:
+                raise OSError(f"--api {uri}: an API on TCP needs --api-token-file")
+            server = grpc.aio.server(interceptors=[TokenInterceptor(self.token)])
+        elif uri.startswith("unix://"):
+            server = grpc.aio.server()
+        else:
+            raise ValueError(f"--api {uri!r}: expected unix:///path or tcp://HOST:PORT")
         pb_grpc.add_HostSwitchServicer_to_server(HostSwitchService(self.control), server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         names = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, server)
-        uri = self.uri
         if uri.startswith("unix://"):
             path = uri[len("unix://") :]
             clear_stale_socket(path, make_parent=True)
-            old = os.umask(0o177)  # the socket is created 0600: only our user may drive us
-            try:
-                server.add_insecure_port(f"unix:{path}")
-            finally:
-                os.umask(old)
+            # gRPC itself listens in a private directory; the public path is the gate that
+            # checks each peer's uid (grpc.aio shows handlers no credentials).
+            self.private_dir = tempfile.mkdtemp(prefix="netferry-api-")
+            inner = os.path.join(self.private_dir, "grpc.sock")
+            refused = os.path.join(self.private_dir, "refused.sock")
+            server.add_insecure_port(f"unix:{inner}")
+            self.refuser = grpc.aio.server(interceptors=[RefusingInterceptor(owner_only_message())])
+            self.refuser.add_insecure_port(f"unix:{refused}")
+            self.gate = UnixPeerGate(path, inner, refused)
             self.path = path
-        elif uri.startswith("tcp://"):
+        else:
             address = uri[len("tcp://") :]
             if server.add_insecure_port(address) == 0:
                 raise OSError(f"cannot listen on {address}")
-        else:
-            raise ValueError(f"--api {uri!r}: expected unix:///path or tcp://HOST:PORT")
         await server.start()
-        if self.path is not None:
-            st = os.stat(self.path)
-            self._inode = (st.st_dev, st.st_ino)
+        if self.refuser is not None:
+            await self.refuser.start()
+        if self.gate is not None:
+            await self.gate.start()
         await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
         self.server = server
         log.info("api.listening", uri=uri)
 
     async def stop(self) -> None:
+        if self.gate is not None:
+            await self.gate.stop()
         if self.server is not None:
             await self.server.stop(grace=1.0)
-        if self.path and self._inode:
-            with contextlib.suppress(FileNotFoundError):
-                st = os.lstat(self.path)
-                if (st.st_dev, st.st_ino) == self._inode:
-                    os.unlink(self.path)
+        if self.refuser is not None:
+            await self.refuser.stop(grace=None)
+        if self.private_dir is not None:
+            shutil.rmtree(self.private_dir, ignore_errors=True)
 
 
 __all__ = ["ApiServer", "Duration", "HostSwitchService", "default_api_path"]

@@ -21,9 +21,12 @@ from netferry.client import (
     RECORD_TYPE_NAMES,
     HostSwitchClient,
     NetferryError,
+    read_token,
 )
 
 EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 1, 2, 3
+# What gRPC says when it never got to hostd (hostd's own messages never say these).
+UNREACHABLE_WORDS = ("failed to connect", "no such file", "connection refused", "socket closed")
 
 
 def as_json(msg) -> dict:  # type: ignore[no-untyped-def]
@@ -95,7 +98,11 @@ def stdin_chunks() -> Iterator[bytes]:
 
 
 def run(args: argparse.Namespace) -> int:
-    api = HostSwitchClient(args.api, timeout=args.timeout)
+    try:
+        token = read_token(args.token_file)
+    except OSError as e:
+        raise ValueError(f"--token-file: {e.strerror or e}: {args.token_file}") from None
+    api = HostSwitchClient(args.api, timeout=args.timeout, token=token)
     js = args.json
     cmd = args.command
     if cmd == "expose":
@@ -165,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
             if args.write:
                 out.close()
     elif cmd == "tunnel":
-        for chunk in api.tunnel(args.address, stdin_chunks()):
+        for chunk in api.tunnel(args.address, stdin_chunks(), connect_timeout=args.timeout):
             sys.stdout.buffer.write(chunk)
             sys.stdout.buffer.flush()
     elif cmd == "events":
@@ -190,6 +197,11 @@ def run(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="netferry", description="netferry command-line client")
     p.add_argument("--api", help="hostd API: unix:///path, /path or host:port ($NETFERRY_API)")
+    p.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help="token for an API on TCP (hostd's --api-token-file; default $NETFERRY_API_TOKEN)",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per call (default 10)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -235,6 +247,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def hostd_unreachable(e: NetferryError) -> bool:
+    """The call never reached hostd (as opposed to hostd, or a guest behind it, refusing):
+    gRPC's own connection failures, or a deadline with nothing heard from hostd."""
+    message = e.message.lower()
+    if e.code == grpc.StatusCode.UNAVAILABLE:
+        return any(
+            words in message
+            for words in (
+                "failed to connect",
+                "no such file",
+                "connection refused",
+                "socket closed",
+            )
+        )
+    if e.code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return "did not answer" not in message  # a guest's silence is reported as such
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["run"]:  # its own options and a COMMAND after them
@@ -256,11 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(args)
     except NetferryError as e:
-        if e.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and (
-            "connect" in e.message.lower()
-            or "no such file" in e.message.lower()
-            or e.code == grpc.StatusCode.DEADLINE_EXCEEDED
-        ):
+        if hostd_unreachable(e):
             print(
                 f"netferry: cannot reach hostd at {args.api or 'the default socket'}: {e.message}",
                 file=sys.stderr,
