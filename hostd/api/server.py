@@ -34,6 +34,7 @@ from hostd.capture import SNAPLEN, CaptureFilter, pcap_header, pcap_record
 from hostd.control import Control, DnsRecordSpec, StatsSnapshot
 from hostd.errors import ControlError
 from hostd.forwards import Forward
+from hostd.policy import Rule
 from hostd.services.dns import DnsRecord
 from hostd.stack import tcp
 from netferry.unixsock import clear_stale_socket
@@ -386,6 +387,19 @@ class HostSwitchService(pb_grpc.HostSwitchServicer):
                     ev.forward_added.CopyFrom(pb.ForwardAdded(forward=forward_pb(f["forward"])))
                 elif kind == "forward_removed":
                     ev.forward_removed.CopyFrom(pb.ForwardRemoved(forward=forward_pb(f["forward"])))
+                elif kind == "guest_connected":
+                    ev.guest_connected.CopyFrom(
+                        pb.GuestConnected(guest=f["guest"], link=str(f.get("link") or ""))
+                    )
+                elif kind == "flow_denied":
+                    ev.flow_denied.CopyFrom(
+                        pb.FlowDenied(
+                            flow=pb.FlowVerdict(
+                                time=ev.time, protocol=f["protocol"], source=f["source"],
+                                destination=f["destination"], allowed=False, rule=f["rule"],
+                            )
+                        )
+                    )  # fmt: skip
                 elif kind == "connection_error":
                     ev.connection_error.CopyFrom(
                         pb.ConnectionError(protocol=f["protocol"], source=f["source"],
@@ -396,6 +410,55 @@ class HostSwitchService(pb_grpc.HostSwitchServicer):
                 yield pb.WatchEventsResponse(event=ev)
         finally:
             self.switch.event_listeners.remove(listener)
+
+    # ---- outbound policy --------------------------------------------------------------
+
+    async def ListPolicyRules(self, request, context):
+        return pb.ListPolicyRulesResponse(
+            rules=[policy_rule_pb(r) for r in self.control.policy_rules()]
+        )
+
+    async def AddPolicyRule(self, request, context):
+        action = POLICY_ACTIONS.get(request.action)
+        if action is None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "action: must be ALLOW or DENY")
+        index = request.index if request.HasField("index") else None
+        try:
+            at, rule = self.control.add_policy_rule(action, request.rule, index)
+        except ControlError as e:
+            await self._fail(context, e)
+        return pb.AddPolicyRuleResponse(index=at, rule=policy_rule_pb(rule))
+
+    async def RemovePolicyRule(self, request, context):
+        try:
+            rule = self.control.remove_policy_rule(request.index)
+        except ControlError as e:
+            await self._fail(context, e)
+        return pb.RemovePolicyRuleResponse(rule=policy_rule_pb(rule))
+
+    async def ListConnections(self, request, context):
+        counters = self.control.policy_counters()
+        return pb.ListConnectionsResponse(
+            flows=[
+                pb.FlowVerdict(
+                    time=timestamp(v.time), protocol=v.protocol, source=v.source,
+                    destination=v.destination, allowed=v.allowed, rule=v.rule,
+                )
+                for v in self.control.recent_flows()
+            ],
+            allowed=counters.get("allowed", 0),
+            denied=counters.get("denied", 0),
+        )  # fmt: skip
+
+
+POLICY_ACTIONS = {pb.POLICY_ACTION_ALLOW: "allow", pb.POLICY_ACTION_DENY: "deny"}
+POLICY_ACTION_VALUES = {v: k for k, v in POLICY_ACTIONS.items()}
+
+
+def policy_rule_pb(rule: Rule) -> pb.PolicyRule:
+    return pb.PolicyRule(
+        action=POLICY_ACTION_VALUES[rule.action], rule=rule.target, static=rule.static
+    )
 
 
 def default_api_path() -> str:

@@ -23,6 +23,9 @@ from netferry.client import (
     NetferryError,
     read_token,
 )
+from netferry.v1 import host_pb2 as pb
+
+POLICY_ACTION_NAMES = {pb.POLICY_ACTION_ALLOW: "allow", pb.POLICY_ACTION_DENY: "deny"}
 
 EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 1, 2, 3
 # What gRPC says when it never got to hostd (hostd's own messages never say these).
@@ -158,6 +161,37 @@ def run(args: argparse.Namespace) -> int:
                     for r in z.records
                 ]
                 print(table(rows, ["zone", "name", "type", "value", "ttl"]))
+    elif cmd == "policy":
+        if args.policy_command in ("allow", "deny"):
+            at = api.policy_add(args.policy_command, args.rule, args.index)
+            text = f"rule {at}: {args.policy_command} {args.rule}"
+            print(json.dumps({"index": at}) if js else text)
+        elif args.policy_command == "rm":
+            rule = api.policy_remove(args.index)
+            print(json.dumps(as_json(rule)) if js else f"removed {rule.rule}")
+        else:
+            rules = api.policy_rules()
+            if js:
+                print(json.dumps([as_json(r) for r in rules], indent=2))
+            else:
+                rows = [
+                    [str(i), POLICY_ACTION_NAMES.get(r.action, "?"), r.rule,
+                     "flag" if r.static else "api"]
+                    for i, r in enumerate(rules)
+                ]  # fmt: skip
+                print(table(rows, ["#", "action", "rule", "from"]))
+    elif cmd == "connections":
+        view = api.connections()
+        if js:
+            print(json.dumps(as_json(view), indent=2))
+        else:
+            rows = [
+                [f.time.ToDatetime().isoformat(timespec="seconds"), f.protocol, f.source,
+                 f.destination, "allow" if f.allowed else "DENY", f.rule or "(default)"]
+                for f in view.flows
+            ]  # fmt: skip
+            print(table(rows, ["time", "proto", "source", "destination", "verdict", "rule"]))
+            print(f"allowed {view.allowed}  denied {view.denied}")
     elif cmd == "capture":
         out = open(args.write, "wb") if args.write else sys.stdout.buffer
         try:
@@ -229,6 +263,16 @@ def build_parser() -> argparse.ArgumentParser:
     dr.add_argument("zone")
     dr.add_argument("names", nargs="+")
     dsub.add_parser("ls")
+    po = sub.add_parser("policy", help="outbound policy rules")
+    posub = po.add_subparsers(dest="policy_command", required=True, metavar="ls|allow|deny|rm")
+    posub.add_parser("ls")
+    for action in ("allow", "deny"):
+        pa = posub.add_parser(action)
+        pa.add_argument("rule", help="CIDR[:PORT[-PORT]][/tcp|udp|icmp], or host for the CIDR")
+        pa.add_argument("--index", type=int, help="position among the run-time rules")
+    pr = posub.add_parser("rm")
+    pr.add_argument("index", type=int)
+    sub.add_parser("connections", help="recent new flows with the policy's verdict")
     c = sub.add_parser("capture", help="live pcap to stdout (netferry capture | tshark -r -)")
     c.add_argument("--protocol", choices=sorted(CAPTURE_PROTOCOLS))
     c.add_argument("--host", help="IPv4 address (source or destination)")

@@ -186,6 +186,26 @@ class HostSwitchClient:
             _call(self.stub.ListDnsZones, pb.ListDnsZonesRequest(), timeout=self.timeout).zones
         )
 
+    # outbound policy
+    def policy_rules(self) -> list[pb.PolicyRule]:
+        req = pb.ListPolicyRulesRequest()
+        return list(_call(self.stub.ListPolicyRules, req, timeout=self.timeout).rules)
+
+    def policy_add(self, action: str, rule: str, index: int | None = None) -> int:
+        """Add a run-time rule ("allow"/"deny"); returns its index."""
+        actions = {"allow": pb.POLICY_ACTION_ALLOW, "deny": pb.POLICY_ACTION_DENY}
+        req = pb.AddPolicyRuleRequest(action=actions[action], rule=rule)
+        if index is not None:
+            req.index = index
+        return _call(self.stub.AddPolicyRule, req, timeout=self.timeout).index
+
+    def policy_remove(self, index: int) -> pb.PolicyRule:
+        req = pb.RemovePolicyRuleRequest(index=index)
+        return _call(self.stub.RemovePolicyRule, req, timeout=self.timeout).rule
+
+    def connections(self) -> pb.ListConnectionsResponse:
+        return _call(self.stub.ListConnections, pb.ListConnectionsRequest(), timeout=self.timeout)
+
     # capture, tunnel, events
     def capture(
         self,

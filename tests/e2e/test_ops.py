@@ -1,0 +1,176 @@
+"""Operating hostd safely: the state file across kill -9, and corrupt state files."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import STARTED, _bin, free_tcp_port, wait_for
+
+pytestmark = pytest.mark.e2e
+
+DYNAMIC_MAC = "5a:94:ef:e4:0c:42"
+
+GUEST_FILE_SERVER = r"""
+import socket, sys
+data = open(sys.argv[2], "rb").read()
+srv = socket.socket()
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("0.0.0.0", int(sys.argv[1])))
+srv.listen(16)
+print("listening", flush=True)
+while True:
+    c, _ = srv.accept()
+    c.sendall(data)
+    c.close()
+"""
+
+
+def fetch(port: int) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        chunks = []
+        while chunk := s.recv(1 << 16):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def netferry(api: str, *args: str, **kw) -> subprocess.CompletedProcess:
+    kw.setdefault("check", True)
+    return subprocess.run(
+        [_bin("netferry"), "--api", api, "--json", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        **kw,
+    )
+
+
+def test_state_survives_kill9(hostd, guest, short_tmp: Path) -> None:
+    state = short_tmp / "state.json"
+    h = hostd("--state-file", str(state))
+    g = guest(h, mac=DYNAMIC_MAC)
+    guest_ip = g.ip
+    payload = os.urandom(3 << 20)
+    (short_tmp / "payload").write_bytes(payload)
+    server = g.ns.popen(
+        sys.executable, "-c", GUEST_FILE_SERVER, "8080", str(short_tmp / "payload"),
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert server.stdout.readline().strip() == "listening"
+        port = free_tcp_port()
+        netferry(h.api, "expose", f"127.0.0.1:{port}", f"{guest_ip}:8080")
+        netferry(h.api, "dns", "add", "svc.test", "db", "A", "192.168.127.77")
+        netferry(h.api, "policy", "deny", "10.99.0.0/16:443/tcp")
+
+        def saved() -> dict | None:
+            try:
+                data = json.loads(state.read_text())
+            except (OSError, ValueError):
+                return None
+            done = (
+                data["forwards"]
+                and data["policy"]
+                and data["leases"]
+                and any(z["name"] == "svc.test." for z in data["dns"]["zones"])
+            )
+            return data if done else None
+
+        data = wait_for(saved, 10, "the state file to hold the run-time changes")
+        assert data["leases"][0]["mac"] == DYNAMIC_MAC and data["leases"][0]["ip"] == guest_ip
+        assert state.stat().st_mode & 0o777 == 0o600
+
+        h.proc.kill()  # no SIGTERM: nothing gets written at exit
+        h.proc.wait()
+        ready_before = h.log_text().count('"hostd.ready"')
+        h.proc = subprocess.Popen(h.args, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        STARTED.append(h.proc)
+        wait_for(
+            lambda: h.log_text().count('"hostd.ready"') > ready_before, 15, "hostd to restart"
+        )
+        # The lease is back before the guest asks again (restored at start).
+        leases = json.loads(netferry(h.api, "leases").stdout)
+        assert [(x["mac"], x["ip"]) for x in leases] == [(DYNAMIC_MAC, guest_ip)]
+        forwards = json.loads(netferry(h.api, "forwards").stdout)
+        assert [(f["local"], f["remote"]) for f in forwards] == [
+            (f"127.0.0.1:{port}", f"{guest_ip}:8080")
+        ]
+        zones = {z["name"]: z for z in json.loads(netferry(h.api, "dns", "ls").stdout)}
+        assert {"name": "db.svc.test.", "type": "DNS_RECORD_TYPE_A", "value": "192.168.127.77"} in [
+            {k: r[k] for k in ("name", "type", "value")} for r in zones["svc.test."]["records"]
+        ]
+        rules = json.loads(netferry(h.api, "policy", "ls").stdout)
+        assert [(r["action"], r["rule"]) for r in rules] == [
+            ("POLICY_ACTION_DENY", "10.99.0.0/16:443/tcp")
+        ]
+        # The guest reconnects and keeps its address; the forward carries data to it.
+        wait_for(lambda: len(h.stats()["links"]) == 1, 30, "the guest to reconnect")
+        assert g.ip == guest_ip
+        got = wait_for(lambda: fetch(port) or None, 30, "data through the restored forward")
+        assert hashlib.sha256(got).hexdigest() == hashlib.sha256(payload).hexdigest()
+        # The guest's name resolves from inside too.
+        r = g.ns.run("dig", "+short", "+tries=1", "+time=5", "@192.168.127.1", "db.svc.test")
+        assert r.stdout.split() == ["192.168.127.77"]
+    finally:
+        server.kill()
+        server.wait()
+
+
+def test_state_written_on_sigterm_and_flags_not_copied(hostd, short_tmp: Path) -> None:
+    state = short_tmp / "state.json"
+    fixed = free_tcp_port()
+    h = hostd(
+        "--state-file", str(state),
+        "--port-forward", f"127.0.0.1:{fixed}=192.168.127.2:22",
+        "--deny", "10.0.0.0/8",
+        "--dns-record", "flag.containers.internal=A:192.168.127.9",
+    )  # fmt: skip
+    h.stop()
+    data = json.loads(state.read_text())
+    assert data["forwards"] == [] and data["policy"] == [] and data["leases"] == []
+    assert data["dns"] == {"zones": [], "removed_zones": []}
+
+
+@pytest.mark.parametrize("content", [b"{not json", b"[1, 2]", b'{"version": 1, "forwards": 7}'])
+def test_corrupt_state_file_is_one_line_naming_it(short_tmp: Path, content: bytes) -> None:
+    state = short_tmp / "state.json"
+    state.write_bytes(content)
+    link = short_tmp / "link.sock"
+    args = [_bin("host-switch"), "--listen", f"unix://{link}", "--api", "none"]
+    args += ["--dns-upstream", "127.0.0.1:9", "--state-file", str(state)]
+    r = subprocess.run(args, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("host-switch: error: state file ") and str(state) in lines[0]
+    assert state.read_bytes() == content  # nothing lost
+    assert not link.exists()
+
+
+def test_corrupt_state_file_moved_aside_with_flag(short_tmp: Path) -> None:
+    state = short_tmp / "state.json"
+    state.write_bytes(b"\x00garbage")
+    link = short_tmp / "link.sock"
+    logf = short_tmp / "hostd.log"
+    args = [_bin("host-switch"), "--listen", f"unix://{link}", "--api", "none"]
+    args += ["--dns-upstream", "127.0.0.1:9", "--state-file", str(state)]
+    args += ["--state-reset-on-error", "--log-format", "json", "--log-file", str(logf)]
+    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL)
+    STARTED.append(proc)
+    try:
+        wait_for(lambda: logf.exists() and '"hostd.ready"' in logf.read_text(), 15, "hostd")
+        aside = [p for p in short_tmp.iterdir() if p.name.startswith("state.json.corrupt-")]
+        assert len(aside) == 1 and aside[0].read_bytes() == b"\x00garbage"
+        assert '"state.reset"' in logf.read_text()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(10)
+    assert json.loads(state.read_text())["version"] == 1
