@@ -535,6 +535,7 @@ class HttpApiProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.busy = False  # a request is being answered: later bytes wait in h11
         self.hijacked = False
+        self.refused = ""  # the peer is not hostd's owner: why
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -546,23 +547,35 @@ class HttpApiProtocol(asyncio.Protocol):
                 uid = -1
             if not owner_may_connect(uid):
                 log.warning("http_api.peer_refused", uid=uid, socket=self.server.address)
-                body = (refusal(uid) + "\n").encode()
-                transport.write(  # type: ignore[attr-defined]
-                    b"HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain; charset=utf-8\r\n"
-                    b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
-                )
-                self.hijacked = True  # nothing more is read or answered
-                transport.close()
-                self.transport = None
+                self.refused = refusal(uid)
+                self.hijacked = True  # nothing is parsed or answered but the 403
+                # Answer once the client has spoken (a reply before its request arrives
+                # would meet a reset); one that never speaks is closed soon.
+                asyncio.get_running_loop().call_later(10.0, transport.close)
+
+    def _refuse(self) -> None:
+        assert self.transport is not None
+        body = (self.refused + "\n").encode()
+        self.transport.write(
+            b"HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        self.transport.close()
+        self.transport = None
 
     def data_received(self, data: bytes) -> None:
         if self.transport is None:
+            return
+        if self.refused:
+            self._refuse()
             return
         self.exchange.feed(data)
         if not self.busy:
             self._next()
 
     def eof_received(self) -> bool:
+        if self.refused:
+            return False  # closes
         self.exchange.feed(b"")
         if not self.busy:
             self._next()

@@ -93,9 +93,7 @@ def test_state_survives_kill9(hostd, guest, short_tmp: Path) -> None:
         ready_before = h.log_text().count('"hostd.ready"')
         h.proc = subprocess.Popen(h.args, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
         STARTED.append(h.proc)
-        wait_for(
-            lambda: h.log_text().count('"hostd.ready"') > ready_before, 15, "hostd to restart"
-        )
+        wait_for(lambda: h.log_text().count('"hostd.ready"') > ready_before, 15, "hostd to restart")
         # The lease is back before the guest asks again (restored at start).
         leases = json.loads(netferry(h.api, "leases").stdout)
         assert [(x["mac"], x["ip"]) for x in leases] == [(DYNAMIC_MAC, guest_ip)]
