@@ -40,7 +40,11 @@ class Rule:
 
     @property
     def target(self) -> str:
-        where = HOST_GROUP if self.network is None else str(self.network)
+        net = self.network
+        if net is None:
+            where = HOST_GROUP
+        else:
+            where = str(net.network_address) if net.prefixlen == 32 else str(net)
         if self.ports is not None:
             lo, hi = self.ports
             where += f":{lo}" if lo == hi else f":{lo}-{hi}"
