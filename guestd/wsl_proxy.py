@@ -45,8 +45,8 @@ from dataclasses import dataclass, field
 import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
+from netferry import reflection
 from netferry.log import add_logging_arguments, configure_logging
 from netferry.unixsock import clear_stale_socket
 from netferry.v1 import proxy_pb2 as pb

@@ -22,7 +22,6 @@ import structlog
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from hostd.api.auth import (
     RefusingInterceptor,
@@ -37,6 +36,7 @@ from hostd.forwards import Forward
 from hostd.policy import Rule
 from hostd.services.dns import DnsRecord
 from hostd.stack import tcp
+from netferry import reflection
 from netferry.unixsock import clear_stale_socket
 from netferry.v1 import host_pb2 as pb
 from netferry.v1 import host_pb2_grpc as pb_grpc
