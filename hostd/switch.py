@@ -90,7 +90,7 @@ class HostSwitch:
         self.capture_listeners: list[Callable[[list[bytes]], None]] = []
         self.forwards = Forwards(self)
         allowed, value = ping_sockets_allowed()
-        if not allowed:
+        if not allowed and self.icmp_nat.raw is None:
             log.warning(
                 "icmp.ping_sockets_not_permitted",
                 ping_group_range=value,

@@ -172,3 +172,27 @@ def test_corrupt_state_file_moved_aside_with_flag(short_tmp: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         proc.wait(10)
     assert json.loads(state.read_text())["version"] == 1
+
+
+def test_root_without_ping_group_pings_through_raw_socket(hostd, guest) -> None:
+    """Debian's default ping_group_range "1 0" permits no ping sockets: hostd as root falls
+    back to a raw ICMP socket (CAP_NET_RAW), so the guest's pings beyond the gateway work."""
+    range_file = Path("/proc/sys/net/ipv4/ping_group_range")
+    old = range_file.read_text().strip()
+    range_file.write_text("1 0")
+    try:
+        h = hostd()
+        g = guest(h)
+        r = g.ns.run("ping", "-c", "3", "-i", "0.2", "-W", "5", "192.168.127.254", check=False)
+        assert r.returncode == 0 and " 0% packet loss" in r.stdout, r.stdout
+        events = [e["event"] for e in h.log_events()]
+        assert "nat.icmp.raw_socket" in events
+        assert "icmp.ping_sockets_not_permitted" not in events
+        # Two pingers at once keep their own sequence (replies matched by id and source).
+        a = g.ns.popen("ping", "-c", "5", "-i", "0.2", "-W", "5", "192.168.127.254",
+                       stdout=subprocess.PIPE, text=True)  # fmt: skip
+        b = g.ns.run("ping", "-c", "5", "-i", "0.2", "-W", "5", "192.168.127.254", check=False)
+        out_a, _ = a.communicate(timeout=30)
+        assert " 0% packet loss" in out_a and " 0% packet loss" in b.stdout
+    finally:
+        range_file.write_text(old)
