@@ -302,7 +302,11 @@ async def run(args: argparse.Namespace, config: NetworkConfig, state: dict | Non
                 await store.restore(state)
             control.change_listeners.append(store.changed)
         for uri in args.listen:
-            await switch.listen(parse_link_uri(uri))
+            link_uri = parse_link_uri(uri)
+            if link_uri.scheme == "stdio":
+                # A per-VM helper on stdin/stdout: when its peer closes stdin, hostd is done.
+                switch.event_listeners.append(stop_on_stdio_close(stop))
+            await switch.listen(link_uri)
         if args.api != "none":
             api = ApiServer(control, args.api or f"unix://{default_api_path()}", token=token)
             await api.start()
@@ -352,6 +356,15 @@ async def run(args: argparse.Namespace, config: NetworkConfig, state: dict | Non
         await api.stop()
     await switch.close()
     return 0
+
+
+def stop_on_stdio_close(stop: asyncio.Event) -> Callable[[str, dict], None]:
+    def listener(kind: str, fields: dict) -> None:
+        if kind == "link_down" and fields.get("link") == "stdio://":
+            log.info("hostd.stdin_closed", effect="stopping")
+            stop.set()
+
+    return listener
 
 
 def read_token(path: str) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
@@ -399,6 +400,15 @@ class Control:
             for key, value in values.items()
             if isinstance(value, int) and value >= 0
         }
+        # Links' errors outlive the links: closed links' are summed in, as frames and bytes are.
+        link_errors = Counter(sw.closed_link_errors)
+        for link in links:
+            link_errors.update(link.counters.errors)
+        for kind, value in link_errors.items():
+            counters[f"links.errors.{kind}"] = value
+        counters["links.dropped_out"] = sw.closed_link_dropped_out + sum(
+            link.counters.dropped_out for link in links
+        )
         return StatsSnapshot(
             time=time.time(),
             frames_in=sum(link.counters.frames_in for link in links) + closed[0],

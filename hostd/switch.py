@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import ipaddress
 import time
+from collections import Counter
 from collections.abc import Callable
 
 import structlog
@@ -49,6 +50,9 @@ class HostSwitch:
         self.links: dict[int, Link] = {}
         # Counters of links that have closed: frames in/out, bytes in/out (totals stay monotonic).
         self.closed_link_totals = [0, 0, 0, 0]
+        # ... and their errors by kind and frames dropped on output, summed the same way.
+        self.closed_link_errors: Counter[str] = Counter()
+        self.closed_link_dropped_out = 0
         self._flushing = False
         self._internal_error_logged = float("-inf")
         self.endpoints: list[Endpoint] = []
@@ -134,6 +138,8 @@ class HostSwitch:
         c = link.counters
         for i, v in enumerate((c.frames_in, c.frames_out, c.bytes_in, c.bytes_out)):
             self.closed_link_totals[i] += v
+        self.closed_link_errors.update(c.errors)
+        self.closed_link_dropped_out += c.dropped_out
         log.info("link.down", link=link.name, port=link.port, reason=reason)
         self._event("link_down", link=link.name, port=link.port, reason=reason or "closed")
 

@@ -31,7 +31,7 @@ from hostd.api.auth import (
 )
 from hostd.capture import SNAPLEN, CaptureFilter, pcap_header, pcap_record
 from hostd.control import Control, DnsRecordSpec, StatsSnapshot
-from hostd.errors import ControlError
+from hostd.errors import ControlError, shorten
 from hostd.forwards import Forward
 from hostd.policy import Rule
 from hostd.services.dns import DnsRecord
@@ -239,7 +239,7 @@ class HostSwitchService(pb_grpc.HostSwitchServicer):
         except ValueError:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"filter.host: {request.filter.host!r} is not an IPv4 address",
+                shorten(f"filter.host: {request.filter.host!r} is not an IPv4 address"),
             )
         if request.filter.port > 65535:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "filter.port: above 65535")

@@ -219,6 +219,7 @@ async def connect_stdio(sink: LinkSink, uri: LinkUri) -> StreamLink:
 
     loop = asyncio.get_running_loop()
     link = StreamLink(sink, "stdio://", uri.framing, uri.max_frame)
+    link.vnet = uri.vnet  # set before the read side announces the link
     # The write side first: connection_made of the read side announces the link.
     link.transport, _ = await loop.connect_write_pipe(asyncio.Protocol, sys.stdout.buffer)  # type: ignore[assignment]
     transport = link.transport

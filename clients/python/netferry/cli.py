@@ -108,12 +108,15 @@ def run(args: argparse.Namespace) -> int:
     api = HostSwitchClient(args.api, timeout=args.timeout, token=token)
     js = args.json
     cmd = args.command
-    if cmd == "expose":
-        f = api.expose(args.protocol, args.local, args.remote)
-        print(json.dumps(as_json(f)) if js else f"exposed {args.protocol} {f.local} → {f.remote}")
-    elif cmd == "unexpose":
-        f = api.unexpose(args.protocol, args.local)
-        print(json.dumps(as_json(f)) if js else f"removed {args.protocol} {f.local} → {f.remote}")
+    if cmd in ("expose", "unexpose"):
+        protocol, local = split_protocol(args.protocol, args.local)
+        if cmd == "expose":
+            f = api.expose(protocol, local, args.remote)
+            text = f"exposed {protocol} {f.local} → {f.remote}"
+        else:
+            f = api.unexpose(protocol, local)
+            text = f"removed {protocol} {f.local} → {f.remote}"
+        print(json.dumps(as_json(f)) if js else text)
     elif cmd == "forwards":
         print_forwards(api.forwards(), js)
     elif cmd == "stats":
@@ -240,11 +243,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per call (default 10)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     e = sub.add_parser("expose", help="forward a host address into the guest network")
-    e.add_argument("-p", "--protocol", choices=sorted(PROTOCOLS), default="tcp")
-    e.add_argument("local", help="127.0.0.1:8080, :8080, [::1]:8080 or a socket path (unix)")
+    e.add_argument("-p", "--protocol", choices=sorted(PROTOCOLS), help="default tcp")
+    e.add_argument(
+        "local",
+        help="127.0.0.1:8080, :8080, [::1]:8080 or a socket path (unix); a tcp:, udp: or "
+        "unix: prefix names the protocol (udp:127.0.0.1:5353)",
+    )
     e.add_argument("remote", help="guest address, e.g. 192.168.127.2:80")
     u = sub.add_parser("unexpose", help="remove a forward")
-    u.add_argument("-p", "--protocol", choices=sorted(PROTOCOLS), default="tcp")
+    u.add_argument("-p", "--protocol", choices=sorted(PROTOCOLS), help="default tcp")
     u.add_argument("local")
     sub.add_parser("forwards", help="list forwards")
     s = sub.add_parser("stats", help="counters")
@@ -289,6 +296,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("run", help="run a command in namespaces networked by netferry (see run -h)")
     sub.add_parser("agent", help="publish port mappings to wsl-proxy and hostd (see agent -h)")
     return p
+
+
+def split_protocol(flag: str | None, local: str) -> tuple[str, str]:
+    """`udp:127.0.0.1:5353` (as --port-forward writes it) or -p udp with `127.0.0.1:5353`."""
+    for name in PROTOCOLS:
+        if local.startswith(name + ":") and not local.startswith(name + "://"):
+            if flag is not None and flag != name:
+                raise ValueError(f"local: {local!r} says {name}, but -p says {flag}")
+            return name, local[len(name) + 1 :]
+    return flag or "tcp", local
 
 
 def hostd_unreachable(e: NetferryError) -> bool:
