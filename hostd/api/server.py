@@ -14,6 +14,7 @@ import asyncio
 import ipaddress
 import os
 import shutil
+import stat
 import tempfile
 import time
 
@@ -461,6 +462,26 @@ def policy_rule_pb(rule: Rule) -> pb.PolicyRule:
     )
 
 
+def private_directory(public: str) -> str:
+    """A 0700 directory for the gRPC servers behind the gate: beside the public socket, so a
+    hostd killed with SIGKILL leaves nothing elsewhere and the next start on the same path
+    clears it (the public path was just found stale, so no live hostd uses it); in /tmp
+    when that path would be too long for a socket address."""
+    d = os.path.join(os.path.dirname(public) or ".", f".{os.path.basename(public)}.private")
+    if len(os.path.join(d, "refused.sock").encode()) >= 108:
+        return tempfile.mkdtemp(prefix="netferry-api-")
+    try:
+        st = os.lstat(d)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+            raise FileExistsError(f"{d} exists and is not our private directory; remove it")
+        shutil.rmtree(d)
+    os.mkdir(d, 0o700)
+    return d
+
+
 def default_api_path() -> str:
     if os.geteuid() == 0:
         return "/run/netferry/hostd.sock"
@@ -502,7 +523,7 @@ class ApiServer:
             clear_stale_socket(path, make_parent=True)
             # gRPC itself listens in a private directory; the public path is the gate that
             # checks each peer's uid (grpc.aio shows handlers no credentials).
-            self.private_dir = tempfile.mkdtemp(prefix="netferry-api-")
+            self.private_dir = private_directory(path)
             inner = os.path.join(self.private_dir, "grpc.sock")
             refused = os.path.join(self.private_dir, "refused.sock")
             server.add_insecure_port(f"unix:{inner}")
