@@ -145,7 +145,7 @@ class Control:
             listener()
 
     def _switch_event(self, kind: str, fields: dict) -> None:
-        if kind == "lease_granted":
+        if kind in ("lease_granted", "lease_released"):
             self._changed()
 
     # ---- forwards -------------------------------------------------------------------

@@ -207,6 +207,10 @@ class HostSwitch:
                 rule=v.rule,
             )
         elif isinstance(ev, LeaseEvent):
+            if ev.released:
+                log.info("dhcp.lease_released", mac=ev.mac, ip=ev.ip)
+                self._event("lease_released", mac=ev.mac, ip=ev.ip)
+                return
             log.info("dhcp.lease", mac=ev.mac, ip=ev.ip, hostname=ev.hostname)
             self._event("lease_granted", mac=ev.mac, ip=ev.ip, hostname=ev.hostname or "")
 

@@ -91,6 +91,7 @@ class LeaseEvent:
     mac: str
     ip: str
     hostname: str | None
+    released: bool = False  # released, declined or expired (else granted or renewed)
 
 
 @dataclass(slots=True)
@@ -862,6 +863,8 @@ class Network:
             if isinstance(event, LeaseGranted):
                 self.neighbours.learn(ip_bytes(event.ip), ethernet.parse_mac(event.mac))
                 self.events.append(LeaseEvent(event.mac, str(event.ip), event.hostname))
+            else:
+                self.events.append(LeaseEvent(event.mac, str(event.ip), event.hostname, True))
         if reply is None:
             return
         dst_ip = reply.dst_ip.packed

@@ -81,3 +81,30 @@ def test_write_is_atomic_and_leaves_no_temporary(tmp_path: Path) -> None:
     store.write(b'{"version": 1}\n')
     assert path.read_text() == '{"version": 1}\n'
     assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]
+
+
+def test_released_lease_is_an_event_so_the_state_file_forgets_it() -> None:
+    from scapy.layers.dhcp import BOOTP, DHCP
+    from scapy.layers.inet import IP, UDP
+    from scapy.layers.l2 import Ether
+
+    from hostd.stack.network import LeaseEvent
+    from tests.unit.test_network import GW_IP, dhcp_frame, feed, make_net
+
+    mac, ip = "5a:94:ef:e4:0c:42", "192.168.127.3"
+    net = make_net()
+    feed(net, dhcp_frame(mac, 1, [("message-type", "discover")]), now=1.0)
+    feed(net, dhcp_frame(mac, 2, [("message-type", "request"), ("server_id", GW_IP),
+                                  ("requested_addr", ip)]), now=2.0)  # fmt: skip
+    assert list(net.events) == [LeaseEvent(mac, ip, None)]
+    net.events.clear()
+    release = bytes(
+        Ether(src=mac, dst="5a:94:ef:e4:0c:dd")
+        / IP(src=ip, dst=GW_IP)
+        / UDP(sport=68, dport=67)
+        / BOOTP(chaddr=bytes.fromhex(mac.replace(":", "")) + bytes(10), xid=3, ciaddr=ip)
+        / DHCP(options=[("message-type", "release"), ("server_id", GW_IP), "end"])
+    )
+    feed(net, release, now=3.0)
+    assert list(net.events) == [LeaseEvent(mac, ip, None, released=True)]
+    assert net.dhcp.leases(3.0) == []
