@@ -259,7 +259,7 @@ async def run(args: argparse.Namespace, config: NetworkConfig, state: dict | Non
     from hostd.api.http import HttpApiServer, serve_gateway_http
     from hostd.api.server import ApiServer, default_api_path
     from hostd.control import Control
-    from hostd.policy import host_addresses, parse_rule
+    from hostd.policy import parse_rule
     from hostd.state import StateError, StateStore, dns_snapshot
     from hostd.switch import HostSwitch
 
@@ -271,7 +271,6 @@ async def run(args: argparse.Namespace, config: NetworkConfig, state: dict | Non
         zone, record = parse_record_spec(spec, switch.network.zones)
         switch.network.zones.add_records(zone, [record])
     policy = switch.network.policy
-    policy.host_addresses = host_addresses()
     policy.static_rules = [parse_rule(action, text, static=True) for action, text in args.policy]
     switch.apply_policy()
     token = read_token(args.api_token_file) if args.api_token_file else None

@@ -24,6 +24,7 @@ from hostd.links import Endpoint, Link, open_endpoint
 from hostd.nat.icmp import IcmpNat, ping_sockets_allowed
 from hostd.nat.tcp import TcpNat
 from hostd.nat.udp import UdpNat
+from hostd.policy import host_addresses
 from hostd.services.dns import DnsForwarder
 from hostd.services.dns_tcp import DnsTcpSession
 from hostd.stack.network import (
@@ -238,9 +239,10 @@ class HostSwitch:
     def apply_policy(self) -> None:
         """Re-decide what the policy decides once rather than per flow: the DNS upstreams
         that queries may be forwarded to (a rule changed at run time calls this again)."""
+        policy = self.network.policy
+        policy.host_addresses = host_addresses()  # interfaces may have changed since start
         if self.dns_forwarder is None:
             return
-        policy = self.network.policy
         allowed = []
         for host, port in self.dns_upstreams:
             try:
