@@ -61,6 +61,8 @@ STATUS = {
 }
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["HostSwitch"].full_name
 CAPTURE_QUEUE = 8192  # frames buffered per capture client before dropping
+# A tunnel's reads can hold more than a client takes in one message (gRPC's default 4 MiB).
+TUNNEL_CHUNK = 1 << 20
 
 
 def timestamp(seconds: float) -> Timestamp:
@@ -335,12 +337,12 @@ class HostSwitchService(pb_grpc.HostSwitchServicer):
                 elif isinstance(event, tcp.DataReceived):
                     data = conn.read()
                     sw.tcp_nat.touch(conn)
-                    if data:
-                        yield pb.TunnelResponse(data=data)
+                    for i in range(0, len(data), TUNNEL_CHUNK):
+                        yield pb.TunnelResponse(data=data[i : i + TUNNEL_CHUNK])
                 elif isinstance(event, tcp.PeerClosed):
                     data = conn.read()
-                    if data:
-                        yield pb.TunnelResponse(data=data)
+                    for i in range(0, len(data), TUNNEL_CHUNK):
+                        yield pb.TunnelResponse(data=data[i : i + TUNNEL_CHUNK])
                     yield pb.TunnelResponse(close=pb.TunnelClose())
                     peer_done = True
                 elif isinstance(event, tcp.ConnectionFailed):

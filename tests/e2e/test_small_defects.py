@@ -218,3 +218,47 @@ def test_link_error_counters_survive_the_link(hostd) -> None:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__]))
+
+
+GUEST_FILE_SERVER = r"""
+import socket, sys
+data = open(sys.argv[2], "rb").read()
+srv = socket.socket()
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("0.0.0.0", int(sys.argv[1])))
+srv.listen(4)
+print("listening", flush=True)
+while True:
+    c, _ = srv.accept()
+    c.sendall(data)
+    c.close()
+"""
+
+
+def test_tunnel_carries_more_than_a_grpc_message_holds(hostd, guest, short_tmp: Path) -> None:
+    """A guest that sends faster than the client reads piles up more than gRPC's 4 MiB
+    message limit in hostd: the tunnel sends it in pieces (it failed RESOURCE_EXHAUSTED)."""
+    import hashlib
+    import os
+
+    h = hostd()
+    g = guest(h)
+    payload = os.urandom(64 << 20)
+    (short_tmp / "payload").write_bytes(payload)
+    server = g.ns.popen(
+        sys.executable, "-c", GUEST_FILE_SERVER, "9000", str(short_tmp / "payload"),
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert server.stdout.readline().strip() == "listening"
+        with open(short_tmp / "got", "wb") as out:
+            r = subprocess.run(
+                [_bin("netferry"), "--api", h.api, "tunnel", f"{g.ip}:9000"],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.PIPE, timeout=120,
+            )  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        got = (short_tmp / "got").read_bytes()
+        assert hashlib.sha256(got).hexdigest() == hashlib.sha256(payload).hexdigest()
+    finally:
+        server.kill()
+        server.wait()
