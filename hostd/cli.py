@@ -421,6 +421,13 @@ def main(argv: list[str] | None = None) -> int:
             )
         if args.api_token_file:
             read_token(args.api_token_file)
+        if args.state_file:
+            parent = os.path.dirname(os.path.abspath(args.state_file))
+            if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+                raise ValueError(
+                    f"--state-file {args.state_file}: directory {parent} does not exist or is "
+                    "not writable"
+                )
     except OSError as e:
         parser.error(f"--api-token-file: {e.strerror or e}: {e.filename}")
     except ValueError as e:

@@ -236,3 +236,12 @@ def test_sandbox_refuses_forbidden_syscalls(hostd) -> None:
         port = free_tcp_port()
         api.expose("tcp", f"127.0.0.1:{port}", "192.168.127.2:22")
         socket.create_connection(("127.0.0.1", port), timeout=5).close()
+
+
+def test_state_file_in_a_missing_directory_is_a_usage_error(short_tmp: Path) -> None:
+    r = subprocess.run(
+        [_bin("host-switch"), "--listen", f"unix://{short_tmp}/l.sock", "--api", "none",
+         "--state-file", str(short_tmp / "nope" / "state.json")],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert r.returncode == 2 and "does not exist or is not writable" in r.stderr
