@@ -164,6 +164,21 @@ def test_offload_vnet_on_unixpacket(hostd, short_tmp: Path) -> None:
     assert h.proc.poll() is None
 
 
+def test_offload_vnet_on_unixgram(hostd, short_tmp: Path) -> None:
+    path = short_tmp / "vfkit.sock"
+    h = hostd("--listen", f"unixgram://{path}?offload=vnet")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s.settimeout(10)
+    try:
+        s.bind(str(short_tmp / "peer.sock"))  # a bound peer: hostd learns it
+        s.sendto(VNET_NONE + arp_request(), str(path))
+        reply = s.recv(65536)
+    finally:
+        s.close()
+    assert reply[:10] == VNET_NONE and is_arp_reply_from_gateway(reply[10:])
+    assert h.proc.poll() is None
+
+
 def test_stdio_link_offload_and_exit_on_stdin_close(short_tmp: Path) -> None:
     proc = subprocess.Popen(
         [_bin("host-switch"), "--listen", "stdio://?offload=vnet", "--api", "none",
