@@ -4,7 +4,10 @@ Forwards, DNS zones and records, leases, the switch table, counters and tunnels 
 guest network live here; the gRPC service (`api/server.py`), gvproxy's HTTP API
 (`api/http.py`) and the slirp4netns API socket are translators that parse their own wire,
 call one method here and render the result or the `ControlError` in their own dialect. A
-forward made through one front end is therefore visible through all of them.
+forward made through one front end is therefore visible through all of them. So are the
+outbound policy's run-time rules and the connections view, and every change a user makes
+is announced to `change_listeners` (the state file, hostd/state.py) from here, whichever
+front end asked.
 
 It runs on the switch's event loop (no locks, no threads) and owns no sockets beyond what
 `Forwards` and the tunnels it opens hold.

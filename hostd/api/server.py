@@ -6,6 +6,10 @@ server also serves reflection (grpcurl needs nothing but the address) and grpc.h
 
 Every bad request gets a precise status: INVALID_ARGUMENT naming the field, ALREADY_EXISTS
 naming the holder, NOT_FOUND naming what was looked up. The table is in the README.
+
+Only hostd's owner gets in (hostd/api/auth.py): on a unix socket the gRPC server listens in
+a private directory behind a gate that checks each peer's uid; on TCP every call must carry
+the token.
 """
 
 from __future__ import annotations
