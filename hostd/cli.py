@@ -270,11 +270,6 @@ async def run(args: argparse.Namespace, config: NetworkConfig, state: dict | Non
     for spec in args.dns_record:
         zone, record = parse_record_spec(spec, switch.network.zones)
         switch.network.zones.add_records(zone, [record])
-    policy = switch.network.policy
-    policy.static_rules = [parse_rule(action, text, static=True) for action, text in args.policy]
-    switch.apply_policy()
-    token = read_token(args.api_token_file) if args.api_token_file else None
-    store: StateStore | None = None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -286,6 +281,11 @@ async def run(args: argparse.Namespace, config: NetworkConfig, state: dict | Non
         log.info("hostd.stats", stats=switch.stats())
 
     loop.add_signal_handler(signal.SIGUSR1, dump_stats)  # `kill -USR1`: stats to the log
+    policy = switch.network.policy
+    policy.static_rules = [parse_rule(action, text, static=True) for action, text in args.policy]
+    switch.apply_policy()
+    token = read_token(args.api_token_file) if args.api_token_file else None
+    store: StateStore | None = None
     api: ApiServer | None = None
     http_apis: list[HttpApiServer] = []
     guests = None
@@ -359,7 +359,7 @@ async def run(args: argparse.Namespace, config: NetworkConfig, state: dict | Non
 
 def stop_on_stdio_close(stop: asyncio.Event) -> Callable[[str, dict], None]:
     def listener(kind: str, fields: dict) -> None:
-        if kind == "link_down" and fields.get("link") == "stdio://":
+        if kind == "link_down" and str(fields.get("link", "")).startswith("stdio://"):
             log.info("hostd.stdin_closed", effect="stopping")
             stop.set()
 
