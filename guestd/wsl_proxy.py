@@ -45,8 +45,8 @@ from dataclasses import dataclass, field
 import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-
 from grpc_reflection.v1alpha import reflection
+
 from netferry.log import add_logging_arguments, configure_logging
 from netferry.reflection import enable_server_reflection
 from netferry.unixsock import clear_stale_socket
