@@ -61,6 +61,7 @@ from grpc_reflection.v1alpha import reflection
 
 from netferry.goflags import parse_args as parse_go_flags
 from netferry.log import add_logging_arguments, configure_logging
+from netferry.reflection import enable_server_reflection
 from netferry.unixsock import clear_stale_socket
 from netferry.v1 import proxy_pb2 as pb
 from netferry.v1 import proxy_pb2_grpc as pb_grpc
@@ -492,7 +493,7 @@ class UnixGrpcServer:
         self.add(server)
         hs = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(hs, server)
-        reflection.enable_server_reflection(
+        enable_server_reflection(  # resolves Service.Method too (grpcurl describe)
             (*self.services, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
         clear_stale_socket(self.path, make_parent=True)

@@ -152,6 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
         "append ?connect=0 to refuse /connect (gvproxy's -services)",
     )
     api.add_argument(
+        "--api-token-file",
+        metavar="FILE",
+        help="a TCP API (--api tcp://, --http-api tcp://) requires this token: clients send "
+        "'authorization: Bearer TOKEN' (gRPC metadata) or 'Authorization: Bearer TOKEN' (HTTP); "
+        "without it hostd refuses to serve an API on TCP",
+    )
+    api.add_argument(
         "--guest-expose",
         choices=("self", "any", "off"),
         default="self",
@@ -165,6 +172,48 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="[tcp:|udp:|unix:]LOCAL=REMOTE",
         help="static forward at start, e.g. 127.0.0.1:2222=192.168.127.2:22 (repeatable)",
+    )
+    pol = p.add_argument_group("outbound policy")
+    pol.add_argument(
+        "--allow",
+        action="append",
+        default=[],
+        type=lambda text: ("allow", text),
+        dest="policy",
+        metavar="RULE",
+        help="allow new guest flows to RULE = CIDR[:PORT[-PORT]][/tcp|udp|icmp], or 'host' for "
+        "the CIDR (every address of this host, loopback included); rules are tried in the "
+        "order given, first match wins, default allow (repeatable)",
+    )
+    pol.add_argument(
+        "--deny",
+        action="append",
+        default=[],
+        type=lambda text: ("deny", text),
+        dest="policy",
+        metavar="RULE",
+        help="refuse new guest flows to RULE (TCP: RST; UDP, ICMP: ICMP administratively "
+        "prohibited); also applies to DNS upstreams (repeatable)",
+    )
+    st = p.add_argument_group("state")
+    st.add_argument(
+        "--state-file",
+        metavar="PATH",
+        help="keep forwards, DNS changes, dynamic leases and policy rules made at run time "
+        "here (written atomically on change and at exit, restored at start)",
+    )
+    st.add_argument(
+        "--state-reset-on-error",
+        action="store_true",
+        help="a state file that cannot be read is moved aside to PATH.corrupt-TIME and hostd "
+        "starts fresh (default: it refuses to start)",
+    )
+    priv = p.add_argument_group("privileges")
+    priv.add_argument(
+        "--sandbox",
+        action="store_true",
+        help="after start, apply a seccomp filter refusing dangerous system calls (ptrace, "
+        "mount, kexec, bpf, module loading, ...) with EPERM",
     )
     guest = p.add_argument_group("guests")
     guest.add_argument(
@@ -249,10 +298,12 @@ def parse_port_forward(spec: str) -> tuple[str, str, str]:
     return protocol, local, remote
 
 
-async def run(args: argparse.Namespace, config: NetworkConfig) -> int:
+async def run(args: argparse.Namespace, config: NetworkConfig, state: dict | None = None) -> int:
     from hostd.api.http import HttpApiServer, serve_gateway_http
     from hostd.api.server import ApiServer, default_api_path
     from hostd.control import Control
+    from hostd.policy import parse_rule
+    from hostd.state import StateError, StateStore, dns_snapshot
     from hostd.switch import HostSwitch
 
     switch = HostSwitch(config, pcap_path=args.pcap)
@@ -277,28 +328,48 @@ async def run(args: argparse.Namespace, config: NetworkConfig) -> int:
         log.info("hostd.stats", stats=switch.stats())
 
     loop.add_signal_handler(signal.SIGUSR1, dump_stats)  # `kill -USR1`: stats to the log
+    policy = switch.network.policy
+    policy.static_rules = [parse_rule(action, text, static=True) for action, text in args.policy]
+    switch.apply_policy()
+    token = read_token(args.api_token_file) if args.api_token_file else None
+    store: StateStore | None = None
     api: ApiServer | None = None
     http_apis: list[HttpApiServer] = []
     guests = None
     try:
-        for uri in args.listen:
-            await switch.listen(parse_link_uri(uri))
-        if args.api != "none":
-            api = ApiServer(control, args.api or f"unix://{default_api_path()}")
-            await api.start()
-        for uri in args.http_api:
-            http_apis.append(HttpApiServer(control, uri))
-            await http_apis[-1].start()
+        # Flags first, then what the state file adds, all before the first link opens.
         for spec in args.port_forward:
             protocol, local, remote = parse_port_forward(spec)
-            await control.expose(protocol, local, remote)
+            await control.expose(protocol, local, remote, static=True)
+        if args.state_file:
+            store = StateStore(control, args.state_file)
+            store.dns_base = dns_snapshot(control)
+            if state is not None:
+                await store.restore(state)
+            control.change_listeners.append(store.changed)
+        for uri in args.listen:
+            link_uri = parse_link_uri(uri)
+            if link_uri.scheme == "stdio":
+                # A per-VM helper on stdin/stdout: when its peer closes stdin, hostd is done.
+                switch.event_listeners.append(stop_on_stdio_close(stop))
+            await switch.listen(link_uri)
+        if args.api != "none":
+            api = ApiServer(control, args.api or f"unix://{default_api_path()}", token=token)
+            await api.start()
+        for uri in args.http_api:
+            http_apis.append(HttpApiServer(control, uri, token=token))
+            await http_apis[-1].start()
         from hostd.guests import GuestManager
 
         guests = GuestManager.from_args(switch, args)
         if guests is not None:
             guests.start()
-    except (OSError, ControlError) as e:
+        from hostd.privileges import drop_privileges
+
+        drop_privileges(sandbox=args.sandbox)
+    except (OSError, ControlError, StateError) as e:
         log.error("startup.failed", error=str(e))
+        print(f"host-switch: error: {e}", file=sys.stderr)
         for server in http_apis:
             await server.stop()
         if api is not None:
@@ -316,17 +387,55 @@ async def run(args: argparse.Namespace, config: NetworkConfig) -> int:
         host_loopback=str(config.host_ip) if config.host_loopback else "refused",
         mtu=config.mtu,
         dns_upstreams=[f"{h}:{p}" for h, p in config.dns_upstreams],
+        policy_rules=len(policy.all_rules()),
+        state_file=store.path if store else None,
     )
     await stop.wait()
     log.info("hostd.stopping", stats=switch.stats())
     if guests is not None:
         await guests.stop()
+    if store is not None:
+        await store.close()  # before the switch closes its forwards
     for server in http_apis:
         await server.stop()
     if api is not None:
         await api.stop()
     await switch.close()
     return 0
+
+
+def stop_on_stdio_close(stop: asyncio.Event) -> Callable[[str, dict], None]:
+    def listener(kind: str, fields: dict) -> None:
+        if kind == "link_down" and str(fields.get("link", "")).startswith("stdio://"):
+            log.info("hostd.stdin_closed", effect="stopping")
+            stop.set()
+
+    return listener
+
+
+def read_token(path: str) -> str:
+    """The API token: the file's first line, at least 16 characters; OSError/ValueError."""
+    with open(path) as f:
+        token = f.readline().strip()
+    if len(token) < 16:
+        raise ValueError(f"--api-token-file {path}: the token must be at least 16 characters")
+    return token
+
+
+def load_state(args: argparse.Namespace) -> dict | None:
+    """The state file's content before the loop starts; a file that cannot be used ends
+    hostd with one line naming it, or with --state-reset-on-error is moved aside."""
+    from hostd.state import StateError, StateStore
+
+    store = StateStore(None, args.state_file)  # type: ignore[arg-type]
+    try:
+        return store.read()
+    except StateError as e:
+        if not args.state_reset_on_error:
+            raise
+        aside = store.move_aside()
+        log.warning("state.reset", path=store.path, moved_to=aside, error=str(e))
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -352,10 +461,39 @@ def main(argv: list[str] | None = None) -> int:
         for uri in args.http_api:
             parse_http_api_uri(uri)
         from hostd.guests import validate_args
+        from hostd.policy import parse_rule
 
         validate_args(args)
+        for action, text in args.policy:
+            parse_rule(action, text)
+        tcp_apis = [u for u in [args.api or "", *args.http_api] if u.startswith("tcp://")]
+        if tcp_apis and not args.api_token_file:
+            raise ValueError(
+                f"{tcp_apis[0]}: an API on TCP needs --api-token-file (anyone who can connect "
+                "could drive hostd otherwise)"
+            )
+        if args.api_token_file:
+            read_token(args.api_token_file)
+        if args.state_file:
+            parent = os.path.dirname(os.path.abspath(args.state_file))
+            if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+                raise ValueError(
+                    f"--state-file {args.state_file}: directory {parent} does not exist or is "
+                    "not writable"
+                )
+    except OSError as e:
+        parser.error(f"--api-token-file: {e.strerror or e}: {e.filename}")
     except ValueError as e:
         parser.error(str(e))
+    state = None
+    if args.state_file:
+        from hostd.state import StateError
+
+        try:
+            state = load_state(args)
+        except StateError as e:
+            print(f"host-switch: error: {e}", file=sys.stderr)
+            return 1
     try:
         loop_factory = event_loop_factory(args.event_loop)
     except ImportError as e:
@@ -369,11 +507,11 @@ def main(argv: list[str] | None = None) -> int:
                 profiler = cProfile.Profile()
                 profiler.enable()
                 try:
-                    return runner.run(run(args, config))
+                    return runner.run(run(args, config, state))
                 finally:
                     profiler.disable()
                     profiler.dump_stats(profile_to)
-            return runner.run(run(args, config))
+            return runner.run(run(args, config, state))
     return 130
 
 

@@ -4,7 +4,10 @@ Forwards, DNS zones and records, leases, the switch table, counters and tunnels 
 guest network live here; the gRPC service (`api/server.py`), gvproxy's HTTP API
 (`api/http.py`) and the slirp4netns API socket are translators that parse their own wire,
 call one method here and render the result or the `ControlError` in their own dialect. A
-forward made through one front end is therefore visible through all of them.
+forward made through one front end is therefore visible through all of them. So are the
+outbound policy's run-time rules and the connections view, and every change a user makes
+is announced to `change_listeners` (the state file, hostd/state.py) from here, whichever
+front end asked.
 
 It runs on the switch's event loop (no locks, no threads) and owns no sockets beyond what
 `Forwards` and the tunnels it opens hold.
@@ -15,12 +18,15 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from dataclasses import dataclass, field
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from hostd.errors import ControlError
 from hostd.forwards import Forward, Forwards
 from hostd.nat.tcp import HostSide
+from hostd.policy import FlowVerdict, PolicyError, Rule, parse_rule
 from hostd.services.dhcp import Lease
 from hostd.services.dns import DnsRecord, _name_error, normalize_name
 from hostd.stack import tcp
@@ -130,20 +136,42 @@ class Control:
     def __init__(self, switch: HostSwitch) -> None:
         self.switch = switch
         self.forwards: Forwards = switch.forwards
+        # Forwards given as flags (--port-forward): not written to the state file.
+        self.static_forwards: set[tuple[str, str]] = set()
+        # Called after every change a user made (the state file listens here); leases
+        # granted by DHCP arrive as switch events and are passed on the same way.
+        self.change_listeners: list[Callable[[], None]] = []
+        switch.event_listeners.append(self._switch_event)
+
+    def _changed(self) -> None:
+        for listener in self.change_listeners:
+            listener()
+
+    def _switch_event(self, kind: str, fields: dict) -> None:
+        if kind in ("lease_granted", "lease_released"):
+            self._changed()
 
     # ---- forwards -------------------------------------------------------------------
 
-    async def expose(self, protocol: str, local: str, remote: str) -> Forward:
+    async def expose(self, protocol: str, local: str, remote: str, static: bool = False) -> Forward:
         if not local:
             raise ControlError("invalid_argument", "local: is empty")
         if not remote:
             raise ControlError("invalid_argument", "remote: is empty")
-        return await self.forwards.expose(protocol or "tcp", local, remote)
+        fwd = await self.forwards.expose(protocol or "tcp", local, remote)
+        if static:
+            self.static_forwards.add(fwd.key)
+        else:
+            self._changed()
+        return fwd
 
     async def unexpose(self, protocol: str, local: str) -> Forward:
         if not local:
             raise ControlError("invalid_argument", "local: is empty")
-        return await self.forwards.unexpose(protocol or "tcp", local)
+        fwd = await self.forwards.unexpose(protocol or "tcp", local)
+        self.static_forwards.discard(fwd.key)
+        self._changed()
+        return fwd
 
     def list_forwards(self) -> list[Forward]:
         return self.forwards.list()
@@ -217,14 +245,17 @@ class Control:
             if created:
                 zones.remove_zone(zname)
             raise ControlError("invalid_argument", str(e)) from None
+        self._changed()
         return zname
 
     def add_dns_zone(self, zone: str) -> str:
         zname = self._zone_name(zone)
         try:
-            return self.switch.network.zones.add_zone(zname)
+            name = self.switch.network.zones.add_zone(zname)
         except ValueError as e:
             raise ControlError("invalid_argument", f"zone: {e}") from None
+        self._changed()
+        return name
 
     def remove_dns_records(self, zone: str, names: list[str]) -> int:
         zname = self._zone_name(zone)
@@ -244,6 +275,7 @@ class Control:
         removed = zones.remove_records(zname, owners)
         if not removed:
             raise ControlError("not_found", f"none of {', '.join(owners)} has records in {zname}")
+        self._changed()
         return removed
 
     def remove_dns_record(self, zone: str, name: str, value: str) -> None:
@@ -260,6 +292,7 @@ class Control:
         zones.remove_records(zname, [owner])
         if keep:
             zones.add_records(zname, keep)
+        self._changed()
 
     def add_dns_pattern(self, zone: str, pattern: str, address: str) -> None:
         """gvproxy's regexp record: names of `zone` that `pattern` matches → `address`."""
@@ -268,11 +301,13 @@ class Control:
             self.switch.network.zones.add_pattern(zname, pattern, address)
         except ValueError as e:
             raise ControlError("invalid_argument", str(e)) from None
+        self._changed()
 
     def remove_dns_pattern(self, zone: str, pattern: str) -> None:
         zname = self._zone_name(zone)
         if not self.switch.network.zones.remove_pattern(zname, pattern):
             raise ControlError("not_found", f"zone {zname} has no regexp record {pattern!r}")
+        self._changed()
 
     def set_dns_default(self, zone: str, address: str | None) -> None:
         """gvproxy's DefaultIP: every other name of `zone` → `address` (None: NXDOMAIN)."""
@@ -281,6 +316,7 @@ class Control:
             self.switch.network.zones.set_default(zname, address)
         except ValueError as e:
             raise ControlError("invalid_argument", str(e)) from None
+        self._changed()
 
     def dns_extras(self, zone: str) -> tuple[list[tuple[str, str]], str | None]:
         return self.switch.network.zones.extras(zone)
@@ -289,6 +325,42 @@ class Control:
         zname = self._zone_name(zone)
         if not self.switch.network.zones.remove_zone(zname):
             raise ControlError("not_found", f"zone {zname} does not exist")
+        self._changed()
+
+    # ---- outbound policy ----------------------------------------------------------------
+
+    def policy_rules(self) -> list[Rule]:
+        """Every rule in the order they are tried: run-time rules, then the flags'."""
+        return self.switch.network.policy.all_rules()
+
+    def add_policy_rule(self, action: str, rule: str, index: int | None = None) -> tuple[int, Rule]:
+        policy = self.switch.network.policy
+        try:
+            parsed = parse_rule(action, rule)
+            at = policy.add(parsed, index)
+        except PolicyError as e:
+            raise ControlError("invalid_argument", str(e)) from None
+        self.switch.apply_policy()
+        self._changed()
+        return at, parsed
+
+    def remove_policy_rule(self, index: int) -> Rule:
+        try:
+            rule = self.switch.network.policy.remove(index)
+        except PolicyError as e:
+            raise ControlError("not_found", str(e)) from None
+        self.switch.apply_policy()
+        self._changed()
+        return rule
+
+    def recent_flows(self) -> list[FlowVerdict]:
+        """The connections view: recent new flows with their verdicts, oldest first, their
+        times in wall-clock seconds."""
+        offset = time.time() - self.switch.loop.time()
+        return [replace(v, time=v.time + offset) for v in self.switch.network.policy.recent]
+
+    def policy_counters(self) -> dict[str, int]:
+        return dict(self.switch.network.policy.counters)
 
     # ---- counters ---------------------------------------------------------------------
 
@@ -331,6 +403,15 @@ class Control:
             for key, value in values.items()
             if isinstance(value, int) and value >= 0
         }
+        # Links' errors outlive the links: closed links' are summed in, as frames and bytes are.
+        link_errors = Counter(sw.closed_link_errors)
+        for link in links:
+            link_errors.update(link.counters.errors)
+        for kind, value in link_errors.items():
+            counters[f"links.errors.{kind}"] = value
+        counters["links.dropped_out"] = sw.closed_link_dropped_out + sum(
+            link.counters.dropped_out for link in links
+        )
         return StatsSnapshot(
             time=time.time(),
             frames_in=sum(link.counters.frames_in for link in links) + closed[0],

@@ -107,6 +107,7 @@ class VsockDialBridge:
         self.dir = tempfile.mkdtemp(prefix="netferry-guest-")
         self.path = os.path.join(self.dir, "bridge.sock")
         self.server: asyncio.base_events.Server | None = None
+        self.last_error: str | None = None  # why the last dial failed (gRPC sees only EOF)
 
     def _dial_vsock(self) -> socket.socket:
         s = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
@@ -130,9 +131,11 @@ class VsockDialBridge:
             sock.setblocking(False)
             vr, vw = await asyncio.open_connection(sock=sock)
         except OSError as e:
+            self.last_error = f"vsock://{self.cid}:{self.port}: {e.strerror or e}"
             log.info("guest.bridge_dial_failed", cid=self.cid, port=self.port, error=str(e))
             w.close()
             return
+        self.last_error = None
 
         async def copy(a: asyncio.StreamReader, b: asyncio.StreamWriter) -> None:
             with contextlib.suppress(ConnectionError, OSError):
@@ -152,6 +155,18 @@ class VsockDialBridge:
         if self.server is not None:
             self.server.close()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def handshake_failure_cause(e: grpc.aio.AioRpcError, bridge: VsockDialBridge | None) -> str:
+    """Why a handshake failed, for the same log line: gRPC says only "Socket closed" when
+    the vsock bridge could not dial; the bridge knows why. Else gRPC's own detail."""
+    if bridge is not None and bridge.last_error:
+        return bridge.last_error
+    debug = e.debug_error_string() or ""
+    for marker in ("last error: ", 'description:"', 'grpc_message:"'):
+        if marker in debug:
+            return debug.split(marker, 1)[1].split('"', 1)[0].strip()[:300]
+    return (e.details() or e.code().name)[:300]
 
 
 class GuestClient:
@@ -231,6 +246,7 @@ class GuestClient:
                         guest=self.text,
                         code=e.code().name,
                         message=e.details(),
+                        cause=handshake_failure_cause(e, self.bridge),
                         retry_in=delay,
                     )
                     backoff = min(backoff * 2, 5.0)

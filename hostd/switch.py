@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import ipaddress
 import time
+from collections import Counter
 from collections.abc import Callable
 
 import structlog
@@ -22,11 +24,13 @@ from hostd.links import Endpoint, Link, open_endpoint
 from hostd.nat.icmp import IcmpNat, ping_sockets_allowed
 from hostd.nat.tcp import TcpNat
 from hostd.nat.udp import UdpNat
+from hostd.policy import host_addresses
 from hostd.services.dns import DnsForwarder
 from hostd.services.dns_tcp import DnsTcpSession
 from hostd.stack.network import (
     DNS_PORT,
     DnsQueryOutbound,
+    FlowDenied,
     IcmpEchoOutbound,
     LeaseEvent,
     Network,
@@ -47,6 +51,9 @@ class HostSwitch:
         self.links: dict[int, Link] = {}
         # Counters of links that have closed: frames in/out, bytes in/out (totals stay monotonic).
         self.closed_link_totals = [0, 0, 0, 0]
+        # ... and their errors by kind and frames dropped on output, summed the same way.
+        self.closed_link_errors: Counter[str] = Counter()
+        self.closed_link_dropped_out = 0
         self._flushing = False
         self._internal_error_logged = float("-inf")
         self.endpoints: list[Endpoint] = []
@@ -67,6 +74,7 @@ class HostSwitch:
             max_flows=config.icmp_max_flows,
         )
         self.dns_forwarder = DnsForwarder(config.dns_upstreams) if config.dns_upstreams else None
+        self.dns_upstreams = list(self.dns_forwarder.upstreams) if self.dns_forwarder else []
         self.tcp_nat = TcpNat(
             self.network,
             self.flush,
@@ -87,7 +95,7 @@ class HostSwitch:
         self.capture_listeners: list[Callable[[list[bytes]], None]] = []
         self.forwards = Forwards(self)
         allowed, value = ping_sockets_allowed()
-        if not allowed:
+        if not allowed and self.icmp_nat.raw is None:
             log.warning(
                 "icmp.ping_sockets_not_permitted",
                 ping_group_range=value,
@@ -131,6 +139,8 @@ class HostSwitch:
         c = link.counters
         for i, v in enumerate((c.frames_in, c.frames_out, c.bytes_in, c.bytes_out)):
             self.closed_link_totals[i] += v
+        self.closed_link_errors.update(c.errors)
+        self.closed_link_dropped_out += c.dropped_out
         log.info("link.down", link=link.name, port=link.port, reason=reason)
         self._event("link_down", link=link.name, port=link.port, reason=reason or "closed")
 
@@ -188,7 +198,20 @@ class HostSwitch:
             self.icmp_nat.send(ev)
         elif isinstance(ev, DnsQueryOutbound):
             self._forward_dns(ev)
+        elif isinstance(ev, FlowDenied):
+            v = ev.verdict
+            self._event(
+                "flow_denied",
+                protocol=v.protocol,
+                source=v.source,
+                destination=v.destination,
+                rule=v.rule,
+            )
         elif isinstance(ev, LeaseEvent):
+            if ev.released:
+                log.info("dhcp.lease_released", mac=ev.mac, ip=ev.ip)
+                self._event("lease_released", mac=ev.mac, ip=ev.ip)
+                return
             log.info("dhcp.lease", mac=ev.mac, ip=ev.ip, hostname=ev.hostname)
             self._event("lease_granted", mac=ev.mac, ip=ev.ip, hostname=ev.hostname or "")
 
@@ -213,7 +236,31 @@ class HostSwitch:
         self.network.handle_timer(self.loop.time())
         self.flush()
 
+    def apply_policy(self) -> None:
+        """Re-decide what the policy decides once rather than per flow: the DNS upstreams
+        that queries may be forwarded to (a rule changed at run time calls this again)."""
+        policy = self.network.policy
+        policy.host_addresses = host_addresses()  # interfaces may have changed since start
+        if self.dns_forwarder is None:
+            return
+        allowed = []
+        for host, port in self.dns_upstreams:
+            try:
+                packed = ipaddress.IPv4Address(host).packed
+            except ValueError:
+                allowed.append((host, port))  # the policy speaks IPv4 only
+                continue
+            rule = policy.decide("udp", packed, port)
+            if rule is None or rule.action == "allow":
+                allowed.append((host, port))
+            else:
+                log.warning("dns.upstream_denied", upstream=f"{host}:{port}", rule=str(rule))
+        self.dns_forwarder.upstreams = allowed
+        self.dns_forwarder._preferred = 0
+
     def _forward_dns(self, ev: DnsQueryOutbound) -> None:
+        if self.dns_forwarder is not None and not self.dns_forwarder.upstreams:
+            self.network.stats["policy_dns_refused"] += 1
         if self.dns_forwarder is None:
             reply = self.network.dns.servfail(ev.query)
             self.network.send_udp(

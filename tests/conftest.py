@@ -321,6 +321,8 @@ def hostd(short_tmp: Path, dns_upstream: DnsUpstream) -> Iterator[Callable[..., 
             args += ["--api", f"unix://{api_path}"]
         if "--dns-upstream" not in extra:
             args += ["--dns-upstream", dns_upstream.spec]
+        if os.environ.get("NETFERRY_TEST_SANDBOX", "1") != "0":
+            args += ["--sandbox"]  # every e2e test runs hostd under its seccomp filter
         args += list(extra)
         proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
         STARTED.append(proc)

@@ -84,6 +84,9 @@ SVC=netferry.v1.HostSwitch
 run list 0 "Reflection: the services hostd serves" -- "${G[@]}" "$SOCK" list
 run list-methods 0 "Reflection: the methods of HostSwitch" -- "${G[@]}" "$SOCK" list $SVC
 run describe 0 "Reflection: a request message" -- "${G[@]}" "$SOCK" describe netferry.v1.ExposeRequest
+run describe-method 0 "Reflection: a method" -- "${G[@]}" "$SOCK" describe $SVC.Expose
+run describe-health-method 0 "Reflection: health's method" -- \
+  "${G[@]}" "$SOCK" describe grpc.health.v1.Health.Check
 run health 0 "Health of the whole server" -- "${G[@]}" "$SOCK" grpc.health.v1.Health/Check
 run health-service 0 "Health of HostSwitch" -- \
   "${G[@]}" -d "{\"service\":\"$SVC\"}" "$SOCK" grpc.health.v1.Health/Check
@@ -127,6 +130,20 @@ run dns-remove 0 "RemoveDnsRecords: every record of these names" -- \
   "${G[@]}" -d '{"zone":"containers.internal.","names":["db","www"]}' "$SOCK" $SVC/RemoveDnsRecords
 run dns-remove-missing 69 "RemoveDnsRecords again: NOT_FOUND" -- \
   "${G[@]}" -d '{"zone":"containers.internal.","names":["db"]}' "$SOCK" $SVC/RemoveDnsRecords
+
+# ---- outbound policy ------------------------------------------------------------------------
+run policy-add 0 "AddPolicyRule: refuse new flows to 10.99.0.0/16 port 443 over TCP" -- \
+  "${G[@]}" -d '{"action":"POLICY_ACTION_DENY","rule":"10.99.0.0/16:443/tcp"}' "$SOCK" $SVC/AddPolicyRule
+run policy-add-invalid 67 "AddPolicyRule with a bad rule: INVALID_ARGUMENT" -- \
+  "${G[@]}" -d '{"action":"POLICY_ACTION_DENY","rule":"10.0.0.0/33"}' "$SOCK" $SVC/AddPolicyRule
+run policy-list 0 "ListPolicyRules: run-time rules first, then the flags'" -- \
+  "${G[@]}" "$SOCK" $SVC/ListPolicyRules
+run policy-remove 0 "RemovePolicyRule: by its index" -- \
+  "${G[@]}" -d '{"index":0}' "$SOCK" $SVC/RemovePolicyRule
+run policy-remove-missing 69 "RemovePolicyRule again: NOT_FOUND" -- \
+  "${G[@]}" -d '{"index":0}' "$SOCK" $SVC/RemovePolicyRule
+run connections 0 "ListConnections: recent new flows with the policy's verdict" -- \
+  "${G[@]}" -emit-defaults "$SOCK" $SVC/ListConnections
 
 # ---- capture ------------------------------------------------------------------------------
 # data is base64 pcap: the first message is the global header ("1MOyoQ..." = a1b2c3d4 LE).

@@ -41,6 +41,7 @@ from urllib.parse import parse_qs, urlsplit
 import h11
 import structlog
 
+from hostd.api.auth import bearer_ok, owner_may_connect, peer_uid, refusal
 from hostd.control import Control, DnsRecordSpec, StatsSnapshot
 from hostd.errors import ControlError
 from hostd.forwards import Forward
@@ -459,10 +460,13 @@ class HttpExchange:
     """One HTTP/1.1 connection's requests, whatever carries the bytes: feed bytes in, get
     (response bytes | a hijack, trailing bytes) out, one request at a time."""
 
-    def __init__(self, api: GvproxyApi, caller: str | None, connect: bool) -> None:
+    def __init__(
+        self, api: GvproxyApi, caller: str | None, connect: bool, token: str | None = None
+    ) -> None:
         self.api = api
         self.caller = caller
         self.connect = connect
+        self.token = token  # a TCP API: every request must carry it (Authorization: Bearer)
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=64 << 10)
         self.request: h11.Request | None = None
         self.body = bytearray()
@@ -480,6 +484,10 @@ class HttpExchange:
             if event is h11.NEED_DATA or event is h11.PAUSED:
                 return None
             if isinstance(event, h11.Request):
+                if self.token is not None and not bearer_ok(
+                    dict(event.headers).get(b"authorization"), self.token
+                ):
+                    return Response.fail(401, "this API needs 'Authorization: Bearer TOKEN'")
                 self.request = event
                 self.body.clear()
             elif isinstance(event, h11.Data):
@@ -529,20 +537,51 @@ class HttpApiProtocol(asyncio.Protocol):
 
     def __init__(self, server: HttpApiServer) -> None:
         self.server = server
-        self.exchange = HttpExchange(server.api, None, server.connect)
+        self.exchange = HttpExchange(server.api, None, server.connect, server.token)
         self.transport: asyncio.Transport | None = None
         self.busy = False  # a request is being answered: later bytes wait in h11
         self.hijacked = False
+        self.refused = ""  # the peer is not hostd's owner: why
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        if self.server.scheme == "unix":
+            sock = transport.get_extra_info("socket")
+            try:
+                uid = peer_uid(sock)
+            except OSError:
+                uid = -1
+            if not owner_may_connect(uid):
+                log.warning("http_api.peer_refused", uid=uid, socket=self.server.address)
+                self.refused = refusal(uid)
+                self.hijacked = True  # nothing is parsed or answered but the 403
+                # Answer once the client has spoken (a reply before its request arrives
+                # would meet a reset); one that never speaks is closed soon.
+                asyncio.get_running_loop().call_later(10.0, transport.close)
+
+    def _refuse(self) -> None:
+        assert self.transport is not None
+        body = (self.refused + "\n").encode()
+        self.transport.write(
+            b"HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        self.transport.close()
+        self.transport = None
 
     def data_received(self, data: bytes) -> None:
+        if self.transport is None:
+            return
+        if self.refused:
+            self._refuse()
+            return
         self.exchange.feed(data)
         if not self.busy:
             self._next()
 
     def eof_received(self) -> bool:
+        if self.refused:
+            return False  # closes
         self.exchange.feed(b"")
         if not self.busy:
             self._next()
@@ -642,10 +681,14 @@ def parse_http_api_uri(uri: str) -> tuple[str, str, bool]:
 class HttpApiServer:
     """gvproxy's HTTP API on one host socket (gvproxy's `-listen`/`-services`)."""
 
-    def __init__(self, control: Control, uri: str) -> None:
+    def __init__(self, control: Control, uri: str, token: str | None = None) -> None:
         self.control = control
         self.uri = uri
         self.scheme, self.address, self.connect = parse_http_api_uri(uri)
+        # A TCP socket cannot tell users apart: a token is required there (hostd/api/auth.py).
+        self.token = token if self.scheme == "tcp" else None
+        if self.scheme == "tcp" and not token:
+            raise ValueError(f"--http-api {uri}: an API on TCP needs --api-token-file")
         self.api = GvproxyApi(control, inside=False)
         self.server: asyncio.base_events.Server | None = None
         self.path: str | None = None

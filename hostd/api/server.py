@@ -6,14 +6,20 @@ server also serves reflection (grpcurl needs nothing but the address) and grpc.h
 
 Every bad request gets a precise status: INVALID_ARGUMENT naming the field, ALREADY_EXISTS
 naming the holder, NOT_FOUND naming what was looked up. The table is in the README.
+
+Only hostd's owner gets in (hostd/api/auth.py): on a unix socket the gRPC server listens in
+a private directory behind a gate that checks each peer's uid; on TCP every call must carry
+the token.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import os
+import shutil
+import stat
+import tempfile
 import time
 
 import grpc
@@ -21,14 +27,21 @@ import structlog
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
+from hostd.api.auth import (
+    RefusingInterceptor,
+    TokenInterceptor,
+    UnixPeerGate,
+    owner_only_message,
+)
 from hostd.capture import SNAPLEN, CaptureFilter, pcap_header, pcap_record
 from hostd.control import Control, DnsRecordSpec, StatsSnapshot
-from hostd.errors import ControlError
+from hostd.errors import ControlError, shorten
 from hostd.forwards import Forward
+from hostd.policy import Rule
 from hostd.services.dns import DnsRecord
 from hostd.stack import tcp
+from netferry import reflection
 from netferry.unixsock import clear_stale_socket
 from netferry.v1 import host_pb2 as pb
 from netferry.v1 import host_pb2_grpc as pb_grpc
@@ -52,6 +65,8 @@ STATUS = {
 }
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["HostSwitch"].full_name
 CAPTURE_QUEUE = 8192  # frames buffered per capture client before dropping
+# A tunnel's reads can hold more than a client takes in one message (gRPC's default 4 MiB).
+TUNNEL_CHUNK = 1 << 20
 
 
 def timestamp(seconds: float) -> Timestamp:
@@ -231,7 +246,7 @@ class HostSwitchService(pb_grpc.HostSwitchServicer):
         except ValueError:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"filter.host: {request.filter.host!r} is not an IPv4 address",
+                shorten(f"filter.host: {request.filter.host!r} is not an IPv4 address"),
             )
         if request.filter.port > 65535:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "filter.port: above 65535")
@@ -326,12 +341,12 @@ class HostSwitchService(pb_grpc.HostSwitchServicer):
                 elif isinstance(event, tcp.DataReceived):
                     data = conn.read()
                     sw.tcp_nat.touch(conn)
-                    if data:
-                        yield pb.TunnelResponse(data=data)
+                    for i in range(0, len(data), TUNNEL_CHUNK):
+                        yield pb.TunnelResponse(data=data[i : i + TUNNEL_CHUNK])
                 elif isinstance(event, tcp.PeerClosed):
                     data = conn.read()
-                    if data:
-                        yield pb.TunnelResponse(data=data)
+                    for i in range(0, len(data), TUNNEL_CHUNK):
+                        yield pb.TunnelResponse(data=data[i : i + TUNNEL_CHUNK])
                     yield pb.TunnelResponse(close=pb.TunnelClose())
                     peer_done = True
                 elif isinstance(event, tcp.ConnectionFailed):
@@ -379,6 +394,19 @@ class HostSwitchService(pb_grpc.HostSwitchServicer):
                     ev.forward_added.CopyFrom(pb.ForwardAdded(forward=forward_pb(f["forward"])))
                 elif kind == "forward_removed":
                     ev.forward_removed.CopyFrom(pb.ForwardRemoved(forward=forward_pb(f["forward"])))
+                elif kind == "guest_connected":
+                    ev.guest_connected.CopyFrom(
+                        pb.GuestConnected(guest=f["guest"], link=str(f.get("link") or ""))
+                    )
+                elif kind == "flow_denied":
+                    ev.flow_denied.CopyFrom(
+                        pb.FlowDenied(
+                            flow=pb.FlowVerdict(
+                                time=ev.time, protocol=f["protocol"], source=f["source"],
+                                destination=f["destination"], allowed=False, rule=f["rule"],
+                            )
+                        )
+                    )  # fmt: skip
                 elif kind == "connection_error":
                     ev.connection_error.CopyFrom(
                         pb.ConnectionError(protocol=f["protocol"], source=f["source"],
@@ -390,6 +418,75 @@ class HostSwitchService(pb_grpc.HostSwitchServicer):
         finally:
             self.switch.event_listeners.remove(listener)
 
+    # ---- outbound policy --------------------------------------------------------------
+
+    async def ListPolicyRules(self, request, context):
+        return pb.ListPolicyRulesResponse(
+            rules=[policy_rule_pb(r) for r in self.control.policy_rules()]
+        )
+
+    async def AddPolicyRule(self, request, context):
+        action = POLICY_ACTIONS.get(request.action)
+        if action is None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "action: must be ALLOW or DENY")
+        index = request.index if request.HasField("index") else None
+        try:
+            at, rule = self.control.add_policy_rule(action, request.rule, index)
+        except ControlError as e:
+            await self._fail(context, e)
+        return pb.AddPolicyRuleResponse(index=at, rule=policy_rule_pb(rule))
+
+    async def RemovePolicyRule(self, request, context):
+        try:
+            rule = self.control.remove_policy_rule(request.index)
+        except ControlError as e:
+            await self._fail(context, e)
+        return pb.RemovePolicyRuleResponse(rule=policy_rule_pb(rule))
+
+    async def ListConnections(self, request, context):
+        counters = self.control.policy_counters()
+        return pb.ListConnectionsResponse(
+            flows=[
+                pb.FlowVerdict(
+                    time=timestamp(v.time), protocol=v.protocol, source=v.source,
+                    destination=v.destination, allowed=v.allowed, rule=v.rule,
+                )
+                for v in self.control.recent_flows()
+            ],
+            allowed=counters.get("allowed", 0),
+            denied=counters.get("denied", 0),
+        )  # fmt: skip
+
+
+POLICY_ACTIONS = {pb.POLICY_ACTION_ALLOW: "allow", pb.POLICY_ACTION_DENY: "deny"}
+POLICY_ACTION_VALUES = {v: k for k, v in POLICY_ACTIONS.items()}
+
+
+def policy_rule_pb(rule: Rule) -> pb.PolicyRule:
+    return pb.PolicyRule(
+        action=POLICY_ACTION_VALUES[rule.action], rule=rule.target, static=rule.static
+    )
+
+
+def private_directory(public: str) -> str:
+    """A 0700 directory for the gRPC servers behind the gate: beside the public socket, so a
+    hostd killed with SIGKILL leaves nothing elsewhere and the next start on the same path
+    clears it (the public path was just found stale, so no live hostd uses it); in /tmp
+    when that path would be too long for a socket address."""
+    d = os.path.join(os.path.dirname(public) or ".", f".{os.path.basename(public)}.private")
+    if len(os.path.join(d, "refused.sock").encode()) >= 108:
+        return tempfile.mkdtemp(prefix="netferry-api-")
+    try:
+        st = os.lstat(d)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+            raise FileExistsError(f"{d} exists and is not our private directory; remove it")
+        shutil.rmtree(d)
+    os.mkdir(d, 0o700)
+    return d
+
 
 def default_api_path() -> str:
     if os.geteuid() == 0:
@@ -399,55 +496,70 @@ def default_api_path() -> str:
 
 
 class ApiServer:
-    """grpc.aio server for HostSwitch + reflection + health on a unix socket (0600) or TCP."""
+    """grpc.aio server for HostSwitch + reflection + health on a unix socket (0600, peer uid
+    checked by `UnixPeerGate`) or TCP (a token required, see hostd/api/auth.py)."""
 
-    def __init__(self, control: Control, uri: str) -> None:
+    def __init__(self, control: Control, uri: str, token: str | None = None) -> None:
         self.control = control
         self.uri = uri
+        self.token = token
         self.server: grpc.aio.Server | None = None
+        self.refuser: grpc.aio.Server | None = None
+        self.gate: UnixPeerGate | None = None
+        self.private_dir: str | None = None
         self.path: str | None = None
-        self._inode: tuple[int, int] | None = None
 
     async def start(self) -> None:
-        server = grpc.aio.server()
+        uri = self.uri
+        if uri.startswith("tcp://"):
+            if not self.token:
+                raise OSError(f"--api {uri}: an API on TCP needs --api-token-file")
+            server = grpc.aio.server(interceptors=[TokenInterceptor(self.token)])
+        elif uri.startswith("unix://"):
+            server = grpc.aio.server()
+        else:
+            raise ValueError(f"--api {uri!r}: expected unix:///path or tcp://HOST:PORT")
         pb_grpc.add_HostSwitchServicer_to_server(HostSwitchService(self.control), server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         names = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, server)
-        uri = self.uri
         if uri.startswith("unix://"):
             path = uri[len("unix://") :]
             clear_stale_socket(path, make_parent=True)
-            old = os.umask(0o177)  # the socket is created 0600: only our user may drive us
-            try:
-                server.add_insecure_port(f"unix:{path}")
-            finally:
-                os.umask(old)
+            # gRPC itself listens in a private directory; the public path is the gate that
+            # checks each peer's uid (grpc.aio shows handlers no credentials).
+            self.private_dir = private_directory(path)
+            inner = os.path.join(self.private_dir, "grpc.sock")
+            refused = os.path.join(self.private_dir, "refused.sock")
+            server.add_insecure_port(f"unix:{inner}")
+            self.refuser = grpc.aio.server(interceptors=[RefusingInterceptor(owner_only_message())])
+            self.refuser.add_insecure_port(f"unix:{refused}")
+            self.gate = UnixPeerGate(path, inner, refused)
             self.path = path
-        elif uri.startswith("tcp://"):
+        else:
             address = uri[len("tcp://") :]
             if server.add_insecure_port(address) == 0:
                 raise OSError(f"cannot listen on {address}")
-        else:
-            raise ValueError(f"--api {uri!r}: expected unix:///path or tcp://HOST:PORT")
         await server.start()
-        if self.path is not None:
-            st = os.stat(self.path)
-            self._inode = (st.st_dev, st.st_ino)
+        if self.refuser is not None:
+            await self.refuser.start()
+        if self.gate is not None:
+            await self.gate.start()
         await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
         self.server = server
         log.info("api.listening", uri=uri)
 
     async def stop(self) -> None:
+        if self.gate is not None:
+            await self.gate.stop()
         if self.server is not None:
             await self.server.stop(grace=1.0)
-        if self.path and self._inode:
-            with contextlib.suppress(FileNotFoundError):
-                st = os.lstat(self.path)
-                if (st.st_dev, st.st_ino) == self._inode:
-                    os.unlink(self.path)
+        if self.refuser is not None:
+            await self.refuser.stop(grace=None)
+        if self.private_dir is not None:
+            shutil.rmtree(self.private_dir, ignore_errors=True)
 
 
 __all__ = ["ApiServer", "Duration", "HostSwitchService", "default_api_path"]

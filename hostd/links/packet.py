@@ -247,6 +247,7 @@ class SeqpacketListener:
                 return
             self._count += 1
             link = PacketLink(self.sink, f"{self.uri}#{self._count}", conn, self.uri.max_frame)
+            link.vnet = self.uri.vnet  # ?offload=vnet: each packet is a header + a frame
             self.sink.link_opened(link)
 
     def close(self) -> None:
@@ -263,5 +264,6 @@ def unixgram_link(sink: LinkSink, uri: LinkUri) -> PacketLink:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
     link = PacketLink(sink, str(uri), sock, uri.max_frame, learn_peer=True, socket_path=uri.path)
+    link.vnet = uri.vnet  # ?offload=vnet: each datagram is a header + a frame
     sink.link_opened(link)
     return link

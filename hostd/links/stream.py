@@ -225,6 +225,7 @@ async def connect_stdio(sink: LinkSink, uri: LinkUri) -> StreamLink:
         return await connect_stream_fd(sink, uri, socket.socket(fileno=os.dup(0)))
     loop = asyncio.get_running_loop()
     link = StreamLink(sink, "stdio://", uri.framing, uri.max_frame)
+    link.vnet = uri.vnet  # set before the read side announces the link
     # The write side first: connection_made of the read side announces the link.
     link.transport, _ = await loop.connect_write_pipe(asyncio.Protocol, sys.stdout.buffer)  # type: ignore[assignment]
     transport = link.transport

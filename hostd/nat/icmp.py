@@ -1,11 +1,18 @@
-"""ICMP echo NAT through unprivileged ping sockets (SOCK_DGRAM, IPPROTO_ICMP).
+"""ICMP echo NAT through unprivileged ping sockets (SOCK_DGRAM, IPPROTO_ICMP), or a raw
+ICMP socket when those are not permitted but hostd has CAP_NET_RAW (root).
 
-One ping socket per (guest, destination, guest echo id), connected to the real target.
+Ping sockets: one per (guest, destination, guest echo id), connected to the real target.
 The kernel rewrites the echo id to the socket's "port" and matches replies to it, so
 concurrent pings never cross; the reply's id is restored to the guest's before it goes
-back. Ping sockets need the caller's group inside `net.ipv4.ping_group_range`; when it is
-not, hostd says so once, with the command that fixes it, and drops echo requests (the
-gateway's own echo still answers).
+back. Ping sockets need the caller's group inside `net.ipv4.ping_group_range`.
+
+Raw socket (libslirp's fallback): one socket for every flow, opened at start. Each flow gets
+its own echo id on the host side; a reply is matched by (source address, id) and goes back
+with the guest's id. The raw socket sees every ICMP message to the host, so anything that
+is not an echo reply of ours is ignored.
+
+With neither, hostd says so once, with the command that fixes it, and drops echo requests
+(the gateway's own echo still answers).
 """
 
 from __future__ import annotations
@@ -43,8 +50,22 @@ def ping_sockets_allowed() -> tuple[bool, str]:
 @dataclass(slots=True)
 class EchoFlow:
     key: FlowKey
-    sock: socket.socket
+    sock: socket.socket | None  # None: the flow goes through the shared raw socket
     last_active: float
+    target: bytes = b""  # raw socket: the destination (packed IPv4)
+    host_ident: int = 0  # raw socket: the echo id used on the host side
+
+
+def open_raw_icmp() -> socket.socket | None:
+    """A raw ICMP socket when ping sockets are not permitted and we may open one."""
+    if ping_sockets_allowed()[0]:
+        return None
+    try:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+    except OSError:
+        return None  # no CAP_NET_RAW: the warning at the first echo says what to do
+    sock.setblocking(False)
+    return sock
 
 
 class IcmpNat:
@@ -64,6 +85,12 @@ class IcmpNat:
         self.loop = asyncio.get_running_loop()
         self.stats = {"echo_out": 0, "echo_in": 0, "denied": 0, "errors": 0, "flows_reaped": 0}
         self._warned = False
+        self.raw = open_raw_icmp()
+        self.raw_flows: dict[tuple[bytes, int], EchoFlow] = {}
+        self._next_ident = int.from_bytes(os.urandom(2), "big")
+        if self.raw is not None:
+            self.loop.add_reader(self.raw.fileno(), self._raw_readable)
+            log.info("nat.icmp.raw_socket", reason="ping sockets not permitted; CAP_NET_RAW")
         self._sweeper = self.loop.create_task(self._sweep_forever())
 
     def send(self, ev: IcmpEchoOutbound) -> None:
@@ -77,10 +104,16 @@ class IcmpNat:
         else:
             self.flows.move_to_end(key)
         flow.last_active = now
-        # The kernel fills in the id (the socket's port) and the checksum.
-        message = icmp.HEADER.pack(icmp.ECHO_REQUEST, 0, 0, 0, ev.seq) + ev.payload
         try:
-            flow.sock.send(message)
+            if flow.sock is None:
+                assert self.raw is not None
+                # A raw socket sends what we give it: our id and the checksum.
+                message = icmp.build_icmp(icmp.ECHO_REQUEST, 0, flow.host_ident, ev.seq, ev.payload)
+                self.raw.sendto(message, (ev.target_ip, 0))
+            else:
+                # The kernel fills in the id (the socket's port) and the checksum.
+                message = icmp.HEADER.pack(icmp.ECHO_REQUEST, 0, 0, 0, ev.seq) + ev.payload
+                flow.sock.send(message)
         except OSError as e:
             self.stats["errors"] += 1
             log.debug("nat.icmp.send_failed", target=ev.target_ip, error=str(e))
@@ -92,6 +125,16 @@ class IcmpNat:
             _, old = self.flows.popitem(last=False)
             self._close(old)
         v6 = ipaddress.ip_address(target_ip).version == 6
+        if self.raw is not None and not v6:
+            target = ipaddress.IPv4Address(target_ip).packed
+            while True:
+                self._next_ident = (self._next_ident + 1) & 0xFFFF
+                if (target, self._next_ident) not in self.raw_flows:
+                    break
+            flow = EchoFlow(key, None, now, target, self._next_ident)
+            self.flows[key] = flow
+            self.raw_flows[(target, flow.host_ident)] = flow
+            return flow
         try:
             sock = socket.socket(
                 socket.AF_INET6 if v6 else socket.AF_INET,
@@ -146,7 +189,38 @@ class IcmpNat:
         flow.last_active = self.loop.time()
         self.flush()
 
+    def _raw_readable(self) -> None:
+        assert self.raw is not None
+        got = False
+        for _ in range(256):  # bounded: other ICMP traffic of the host must not starve us
+            try:
+                data = self.raw.recv(65535)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                self.stats["errors"] += 1
+                break
+            ihl = (data[0] & 0x0F) * 4 if data else 0
+            if len(data) < ihl + icmp.HEADER.size or data[ihl] != icmp.ECHO_REPLY:
+                continue
+            _type, _code, _csum, ident, seq = icmp.HEADER.unpack_from(data, ihl)
+            flow = self.raw_flows.get((data[12:16], ident))
+            if flow is None:
+                continue  # another program's ping
+            guest_ip, dst_ip, guest_ident = flow.key
+            self.network.send_icmp_echo_reply(
+                dst_ip, guest_ip, guest_ident, seq, data[ihl + icmp.HEADER.size :]
+            )
+            self.stats["echo_in"] += 1
+            flow.last_active = self.loop.time()
+            got = True
+        if got:
+            self.flush()
+
     def _close(self, flow: EchoFlow) -> None:
+        if flow.sock is None:
+            self.raw_flows.pop((flow.target, flow.host_ident), None)
+            return
         try:
             self.loop.remove_reader(flow.sock.fileno())
         except (ValueError, OSError):
@@ -167,3 +241,7 @@ class IcmpNat:
         for flow in self.flows.values():
             self._close(flow)
         self.flows.clear()
+        if self.raw is not None:
+            self.loop.remove_reader(self.raw.fileno())
+            self.raw.close()
+            self.raw = None

@@ -583,6 +583,21 @@ class DhcpServer:
             key=lambda lease: lease.ip,
         )
 
+    def restore_lease(
+        self, mac: str, ip: IPv4Address, expires: float, hostname: str | None, now: float
+    ) -> bool:
+        """Bind a dynamic lease remembered from an earlier run (the state file); False when
+        it has expired, is not in the pool, or the address or MAC is already taken."""
+        mac = normalize_mac(mac)
+        if expires <= now or mac in self._static or mac in self._bindings:
+            return False
+        if not self._is_free(ip, mac):
+            return False
+        self._bindings[mac] = _Binding(ip=ip, expires=expires, hostname=hostname, static=False)
+        self._ip_owner[ip] = mac
+        self._remember(mac, ip)
+        return True
+
     def next_event(self) -> LeaseGranted | LeaseReleased | None:
         """Pop the oldest pending lease event, or ``None``."""
         return self._events.popleft() if self._events else None

@@ -26,6 +26,7 @@ from collections import Counter, deque
 from dataclasses import dataclass
 
 from hostd.config import NetworkConfig
+from hostd.policy import FlowVerdict, Policy
 from hostd.services.dhcp import DhcpConfig, DhcpServer, LeaseGranted
 from hostd.services.dns import DnsResolver, DnsZones, ForwardQuery, default_zones
 from hostd.stack import arp, ethernet, icmp, ipv4, tcp, udp
@@ -90,6 +91,14 @@ class LeaseEvent:
     mac: str
     ip: str
     hostname: str | None
+    released: bool = False  # released, declined or expired (else granted or renewed)
+
+
+@dataclass(slots=True)
+class FlowDenied:
+    """A new flow the outbound policy refused (already answered with RST or ICMP)."""
+
+    verdict: FlowVerdict
 
 
 @dataclass(slots=True)
@@ -124,6 +133,7 @@ Event = (
     | IcmpEchoOutbound
     | DnsQueryOutbound
     | LeaseEvent
+    | FlowDenied
     | TcpDial
     | TcpConnEvent
     | UdpSessionDatagram
@@ -162,6 +172,7 @@ class Network:
         self.network_ip = config.subnet.network_address.packed
         self.mtu = config.mtu
         self.virtual_ips = {self.gateway_ip, self.host_ip}
+        self.policy = Policy()  # outbound rules; hostd fills it from flags and the state file
         # TCP ports the gateway serves itself (port → service name for the NAT's factories).
         self.gateway_tcp_services: dict[int, str] = {DNS_PORT: "dns"}
         self.cam = ethernet.CamTable()
@@ -762,34 +773,54 @@ class Network:
                     self.gateway_ip, pkt.src, icmp.DEST_UNREACHABLE, icmp.PROTO_UNREACHABLE, pkt.raw
                 )
 
-    def _nat_target(self, pkt: ipv4.Ipv4Packet) -> str | None:
-        """Where a packet to `pkt.dst` goes on the host, or None when it must not leave.
+    def _nat_target(
+        self, pkt: ipv4.Ipv4Packet, proto: str = "", sport: int = 0, dport: int = 0
+    ) -> str | None:
+        """Where a new flow to `pkt.dst` goes on the host, or None when it must not leave.
 
-        Refusals answer with an ICMP error where the guest expects one."""
+        Refusals answer with an ICMP error where the guest expects one (a TCP refusal by
+        policy is left to the caller, which answers with RST)."""
         dst = pkt.dst
         if dst == self.host_ip:
             if self.config.host_loopback:
-                return "127.0.0.1"
-            self.stats["host_loopback_refused"] += 1
-            self.send_icmp_error(
-                self.gateway_ip, pkt.src, icmp.DEST_UNREACHABLE, icmp.ADMIN_PROHIBITED, pkt.raw
-            )
-            return None
-        first = dst[0]
-        if (
-            self._in_subnet(dst)
-            or first == 127
-            or first == 0
-            or first >= 224
-            or dst == LIMITED_BROADCAST
-        ):
-            self.stats["ipv4_unroutable_dropped"] += 1
-            return None
-        if pkt.ttl <= 1:
+                target = LOOPBACK_V4
+            else:
+                self.stats["host_loopback_refused"] += 1
+                self.send_icmp_error(
+                    self.gateway_ip, pkt.src, icmp.DEST_UNREACHABLE, icmp.ADMIN_PROHIBITED, pkt.raw
+                )
+                return None
+        else:
+            first = dst[0]
+            if (
+                self._in_subnet(dst)
+                or first == 127
+                or first == 0
+                or first >= 224
+                or dst == LIMITED_BROADCAST
+            ):
+                self.stats["ipv4_unroutable_dropped"] += 1
+                return None
+            target = dst
+        if pkt.ttl <= 1 and dst != self.host_ip:
             self.stats["ttl_exceeded"] += 1
             self.send_icmp_error(self.gateway_ip, pkt.src, icmp.TIME_EXCEEDED, 0, pkt.raw)
             return None
-        return ip_str(dst)
+        if proto and self.policy.active:
+            verdict = self.policy.check(proto, pkt.src, sport, target, dport, self._now)
+            if not verdict.allowed:
+                self.stats[f"policy_{proto}_refused"] += 1
+                self.events.append(FlowDenied(verdict))
+                if proto != "tcp":
+                    self.send_icmp_error(
+                        self.gateway_ip,
+                        pkt.src,
+                        icmp.DEST_UNREACHABLE,
+                        icmp.ADMIN_PROHIBITED,
+                        pkt.raw,
+                    )
+                return None
+        return ip_str(target)
 
     def _udp(self, pkt: ipv4.Ipv4Packet, src_mac: bytes, now: float) -> None:
         try:
@@ -818,7 +849,9 @@ class Network:
             if session is not None:
                 self.events.append(UdpSessionDatagram(session, payload))
                 return
-        target = self._nat_target(pkt)
+        # A datagram of an open flow that missed the flow path was decided with its first.
+        decided = udp_flow_key(pkt.src, sport, dst, dport) in self.udp_flows
+        target = self._nat_target(pkt, "" if decided else "udp", sport, dport)
         if target is None:
             return
         quote = pkt.header + pkt.payload[:8]
@@ -830,6 +863,8 @@ class Network:
             if isinstance(event, LeaseGranted):
                 self.neighbours.learn(ip_bytes(event.ip), ethernet.parse_mac(event.mac))
                 self.events.append(LeaseEvent(event.mac, str(event.ip), event.hostname))
+            else:
+                self.events.append(LeaseEvent(event.mac, str(event.ip), event.hostname, True))
         if reply is None:
             return
         dst_ip = reply.dst_ip.packed
@@ -861,7 +896,7 @@ class Network:
         if pkt.dst == self.gateway_ip:
             self.send_icmp_echo_reply(pkt.dst, pkt.src, msg.ident, msg.seq, msg.payload)
             return
-        target = self._nat_target(pkt)
+        target = self._nat_target(pkt, "icmp")
         if target is None:
             return
         self.events.append(
@@ -920,7 +955,7 @@ class Network:
                 stats["tcp_broadcast_dropped"] += 1  # RFC 1122 4.2.3.10: discard silently
                 return
             refusals = stats["host_loopback_refused"] + stats["ttl_exceeded"]
-            target = self._nat_target(pkt)
+            target = self._nat_target(pkt, "tcp", seg.src_port, seg.dst_port)
             if target is None:
                 # An ICMP error already answered (.254 refused, TTL exceeded): no RST too.
                 if stats["host_loopback_refused"] + stats["ttl_exceeded"] == refusals:

@@ -365,6 +365,11 @@ def test_grpcurl_examples_every_rpc(hostd) -> None:
     listed = str(sec["list-methods"]["output"]).split()
     assert sorted(listed) == sorted(f"netferry.v1.HostSwitch.{m}" for m in METHODS)
     assert "string remote = 3;" in str(sec["describe"]["output"])
+    assert "netferry.v1.HostSwitch.Expose is a method:" in str(sec["describe-method"]["output"])
+    assert "rpc Expose ( .netferry.v1.ExposeRequest )" in str(sec["describe-method"]["output"])
+    assert "rpc Check ( .grpc.health.v1.HealthCheckRequest )" in str(
+        sec["describe-health-method"]["output"]
+    )
     assert messages(str(sec["health"]["output"])) == [{"status": "SERVING"}]
     assert messages(str(sec["health-service"]["output"])) == [{"status": "SERVING"}]
 
@@ -425,6 +430,17 @@ def test_grpcurl_examples_every_rpc(hostd) -> None:
     assert code == "InvalidArgument" and msg.startswith("records[0]"), msg
     assert messages(str(sec["dns-remove"]["output"])) == [{"removed": 2}]
     assert error_of(sec["dns-remove-missing"])[0] == "NotFound"
+
+    # Outbound policy through the API.
+    (added_rule,) = messages(str(sec["policy-add"]["output"]))
+    assert added_rule["rule"] == {"action": "POLICY_ACTION_DENY", "rule": "10.99.0.0/16:443/tcp"}
+    code, msg = error_of(sec["policy-add-invalid"])
+    assert code == "InvalidArgument" and "not an IPv4 CIDR" in msg, msg
+    (rules,) = messages(str(sec["policy-list"]["output"]))
+    assert rules["rules"] == [added_rule["rule"]]
+    assert error_of(sec["policy-remove-missing"])[0] == "NotFound"
+    (conns,) = messages(str(sec["connections"]["output"]))
+    assert conns == {"flows": [], "allowed": "0", "denied": "0"}
 
     # Capture: the pcap global header first (no guest, so nothing else in 1 s of ARP).
     caught = messages(str(sec["capture"]["output"]))

@@ -21,9 +21,15 @@ from netferry.client import (
     RECORD_TYPE_NAMES,
     HostSwitchClient,
     NetferryError,
+    read_token,
 )
+from netferry.v1 import host_pb2 as pb
+
+POLICY_ACTION_NAMES = {pb.POLICY_ACTION_ALLOW: "allow", pb.POLICY_ACTION_DENY: "deny"}
 
 EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 1, 2, 3
+# What gRPC says when it never got to hostd (hostd's own messages never say these).
+UNREACHABLE_WORDS = ("failed to connect", "no such file", "connection refused", "socket closed")
 
 
 def as_json(msg) -> dict:  # type: ignore[no-untyped-def]
@@ -95,15 +101,22 @@ def stdin_chunks() -> Iterator[bytes]:
 
 
 def run(args: argparse.Namespace) -> int:
-    api = HostSwitchClient(args.api, timeout=args.timeout)
+    try:
+        token = read_token(args.token_file)
+    except OSError as e:
+        raise ValueError(f"--token-file: {e.strerror or e}: {args.token_file}") from None
+    api = HostSwitchClient(args.api, timeout=args.timeout, token=token)
     js = args.json
     cmd = args.command
-    if cmd == "expose":
-        f = api.expose(args.protocol, args.local, args.remote)
-        print(json.dumps(as_json(f)) if js else f"exposed {args.protocol} {f.local} → {f.remote}")
-    elif cmd == "unexpose":
-        f = api.unexpose(args.protocol, args.local)
-        print(json.dumps(as_json(f)) if js else f"removed {args.protocol} {f.local} → {f.remote}")
+    if cmd in ("expose", "unexpose"):
+        protocol, local = split_protocol(args.protocol, args.local)
+        if cmd == "expose":
+            f = api.expose(protocol, local, args.remote)
+            text = f"exposed {protocol} {f.local} → {f.remote}"
+        else:
+            f = api.unexpose(protocol, local)
+            text = f"removed {protocol} {f.local} → {f.remote}"
+        print(json.dumps(as_json(f)) if js else text)
     elif cmd == "forwards":
         print_forwards(api.forwards(), js)
     elif cmd == "stats":
@@ -151,6 +164,37 @@ def run(args: argparse.Namespace) -> int:
                     for r in z.records
                 ]
                 print(table(rows, ["zone", "name", "type", "value", "ttl"]))
+    elif cmd == "policy":
+        if args.policy_command in ("allow", "deny"):
+            at = api.policy_add(args.policy_command, args.rule, args.index)
+            text = f"rule {at}: {args.policy_command} {args.rule}"
+            print(json.dumps({"index": at}) if js else text)
+        elif args.policy_command == "rm":
+            rule = api.policy_remove(args.index)
+            print(json.dumps(as_json(rule)) if js else f"removed {rule.rule}")
+        else:
+            rules = api.policy_rules()
+            if js:
+                print(json.dumps([as_json(r) for r in rules], indent=2))
+            else:
+                rows = [
+                    [str(i), POLICY_ACTION_NAMES.get(r.action, "?"), r.rule,
+                     "flag" if r.static else "api"]
+                    for i, r in enumerate(rules)
+                ]  # fmt: skip
+                print(table(rows, ["#", "action", "rule", "from"]))
+    elif cmd == "connections":
+        view = api.connections()
+        if js:
+            print(json.dumps(as_json(view), indent=2))
+        else:
+            rows = [
+                [f.time.ToDatetime().isoformat(timespec="seconds"), f.protocol, f.source,
+                 f.destination, "allow" if f.allowed else "DENY", f.rule or "(default)"]
+                for f in view.flows
+            ]  # fmt: skip
+            print(table(rows, ["time", "proto", "source", "destination", "verdict", "rule"]))
+            print(f"allowed {view.allowed}  denied {view.denied}")
     elif cmd == "capture":
         out = open(args.write, "wb") if args.write else sys.stdout.buffer
         try:
@@ -165,7 +209,7 @@ def run(args: argparse.Namespace) -> int:
             if args.write:
                 out.close()
     elif cmd == "tunnel":
-        for chunk in api.tunnel(args.address, stdin_chunks()):
+        for chunk in api.tunnel(args.address, stdin_chunks(), connect_timeout=args.timeout):
             sys.stdout.buffer.write(chunk)
             sys.stdout.buffer.flush()
     elif cmd == "events":
@@ -190,15 +234,24 @@ def run(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="netferry", description="netferry command-line client")
     p.add_argument("--api", help="hostd API: unix:///path, /path or host:port ($NETFERRY_API)")
+    p.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help="token for an API on TCP (hostd's --api-token-file; default $NETFERRY_API_TOKEN)",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per call (default 10)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     e = sub.add_parser("expose", help="forward a host address into the guest network")
-    e.add_argument("-p", "--protocol", choices=sorted(PROTOCOLS), default="tcp")
-    e.add_argument("local", help="127.0.0.1:8080, :8080, [::1]:8080 or a socket path (unix)")
+    e.add_argument("-p", "--protocol", choices=sorted(PROTOCOLS), help="default tcp")
+    e.add_argument(
+        "local",
+        help="127.0.0.1:8080, :8080, [::1]:8080 or a socket path (unix); a tcp:, udp: or "
+        "unix: prefix names the protocol (udp:127.0.0.1:5353)",
+    )
     e.add_argument("remote", help="guest address, e.g. 192.168.127.2:80")
     u = sub.add_parser("unexpose", help="remove a forward")
-    u.add_argument("-p", "--protocol", choices=sorted(PROTOCOLS), default="tcp")
+    u.add_argument("-p", "--protocol", choices=sorted(PROTOCOLS), help="default tcp")
     u.add_argument("local")
     sub.add_parser("forwards", help="list forwards")
     s = sub.add_parser("stats", help="counters")
@@ -217,6 +270,16 @@ def build_parser() -> argparse.ArgumentParser:
     dr.add_argument("zone")
     dr.add_argument("names", nargs="+")
     dsub.add_parser("ls")
+    po = sub.add_parser("policy", help="outbound policy rules")
+    posub = po.add_subparsers(dest="policy_command", required=True, metavar="ls|allow|deny|rm")
+    posub.add_parser("ls")
+    for action in ("allow", "deny"):
+        pa = posub.add_parser(action)
+        pa.add_argument("rule", help="CIDR[:PORT[-PORT]][/tcp|udp|icmp], or host for the CIDR")
+        pa.add_argument("--index", type=int, help="position among the run-time rules")
+    pr = posub.add_parser("rm")
+    pr.add_argument("index", type=int)
+    sub.add_parser("connections", help="recent new flows with the policy's verdict")
     c = sub.add_parser("capture", help="live pcap to stdout (netferry capture | tshark -r -)")
     c.add_argument("--protocol", choices=sorted(CAPTURE_PROTOCOLS))
     c.add_argument("--host", help="IPv4 address (source or destination)")
@@ -233,6 +296,35 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("run", help="run a command in namespaces networked by netferry (see run -h)")
     sub.add_parser("agent", help="publish port mappings to wsl-proxy and hostd (see agent -h)")
     return p
+
+
+def split_protocol(flag: str | None, local: str) -> tuple[str, str]:
+    """`udp:127.0.0.1:5353` (as --port-forward writes it) or -p udp with `127.0.0.1:5353`."""
+    for name in PROTOCOLS:
+        if local.startswith(name + ":") and not local.startswith(name + "://"):
+            if flag is not None and flag != name:
+                raise ValueError(f"local: {local!r} says {name}, but -p says {flag}")
+            return name, local[len(name) + 1 :]
+    return flag or "tcp", local
+
+
+def hostd_unreachable(e: NetferryError) -> bool:
+    """The call never reached hostd (as opposed to hostd, or a guest behind it, refusing):
+    gRPC's own connection failures, or a deadline with nothing heard from hostd."""
+    message = e.message.lower()
+    if e.code == grpc.StatusCode.UNAVAILABLE:
+        return any(
+            words in message
+            for words in (
+                "failed to connect",
+                "no such file",
+                "connection refused",
+                "socket closed",
+            )
+        )
+    if e.code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return "did not answer" not in message  # a guest's silence is reported as such
+    return False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -256,11 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(args)
     except NetferryError as e:
-        if e.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and (
-            "connect" in e.message.lower()
-            or "no such file" in e.message.lower()
-            or e.code == grpc.StatusCode.DEADLINE_EXCEEDED
-        ):
+        if hostd_unreachable(e):
             print(
                 f"netferry: cannot reach hostd at {args.api or 'the default socket'}: {e.message}",
                 file=sys.stderr,

@@ -12,6 +12,7 @@ names the field or the holder of an address.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterable, Iterator
 from datetime import timedelta
 
@@ -65,6 +66,42 @@ def grpc_target(target: str) -> str:
     return target
 
 
+def read_token(token_file: str | None = None) -> str | None:
+    """The API token: from `token_file` (its first line), else $NETFERRY_API_TOKEN."""
+    if token_file:
+        with open(token_file) as f:
+            return f.readline().strip() or None
+    return os.environ.get("NETFERRY_API_TOKEN") or None
+
+
+class _BearerToken(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    """Adds `authorization: Bearer TOKEN` to every call (hostd's API on TCP needs it)."""
+
+    def __init__(self, token: str) -> None:
+        self.header = ("authorization", f"Bearer {token}")
+
+    def _details(self, details):  # type: ignore[no-untyped-def]
+        metadata = [*(details.metadata or ()), self.header]
+        return details._replace(metadata=metadata)
+
+    def intercept_unary_unary(self, continuation, details, request):  # type: ignore[no-untyped-def]
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):  # type: ignore[no-untyped-def]
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation, details, requests):  # type: ignore[no-untyped-def]
+        return continuation(self._details(details), requests)
+
+    def intercept_stream_stream(self, continuation, details, requests):  # type: ignore[no-untyped-def]
+        return continuation(self._details(details), requests)
+
+
 def _call(fn, *args, **kwargs):  # type: ignore[no-untyped-def]
     try:
         return fn(*args, **kwargs)
@@ -73,11 +110,18 @@ def _call(fn, *args, **kwargs):  # type: ignore[no-untyped-def]
 
 
 class HostSwitchClient:
-    def __init__(self, target: str | None = None, timeout: float = 10.0) -> None:
+    def __init__(
+        self, target: str | None = None, timeout: float = 10.0, token: str | None = None
+    ) -> None:
+        """`token`: for an API on TCP (default: $NETFERRY_API_TOKEN)."""
         self.target = target or default_target()
         self.timeout = timeout
         self.channel = grpc.insecure_channel(grpc_target(self.target))
-        self.stub = pb_grpc.HostSwitchStub(self.channel)
+        token = token or read_token()
+        channel = self.channel
+        if token:
+            channel = grpc.intercept_channel(self.channel, _BearerToken(token))
+        self.stub = pb_grpc.HostSwitchStub(channel)
 
     def __enter__(self) -> HostSwitchClient:
         return self
@@ -142,6 +186,26 @@ class HostSwitchClient:
             _call(self.stub.ListDnsZones, pb.ListDnsZonesRequest(), timeout=self.timeout).zones
         )
 
+    # outbound policy
+    def policy_rules(self) -> list[pb.PolicyRule]:
+        req = pb.ListPolicyRulesRequest()
+        return list(_call(self.stub.ListPolicyRules, req, timeout=self.timeout).rules)
+
+    def policy_add(self, action: str, rule: str, index: int | None = None) -> int:
+        """Add a run-time rule ("allow"/"deny"); returns its index."""
+        actions = {"allow": pb.POLICY_ACTION_ALLOW, "deny": pb.POLICY_ACTION_DENY}
+        req = pb.AddPolicyRuleRequest(action=actions[action], rule=rule)
+        if index is not None:
+            req.index = index
+        return _call(self.stub.AddPolicyRule, req, timeout=self.timeout).index
+
+    def policy_remove(self, index: int) -> pb.PolicyRule:
+        req = pb.RemovePolicyRuleRequest(index=index)
+        return _call(self.stub.RemovePolicyRule, req, timeout=self.timeout).rule
+
+    def connections(self) -> pb.ListConnectionsResponse:
+        return _call(self.stub.ListConnections, pb.ListConnectionsRequest(), timeout=self.timeout)
+
     # capture, tunnel, events
     def capture(
         self,
@@ -169,9 +233,12 @@ class HostSwitchClient:
         finally:
             stream.cancel()
 
-    def tunnel(self, address: str, data: Iterable[bytes]) -> Iterator[bytes]:
+    def tunnel(
+        self, address: str, data: Iterable[bytes], connect_timeout: float | None = None
+    ) -> Iterator[bytes]:
         """Send `data` (then a half-close) to `address` in the virtual network; yields what
-        comes back until the peer closes."""
+        comes back until the peer closes. With `connect_timeout`, a guest that has not
+        answered the connect by then ends it with DEADLINE_EXCEEDED."""
 
         def requests() -> Iterator[pb.TunnelRequest]:
             yield pb.TunnelRequest(open=pb.TunnelOpen(address=address))
@@ -181,16 +248,38 @@ class HostSwitchClient:
             yield pb.TunnelRequest(close=pb.TunnelClose())
 
         stream = self.stub.Tunnel(requests())
+        connected = threading.Event()
+        timed_out = threading.Event()
+
+        def give_up() -> None:
+            if not connected.is_set():
+                timed_out.set()
+                stream.cancel()
+
+        timer = None
+        if connect_timeout is not None:
+            timer = threading.Timer(connect_timeout, give_up)
+            timer.daemon = True
+            timer.start()
         try:
             for resp in stream:
                 kind = resp.WhichOneof("message")
-                if kind == "data":
+                if kind == "connected":
+                    connected.set()
+                elif kind == "data":
                     yield resp.data
                 elif kind == "close":
                     return
         except grpc.RpcError as e:
+            if timed_out.is_set():
+                raise NetferryError(
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    f"{address} did not answer within {connect_timeout:g}s",
+                ) from None
             raise NetferryError(e.code(), e.details() or "") from None
         finally:
+            if timer is not None:
+                timer.cancel()
             stream.cancel()
 
     def events(self) -> Iterator[pb.Event]:

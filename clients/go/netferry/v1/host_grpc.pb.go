@@ -39,8 +39,17 @@ type HostSwitchClient interface {
 	Capture(ctx context.Context, in *CaptureRequest, opts ...grpc.CallOption) (HostSwitch_CaptureClient, error)
 	// A byte stream to an address inside the virtual network, dialled from the gateway.
 	Tunnel(ctx context.Context, opts ...grpc.CallOption) (HostSwitch_TunnelClient, error)
-	// Link up/down, leases, forwards added/removed, connection errors.
+	// Link up/down, leases, forwards added/removed, connection errors, guests connected,
+	// flows the outbound policy refused.
 	WatchEvents(ctx context.Context, in *WatchEventsRequest, opts ...grpc.CallOption) (HostSwitch_WatchEventsClient, error)
+	// The outbound policy's rules in the order they are tried (run-time rules first).
+	ListPolicyRules(ctx context.Context, in *ListPolicyRulesRequest, opts ...grpc.CallOption) (*ListPolicyRulesResponse, error)
+	// Add a run-time rule (tried before the rules given as flags; kept in the state file).
+	AddPolicyRule(ctx context.Context, in *AddPolicyRuleRequest, opts ...grpc.CallOption) (*AddPolicyRuleResponse, error)
+	// Remove a run-time rule by its index in ListPolicyRules.
+	RemovePolicyRule(ctx context.Context, in *RemovePolicyRuleRequest, opts ...grpc.CallOption) (*RemovePolicyRuleResponse, error)
+	// Recent new flows with the policy's verdict (a bounded ring) and the policy counters.
+	ListConnections(ctx context.Context, in *ListConnectionsRequest, opts ...grpc.CallOption) (*ListConnectionsResponse, error)
 }
 
 type hostSwitchClient struct {
@@ -250,6 +259,42 @@ func (x *hostSwitchWatchEventsClient) Recv() (*WatchEventsResponse, error) {
 	return m, nil
 }
 
+func (c *hostSwitchClient) ListPolicyRules(ctx context.Context, in *ListPolicyRulesRequest, opts ...grpc.CallOption) (*ListPolicyRulesResponse, error) {
+	out := new(ListPolicyRulesResponse)
+	err := c.cc.Invoke(ctx, "/netferry.v1.HostSwitch/ListPolicyRules", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *hostSwitchClient) AddPolicyRule(ctx context.Context, in *AddPolicyRuleRequest, opts ...grpc.CallOption) (*AddPolicyRuleResponse, error) {
+	out := new(AddPolicyRuleResponse)
+	err := c.cc.Invoke(ctx, "/netferry.v1.HostSwitch/AddPolicyRule", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *hostSwitchClient) RemovePolicyRule(ctx context.Context, in *RemovePolicyRuleRequest, opts ...grpc.CallOption) (*RemovePolicyRuleResponse, error) {
+	out := new(RemovePolicyRuleResponse)
+	err := c.cc.Invoke(ctx, "/netferry.v1.HostSwitch/RemovePolicyRule", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *hostSwitchClient) ListConnections(ctx context.Context, in *ListConnectionsRequest, opts ...grpc.CallOption) (*ListConnectionsResponse, error) {
+	out := new(ListConnectionsResponse)
+	err := c.cc.Invoke(ctx, "/netferry.v1.HostSwitch/ListConnections", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // HostSwitchServer is the server API for HostSwitch service.
 // All implementations must embed UnimplementedHostSwitchServer
 // for forward compatibility
@@ -276,8 +321,17 @@ type HostSwitchServer interface {
 	Capture(*CaptureRequest, HostSwitch_CaptureServer) error
 	// A byte stream to an address inside the virtual network, dialled from the gateway.
 	Tunnel(HostSwitch_TunnelServer) error
-	// Link up/down, leases, forwards added/removed, connection errors.
+	// Link up/down, leases, forwards added/removed, connection errors, guests connected,
+	// flows the outbound policy refused.
 	WatchEvents(*WatchEventsRequest, HostSwitch_WatchEventsServer) error
+	// The outbound policy's rules in the order they are tried (run-time rules first).
+	ListPolicyRules(context.Context, *ListPolicyRulesRequest) (*ListPolicyRulesResponse, error)
+	// Add a run-time rule (tried before the rules given as flags; kept in the state file).
+	AddPolicyRule(context.Context, *AddPolicyRuleRequest) (*AddPolicyRuleResponse, error)
+	// Remove a run-time rule by its index in ListPolicyRules.
+	RemovePolicyRule(context.Context, *RemovePolicyRuleRequest) (*RemovePolicyRuleResponse, error)
+	// Recent new flows with the policy's verdict (a bounded ring) and the policy counters.
+	ListConnections(context.Context, *ListConnectionsRequest) (*ListConnectionsResponse, error)
 	mustEmbedUnimplementedHostSwitchServer()
 }
 
@@ -320,6 +374,18 @@ func (UnimplementedHostSwitchServer) Tunnel(HostSwitch_TunnelServer) error {
 }
 func (UnimplementedHostSwitchServer) WatchEvents(*WatchEventsRequest, HostSwitch_WatchEventsServer) error {
 	return status.Errorf(codes.Unimplemented, "method WatchEvents not implemented")
+}
+func (UnimplementedHostSwitchServer) ListPolicyRules(context.Context, *ListPolicyRulesRequest) (*ListPolicyRulesResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method ListPolicyRules not implemented")
+}
+func (UnimplementedHostSwitchServer) AddPolicyRule(context.Context, *AddPolicyRuleRequest) (*AddPolicyRuleResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method AddPolicyRule not implemented")
+}
+func (UnimplementedHostSwitchServer) RemovePolicyRule(context.Context, *RemovePolicyRuleRequest) (*RemovePolicyRuleResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method RemovePolicyRule not implemented")
+}
+func (UnimplementedHostSwitchServer) ListConnections(context.Context, *ListConnectionsRequest) (*ListConnectionsResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method ListConnections not implemented")
 }
 func (UnimplementedHostSwitchServer) mustEmbedUnimplementedHostSwitchServer() {}
 
@@ -567,6 +633,78 @@ func (x *hostSwitchWatchEventsServer) Send(m *WatchEventsResponse) error {
 	return x.ServerStream.SendMsg(m)
 }
 
+func _HostSwitch_ListPolicyRules_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListPolicyRulesRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(HostSwitchServer).ListPolicyRules(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/netferry.v1.HostSwitch/ListPolicyRules",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(HostSwitchServer).ListPolicyRules(ctx, req.(*ListPolicyRulesRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _HostSwitch_AddPolicyRule_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(AddPolicyRuleRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(HostSwitchServer).AddPolicyRule(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/netferry.v1.HostSwitch/AddPolicyRule",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(HostSwitchServer).AddPolicyRule(ctx, req.(*AddPolicyRuleRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _HostSwitch_RemovePolicyRule_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RemovePolicyRuleRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(HostSwitchServer).RemovePolicyRule(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/netferry.v1.HostSwitch/RemovePolicyRule",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(HostSwitchServer).RemovePolicyRule(ctx, req.(*RemovePolicyRuleRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _HostSwitch_ListConnections_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListConnectionsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(HostSwitchServer).ListConnections(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/netferry.v1.HostSwitch/ListConnections",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(HostSwitchServer).ListConnections(ctx, req.(*ListConnectionsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 var _HostSwitch_serviceDesc = grpc.ServiceDesc{
 	ServiceName: "netferry.v1.HostSwitch",
 	HandlerType: (*HostSwitchServer)(nil),
@@ -602,6 +740,22 @@ var _HostSwitch_serviceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "ListDnsZones",
 			Handler:    _HostSwitch_ListDnsZones_Handler,
+		},
+		{
+			MethodName: "ListPolicyRules",
+			Handler:    _HostSwitch_ListPolicyRules_Handler,
+		},
+		{
+			MethodName: "AddPolicyRule",
+			Handler:    _HostSwitch_AddPolicyRule_Handler,
+		},
+		{
+			MethodName: "RemovePolicyRule",
+			Handler:    _HostSwitch_RemovePolicyRule_Handler,
+		},
+		{
+			MethodName: "ListConnections",
+			Handler:    _HostSwitch_ListConnections_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

@@ -32,6 +32,12 @@ class CaptureProtocol(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CAPTURE_PROTOCOL_UDP: _ClassVar[CaptureProtocol]
     CAPTURE_PROTOCOL_ICMP: _ClassVar[CaptureProtocol]
     CAPTURE_PROTOCOL_ARP: _ClassVar[CaptureProtocol]
+
+class PolicyAction(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    POLICY_ACTION_UNSPECIFIED: _ClassVar[PolicyAction]
+    POLICY_ACTION_ALLOW: _ClassVar[PolicyAction]
+    POLICY_ACTION_DENY: _ClassVar[PolicyAction]
 PROTOCOL_UNSPECIFIED: Protocol
 PROTOCOL_TCP: Protocol
 PROTOCOL_UDP: Protocol
@@ -45,6 +51,9 @@ CAPTURE_PROTOCOL_TCP: CaptureProtocol
 CAPTURE_PROTOCOL_UDP: CaptureProtocol
 CAPTURE_PROTOCOL_ICMP: CaptureProtocol
 CAPTURE_PROTOCOL_ARP: CaptureProtocol
+POLICY_ACTION_UNSPECIFIED: PolicyAction
+POLICY_ACTION_ALLOW: PolicyAction
+POLICY_ACTION_DENY: PolicyAction
 
 class Forward(_message.Message):
     __slots__ = ("protocol", "local", "remote", "active", "total", "bytes_to_guest", "bytes_from_guest", "created")
@@ -382,7 +391,7 @@ class WatchEventsResponse(_message.Message):
     def __init__(self, event: _Optional[_Union[Event, _Mapping]] = ...) -> None: ...
 
 class Event(_message.Message):
-    __slots__ = ("time", "link_up", "link_down", "lease_granted", "forward_added", "forward_removed", "connection_error")
+    __slots__ = ("time", "link_up", "link_down", "lease_granted", "forward_added", "forward_removed", "connection_error", "guest_connected", "flow_denied")
     TIME_FIELD_NUMBER: _ClassVar[int]
     LINK_UP_FIELD_NUMBER: _ClassVar[int]
     LINK_DOWN_FIELD_NUMBER: _ClassVar[int]
@@ -390,6 +399,8 @@ class Event(_message.Message):
     FORWARD_ADDED_FIELD_NUMBER: _ClassVar[int]
     FORWARD_REMOVED_FIELD_NUMBER: _ClassVar[int]
     CONNECTION_ERROR_FIELD_NUMBER: _ClassVar[int]
+    GUEST_CONNECTED_FIELD_NUMBER: _ClassVar[int]
+    FLOW_DENIED_FIELD_NUMBER: _ClassVar[int]
     time: _timestamp_pb2.Timestamp
     link_up: LinkUp
     link_down: LinkDown
@@ -397,7 +408,103 @@ class Event(_message.Message):
     forward_added: ForwardAdded
     forward_removed: ForwardRemoved
     connection_error: ConnectionError
-    def __init__(self, time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., link_up: _Optional[_Union[LinkUp, _Mapping]] = ..., link_down: _Optional[_Union[LinkDown, _Mapping]] = ..., lease_granted: _Optional[_Union[LeaseGranted, _Mapping]] = ..., forward_added: _Optional[_Union[ForwardAdded, _Mapping]] = ..., forward_removed: _Optional[_Union[ForwardRemoved, _Mapping]] = ..., connection_error: _Optional[_Union[ConnectionError, _Mapping]] = ...) -> None: ...
+    guest_connected: GuestConnected
+    flow_denied: FlowDenied
+    def __init__(self, time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., link_up: _Optional[_Union[LinkUp, _Mapping]] = ..., link_down: _Optional[_Union[LinkDown, _Mapping]] = ..., lease_granted: _Optional[_Union[LeaseGranted, _Mapping]] = ..., forward_added: _Optional[_Union[ForwardAdded, _Mapping]] = ..., forward_removed: _Optional[_Union[ForwardRemoved, _Mapping]] = ..., connection_error: _Optional[_Union[ConnectionError, _Mapping]] = ..., guest_connected: _Optional[_Union[GuestConnected, _Mapping]] = ..., flow_denied: _Optional[_Union[FlowDenied, _Mapping]] = ...) -> None: ...
+
+class GuestConnected(_message.Message):
+    __slots__ = ("guest", "link")
+    GUEST_FIELD_NUMBER: _ClassVar[int]
+    LINK_FIELD_NUMBER: _ClassVar[int]
+    guest: str
+    link: str
+    def __init__(self, guest: _Optional[str] = ..., link: _Optional[str] = ...) -> None: ...
+
+class FlowDenied(_message.Message):
+    __slots__ = ("flow",)
+    FLOW_FIELD_NUMBER: _ClassVar[int]
+    flow: FlowVerdict
+    def __init__(self, flow: _Optional[_Union[FlowVerdict, _Mapping]] = ...) -> None: ...
+
+class PolicyRule(_message.Message):
+    __slots__ = ("action", "rule", "static")
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    RULE_FIELD_NUMBER: _ClassVar[int]
+    STATIC_FIELD_NUMBER: _ClassVar[int]
+    action: PolicyAction
+    rule: str
+    static: bool
+    def __init__(self, action: _Optional[_Union[PolicyAction, str]] = ..., rule: _Optional[str] = ..., static: _Optional[bool] = ...) -> None: ...
+
+class ListPolicyRulesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListPolicyRulesResponse(_message.Message):
+    __slots__ = ("rules",)
+    RULES_FIELD_NUMBER: _ClassVar[int]
+    rules: _containers.RepeatedCompositeFieldContainer[PolicyRule]
+    def __init__(self, rules: _Optional[_Iterable[_Union[PolicyRule, _Mapping]]] = ...) -> None: ...
+
+class AddPolicyRuleRequest(_message.Message):
+    __slots__ = ("action", "rule", "index")
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    RULE_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    action: PolicyAction
+    rule: str
+    index: int
+    def __init__(self, action: _Optional[_Union[PolicyAction, str]] = ..., rule: _Optional[str] = ..., index: _Optional[int] = ...) -> None: ...
+
+class AddPolicyRuleResponse(_message.Message):
+    __slots__ = ("index", "rule")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    RULE_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    rule: PolicyRule
+    def __init__(self, index: _Optional[int] = ..., rule: _Optional[_Union[PolicyRule, _Mapping]] = ...) -> None: ...
+
+class RemovePolicyRuleRequest(_message.Message):
+    __slots__ = ("index",)
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    def __init__(self, index: _Optional[int] = ...) -> None: ...
+
+class RemovePolicyRuleResponse(_message.Message):
+    __slots__ = ("rule",)
+    RULE_FIELD_NUMBER: _ClassVar[int]
+    rule: PolicyRule
+    def __init__(self, rule: _Optional[_Union[PolicyRule, _Mapping]] = ...) -> None: ...
+
+class FlowVerdict(_message.Message):
+    __slots__ = ("time", "protocol", "source", "destination", "allowed", "rule")
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    DESTINATION_FIELD_NUMBER: _ClassVar[int]
+    ALLOWED_FIELD_NUMBER: _ClassVar[int]
+    RULE_FIELD_NUMBER: _ClassVar[int]
+    time: _timestamp_pb2.Timestamp
+    protocol: str
+    source: str
+    destination: str
+    allowed: bool
+    rule: str
+    def __init__(self, time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., protocol: _Optional[str] = ..., source: _Optional[str] = ..., destination: _Optional[str] = ..., allowed: _Optional[bool] = ..., rule: _Optional[str] = ...) -> None: ...
+
+class ListConnectionsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListConnectionsResponse(_message.Message):
+    __slots__ = ("flows", "allowed", "denied")
+    FLOWS_FIELD_NUMBER: _ClassVar[int]
+    ALLOWED_FIELD_NUMBER: _ClassVar[int]
+    DENIED_FIELD_NUMBER: _ClassVar[int]
+    flows: _containers.RepeatedCompositeFieldContainer[FlowVerdict]
+    allowed: int
+    denied: int
+    def __init__(self, flows: _Optional[_Iterable[_Union[FlowVerdict, _Mapping]]] = ..., allowed: _Optional[int] = ..., denied: _Optional[int] = ...) -> None: ...
 
 class LinkUp(_message.Message):
     __slots__ = ("link", "port")

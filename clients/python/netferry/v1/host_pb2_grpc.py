@@ -96,6 +96,26 @@ class HostSwitchStub:
                 request_serializer=netferry_dot_v1_dot_host__pb2.WatchEventsRequest.SerializeToString,
                 response_deserializer=netferry_dot_v1_dot_host__pb2.WatchEventsResponse.FromString,
                 _registered_method=True)
+        self.ListPolicyRules = channel.unary_unary(
+                '/netferry.v1.HostSwitch/ListPolicyRules',
+                request_serializer=netferry_dot_v1_dot_host__pb2.ListPolicyRulesRequest.SerializeToString,
+                response_deserializer=netferry_dot_v1_dot_host__pb2.ListPolicyRulesResponse.FromString,
+                _registered_method=True)
+        self.AddPolicyRule = channel.unary_unary(
+                '/netferry.v1.HostSwitch/AddPolicyRule',
+                request_serializer=netferry_dot_v1_dot_host__pb2.AddPolicyRuleRequest.SerializeToString,
+                response_deserializer=netferry_dot_v1_dot_host__pb2.AddPolicyRuleResponse.FromString,
+                _registered_method=True)
+        self.RemovePolicyRule = channel.unary_unary(
+                '/netferry.v1.HostSwitch/RemovePolicyRule',
+                request_serializer=netferry_dot_v1_dot_host__pb2.RemovePolicyRuleRequest.SerializeToString,
+                response_deserializer=netferry_dot_v1_dot_host__pb2.RemovePolicyRuleResponse.FromString,
+                _registered_method=True)
+        self.ListConnections = channel.unary_unary(
+                '/netferry.v1.HostSwitch/ListConnections',
+                request_serializer=netferry_dot_v1_dot_host__pb2.ListConnectionsRequest.SerializeToString,
+                response_deserializer=netferry_dot_v1_dot_host__pb2.ListConnectionsResponse.FromString,
+                _registered_method=True)
 
 
 class HostSwitchServicer:
@@ -181,7 +201,36 @@ class HostSwitchServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WatchEvents(self, request, context):
-        """Link up/down, leases, forwards added/removed, connection errors.
+        """Link up/down, leases, forwards added/removed, connection errors, guests connected,
+        flows the outbound policy refused.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListPolicyRules(self, request, context):
+        """The outbound policy's rules in the order they are tried (run-time rules first).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AddPolicyRule(self, request, context):
+        """Add a run-time rule (tried before the rules given as flags; kept in the state file).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemovePolicyRule(self, request, context):
+        """Remove a run-time rule by its index in ListPolicyRules.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListConnections(self, request, context):
+        """Recent new flows with the policy's verdict (a bounded ring) and the policy counters.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -249,6 +298,26 @@ def add_HostSwitchServicer_to_server(servicer, server):
                     servicer.WatchEvents,
                     request_deserializer=netferry_dot_v1_dot_host__pb2.WatchEventsRequest.FromString,
                     response_serializer=netferry_dot_v1_dot_host__pb2.WatchEventsResponse.SerializeToString,
+            ),
+            'ListPolicyRules': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPolicyRules,
+                    request_deserializer=netferry_dot_v1_dot_host__pb2.ListPolicyRulesRequest.FromString,
+                    response_serializer=netferry_dot_v1_dot_host__pb2.ListPolicyRulesResponse.SerializeToString,
+            ),
+            'AddPolicyRule': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddPolicyRule,
+                    request_deserializer=netferry_dot_v1_dot_host__pb2.AddPolicyRuleRequest.FromString,
+                    response_serializer=netferry_dot_v1_dot_host__pb2.AddPolicyRuleResponse.SerializeToString,
+            ),
+            'RemovePolicyRule': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemovePolicyRule,
+                    request_deserializer=netferry_dot_v1_dot_host__pb2.RemovePolicyRuleRequest.FromString,
+                    response_serializer=netferry_dot_v1_dot_host__pb2.RemovePolicyRuleResponse.SerializeToString,
+            ),
+            'ListConnections': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListConnections,
+                    request_deserializer=netferry_dot_v1_dot_host__pb2.ListConnectionsRequest.FromString,
+                    response_serializer=netferry_dot_v1_dot_host__pb2.ListConnectionsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -577,6 +646,114 @@ class HostSwitch:
             '/netferry.v1.HostSwitch/WatchEvents',
             netferry_dot_v1_dot_host__pb2.WatchEventsRequest.SerializeToString,
             netferry_dot_v1_dot_host__pb2.WatchEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPolicyRules(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/netferry.v1.HostSwitch/ListPolicyRules',
+            netferry_dot_v1_dot_host__pb2.ListPolicyRulesRequest.SerializeToString,
+            netferry_dot_v1_dot_host__pb2.ListPolicyRulesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddPolicyRule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/netferry.v1.HostSwitch/AddPolicyRule',
+            netferry_dot_v1_dot_host__pb2.AddPolicyRuleRequest.SerializeToString,
+            netferry_dot_v1_dot_host__pb2.AddPolicyRuleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemovePolicyRule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/netferry.v1.HostSwitch/RemovePolicyRule',
+            netferry_dot_v1_dot_host__pb2.RemovePolicyRuleRequest.SerializeToString,
+            netferry_dot_v1_dot_host__pb2.RemovePolicyRuleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListConnections(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/netferry.v1.HostSwitch/ListConnections',
+            netferry_dot_v1_dot_host__pb2.ListConnectionsRequest.SerializeToString,
+            netferry_dot_v1_dot_host__pb2.ListConnectionsResponse.FromString,
             options,
             channel_credentials,
             insecure,
