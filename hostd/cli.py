@@ -159,6 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
         "without it hostd refuses to serve an API on TCP",
     )
     api.add_argument(
+        "--insecure-tcp-api",
+        action="store_true",
+        help="serve a TCP API without a token (what gvproxy does: anyone who can connect may "
+        "drive hostd; a warning is logged); netferry-gvproxy sets it for -listen tcp://",
+    )
+    api.add_argument(
         "--guest-expose",
         choices=("self", "any", "off"),
         default="self",
@@ -354,10 +360,17 @@ async def run(args: argparse.Namespace, config: NetworkConfig, state: dict | Non
                 switch.event_listeners.append(stop_on_stdio_close(stop))
             await switch.listen(link_uri)
         if args.api != "none":
-            api = ApiServer(control, args.api or f"unix://{default_api_path()}", token=token)
+            api = ApiServer(
+                control,
+                args.api or f"unix://{default_api_path()}",
+                token=token,
+                insecure_tcp=args.insecure_tcp_api,
+            )
             await api.start()
         for uri in args.http_api:
-            http_apis.append(HttpApiServer(control, uri, token=token))
+            http_apis.append(
+                HttpApiServer(control, uri, token=token, insecure_tcp=args.insecure_tcp_api)
+            )
             await http_apis[-1].start()
         from hostd.guests import GuestManager
 
@@ -380,6 +393,12 @@ async def run(args: argparse.Namespace, config: NetworkConfig, state: dict | Non
         with contextlib.suppress(OSError):
             os.write(args.ready_fd, b"ready\n")
             os.close(args.ready_fd)
+    if args.insecure_tcp_api and token is None:
+        log.warning(
+            "api.tcp_without_token",
+            apis=[u for u in [args.api or "", *args.http_api] if u.startswith("tcp://")],
+            effect="any local user who can connect may drive hostd",
+        )
     log.info(
         "hostd.ready",
         subnet=str(config.subnet),
@@ -467,10 +486,10 @@ def main(argv: list[str] | None = None) -> int:
         for action, text in args.policy:
             parse_rule(action, text)
         tcp_apis = [u for u in [args.api or "", *args.http_api] if u.startswith("tcp://")]
-        if tcp_apis and not args.api_token_file:
+        if tcp_apis and not args.api_token_file and not args.insecure_tcp_api:
             raise ValueError(
                 f"{tcp_apis[0]}: an API on TCP needs --api-token-file (anyone who can connect "
-                "could drive hostd otherwise)"
+                "could drive hostd otherwise; --insecure-tcp-api serves it anyway)"
             )
         if args.api_token_file:
             read_token(args.api_token_file)

@@ -383,6 +383,10 @@ def merge(args: argparse.Namespace, config: dict | None) -> Translation:
         argv += ["--http-api", uri]
     if s.services:
         argv += ["--http-api", _with_query(s.services, SERVICES_QUERY)]
+    if any(uri.startswith("tcp://") for uri in [*s.listen, s.services or ""]):
+        # gvproxy's API on TCP has no authentication and its clients send no token: the
+        # drop-in serves it the same way, and host-switch logs a warning saying so.
+        argv += ["--insecure-tcp-api"]
     if not (s.qemu or s.bess or s.stdio or s.vfkit or s.listen or s.services):
         raise GvproxyError(
             "no listener: give -listen, -listen-qemu, -listen-bess, -listen-stdio or "

@@ -681,13 +681,16 @@ def parse_http_api_uri(uri: str) -> tuple[str, str, bool]:
 class HttpApiServer:
     """gvproxy's HTTP API on one host socket (gvproxy's `-listen`/`-services`)."""
 
-    def __init__(self, control: Control, uri: str, token: str | None = None) -> None:
+    def __init__(
+        self, control: Control, uri: str, token: str | None = None, insecure_tcp: bool = False
+    ) -> None:
         self.control = control
         self.uri = uri
         self.scheme, self.address, self.connect = parse_http_api_uri(uri)
-        # A TCP socket cannot tell users apart: a token is required there (hostd/api/auth.py).
+        # A TCP socket cannot tell users apart: a token is required there (hostd/api/auth.py)
+        # unless --insecure-tcp-api (gvproxy's behaviour) says otherwise.
         self.token = token if self.scheme == "tcp" else None
-        if self.scheme == "tcp" and not token:
+        if self.scheme == "tcp" and not token and not insecure_tcp:
             raise ValueError(f"--http-api {uri}: an API on TCP needs --api-token-file")
         self.api = GvproxyApi(control, inside=False)
         self.server: asyncio.base_events.Server | None = None

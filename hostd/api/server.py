@@ -499,10 +499,13 @@ class ApiServer:
     """grpc.aio server for HostSwitch + reflection + health on a unix socket (0600, peer uid
     checked by `UnixPeerGate`) or TCP (a token required, see hostd/api/auth.py)."""
 
-    def __init__(self, control: Control, uri: str, token: str | None = None) -> None:
+    def __init__(
+        self, control: Control, uri: str, token: str | None = None, insecure_tcp: bool = False
+    ) -> None:
         self.control = control
         self.uri = uri
         self.token = token
+        self.insecure_tcp = insecure_tcp  # --insecure-tcp-api: TCP without a token
         self.server: grpc.aio.Server | None = None
         self.refuser: grpc.aio.Server | None = None
         self.gate: UnixPeerGate | None = None
@@ -512,9 +515,10 @@ class ApiServer:
     async def start(self) -> None:
         uri = self.uri
         if uri.startswith("tcp://"):
-            if not self.token:
+            if not self.token and not self.insecure_tcp:
                 raise OSError(f"--api {uri}: an API on TCP needs --api-token-file")
-            server = grpc.aio.server(interceptors=[TokenInterceptor(self.token)])
+            interceptors = [TokenInterceptor(self.token)] if self.token else []
+            server = grpc.aio.server(interceptors=interceptors)
         elif uri.startswith("unix://"):
             server = grpc.aio.server()
         else:

@@ -295,3 +295,16 @@ def test_gvforwarder_guest_through_listen_alone(gvproxy, netns, short_tmp, http_
         assert r.stdout.split()[0] == want
     finally:
         stop_process(peer)
+
+
+def test_listen_tcp_serves_without_a_token_and_warns(gvproxy) -> None:
+    """gvproxy's `-listen tcp://` has no authentication and its clients send none: the
+    drop-in answers them too (host-switch alone would refuse a TCP API without a token) and
+    says so in its log."""
+    port = free_tcp_port()
+    g = gvproxy("-listen", f"tcp://127.0.0.1:{port}", "-ssh-port", "-1")
+    r = subprocess.run(["curl", "-sS", "--max-time", "10",
+                        f"http://127.0.0.1:{port}/services/forwarder/all"],
+                       capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert r.stdout == "[]\n", r.stderr
+    assert "api.tcp_without_token" in g.log

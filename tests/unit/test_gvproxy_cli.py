@@ -294,3 +294,8 @@ def test_regexp_records_and_default_ip_pass_through(tmp_path: Path) -> None:
     assert argv[argv.index("--dns-regexp") + 1] == "apps-crc.testing.=192.168.127.11=^.*=x$"
     assert argv[argv.index("--dns-default") + 1] == "apps-crc.testing.=192.168.127.13"
     assert argv[argv.index("--dns-record") + 1] == "api.apps-crc.testing=A:192.168.127.12"
+
+
+def test_tcp_listen_is_served_without_a_token_as_gvproxy() -> None:
+    assert "--insecure-tcp-api" in translate(["-listen", "tcp://127.0.0.1:7777"]).argv
+    assert "--insecure-tcp-api" not in translate(["-listen", "unix:///n.sock"]).argv
