@@ -803,10 +803,13 @@ class TcpConnection:
         if st is TcpState.LISTEN:
             self.refuse(self._now)
             return
-        if st is TcpState.SYN_SENT or (st is TcpState.CLOSED and not self._opened):
+        if st is TcpState.CLOSED and not self._opened:
             self._opened = True
             self._to_closed()
             return
+        # SYN_SENT: unlike RFC 9293's CLOSE there (delete the TCB), what the application
+        # queued is still delivered: a forwarded client that sends and shuts down before
+        # the guest answered the SYN must not lose its bytes. FIN once established.
         if self._fin_off is not None or st not in _APP_MAY_SEND:
             return
         self._fin_off = self._buf_off + len(self._sndbuf)
@@ -814,7 +817,7 @@ class TcpConnection:
             self._state = TcpState.FIN_WAIT_1
         elif st is TcpState.CLOSE_WAIT:
             self._state = TcpState.LAST_ACK
-        # SYN_RECEIVED: becomes FIN_WAIT_1 when the handshake completes.
+        # SYN_SENT, SYN_RECEIVED: FIN_WAIT_1 once the handshake completes (`_establish`).
 
     def abort(self) -> None:
         """Reset the connection now (RST queued where the guest has state), state CLOSED."""

@@ -154,7 +154,7 @@ def test_listen_stdio(gvproxy, netns, short_tmp: Path, http_server: HttpServer) 
 
 def test_ssh_port_forwards_to_the_guest_port_22(gvproxy, guest, short_tmp: Path) -> None:
     sock, port = short_tmp / "qemu.sock", free_tcp_port()
-    gvproxy("-listen-qemu", f"unix://{sock}", f"-ssh-port={port}")
+    gp = gvproxy("-listen-qemu", f"unix://{sock}", f"-ssh-port={port}")
     vm = guest(None, connect=f"unix://{sock}")
     server = vm.ns.popen(sys.executable, "-c", ECHO_22, stdout=subprocess.PIPE, text=True)
     STARTED.append(server)
@@ -173,7 +173,7 @@ def test_ssh_port_forwards_to_the_guest_port_22(gvproxy, guest, short_tmp: Path)
             while chunk := c.recv(1 << 16):
                 got.update(chunk)
             t.join()
-        assert got.hexdigest() == hashlib.sha256(data).hexdigest()
+        assert got.hexdigest() == hashlib.sha256(data).hexdigest(), gp.log + vm.log_text()
     finally:
         stop_process(server)
 

@@ -406,6 +406,27 @@ def test_active_open_success_and_options() -> None:
     assert sum(len(s.payload) for s in out_segments(conn, 0.05)) <= 29200
 
 
+def test_close_before_the_guest_answers_keeps_the_queued_bytes() -> None:
+    """A forwarded client that sends and shuts down before the guest's SYN-ACK (found as a
+    flaky forward test: RST after the SYN-ACK, nothing delivered): the bytes go out once
+    the handshake completes, then the FIN."""
+    conn = TcpConnection(H_IP, H_PORT, G_IP, G_PORT, now=0.0, isn=1000)
+    conn.connect(0.0)
+    (syn,) = out_segments(conn, 0.0)
+    assert conn.send(b"early bytes") == 11
+    conn.close()
+    assert conn.state is TcpState.SYN_SENT  # not dropped
+    g = Guest(isn=77)
+    g.handle(syn)
+    g.snd_nxt = (g.isn + 1) & M32
+    conn.receive_segment(g.seg(SYN | ACK), 0.01)
+    assert conn.state is TcpState.FIN_WAIT_1
+    assert event_types(conn) == [Connected]
+    segs = out_segments(conn, 0.01)
+    assert b"".join(s.payload for s in segs) == b"early bytes"
+    assert segs[-1].flags & FIN and not any(s.flags & RST for s in segs)
+
+
 def test_active_open_refused() -> None:
     conn = TcpConnection(H_IP, H_PORT, G_IP, G_PORT, now=0.0, isn=100)
     conn.connect(0.0)
