@@ -13,10 +13,11 @@ AutoHCK start slirp4netns as an external program; pointed at this one they get n
    loopback .2 (→ 127.0.0.1 unless `--disable-host-loopback`), DNS .3, DHCP .15-.30, of
    10.0.2.0/24 or `--cidr`; and the JSON API on `--api-socket` (`hostd.api.slirp`).
 3. `1` on the ready fd once all that serves; it ends with exit 0 when the exit fd closes, on
-   SIGTERM or SIGINT, or when the tap goes away (the namespace ended), removing the API
-   socket. There is no child to leave behind after a SIGKILL: the helper is gone by then
-   (and dies with us if not), and the tap we created goes with our fd. A socket file left by
-   a SIGKILL is replaced by the next start.
+   SIGTERM or SIGINT (or if the tap fails), removing the API socket. As with slirp4netns,
+   the tap fd keeps the namespace alive: callers end us (rootlesskit with SIGKILL, podman
+   by closing the exit fd). There is no child to leave behind after a SIGKILL: the helper
+   is gone by then (and dies with us if not), and a tap we created goes with our fd. A
+   socket file left by a SIGKILL is replaced by the next start.
 """
 
 from __future__ import annotations
