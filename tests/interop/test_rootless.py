@@ -13,11 +13,13 @@ namespaces these tools make.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import pwd
 import shlex
 import shutil
 import subprocess
+import tarfile
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -26,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import BIN, free_tcp_port, wait_for
+from tests.conftest import BIN, REPO, free_tcp_port, wait_for
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(300)]
 
@@ -198,3 +200,133 @@ def test_rootlesskit_runs_netferry_slirp4netns(rootless_user, host_blob, host_lo
             p.wait()
         subprocess.run(["pkill", "-KILL", "-u", rootless_user.pw_name], check=False)
         shutil.rmtree(state, ignore_errors=True)
+
+
+# ---- podman --------------------------------------------------------------------------------
+
+BUSYBOX_PACKAGE = "busybox-static"
+
+
+def busybox_static() -> Path:
+    """Debian's static busybox binary, fetched once with `apt-get download` and unpacked with
+    `dpkg -x` into $NETFERRY_CACHE/busybox-static (never installed on this machine)."""
+    cache = Path(os.environ.get("NETFERRY_CACHE", str(REPO / ".cache"))) / "busybox-static"
+    binary = cache / "root" / "bin" / "busybox"
+    if binary.exists():
+        return binary
+    require("apt-get", "dpkg")
+    cache.mkdir(parents=True, exist_ok=True)
+    debs = list(cache.glob("busybox-static_*.deb"))
+    if not debs:
+        r = subprocess.run(["apt-get", "download", BUSYBOX_PACKAGE], cwd=cache,
+                           capture_output=True, text=True, timeout=300)  # fmt: skip
+        debs = list(cache.glob("busybox-static_*.deb"))
+        if r.returncode != 0 or not debs:
+            pytest.fail(f"apt-get download {BUSYBOX_PACKAGE} failed (apt-get update?): {r.stderr}")
+    subprocess.run(["dpkg", "-x", str(debs[0]), str(cache / "root")], check=True)
+    if not binary.exists():
+        pytest.fail(f"{debs[0]} has no bin/busybox")
+    return binary
+
+
+def image_tarball(busybox: Path, dest: Path, page: bytes) -> Path:
+    """A root filesystem: busybox, /bin/sh, and /www/page for its httpd to serve."""
+    tar = dest / "rootfs.tar"
+    with tarfile.open(tar, "w") as t:
+
+        def add(name: str, data: bytes, mode: int) -> None:
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(data), mode
+            t.addfile(info, io.BytesIO(data))
+
+        for d in ("bin", "www", "tmp", "etc"):
+            info = tarfile.TarInfo(d)
+            info.type, info.mode = tarfile.DIRTYPE, 0o755
+            t.addfile(info)
+        add("bin/busybox", busybox.read_bytes(), 0o755)
+        link = tarfile.TarInfo("bin/sh")
+        link.type, link.linkname = tarfile.SYMTYPE, "busybox"
+        t.addfile(link)
+        add("www/page", page, 0o644)
+    return tar
+
+
+# Records how podman ran it and how it ended; the program itself runs unchanged.
+RECORDER = """#!/bin/sh
+echo "$@" >> {record}/argv
+{slirp} "$@"
+rc=$?
+case "$*" in *--ready-fd*|*"-r "*) echo "$rc" > {record}/rc ;; esac
+exit $rc
+"""
+
+
+def test_podman_runs_netferry_slirp4netns(rootless_user):
+    require("podman", "runc", "curl", "newuidmap")
+    user = rootless_user.pw_name
+    base = Path(tempfile.mkdtemp(prefix="nf-podman-"))
+    try:
+        run_dir, record = base / "run", base / "record"
+        for d in (base, run_dir, record, base / "config" / "containers", base / "data"):
+            d.mkdir(parents=True, exist_ok=True)
+        recorder = base / "netferry-slirp4netns"
+        recorder.write_text(RECORDER.format(record=record, slirp=SLIRP))
+        recorder.chmod(0o755)
+        (base / "config" / "containers" / "containers.conf").write_text(
+            "[engine]\n"
+            f'network_cmd_path = "{recorder}"\n'
+            'runtime = "runc"\n'
+            'cgroup_manager = "cgroupfs"\n'
+            'events_logger = "file"\n'
+        )
+        (base / "config" / "containers" / "storage.conf").write_text('[storage]\ndriver = "vfs"\n')
+        page = os.urandom(2 << 20)
+        image_tarball(busybox_static(), base, page)
+        subprocess.run(["chown", "-R", f"{user}:{user}", str(base)], check=True)
+        os.chmod(run_dir, 0o700)
+        env = {
+            "HOME": str(base),
+            "XDG_CONFIG_HOME": str(base / "config"),
+            "XDG_DATA_HOME": str(base / "data"),
+            "XDG_RUNTIME_DIR": str(run_dir),
+        }
+
+        def podman(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+            p = as_user(user, shlex.join(["podman", *args]), env=env,
+                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+            out, err = p.communicate(timeout=timeout)
+            return subprocess.CompletedProcess(args, p.returncode, out, err)
+
+        r = podman("import", str(base / "rootfs.tar"), "localhost/nf-busybox")
+        assert r.returncode == 0, r.stderr
+        port = free_tcp_port()
+        r = podman("run", "-d", "--name", "nfweb",
+                   "--network", "slirp4netns:port_handler=slirp4netns",
+                   "-p", f"127.0.0.1:{port}:80", "localhost/nf-busybox",
+                   "/bin/busybox", "httpd", "-f", "-p", "80", "-h", "/www")  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        want = hashlib.sha256(page).hexdigest()
+        assert wait_for(lambda: fetch_sha(f"http://127.0.0.1:{port}/page") == want, 60,
+                        "the container's page through the published port")  # fmt: skip
+        argv = (record / "argv").read_text()
+        assert "--help" in argv  # podman checked the flags first
+        run_line = argv.splitlines()[-1]
+        assert "--netns-type=path" in run_line and "--api-socket" in run_line
+        api_socket = run_line.split("--api-socket ")[1].split()[0]
+        assert os.path.exists(api_socket)
+        r = podman("stop", "-t", "2", "nfweb")
+        assert r.returncode == 0, r.stderr
+        wait_for(lambda: (record / "rc").exists(), 10, "netferry-slirp4netns to end")
+        assert (record / "rc").read_text().split() == ["0"]  # exit 0 on the exit fd closing
+        assert not os.path.exists(api_socket)
+        # Running ones: an exited child that podman's pause process has not reaped yet is a
+        # zombie, as it would be for slirp4netns itself.
+        ps = subprocess.run(["ps", "-u", user, "-o", "stat=,args="], capture_output=True, text=True)
+        left = [ln for ln in ps.stdout.splitlines() if "netferry" in ln and not ln.startswith("Z")]
+        assert left == []
+        assert fetch_sha(f"http://127.0.0.1:{port}/page") is None
+        r = podman("rm", "nfweb")
+        assert r.returncode == 0, r.stderr
+    finally:
+        subprocess.run(["pkill", "-KILL", "-u", user], check=False)  # podman's pause process
+        shutil.rmtree(base, ignore_errors=True)
