@@ -24,6 +24,7 @@ import contextlib
 import errno
 import ipaddress
 import json
+import math
 import os
 import socket
 import stat
@@ -55,7 +56,7 @@ def _port(value: object) -> int | None:
     """A port as slirp4netns takes it: a JSON number 1..65535 (not a bool or a string)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
-    if value != int(value) or not 1 <= value <= 65535:
+    if not math.isfinite(value) or value != int(value) or not 1 <= value <= 65535:
         return None
     return int(value)
 
@@ -168,7 +169,7 @@ class SlirpApi:
             try:
                 json.loads(data)
                 return data  # complete: clients need not half-close
-            except ValueError:
+            except (ValueError, RecursionError):
                 continue
         return None
 
@@ -179,7 +180,7 @@ class SlirpApi:
             return _error("too large message")
         try:
             doc = json.loads(request)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
             return _error("cannot parse JSON")
         if not isinstance(doc, dict):
             return _error("json_object() failed")

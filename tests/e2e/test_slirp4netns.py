@@ -210,8 +210,9 @@ def test_attaches_to_an_existing_tap_and_changes_nothing_without_configure(netns
 def test_cidr_moves_the_plan(netns, slirp):
     ns = netns()
     t = target(ns)
-    slirp("-c", "--cidr=10.0.135.128/25", str(t.pid), "tap11")
+    slirp("-c", "--cidr=10.0.135.128/25", "--macaddress=02:11:22:33:44:55", str(t.pid), "tap11")
     assert "inet 10.0.135.228/25" in ns.run("ip", "-4", "-o", "addr", "show", "tap11").stdout
+    assert "link/ether 02:11:22:33:44:55" in ns.run("ip", "link", "show", "tap11").stdout
     ns.run("ping", "-c", "1", "-W", "5", "10.0.135.130")  # gateway .2
     ns.run("ping", "-c", "1", "-W", "5", "10.0.135.131")  # DNS .3
 
@@ -224,6 +225,25 @@ def test_dhcp_pool_is_15_to_30(netns, slirp):
     out = ns.run("udhcpc", "-f", "-q", "-n", "-i", "tap0", "-s", "/bin/true", "-t", "5",
                  timeout=60).stderr  # fmt: skip
     assert "lease of 10.0.2.15 obtained" in out
+
+
+def test_target_type_bess_serves_a_seqpacket_socket(slirp, short_tmp):
+    """--target-type=bess PATH: a User-Mode-Linux vector (bess) peer sends frames as
+    SOCK_SEQPACKET messages; an ARP request for the gateway .2 is answered."""
+    from scapy.layers.l2 import ARP, Ether
+
+    path = str(short_tmp / "bess.sock")
+    slirp("--target-type=bess", path)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
+        s.settimeout(10)
+        s.connect(path)
+        mac = "02:00:00:00:00:64"
+        req = Ether(src=mac, dst="ff:ff:ff:ff:ff:ff") / ARP(
+            op=1, hwsrc=mac, psrc="10.0.2.100", pdst="10.0.2.2"
+        )
+        s.send(bytes(req))
+        reply = Ether(s.recv(65536))
+    assert reply[ARP].op == 2 and reply[ARP].psrc == "10.0.2.2" and reply[ARP].pdst == "10.0.2.100"
 
 
 # ---- the API socket -----------------------------------------------------------------------
@@ -266,6 +286,22 @@ ERRORS = [
     (
         b'{"execute":"list_hostfwd"' + b" " * 5000 + b"}",
         b'{"error":{"desc":"bad request: too large message"}}',
+    ),
+    # Malformed beyond what slirp4netns's tests try: none of it may hurt the process.
+    (b"[1]", b'{"error":{"desc":"bad request: json_object() failed"}}'),
+    (b"[" * 2000 + b"]" * 2000, b'{"error":{"desc":"bad request: cannot parse JSON"}}'),
+    (b'{"execute":7}', b'{"error":{"desc":"bad request: no execute found"}}'),
+    (
+        b'{"execute":"add_hostfwd","arguments":{"proto":"tcp","host_port":Infinity,"guest_port":80}}',
+        b'{"error":{"desc":"bad request: add_hostfwd: bad arguments.host_port"}}',
+    ),
+    (
+        b'{"execute":"add_hostfwd","arguments":{"proto":"tcp","host_port":8080,"guest_addr":"10.0.2","guest_port":80}}',
+        b'{"error":{"desc":"bad request: add_hostfwd: bad arguments.guest_addr"}}',
+    ),
+    (
+        b'{"execute":"remove_hostfwd","arguments":{"id":"1"}}',
+        b'{"error":{"desc":"bad request: remove_hostfwd: bad arguments.id"}}',
     ),
 ]
 
