@@ -810,7 +810,7 @@ class Network:
             or dst == LIMITED_BROADCAST
             or dst == self.broadcast_ip
         ):
-            if dport == DHCP_SERVER_PORT and dst != self.dns_ip:
+            if dport == DHCP_SERVER_PORT and (dst != self.dns_ip or dst == self.gateway_ip):
                 self._dhcp(src_mac, bytes(payload), now)
                 return
             if dport == DNS_PORT and dst == self.dns_ip:

@@ -172,3 +172,24 @@ def test_bad_plans_refused(kwargs, message):
 def test_bad_dhcp_range_text(text):
     with pytest.raises(ValueError, match="DHCP range"):
         parse_dhcp_range(text)
+
+
+@pytest.mark.parametrize("plan", ["default", "slirp"])
+def test_unicast_dhcp_to_the_gateway_is_served_but_not_to_a_separate_dns(plan):
+    """Renewals go unicast to the server; in the default plan DNS is the gateway itself."""
+    net = Network(NetworkConfig()) if plan == "default" else Network(slirp_config())
+    net.add_port()
+    gw = str(net.config.gateway_ip)
+    client = "192.168.127.50" if plan == "default" else "10.0.2.50"
+    request = (
+        IP(src=client, dst=gw)
+        / UDP(sport=68, dport=67)
+        / BOOTP(chaddr=bytes.fromhex(GUEST_MAC.replace(":", "")), xid=9, ciaddr=client)
+        / DHCP(options=[("message-type", "request"), "end"])
+    )
+    feed(net, request)
+    assert net.dhcp.stats.requests == 1
+    if plan == "slirp":
+        (err,) = feed(net, IP(src=GUEST, dst=DNS) / UDP(sport=68, dport=67) / b"x")
+        assert err[ICMP].type == 3 and err[ICMP].code == 3
+        assert net.dhcp.stats.requests == 1
