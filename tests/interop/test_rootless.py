@@ -22,6 +22,7 @@ import subprocess
 import tarfile
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -60,7 +61,7 @@ def rootless_user() -> Iterator[pwd.struct_passwd]:
         yield pwd.getpwnam(USER)
     finally:
         os.chmod("/dev/net/tun", tun_mode)
-        subprocess.run(["pkill", "-KILL", "-u", USER], check=False)
+        kill_all_of(USER)
         # podman's storage has files owned by subordinate ids: userdel --remove takes them.
         subprocess.run(["userdel", "--remove", "--force", USER], check=False, capture_output=True)
         for f in ("/etc/subuid", "/etc/subgid"):
@@ -68,6 +69,18 @@ def rootless_user() -> Iterator[pwd.struct_passwd]:
             kept = [line for line in lines if not line.startswith(f"{USER}:")]
             if kept != lines:
                 Path(f).write_text("".join(kept))
+
+
+def kill_all_of(user: str) -> None:
+    """SIGKILL every process of `user` and wait until even their zombies are reaped (podman's
+    pause process is reparented to init here), so a user made later with the same uid does
+    not inherit them."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if subprocess.run(["pkill", "-KILL", "-u", user], capture_output=True).returncode == 1:
+            return  # none matched, zombies included
+        time.sleep(0.2)
+    pytest.fail(f"processes of {user} outlived SIGKILL for 30 s: {user_procs(user)}")
 
 
 def as_user(user: str, script: str, env: dict[str, str] | None = None, **kw) -> subprocess.Popen:
@@ -198,7 +211,7 @@ def test_rootlesskit_runs_netferry_slirp4netns(rootless_user, host_blob, host_lo
         if p.poll() is None:
             p.kill()
             p.wait()
-        subprocess.run(["pkill", "-KILL", "-u", rootless_user.pw_name], check=False)
+        kill_all_of(rootless_user.pw_name)
         shutil.rmtree(state, ignore_errors=True)
 
 
@@ -328,5 +341,5 @@ def test_podman_runs_netferry_slirp4netns(rootless_user):
         r = podman("rm", "nfweb")
         assert r.returncode == 0, r.stderr
     finally:
-        subprocess.run(["pkill", "-KILL", "-u", user], check=False)  # podman's pause process
+        kill_all_of(user)  # podman's pause process, and its zombie
         shutil.rmtree(base, ignore_errors=True)
