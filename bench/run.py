@@ -52,7 +52,10 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 DASH, TIMES = "\u2013", "\u00d7"  # en dash, multiplication sign
 GUEST_IPERF_PORT = 5201
 
-CONTENDERS = ("netferry", "slirp4netns", "pasta")
+CONTENDERS = ("netferry", "slirp4netns", "pasta", "netferry-slirp4netns")
+# Pairs compared head to head besides netferry ÷ each: the drop-in against the program it
+# replaces, both driven the same way (slirp4netns's command line and API).
+PAIRS = (("netferry-slirp4netns", "slirp4netns"),)
 
 # key, label, unit, better ("higher" | "lower"), MTU phase
 ROWS: list[tuple[str, str, str, str, int]] = [
@@ -448,6 +451,9 @@ class Slirp(Contender):
         super().__init__("slirp4netns")
 
     def _start(self) -> None:
+        self._start_slirp("slirp4netns", configure=True)
+
+    def _start_slirp(self, binary: str, configure: bool) -> None:
         assert self.dir
         api = self.dir / "slirp.sock"
         rfd, wfd = os.pipe()
@@ -455,10 +461,10 @@ class Slirp(Contender):
             # no --disable-host-loopback: 10.0.2.2 must reach 127.0.0.1;
             # --disable-dns: the guest never resolves through the host
             self._spawn(
-                "slirp4netns",
+                self.name,
                 [
-                    "slirp4netns",
-                    "--configure",
+                    binary,
+                    *(["--configure"] if configure else []),
                     f"--mtu={self.mtu}",
                     "--disable-dns",
                     f"--api-socket={api}",
@@ -477,9 +483,17 @@ class Slirp(Contender):
             r, _, _ = select.select([rfd], [], [], 20)
             if not r or os.read(rfd, 1) != b"1":
                 self.check_alive()
-                raise BenchError("slirp4netns did not report ready")
+                raise BenchError(f"{self.name} did not report ready")
         finally:
             os.close(rfd)
+        if not configure:
+            # rootlesskit's part, after `1` on the ready fd: address, route (tap0 is its own).
+            for cmd in (
+                ["ip", "addr", "add", "10.0.2.100/24", "dev", "tap0"],
+                ["ip", "route", "add", "default", "via", "10.0.2.2"],
+            ):
+                self.commands.append(" ".join(cmd))
+                subprocess.run(ns_cmd(self.ns, *cmd), check=True)
         self.target = "10.0.2.2"
         req = {
             "execute": "add_hostfwd",
@@ -498,7 +512,25 @@ class Slirp(Contender):
             s.shutdown(socket.SHUT_WR)
             reply = s.recv(4096)
         if b'"return"' not in reply or b"error" in reply:
-            raise BenchError(f"slirp4netns add_hostfwd: {reply!r}")
+            raise BenchError(f"{self.name} add_hostfwd: {reply!r}")
+
+
+class NetferrySlirp(Slirp):
+    """netferry started the way rootlesskit starts slirp4netns: rootlesskit makes tap0 (up,
+    MTU set) first, runs the program without --configure, waits for `1` on the ready fd,
+    then addresses the tap itself; forwards go through the same JSON API."""
+
+    def __init__(self) -> None:
+        Contender.__init__(self, "netferry-slirp4netns")
+
+    def _start(self) -> None:
+        for cmd in (
+            ["ip", "tuntap", "add", "name", "tap0", "mode", "tap"],
+            ["ip", "link", "set", "tap0", "mtu", str(self.mtu), "up"],
+        ):
+            self.commands.append(" ".join(cmd))
+            subprocess.run(ns_cmd(self.ns, *cmd), check=True)
+        self._start_slirp(str(VENV_BIN / "netferry-slirp4netns"), configure=False)
 
 
 class Pasta(Contender):
@@ -554,7 +586,12 @@ class Pasta(Contender):
 
 
 def make_contender(name: str) -> Contender:
-    return {"netferry": Netferry, "slirp4netns": Slirp, "pasta": Pasta}[name]()
+    return {
+        "netferry": Netferry,
+        "slirp4netns": Slirp,
+        "pasta": Pasta,
+        "netferry-slirp4netns": NetferrySlirp,
+    }[name]()
 
 
 # ---- measurements -------------------------------------------------------------------------
@@ -809,6 +846,11 @@ class Results:
                 for c, v in row["contenders"].items()
                 if c != "netferry"
             }
+            row["pair_ratio"] = {}
+            for a, b in PAIRS:
+                ma = row["contenders"].get(a, {}).get("median")
+                mb = row["contenders"].get(b, {}).get("median")
+                row["pair_ratio"][f"{a} ÷ {b}"] = ma / mb if ma is not None and mb else None
             out[key] = row
         return out
 
@@ -833,6 +875,8 @@ def markdown_table(summary: dict, contenders: list[str], keys: set[str] | None =
     head = ["row", "unit"] + [f"{c} median (min{DASH}max)" for c in contenders]
     if "netferry" in contenders:
         head += [f"netferry ÷ {c}" for c in others]
+    pairs = [f"{a} ÷ {b}" for a, b in PAIRS if a in contenders and b in contenders]
+    head += pairs
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, *_ in ROWS:
         if keys is not None and key not in keys:
@@ -851,6 +895,9 @@ def markdown_table(summary: dict, contenders: list[str], keys: set[str] | None =
             for c in others:
                 r = row["netferry_ratio"].get(c)
                 cells.append("—" if r is None else f"{r:.2f}{TIMES}")
+        for pair in pairs:
+            r = row["pair_ratio"].get(pair)
+            cells.append("—" if r is None else f"{r:.2f}{TIMES}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -865,7 +912,12 @@ def plot(summary: dict, contenders: list[str], path: Path, title: str) -> None:
     ncols = 4
     nrows = (len(keys) + ncols - 1) // ncols
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 2.6 * nrows))
-    colors = {"netferry": "#d95f02", "slirp4netns": "#7570b3", "pasta": "#1b9e77"}
+    colors = {
+        "netferry": "#d95f02",
+        "slirp4netns": "#7570b3",
+        "pasta": "#1b9e77",
+        "netferry-slirp4netns": "#e7298a",
+    }
     for ax, key in zip(axes.flat, keys, strict=False):
         row = summary[key]
         meds, los, his, names = [], [], [], []

@@ -15,7 +15,15 @@ from collections.abc import Callable
 import structlog
 
 from hostd.api.http import parse_http_api_uri
-from hostd.config import DEFAULT_SUBNET, MAX_MTU, MIN_MTU, NetworkConfig, parse_subnet
+from hostd.config import (
+    DEFAULT_SUBNET,
+    MAX_MTU,
+    MIN_MTU,
+    NetworkConfig,
+    parse_address,
+    parse_dhcp_range,
+    parse_subnet,
+)
 from hostd.errors import ControlError
 from hostd.services.dhcp import parse_static_lease
 from hostd.services.dns import parse_record_spec, parse_upstream, upstreams_from_resolv_conf
@@ -44,6 +52,24 @@ def build_parser() -> argparse.ArgumentParser:
     net = p.add_argument_group("network")
     net.add_argument("--subnet", default=DEFAULT_SUBNET, help="IPv4 subnet (default %(default)s)")
     net.add_argument("--gateway-mac", default="5a:94:ef:e4:0c:dd")
+    net.add_argument("--gateway-ip", metavar="IP", help="the gateway's address (default: .1)")
+    net.add_argument(
+        "--host-ip",
+        metavar="IP",
+        help="the address that reaches the host's 127.0.0.1 (default: .254); may equal "
+        "--gateway-ip, as in slirp4netns's plan",
+    )
+    net.add_argument(
+        "--dns-ip", metavar="IP", help="the DNS server's address (default: the gateway's)"
+    )
+    net.add_argument(
+        "--guest-ip", metavar="IP", help="the default guest's static lease address (default: .2)"
+    )
+    net.add_argument(
+        "--dhcp-range",
+        metavar="FIRST-LAST",
+        help="dynamic DHCP pool, inclusive (default: .3 to broadcast-2)",
+    )
     net.add_argument(
         "--mtu", type=int, default=1500, help=f"guest MTU, {MIN_MTU}..{MAX_MTU} (default 1500)"
     )
@@ -246,8 +272,17 @@ def config_from_args(args: argparse.Namespace) -> NetworkConfig:
         upstreams = [parse_upstream(u) for u in args.dns_upstream]
     else:
         upstreams = upstreams_from_resolv_conf()
+
+    def address(value: str | None, what: str) -> ipaddress.IPv4Address | None:
+        return None if value is None else parse_address(value, what)
+
     return NetworkConfig(
         subnet=subnet,
+        gateway_ip=address(args.gateway_ip, "--gateway-ip"),  # type: ignore[arg-type]
+        host_ip=address(args.host_ip, "--host-ip"),  # type: ignore[arg-type]
+        dns_ip=address(args.dns_ip, "--dns-ip"),  # type: ignore[arg-type]
+        guest_ip=address(args.guest_ip, "--guest-ip"),  # type: ignore[arg-type]
+        dhcp_range=parse_dhcp_range(args.dhcp_range) if args.dhcp_range else None,
         gateway_mac=parse_mac(args.gateway_mac),
         mtu=args.mtu,
         host_loopback=not args.no_host_loopback,
@@ -404,6 +439,7 @@ async def run(args: argparse.Namespace, config: NetworkConfig, state: dict | Non
         subnet=str(config.subnet),
         gateway=str(config.gateway_ip),
         host_loopback=str(config.host_ip) if config.host_loopback else "refused",
+        dns=str(config.dns_ip),
         mtu=config.mtu,
         dns_upstreams=[f"{h}:{p}" for h, p in config.dns_upstreams],
         policy_rules=len(policy.all_rules()),

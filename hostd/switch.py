@@ -263,17 +263,13 @@ class HostSwitch:
             self.network.stats["policy_dns_refused"] += 1
         if self.dns_forwarder is None:
             reply = self.network.dns.servfail(ev.query)
-            self.network.send_udp(
-                self.network.gateway_ip, DNS_PORT, ev.guest_ip, ev.guest_port, reply
-            )
+            self.network.send_udp(self.network.dns_ip, DNS_PORT, ev.guest_ip, ev.guest_port, reply)
             return
 
         async def run() -> None:
             assert self.dns_forwarder is not None
             answer = await self.dns_forwarder.forward(ev.query)
-            self.network.send_udp(
-                self.network.gateway_ip, DNS_PORT, ev.guest_ip, ev.guest_port, answer
-            )
+            self.network.send_udp(self.network.dns_ip, DNS_PORT, ev.guest_ip, ev.guest_port, answer)
             self.flush()
 
         task = self.loop.create_task(run())

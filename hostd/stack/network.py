@@ -165,16 +165,21 @@ class Network:
         self.gateway_ip = config.gateway_ip.packed
         self.gateway_mac = config.gateway_mac
         self.host_ip = config.host_ip.packed
+        self.dns_ip = config.dns_ip.packed
+        # slirp4netns's plan: the gateway is also the host's loopback, so TCP and UDP to it
+        # (but DHCP, and DNS when DNS is the gateway) leave for 127.0.0.1; echo is answered.
+        self.gateway_is_host = self.gateway_ip == self.host_ip
         self.subnet = config.subnet
         self._net_int = int(config.subnet.network_address)
         self._mask_int = int(config.subnet.netmask)
         self.broadcast_ip = config.subnet.broadcast_address.packed
         self.network_ip = config.subnet.network_address.packed
         self.mtu = config.mtu
-        self.virtual_ips = {self.gateway_ip, self.host_ip}
+        self.virtual_ips = {self.gateway_ip, self.host_ip, self.dns_ip}
         self.policy = Policy()  # outbound rules; hostd fills it from flags and the state file
-        # TCP ports the gateway serves itself (port → service name for the NAT's factories).
-        self.gateway_tcp_services: dict[int, str] = {DNS_PORT: "dns"}
+        # TCP ports the gateway serves itself beside DNS (port → service name for the NAT's
+        # factories): the forwarder API on 80.
+        self.gateway_tcp_services: dict[int, str] = {}
         self.cam = ethernet.CamTable()
         self.neighbours = arp.NeighbourTable()
         self.reassembler = ipv4.Reassembler(config.reassembly_max_bytes, config.reassembly_timeout)
@@ -182,12 +187,13 @@ class Network:
             DhcpConfig(
                 subnet=config.subnet,
                 server_ip=config.gateway_ip,
-                dns_servers=[config.gateway_ip],
+                dns_servers=[config.dns_ip],
                 mtu=config.mtu,
                 lease_time=config.lease_time,
                 domain_search=list(config.dns_search),
                 static_leases=dict(config.static_leases),
-                reserved={config.gateway_ip, config.host_ip},
+                reserved=config.virtual_addresses,
+                pool=config.dhcp_range,
             )
         )
         self.zones = zones or default_zones(str(config.gateway_ip), str(config.host_ip))
@@ -832,18 +838,28 @@ class Network:
             return
         self.stats["udp_in"] += 1
         dst = pkt.dst
-        if dst == self.gateway_ip or dst == LIMITED_BROADCAST or dst == self.broadcast_ip:
-            if dport == DHCP_SERVER_PORT:
+        if (
+            dst == self.gateway_ip
+            or dst == self.dns_ip
+            or dst == LIMITED_BROADCAST
+            or dst == self.broadcast_ip
+        ):
+            if dport == DHCP_SERVER_PORT and (dst != self.dns_ip or dst == self.gateway_ip):
                 self._dhcp(src_mac, bytes(payload), now)
-            elif dport == DNS_PORT and dst == self.gateway_ip:
+                return
+            if dport == DNS_PORT and dst == self.dns_ip:
                 self._dns(pkt.src, sport, bytes(payload))
-            elif dst == self.gateway_ip:
+                return
+            if dst == self.host_ip:
+                pass  # the gateway is the host's loopback too: NAT below
+            elif dst == self.gateway_ip or dst == self.dns_ip:
                 self.send_icmp_error(
-                    self.gateway_ip, pkt.src, icmp.DEST_UNREACHABLE, icmp.PORT_UNREACHABLE, pkt.raw
+                    dst, pkt.src, icmp.DEST_UNREACHABLE, icmp.PORT_UNREACHABLE, pkt.raw
                 )
+                return
             else:
                 self.stats["udp_broadcast_dropped"] += 1
-            return
+                return
         if self.udp_sessions:
             session = self.udp_sessions.get((pkt.src, sport, dst, dport))
             if session is not None:
@@ -881,7 +897,7 @@ class Network:
         if isinstance(result, ForwardQuery):
             self.events.append(DnsQueryOutbound(guest_ip, guest_port, result.data))
         elif result:
-            self.send_udp(self.gateway_ip, DNS_PORT, guest_ip, guest_port, result)
+            self.send_udp(self.dns_ip, DNS_PORT, guest_ip, guest_port, result)
 
     def _icmp(self, pkt: ipv4.Ipv4Packet) -> None:
         try:
@@ -893,7 +909,7 @@ class Network:
         if msg.type != icmp.ECHO_REQUEST:
             self.stats["icmp_non_echo_dropped"] += 1
             return
-        if pkt.dst == self.gateway_ip:
+        if pkt.dst == self.gateway_ip or pkt.dst == self.dns_ip:
             self.send_icmp_echo_reply(pkt.dst, pkt.src, msg.ident, msg.seq, msg.payload)
             return
         target = self._nat_target(pkt, "icmp")
@@ -940,15 +956,17 @@ class Network:
                 self.send_ip(pkt.dst, pkt.src, ipv4.PROTO_TCP, reply)
             return
         service = None
-        if pkt.dst == self.gateway_ip:
-            service = self.gateway_tcp_services.get(seg.dst_port)
-            if service is None:
-                stats["tcp_gateway_refused"] += 1
-                reply = tcp.build_reset_reply(pkt.dst, pkt.src, seg)
-                if reply is not None:
-                    self.send_ip(pkt.dst, pkt.src, ipv4.PROTO_TCP, reply)
-                return
-            target = ""
+        if pkt.dst == self.dns_ip and seg.dst_port == DNS_PORT:
+            service, target = "dns", ""
+        elif pkt.dst == self.gateway_ip and seg.dst_port in self.gateway_tcp_services:
+            service, target = self.gateway_tcp_services[seg.dst_port], ""
+        elif (pkt.dst == self.gateway_ip or pkt.dst == self.dns_ip) and pkt.dst != self.host_ip:
+            # (a gateway that is also the host loopback, as slirp4netns's .2, is NATed)
+            stats["tcp_gateway_refused"] += 1
+            reply = tcp.build_reset_reply(pkt.dst, pkt.src, seg)
+            if reply is not None:
+                self.send_ip(pkt.dst, pkt.src, ipv4.PROTO_TCP, reply)
+            return
         else:
             dst = pkt.dst
             if dst == LIMITED_BROADCAST or dst == self.broadcast_ip or dst[0] >= 224:

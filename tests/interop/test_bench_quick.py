@@ -19,8 +19,9 @@ def test_bench_quick_prints_every_row_for_every_contender():
     )  # fmt: skip
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     out = r.stdout
-    for contender in ("netferry", "slirp4netns", "pasta"):
+    for contender in ("netferry", "slirp4netns", "pasta", "netferry-slirp4netns"):
         assert contender in out, out[-2000:]
+    assert "netferry-slirp4netns ÷ slirp4netns" in out  # the drop-in against what it replaces
     for row in ("guest→host", "host→guest", "conn", "request-response", "UDP", "forward"):
         assert row.lower() in out.lower(), (row, out[-2000:])
     print(out[-4000:])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import os
 import signal
 import subprocess
@@ -18,6 +19,12 @@ import sys
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """This process (and, as preexec_fn, a child) gets SIGKILL when its parent dies."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def fail(message: str, code: int = 125) -> int:
@@ -52,6 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--wait", action="store_true", help="no command: run until signalled")
     p.add_argument("command", nargs=argparse.REMAINDER)
     args = p.parse_args(argv)
+    # Entered with nsenter (which execs us), our parent is `netferry run` itself: without
+    # this a SIGKILLed netferry would leave us and vm-switch running.
+    die_with_parent()
+    if os.getppid() == 1:
+        return fail("netferry run is gone")
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     state = Path(args.state_dir)
     resolv = state / "resolv.conf"
@@ -77,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         ],
         pass_fds=(args.link_fd, vm_ready_w),
         stdin=subprocess.DEVNULL,
+        preexec_fn=die_with_parent,
     )
     os.close(vm_ready_w)
     os.close(args.link_fd)

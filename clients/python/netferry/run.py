@@ -21,6 +21,7 @@ netferry itself is killed with SIGKILL.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import os
 import select
@@ -32,6 +33,7 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
+from typing import NoReturn
 
 BIN = Path(sys.executable).parent
 GUEST_IP = "192.168.127.2"
@@ -47,6 +49,42 @@ def die_with_parent() -> None:
 
 class RunError(Exception):
     """A condition users hit, with what to do about it."""
+
+
+class UsageExit125Parser(argparse.ArgumentParser):
+    """Usage errors exit 125 as netferry's own errors do (126/127 and COMMAND's statuses
+    keep their meaning), not argparse's 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(125, f"{self.prog}: error: {message}\n")
+
+
+# Removes the state directory once `netferry run` has gone, however it went (SIGKILL too):
+# it reads a pipe only netferry holds, so EOF means netferry has exited.
+JANITOR = """
+import os, shutil, sys, time
+if os.read(0, 1) == b"d":
+    sys.exit()  # netferry's own teardown removed it
+for _ in range(3):  # hostd and vm-switch die with netferry; a late log file is caught too
+    shutil.rmtree(sys.argv[1], ignore_errors=True)
+    time.sleep(0.2)
+"""
+
+
+def start_janitor(state: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """A detached helper that removes `state` when the returned fd (kept open by netferry,
+    inherited by nobody) closes; writing `d` to it instead lets it go without."""
+    r, w = os.pipe()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", JANITOR, str(state)],
+        stdin=r,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # the terminal's Ctrl-C must not end it before netferry
+    )
+    os.close(r)
+    return proc, w
 
 
 def check_tun() -> None:
@@ -102,7 +140,7 @@ def parse_publish(spec: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = UsageExit125Parser(
         prog="netferry run",
         description="Run COMMAND in new user, net and mount namespaces networked by netferry.",
     )
@@ -152,6 +190,7 @@ class Run:
         self.command = args.command[1:] if args.command[:1] == ["--"] else args.command
         self.state = Path(tempfile.mkdtemp(prefix="netferry-run-"))
         os.chmod(self.state, 0o700)
+        self.janitor, self.janitor_fd = start_janitor(self.state)
         self.hostd: subprocess.Popen[bytes] | None = None
         self.inner: subprocess.Popen[bytes] | None = None
         self.sigints = 0
@@ -386,6 +425,8 @@ class Run:
                     except ProcessLookupError:
                         pass
             shutil.rmtree(self.state, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                os.write(self.janitor_fd, b"d")
             os._exit(130)
         if not self.interactive:
             self.signal_inner(signal.SIGINT)  # nsrun passes it on to COMMAND
@@ -424,6 +465,10 @@ class Run:
                 proc.kill()
                 proc.wait()
         shutil.rmtree(self.state, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            os.write(self.janitor_fd, b"d")
+            os.close(self.janitor_fd)
+        self.janitor.wait()
 
 
 def main(argv: list[str] | None = None) -> int:
