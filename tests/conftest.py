@@ -568,6 +568,31 @@ def http_server(big_blob: Blob) -> Iterator[HttpServer]:
         server.server_close()
 
 
+@contextlib.contextmanager
+def serve_bytes(body: bytes) -> Iterator[int]:
+    """HTTP on 127.0.0.1 answering every GET with `body`; yields the port."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):  # quiet
+            pass
+
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 @pytest.fixture
 def tcp_echo_server() -> Iterator[int]:
     """TCP echo on 127.0.0.1 (a thread per connection; echoes until EOF, then closes)."""

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import BIN, free_tcp_port, wait_for
+from tests.conftest import BIN, free_tcp_port, serve_bytes, wait_for
 
 pytestmark = pytest.mark.e2e
 USER = "nfrunner"
@@ -92,28 +92,9 @@ def leftovers(user: str) -> list[str]:
 
 @pytest.fixture
 def page_server() -> Iterator[tuple[int, bytes]]:
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
     body = b"netferry run says hello " + os.urandom(8).hex().encode()
-
-    class H(BaseHTTPRequestHandler):
-        def log_message(self, *a):
-            pass
-
-        def do_GET(self):
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), H)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    try:
-        yield srv.server_address[1], body
-    finally:
-        srv.shutdown()
-        srv.server_close()
+    with serve_bytes(body) as port:
+        yield port, body
 
 
 def test_unprivileged_run_lease_dns_and_fetch(unprivileged_user, page_server, dns_upstream):

@@ -21,15 +21,13 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import BIN, REPO, free_tcp_port, wait_for
+from tests.conftest import BIN, REPO, free_tcp_port, serve_bytes, wait_for
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(300)]
 
@@ -99,24 +97,8 @@ def user_procs(user: str) -> str:
 def host_blob() -> Iterator[tuple[int, bytes]]:
     """An HTTP server on the host's 127.0.0.1 serving 4 MiB of random bytes at /blob."""
     body = os.urandom(4 << 20)
-
-    class H(BaseHTTPRequestHandler):
-        def log_message(self, *a):
-            pass
-
-        def do_GET(self):
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), H)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    try:
-        yield srv.server_address[1], body
-    finally:
-        srv.shutdown()
-        srv.server_close()
+    with serve_bytes(body) as port:
+        yield port, body
 
 
 def fetch_sha(url: str) -> str | None:
