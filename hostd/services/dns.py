@@ -60,6 +60,7 @@ import re
 import socket
 import struct
 import threading
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
@@ -288,23 +289,29 @@ class DnsZones:
                     raise ValueError(
                         f"name {rec.name!r} belongs to the more specific zone {owner!r}"
                     )
-            merged = list(self._zones.get(zname, []))
+            # One pass, O(zone + records): a bulk add must not hold the loop (20,000 records
+            # took 10.8 s when each record re-filtered the whole zone). Insertion order is
+            # kept; a re-added record moves to the end with its new TTL.
+            merged = {(r.name, r.rtype, r.value): r for r in self._zones.get(zname, [])}
+            kinds: dict[str, Counter[str]] = {}
+            for r in merged.values():
+                kinds.setdefault(r.name, Counter())[r.rtype] += 1
             for rec in records:
-                merged = [
-                    r
-                    for r in merged
-                    if not (r.name == rec.name and r.rtype == rec.rtype and r.value == rec.value)
-                ]
-                same_name = [r for r in merged if r.name == rec.name]
-                if rec.rtype == "CNAME" and same_name:
+                key = (rec.name, rec.rtype, rec.value)
+                have = kinds.setdefault(rec.name, Counter())
+                if merged.pop(key, None) is not None:
+                    have[rec.rtype] -= 1
+                present = {t for t, n in have.items() if n > 0}
+                if rec.rtype == "CNAME" and present:
                     raise ValueError(
                         f"rtype CNAME: name {rec.name!r} already has other records "
-                        f"({', '.join(sorted({r.rtype for r in same_name}))})"
+                        f"({', '.join(sorted(present))})"
                     )
-                if rec.rtype != "CNAME" and any(r.rtype == "CNAME" for r in same_name):
+                if rec.rtype != "CNAME" and "CNAME" in present:
                     raise ValueError(f"rtype {rec.rtype}: name {rec.name!r} already has a CNAME")
-                merged.append(rec)
-            self._zones[zname] = merged
+                merged[key] = rec
+                have[rec.rtype] += 1
+            self._zones[zname] = list(merged.values())
             self.serial += 1
 
     def remove_records(self, zone: str, names: list[str]) -> int:
