@@ -92,3 +92,40 @@ class CaptureFilter:
             if self.port not in (sport, dport):
                 return False
         return True
+
+
+class CaptureBuffer:
+    """Records queued for one live-capture client, bounded in bytes: a client that reads
+    slowly (or not at all) costs at most `max_bytes`; what does not fit is dropped and
+    counted. `take` hands them out in messages of at most `max_message` bytes, well under
+    gRPC's 4 MiB default message limit."""
+
+    def __init__(self, max_bytes: int = 4 << 20, max_message: int = 1 << 20) -> None:
+        from collections import deque
+
+        self.records: deque[bytes] = deque()
+        self.bytes = 0
+        self.max_bytes = max_bytes
+        self.max_message = max_message
+        self.dropped = 0
+
+    def put(self, record: bytes) -> None:
+        if self.bytes + len(record) > self.max_bytes:
+            self.dropped += 1
+            return
+        self.records.append(record)
+        self.bytes += len(record)
+
+    def take(self, max_records: int = 0) -> tuple[bytes, int]:
+        """(joined records, how many): at least one record when any is queued."""
+        out: list[bytes] = []
+        size = 0
+        records = self.records
+        while records and (not max_records or len(out) < max_records):
+            if out and size + len(records[0]) > self.max_message:
+                break
+            record = records.popleft()
+            out.append(record)
+            size += len(record)
+        self.bytes -= size
+        return b"".join(out), len(out)

@@ -34,7 +34,7 @@ from hostd.api.auth import (
     UnixPeerGate,
     owner_only_message,
 )
-from hostd.capture import SNAPLEN, CaptureFilter, pcap_header, pcap_record
+from hostd.capture import SNAPLEN, CaptureBuffer, CaptureFilter, pcap_header, pcap_record
 from hostd.control import Control, DnsRecordSpec, StatsSnapshot
 from hostd.errors import ControlError, shorten
 from hostd.forwards import Forward
@@ -64,7 +64,7 @@ STATUS = {
     "unavailable": grpc.StatusCode.UNAVAILABLE,
 }
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["HostSwitch"].full_name
-CAPTURE_QUEUE = 8192  # frames buffered per capture client before dropping
+MAX_CAPTURES = 8  # live captures at once; each may hold CaptureBuffer's 4 MiB
 # A tunnel's reads can hold more than a client takes in one message (gRPC's default 4 MiB).
 TUNNEL_CHUNK = 1 << 20
 
@@ -135,6 +135,7 @@ class HostSwitchService(pb_grpc.HostSwitchServicer):
     def __init__(self, control: Control) -> None:
         self.control = control
         self.switch = control.switch
+        self.captures = 0  # live Capture calls
 
     async def _fail(self, context: grpc.aio.ServicerContext, e: ControlError) -> None:
         await context.abort(STATUS[e.kind], str(e))
@@ -253,22 +254,26 @@ class HostSwitchService(pb_grpc.HostSwitchServicer):
         snaplen = request.snaplen or SNAPLEN
         if snaplen > SNAPLEN or snaplen < 64:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"snaplen: must be 64..{SNAPLEN}")
-        queue: asyncio.Queue[bytes] = asyncio.Queue(CAPTURE_QUEUE)
-        dropped = 0
+        if self.captures >= MAX_CAPTURES:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"at most {MAX_CAPTURES} captures at once; end one first",
+            )
+        buffer = CaptureBuffer()
+        ready = asyncio.Event()
 
         def listener(frames: list[bytes]) -> None:
-            nonlocal dropped
             ts = time.time()
             for frame in frames:
                 if flt.match(frame):
-                    if queue.full():
-                        dropped += 1
-                    else:
-                        queue.put_nowait(pcap_record(frame, ts, snaplen))
+                    buffer.put(pcap_record(frame, ts, snaplen))
+            if buffer.records:
+                ready.set()
 
         deadline = None
         if request.HasField("duration"):
             deadline = time.monotonic() + request.duration.ToTimedelta().total_seconds()
+        self.captures += 1
         self.switch.add_capture(listener)
         try:
             yield pb.CaptureResponse(data=pcap_header(snaplen))
@@ -277,18 +282,19 @@ class HostSwitchService(pb_grpc.HostSwitchServicer):
                 timeout = None if deadline is None else deadline - time.monotonic()
                 if timeout is not None and timeout <= 0:
                     break
-                try:
-                    first = await asyncio.wait_for(queue.get(), timeout)
-                except TimeoutError:
-                    break
-                chunk = [first]
-                count += 1
-                while not queue.empty() and (not request.max_frames or count < request.max_frames):
-                    chunk.append(queue.get_nowait())
-                    count += 1
-                yield pb.CaptureResponse(data=b"".join(chunk), dropped=dropped)
+                if not buffer.records:
+                    ready.clear()
+                    try:
+                        await asyncio.wait_for(ready.wait(), timeout)
+                    except TimeoutError:
+                        break
+                left = request.max_frames - count if request.max_frames else 0
+                data, n = buffer.take(left)
+                count += n
+                yield pb.CaptureResponse(data=data, dropped=buffer.dropped)
         finally:
             self.switch.remove_capture(listener)
+            self.captures -= 1
 
     # ---- tunnel -----------------------------------------------------------------------
 
