@@ -32,6 +32,21 @@ while True:
     c.close()
 """
 
+# argv PORT FILE: each client gets FILE, then the connection closes
+GUEST_FILE_SERVER = r"""
+import socket, sys
+data = open(sys.argv[2], "rb").read()
+srv = socket.socket()
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("0.0.0.0", int(sys.argv[1])))
+srv.listen(16)
+print("listening", flush=True)
+while True:
+    c, _ = srv.accept()
+    c.sendall(data)
+    c.close()
+"""
+
 GUEST_UDP_ECHO = r"""
 import socket, sys
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)

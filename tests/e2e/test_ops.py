@@ -14,24 +14,11 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import STARTED, _bin, free_tcp_port, wait_for
+from tests.e2e.test_api import GUEST_FILE_SERVER
 
 pytestmark = pytest.mark.e2e
 
 DYNAMIC_MAC = "5a:94:ef:e4:0c:42"
-
-GUEST_FILE_SERVER = r"""
-import socket, sys
-data = open(sys.argv[2], "rb").read()
-srv = socket.socket()
-srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-srv.bind(("0.0.0.0", int(sys.argv[1])))
-srv.listen(16)
-print("listening", flush=True)
-while True:
-    c, _ = srv.accept()
-    c.sendall(data)
-    c.close()
-"""
 
 
 def fetch(port: int) -> bytes:

@@ -259,22 +259,31 @@ def test_root_netns_only(page_server):
     assert r.stdout == body.decode()
 
 
+def enter_ready(pid: int) -> subprocess.Popen:
+    """`netferry run --enter PID`, returned once it has written `1` on its ready fd."""
+    ready_r, ready_w = os.pipe()
+    p = subprocess.Popen(
+        netferry_run("--enter", str(pid), "--ready-fd", str(ready_w),
+                     "--dns-upstream", "127.0.0.1:9"),
+        pass_fds=(ready_w,), stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    os.close(ready_w)
+    with os.fdopen(ready_r, "rb") as r:
+        ready = r.read(1)
+    if ready != b"1":
+        p.kill()
+        pytest.fail(f"netferry run --enter never got ready: {p.communicate(timeout=10)[1]}")
+    return p
+
+
 def test_enter_networks_an_existing_process(netns, page_server):
     """As `slirp4netns PID tap0`: a process already in its own network namespace gets eth0,
     a lease and the host's loopback through .254; ending netferry removes eth0 again."""
     port, body = page_server
     ns = netns()
     target = ns.popen("sleep", "300")
-    ready_r, ready_w = os.pipe()
-    p = subprocess.Popen(
-        netferry_run("--enter", str(target.pid), "--ready-fd", str(ready_w),
-                     "--dns-upstream", "127.0.0.1:9"),
-        pass_fds=(ready_w,), stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    os.close(ready_w)
+    p = enter_ready(target.pid)
     try:
-        with os.fdopen(ready_r, "rb") as r:
-            assert r.read(1) == b"1", p.stderr.read() if p.poll() is not None else ""
         assert "inet 192.168.127.2/24" in ns.run("ip", "-4", "addr", "show", "eth0").stdout
         out = ns.run("curl", "-s", "--max-time", "10", f"http://192.168.127.254:{port}/").stdout
         assert out == body.decode()
@@ -293,16 +302,8 @@ def test_sigkill_of_enter_leaves_nothing(netns):
     ns = netns()
     target = ns.popen("sleep", "300")
     before = set(glob.glob("/tmp/netferry-run-*"))
-    ready_r, ready_w = os.pipe()
-    p = subprocess.Popen(
-        netferry_run("--enter", str(target.pid), "--ready-fd", str(ready_w),
-                     "--dns-upstream", "127.0.0.1:9"),
-        pass_fds=(ready_w,), stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    os.close(ready_w)
+    p = enter_ready(target.pid)
     try:
-        with os.fdopen(ready_r, "rb") as r:
-            assert r.read(1) == b"1", p.stderr.read() if p.poll() is not None else ""
         (state,) = set(glob.glob("/tmp/netferry-run-*")) - before
         ours = subprocess.run(["pgrep", "-f", state], capture_output=True, text=True).stdout
         assert len(ours.split()) >= 2, "expected hostd and vm-switch to name the state dir"

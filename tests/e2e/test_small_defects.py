@@ -21,6 +21,7 @@ import pytest
 
 from netferry.client import NetferryError
 from tests.conftest import STARTED, _bin, free_tcp_port, wait_for
+from tests.e2e.test_api import GUEST_FILE_SERVER
 from tests.e2e.test_guest_side import stack  # noqa: F401  (the guest side's fixture)
 
 pytestmark = pytest.mark.e2e
@@ -233,21 +234,6 @@ def test_link_error_counters_survive_the_link(hostd) -> None:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__]))
-
-
-GUEST_FILE_SERVER = r"""
-import socket, sys
-data = open(sys.argv[2], "rb").read()
-srv = socket.socket()
-srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-srv.bind(("0.0.0.0", int(sys.argv[1])))
-srv.listen(4)
-print("listening", flush=True)
-while True:
-    c, _ = srv.accept()
-    c.sendall(data)
-    c.close()
-"""
 
 
 def test_tunnel_carries_more_than_a_grpc_message_holds(hostd, guest, short_tmp: Path) -> None:
