@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from collections.abc import Iterator
 
@@ -197,6 +198,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"allowed {view.allowed}  denied {view.denied}")
     elif cmd == "capture":
         out = open(args.write, "wb") if args.write else sys.stdout.buffer
+        # SIGTERM ends a capture as Ctrl-C does: between records, so the pcap stays whole
+        # (killed mid-write it ended cut short in the middle of a packet).
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
         try:
             for chunk in api.capture(
                 args.protocol, args.host or "", args.port, args.count, args.duration
