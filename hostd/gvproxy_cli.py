@@ -41,9 +41,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 
+from hostd.config import DEFAULT_SUBNET
 from netferry.goflags import GoFlagError, normalize
 
-DEFAULT_SUBNET = "192.168.127.0/24"
 DEFAULT_SSH_PORT = 2222
 # `-services URI`: the HTTP API without /connect (the interface agreed with host-switch).
 SERVICES_QUERY = "connect=0"

@@ -21,12 +21,11 @@ from hostd.capture import PcapWriter
 from hostd.config import NetworkConfig
 from hostd.forwards import Forwards
 from hostd.links import Endpoint, Link, open_endpoint
+from hostd.nat.dns import DnsForwarder, DnsTcpSession
 from hostd.nat.icmp import IcmpNat, ping_sockets_allowed
 from hostd.nat.tcp import TcpNat
 from hostd.nat.udp import UdpNat
 from hostd.policy import host_addresses
-from hostd.services.dns import DnsForwarder
-from hostd.services.dns_tcp import DnsTcpSession
 from hostd.stack.network import (
     DNS_PORT,
     DnsQueryOutbound,

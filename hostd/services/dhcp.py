@@ -80,12 +80,15 @@ overload (option 52) is honoured when parsing; repeated options are concatenated
 from __future__ import annotations
 
 import ipaddress
-import logging
 import struct
 from collections import OrderedDict, deque
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from ipaddress import IPv4Address, IPv4Network
+
+from hostd.config import DEFAULT_GUEST_MAC, DEFAULT_SUBNET
+from hostd.corelog import core_logger
+from hostd.stack.ethernet import mac_to_str, parse_mac
 
 __all__ = [
     "DEFAULT_STATIC_MAC",
@@ -101,10 +104,9 @@ __all__ = [
     "parse_static_lease",
 ]
 
-log = logging.getLogger(__name__)
+log = core_logger("hostd.services.dhcp")
 
-DEFAULT_SUBNET = IPv4Network("192.168.127.0/24")
-DEFAULT_STATIC_MAC = "5a:94:ef:e4:0c:ee"
+DEFAULT_STATIC_MAC = DEFAULT_GUEST_MAC  # .2's MAC, as gvproxy's
 
 MAGIC_COOKIE = b"\x63\x82\x53\x63"
 BOOTP_FIXED_LEN = 236  # op .. file, without the magic cookie
@@ -146,28 +148,13 @@ OPT_END = 255
 
 
 def normalize_mac(mac: str | bytes) -> str:
-    """Return ``mac`` as lower-case ``aa:bb:cc:dd:ee:ff``.
-
-    Accepts 6 raw bytes, or text with ``:`` or ``-`` separators (any case).  Raises
-    :class:`ValueError` with a precise message otherwise.
-    """
+    """Return ``mac`` (6 raw bytes, or text that `ethernet.parse_mac` takes) as lower-case
+    ``aa:bb:cc:dd:ee:ff``; :class:`ValueError` naming the input otherwise."""
     if isinstance(mac, bytes | bytearray):
         if len(mac) != 6:
             raise ValueError(f"MAC address must be 6 bytes, got {len(mac)}")
-        return ":".join(f"{b:02x}" for b in mac)
-    text = mac.strip()
-    sep = ":" if ":" in text else "-"
-    parts = text.split(sep)
-    if len(parts) != 6:
-        raise ValueError(
-            f"invalid MAC address {mac!r}: expected 6 hex octets separated by ':' or '-'"
-        )
-    octets = []
-    for part in parts:
-        if not 1 <= len(part) <= 2 or any(c not in "0123456789abcdefABCDEF" for c in part):
-            raise ValueError(f"invalid MAC address {mac!r}: bad octet {part!r}")
-        octets.append(int(part, 16))
-    return ":".join(f"{b:02x}" for b in octets)
+        return mac_to_str(mac)
+    return mac_to_str(parse_mac(mac.strip()))
 
 
 def parse_static_lease(spec: str) -> tuple[str, IPv4Address]:
@@ -265,7 +252,7 @@ class DhcpConfig:
     ``first > last`` means an empty pool, possible only for tiny subnets by default).
     """
 
-    subnet: IPv4Network = DEFAULT_SUBNET
+    subnet: IPv4Network = field(default_factory=lambda: IPv4Network(DEFAULT_SUBNET))
     server_ip: IPv4Address | None = None  # default: network + 1
     dns_servers: list[IPv4Address] | None = None  # default: [server_ip]
     mtu: int = 1500
@@ -559,17 +546,17 @@ class DhcpServer:
             req = _parse_request(bytes(payload))
         except _Malformed as exc:
             self.stats.malformed += 1
-            log.debug("dhcp: malformed packet from %s: %s", _fmt_mac(src_mac), exc)
+            log.debug("dhcp.malformed", mac=_fmt_mac(src_mac), error=str(exc))
             return None
         except Exception:  # pragma: no cover - defensive: parsing must never raise
             self.stats.malformed += 1
-            log.exception("dhcp: unexpected error parsing packet")
+            log.exception("dhcp.parse_error")
             return None
         try:
             return self._dispatch(req, src_mac, now)
         except Exception:  # pragma: no cover - defensive: a bug must not kill the stack
             self.stats.malformed += 1
-            log.exception("dhcp: unexpected error handling packet")
+            log.exception("dhcp.internal_error")
             return None
 
     def leases(self, now: float) -> list[Lease]:
@@ -656,7 +643,7 @@ class DhcpServer:
         ip = self._choose_address(mac, req.ip_option(OPT_REQUESTED_IP))
         if ip is None:
             self.stats.pool_exhausted += 1
-            log.warning("dhcp: no free address for %s (pool exhausted)", mac)
+            log.warning("dhcp.pool_exhausted", mac=mac)
             return None
         if mac not in self._bindings:
             self._drop_offer(mac)
@@ -702,9 +689,9 @@ class DhcpServer:
         offer = self._offers.get(mac)
         holds = (binding is not None and binding.ip == ip) or (offer is not None and offer[0] == ip)
         if not holds:
-            log.info("dhcp: ignoring DECLINE of %s from %s, which does not hold it", ip, mac)
+            log.info("dhcp.decline_ignored", mac=mac, ip=str(ip), reason="not its address")
             return
-        log.warning("dhcp: %s declined %s (address in use?)", mac, ip)
+        log.warning("dhcp.declined", mac=mac, ip=str(ip), reason="address in use?")
         if binding is not None and binding.ip == ip:
             self._unbind(mac, "declined")
         self._drop_offer(mac)

@@ -14,8 +14,8 @@ length-delimited TCP message) to :class:`DnsResolver`. The module is split in tw
     DNS header, or a message that is itself a response -- answering those would allow
     reflection loops), or
   - :class:`ForwardQuery`: the name is not in any local zone; the caller forwards
-    ``ForwardQuery.data`` (the query bytes, untouched) with :class:`DnsForwarder` and sends
-    back whatever bytes the forwarder returns.
+    ``ForwardQuery.data`` (the query bytes, untouched) with the edge's ``DnsForwarder``
+    (:mod:`hostd.nat.dns`) and sends back whatever bytes the forwarder returns.
 
   Local data lives in :class:`DnsZones`: a set of zones for which the gateway is
   *authoritative*. Defaults (:func:`default_zones`) are ``containers.internal.`` and
@@ -32,20 +32,10 @@ length-delimited TCP message) to :class:`DnsResolver`. The module is split in tw
   bytes, or the guest's EDNS0 payload size capped at 1232): an oversized UDP answer is sent
   with TC set and no records so that the guest retries over TCP.
 
-* :class:`DnsForwarder` is the asyncio half. ``forward(query)`` relays the query bytes
-  *unchanged* to the upstream resolvers and returns the upstream's answer *unchanged*
-  (byte-identical; the guest sees the same id, flags, EDNS options, ...). Per query it
-  opens one ephemeral, randomly-ported UDP socket per address family (source port
-  randomisation is our spoofing defence, together with id and question checks) and always
-  closes it. It sends to one upstream, waits ``attempt_timeout``, then sends to the next one
-  (round robin, starting from the upstream that answered last), while still accepting a
-  late answer from any upstream already asked. Replies are accepted only when they come
-  from an upstream we asked, have QR set, the query's id and (if present) the query's
-  question; anything else is ignored. A reply with TC set is retried over TCP (2-byte
-  length prefix) against the same upstream, falling back to the truncated reply if TCP
-  fails. Queries the guest sent over TCP are forwarded over TCP directly. When nothing
-  usable arrives within ``timeout`` (default 4 s) the forwarder returns a SERVFAIL built
-  from the query, so a guest always gets an answer in well under 5 s.
+* The asyncio half -- the forwarder that relays queries to the upstream resolvers, and the
+  DNS-over-TCP session on the gateway's port 53 -- lives at the edge, in
+  :mod:`hostd.nat.dns`. This module does no I/O: it imports neither asyncio nor threading
+  and opens no socket (the gRPC API changes the zones on the loop that resolves).
 
 :func:`upstreams_from_resolv_conf` and :func:`parse_upstream` build the upstream list
 (``--dns-upstream``), :func:`parse_record_spec` parses ``--dns-record`` flags.
@@ -53,13 +43,9 @@ length-delimited TCP message) to :class:`DnsResolver`. The module is split in tw
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import ipaddress
 import re
-import socket
 import struct
-import threading
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -69,13 +55,11 @@ from dnslib import AAAA, CNAME, EDNS0, QTYPE, RR, SOA, A, DNSHeader, DNSLabel, D
 
 __all__ = [
     "DEFAULT_ZONE_NAMES",
-    "DnsForwarder",
     "DnsRecord",
     "DnsResolver",
     "DnsStats",
     "DnsZones",
     "ForwardQuery",
-    "ForwarderStats",
     "LocalAnswer",
     "default_zones",
     "error_response",
@@ -234,12 +218,12 @@ def _qtype_name(qtype: int | str) -> str:
 
 
 class DnsZones:
-    """Local authoritative data, safe to mutate from another thread (gRPC API) while the
-    stack resolves. Default zones come from :func:`default_zones`: ``containers.internal.``
-    and ``docker.internal.``, each with ``gateway`` -> gateway IP and ``host`` -> host IP."""
+    """Local authoritative data, changed by the API between the stack's lookups (both run
+    on hostd's one event loop, so no lock). Default zones come from :func:`default_zones`:
+    ``containers.internal.`` and ``docker.internal.``, each with ``gateway`` -> gateway IP
+    and ``host`` -> host IP."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
         self._zones: dict[str, list[DnsRecord]] = {}
         # gvproxy's zone extras: records whose name is a regular expression (searched in the
         # name relative to the zone) and a catch-all address; both answer only names that
@@ -253,20 +237,18 @@ class DnsZones:
     def add_zone(self, zone: str) -> str:
         """Create an (empty) zone if missing; returns the normalised zone name."""
         name = self._check_zone(zone)
-        with self._lock:
-            if name not in self._zones:
-                self._zones[name] = []
-                self.serial += 1
+        if name not in self._zones:
+            self._zones[name] = []
+            self.serial += 1
         return name
 
     def remove_zone(self, zone: str) -> bool:
         name = normalize_name(zone)
-        with self._lock:
-            removed = self._zones.pop(name, None) is not None
-            self._patterns.pop(name, None)
-            self._defaults.pop(name, None)
-            if removed:
-                self.serial += 1
+        removed = self._zones.pop(name, None) is not None
+        self._patterns.pop(name, None)
+        self._defaults.pop(name, None)
+        if removed:
+            self.serial += 1
         return removed
 
     def add_records(self, zone: str, records: list[DnsRecord]) -> None:
@@ -282,53 +264,49 @@ class DnsZones:
                 raise ValueError(f"name {rec.name!r} is not inside zone {zname!r}")
             if rec.rtype == "CNAME" and rec.name == zname:
                 raise ValueError(f"rtype CNAME is not allowed at the zone apex {zname!r}")
-        with self._lock:
-            for rec in records:
-                owner = self._zone_for_locked(rec.name)
-                if owner is not None and owner != zname and _in_zone(owner, zname):
-                    raise ValueError(
-                        f"name {rec.name!r} belongs to the more specific zone {owner!r}"
-                    )
-            # One pass, O(zone + records): a bulk add must not hold the loop (20,000 records
-            # took 10.8 s when each record re-filtered the whole zone). Insertion order is
-            # kept; a re-added record moves to the end with its new TTL.
-            merged = {(r.name, r.rtype, r.value): r for r in self._zones.get(zname, [])}
-            kinds: dict[str, Counter[str]] = {}
-            for r in merged.values():
-                kinds.setdefault(r.name, Counter())[r.rtype] += 1
-            for rec in records:
-                key = (rec.name, rec.rtype, rec.value)
-                have = kinds.setdefault(rec.name, Counter())
-                if merged.pop(key, None) is not None:
-                    have[rec.rtype] -= 1
-                present = {t for t, n in have.items() if n > 0}
-                if rec.rtype == "CNAME" and present:
-                    raise ValueError(
-                        f"rtype CNAME: name {rec.name!r} already has other records "
-                        f"({', '.join(sorted(present))})"
-                    )
-                if rec.rtype != "CNAME" and "CNAME" in present:
-                    raise ValueError(f"rtype {rec.rtype}: name {rec.name!r} already has a CNAME")
-                merged[key] = rec
-                have[rec.rtype] += 1
-            self._zones[zname] = list(merged.values())
-            self.serial += 1
+        for rec in records:
+            owner = self._zone_for(rec.name)
+            if owner is not None and owner != zname and _in_zone(owner, zname):
+                raise ValueError(f"name {rec.name!r} belongs to the more specific zone {owner!r}")
+        # One pass, O(zone + records): a bulk add must not hold the loop (20,000 records
+        # took 10.8 s when each record re-filtered the whole zone). Insertion order is
+        # kept; a re-added record moves to the end with its new TTL.
+        merged = {(r.name, r.rtype, r.value): r for r in self._zones.get(zname, [])}
+        kinds: dict[str, Counter[str]] = {}
+        for r in merged.values():
+            kinds.setdefault(r.name, Counter())[r.rtype] += 1
+        for rec in records:
+            key = (rec.name, rec.rtype, rec.value)
+            have = kinds.setdefault(rec.name, Counter())
+            if merged.pop(key, None) is not None:
+                have[rec.rtype] -= 1
+            present = {t for t, n in have.items() if n > 0}
+            if rec.rtype == "CNAME" and present:
+                raise ValueError(
+                    f"rtype CNAME: name {rec.name!r} already has other records "
+                    f"({', '.join(sorted(present))})"
+                )
+            if rec.rtype != "CNAME" and "CNAME" in present:
+                raise ValueError(f"rtype {rec.rtype}: name {rec.name!r} already has a CNAME")
+            merged[key] = rec
+            have[rec.rtype] += 1
+        self._zones[zname] = list(merged.values())
+        self.serial += 1
 
     def remove_records(self, zone: str, names: list[str]) -> int:
         """Remove every record owned by any of *names* in *zone*; returns how many records
         were removed (0 for an unknown zone). The zone itself stays (still authoritative)."""
         zname = normalize_name(zone)
         wanted = {normalize_name(n) for n in names}
-        with self._lock:
-            records = self._zones.get(zname)
-            if records is None:
-                return 0
-            kept = [r for r in records if r.name not in wanted]
-            removed = len(records) - len(kept)
-            if removed:
-                self._zones[zname] = kept
-                self.serial += 1
-            return removed
+        records = self._zones.get(zname)
+        if records is None:
+            return 0
+        kept = [r for r in records if r.name not in wanted]
+        removed = len(records) - len(kept)
+        if removed:
+            self._zones[zname] = kept
+            self.serial += 1
+        return removed
 
     def add_pattern(self, zone: str, pattern: str, address: str) -> None:
         """A record for every name of `zone` (relative to it) that `pattern` matches."""
@@ -338,98 +316,91 @@ class DnsZones:
         except re.error as e:
             raise ValueError(f"regexp {pattern!r}: {e}") from None
         _check_address(address)
-        with self._lock:
-            self._zones.setdefault(zname, [])
-            patterns = self._patterns.setdefault(zname, [])
-            if all((p, a) != (pattern, address) for p, _, a in patterns):
-                patterns.append((pattern, compiled, address))
-            self.serial += 1
+        self._zones.setdefault(zname, [])
+        patterns = self._patterns.setdefault(zname, [])
+        if all((p, a) != (pattern, address) for p, _, a in patterns):
+            patterns.append((pattern, compiled, address))
+        self.serial += 1
 
     def remove_pattern(self, zone: str, pattern: str) -> int:
         zname = normalize_name(zone)
-        with self._lock:
-            patterns = self._patterns.get(zname, [])
-            kept = [p for p in patterns if p[0] != pattern]
-            self._patterns[zname] = kept
-            if len(kept) != len(patterns):
-                self.serial += 1
-            return len(patterns) - len(kept)
+        patterns = self._patterns.get(zname, [])
+        kept = [p for p in patterns if p[0] != pattern]
+        self._patterns[zname] = kept
+        if len(kept) != len(patterns):
+            self.serial += 1
+        return len(patterns) - len(kept)
 
     def set_default(self, zone: str, address: str | None) -> None:
         """The address every other name in `zone` resolves to (None: NXDOMAIN again)."""
         zname = self._check_zone(zone)
         if address:
             _check_address(address)
-        with self._lock:
-            self._zones.setdefault(zname, [])
-            if address:
-                self._defaults[zname] = address
-            else:
-                self._defaults.pop(zname, None)
-            self.serial += 1
+        self._zones.setdefault(zname, [])
+        if address:
+            self._defaults[zname] = address
+        else:
+            self._defaults.pop(zname, None)
+        self.serial += 1
 
     def extras(self, zone: str) -> tuple[list[tuple[str, str]], str | None]:
         """(pattern, address) pairs and the catch-all address of `zone`."""
         zname = normalize_name(zone)
-        with self._lock:
-            patterns = [(p, a) for p, _, a in self._patterns.get(zname, [])]
-            return patterns, self._defaults.get(zname)
+        patterns = [(p, a) for p, _, a in self._patterns.get(zname, [])]
+        return patterns, self._defaults.get(zname)
 
     # -- queries ------------------------------------------------------------------------
 
     def zones(self) -> list[tuple[str, list[DnsRecord]]]:
-        with self._lock:
-            return [(z, list(recs)) for z, recs in sorted(self._zones.items())]
+        return [(z, list(recs)) for z, recs in sorted(self._zones.items())]
 
     def zone_for(self, name: str) -> str | None:
         """The most specific of our zones containing *name*, or None."""
-        with self._lock:
-            return self._zone_for_locked(normalize_name(name))
+        return self._zone_for(normalize_name(name))
 
     def lookup(self, qname: str | DNSLabel, qtype: int | str) -> LocalAnswer | None:
         """Resolve *qname*/*qtype* (class IN) from local data; None = not ours, forward."""
         name = normalize_name(qname)
         tname = _qtype_name(qtype)
-        with self._lock:
-            zone = self._zone_for_locked(name)
-            if zone is None:
-                return None
-            answers: list[DnsRecord] = []
-            seen: set[str] = set()
-            current, cur_zone = name, zone
-            while True:
-                recs = [r for r in self._zones[cur_zone] if r.name == current]
-                if tname == "ANY" and recs:
-                    return LocalAnswer(RCODE_NOERROR, answers + recs, zone)
-                matching = [r for r in recs if r.rtype == tname]
-                if matching:
-                    return LocalAnswer(RCODE_NOERROR, answers + matching, zone)
-                cname = next((r for r in recs if r.rtype == "CNAME"), None)
-                if cname is not None:
-                    answers.append(cname)
-                    seen.add(current)
-                    if cname.value in seen or len(seen) > MAX_CNAME_CHAIN:
-                        return LocalAnswer(RCODE_SERVFAIL, [], zone)
-                    target_zone = self._zone_for_locked(cname.value)
-                    if target_zone is None:  # leaves our authority: the client chases it
-                        return LocalAnswer(RCODE_NOERROR, answers, zone)
-                    current, cur_zone = cname.value, target_zone
-                    continue
-                if current == cur_zone and tname == "SOA":
-                    return LocalAnswer(RCODE_NOERROR, answers, zone, cur_zone, soa_in_answer=True)
-                if not recs and current != cur_zone:
-                    extra = self._extra_locked(current, cur_zone)
-                    if extra is not None:
-                        if tname in (extra.rtype, "ANY"):
-                            return LocalAnswer(RCODE_NOERROR, [*answers, extra], zone)
-                        return LocalAnswer(RCODE_NOERROR, answers, zone, soa_zone=cur_zone)
-                exists = (
-                    bool(recs)
-                    or current == cur_zone
-                    or any(r.name.endswith("." + current) for r in self._zones[cur_zone])
-                )
-                rcode = RCODE_NOERROR if exists else RCODE_NXDOMAIN
-                return LocalAnswer(rcode, answers, zone, soa_zone=cur_zone)
+        zone = self._zone_for(name)
+        if zone is None:
+            return None
+        answers: list[DnsRecord] = []
+        seen: set[str] = set()
+        current, cur_zone = name, zone
+        while True:
+            recs = [r for r in self._zones[cur_zone] if r.name == current]
+            if tname == "ANY" and recs:
+                return LocalAnswer(RCODE_NOERROR, answers + recs, zone)
+            matching = [r for r in recs if r.rtype == tname]
+            if matching:
+                return LocalAnswer(RCODE_NOERROR, answers + matching, zone)
+            cname = next((r for r in recs if r.rtype == "CNAME"), None)
+            if cname is not None:
+                answers.append(cname)
+                seen.add(current)
+                if cname.value in seen or len(seen) > MAX_CNAME_CHAIN:
+                    return LocalAnswer(RCODE_SERVFAIL, [], zone)
+                target_zone = self._zone_for(cname.value)
+                if target_zone is None:  # leaves our authority: the client chases it
+                    return LocalAnswer(RCODE_NOERROR, answers, zone)
+                current, cur_zone = cname.value, target_zone
+                continue
+            if current == cur_zone and tname == "SOA":
+                return LocalAnswer(RCODE_NOERROR, answers, zone, cur_zone, soa_in_answer=True)
+            if not recs and current != cur_zone:
+                extra = self._extra(current, cur_zone)
+                if extra is not None:
+                    if tname in (extra.rtype, "ANY"):
+                        return LocalAnswer(RCODE_NOERROR, [*answers, extra], zone)
+                    return LocalAnswer(RCODE_NOERROR, answers, zone, soa_zone=cur_zone)
+            exists = (
+                bool(recs)
+                or current == cur_zone
+                or any(r.name.endswith("." + current) for r in self._zones[cur_zone])
+            )
+            rcode = RCODE_NOERROR if exists else RCODE_NXDOMAIN
+            return LocalAnswer(rcode, answers, zone, soa_zone=cur_zone)
 
     # -- helpers ------------------------------------------------------------------------
 
@@ -443,7 +414,7 @@ class DnsZones:
             raise ValueError(f"zone {zone!r} {why}")
         return name
 
-    def _extra_locked(self, name: str, zone: str) -> DnsRecord | None:
+    def _extra(self, name: str, zone: str) -> DnsRecord | None:
         relative = name[: -len(zone) - 1]
         for _, compiled, address in self._patterns.get(zone, ()):
             if compiled.search(relative):
@@ -453,7 +424,7 @@ class DnsZones:
             return DnsRecord(name, "AAAA" if ":" in default else "A", default)
         return None
 
-    def _zone_for_locked(self, name: str) -> str | None:
+    def _zone_for(self, name: str) -> str | None:
         best: str | None = None
         for zone in self._zones:
             if _in_zone(name, zone) and (best is None or len(zone) > len(best)):
@@ -714,270 +685,6 @@ class DnsResolver:
         else:
             self.stats.local_answers += 1
         return wire
-
-
-# --------------------------------------------------------------------------- forwarder
-
-
-@dataclass
-class ForwarderStats:
-    queries: int = 0
-    answers: int = 0
-    servfail: int = 0  # SERVFAILs we synthesised (no usable upstream answer in time)
-    udp_attempts: int = 0
-    tcp_attempts: int = 0
-    tc_retries: int = 0
-    ignored_replies: int = 0  # wrong id / wrong source / not a response / wrong question
-    send_errors: int = 0
-
-
-def _addr_key(host: str, port: int) -> tuple[str, int]:
-    return str(ipaddress.ip_address(host.split("%", 1)[0])), port
-
-
-def _valid_reply(reply: bytes, qid: int, question: bytes | None) -> bool:
-    if len(reply) < 12:
-        return False
-    rid, rflags, qdcount = struct.unpack_from("!HHH", reply, 0)
-    if rid != qid or not rflags & _FLAG_QR:
-        return False
-    if question is not None and qdcount:
-        rq = _question_bytes(reply)
-        if rq is not None and rq != question:
-            return False
-    return True
-
-
-class _UdpExchangeProtocol(asyncio.DatagramProtocol):
-    def __init__(self, exchange: _UdpExchange) -> None:
-        self.exchange = exchange
-
-    def datagram_received(self, data: bytes, addr: tuple) -> None:  # type: ignore[override]
-        self.exchange.received(data, addr)
-
-    def error_received(self, exc: Exception) -> None:
-        pass  # ICMP errors: just wait for the next attempt
-
-
-class _UdpExchange:
-    """One query's ephemeral UDP sockets (one per address family) and its result future."""
-
-    def __init__(self, forwarder: DnsForwarder, query: bytes) -> None:
-        self.forwarder = forwarder
-        self.query = query
-        self.qid = struct.unpack_from("!H", query, 0)[0]
-        self.question = _question_bytes(query)
-        self.loop = asyncio.get_running_loop()
-        self.result: asyncio.Future[tuple[bytes, int] | None] = self.loop.create_future()
-        self.transports: dict[int, asyncio.DatagramTransport] = {}
-        self.asked: dict[tuple[str, int], int] = {}  # upstream key -> upstream index
-
-    async def send(self, index: int) -> None:
-        host, port = self.forwarder.upstreams[index]
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        transport = self.transports.get(family)
-        if transport is None:
-            sock = socket.socket(family, socket.SOCK_DGRAM)
-            try:
-                sock.setblocking(False)
-                sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
-                transport, _ = await self.loop.create_datagram_endpoint(
-                    lambda: _UdpExchangeProtocol(self), sock=sock
-                )
-            except BaseException:
-                sock.close()
-                raise
-            self.transports[family] = transport
-        self.asked[_addr_key(host, port)] = index
-        transport.sendto(self.query, (host, port))
-
-    def received(self, data: bytes, addr: tuple) -> None:
-        try:
-            key = _addr_key(addr[0], addr[1])
-        except ValueError:
-            key = ("", 0)
-        index = self.asked.get(key)
-        if index is None or self.result.done() or not _valid_reply(data, self.qid, self.question):
-            self.forwarder.stats.ignored_replies += 1
-            return
-        self.result.set_result((data, index))
-
-    def abort(self) -> None:
-        if not self.result.done():
-            self.result.set_result(None)
-
-    def close(self) -> None:
-        for transport in self.transports.values():
-            transport.close()
-        self.transports.clear()
-
-
-class DnsForwarder:
-    """Raw asyncio forwarder to upstream resolvers; see the module docstring."""
-
-    def __init__(
-        self,
-        upstreams: list[tuple[str, int]],
-        *,
-        timeout: float = 4.0,
-        attempt_timeout: float = 1.0,
-        tcp_attempt_timeout: float = 2.0,
-        max_inflight: int = 512,
-    ) -> None:
-        self.upstreams: list[tuple[str, int]] = []
-        for host, port in upstreams:
-            try:
-                _addr_key(str(host), int(port))
-            except ValueError:
-                raise ValueError(f"upstreams: {host!r} is not an IP address") from None
-            if not 0 < int(port) < 65536:
-                raise ValueError(f"upstreams: port {port!r} is out of range 1..65535")
-            self.upstreams.append((str(host), int(port)))
-        self.timeout = timeout
-        self.attempt_timeout = attempt_timeout
-        self.tcp_attempt_timeout = tcp_attempt_timeout
-        self.stats = ForwarderStats()
-        self._preferred = 0
-        self._closed = False
-        self._inflight = asyncio.Semaphore(max_inflight)
-        self._exchanges: set[_UdpExchange] = set()
-
-    async def forward(self, query: bytes, *, tcp: bool = False) -> bytes:
-        """Forward *query* (raw message, no TCP length prefix) and return the upstream's
-        answer unchanged, or a SERVFAIL built from the query when none arrives within
-        ``timeout``. Returns b"" only for a query shorter than a DNS header."""
-        query = bytes(query)
-        if len(query) < 12:
-            return b""
-        self.stats.queries += 1
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.timeout
-        answer: bytes | None = None
-        if self.upstreams and not self._closed and len(query) <= 0xFFFF:
-            try:
-                async with asyncio.timeout(self.timeout):
-                    async with self._inflight:
-                        if tcp:
-                            answer = await self._forward_tcp(query, deadline)
-                        else:
-                            answer = await self._forward_udp(query, deadline)
-            except TimeoutError:
-                answer = None
-        if answer is None:
-            self.stats.servfail += 1
-            return servfail_response(query)
-        self.stats.answers += 1
-        return answer
-
-    async def close(self) -> None:
-        """Abort in-flight queries (they return SERVFAIL) and refuse new ones."""
-        self._closed = True
-        for exchange in list(self._exchanges):
-            exchange.abort()
-            exchange.close()
-
-    async def __aenter__(self) -> DnsForwarder:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    # -- UDP ----------------------------------------------------------------------------
-
-    async def _forward_udp(self, query: bytes, deadline: float) -> bytes | None:
-        loop = asyncio.get_running_loop()
-        exchange = _UdpExchange(self, query)
-        self._exchanges.add(exchange)
-        try:
-            count = len(self.upstreams)
-            start = self._preferred % count
-            attempt = 0
-            failures_in_row = 0
-            result: tuple[bytes, int] | None = None
-            while not self._closed:
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
-                index = (start + attempt) % count
-                attempt += 1
-                self.stats.udp_attempts += 1
-                try:
-                    await exchange.send(index)
-                    failures_in_row = 0
-                except OSError:
-                    self.stats.send_errors += 1
-                    failures_in_row += 1
-                    if failures_in_row < count:
-                        continue  # try the next upstream at once
-                    failures_in_row = 0
-                await asyncio.wait({exchange.result}, timeout=min(self.attempt_timeout, remaining))
-                if exchange.result.done():
-                    result = exchange.result.result()
-                    break
-        finally:
-            exchange.abort()
-            exchange.close()
-            self._exchanges.discard(exchange)
-        if result is None:
-            return None
-        reply, index = result
-        self._preferred = index
-        if struct.unpack_from("!H", reply, 2)[0] & _FLAG_TC:
-            self.stats.tc_retries += 1
-            remaining = deadline - loop.time()
-            if remaining > 0:
-                full = await self._tcp_exchange(query, self.upstreams[index], remaining)
-                if full is not None:
-                    return full
-        return reply
-
-    # -- TCP ----------------------------------------------------------------------------
-
-    async def _forward_tcp(self, query: bytes, deadline: float) -> bytes | None:
-        loop = asyncio.get_running_loop()
-        count = len(self.upstreams)
-        start = self._preferred % count
-        attempt = 0
-        while not self._closed:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                return None
-            index = (start + attempt) % count
-            attempt += 1
-            budget = min(self.tcp_attempt_timeout, remaining)
-            answer = await self._tcp_exchange(query, self.upstreams[index], budget)
-            if answer is not None:
-                self._preferred = index
-                return answer
-            if attempt % count == 0:  # a whole round failed: don't spin on refusals
-                await asyncio.sleep(min(0.25, max(0.0, deadline - loop.time())))
-        return None
-
-    async def _tcp_exchange(
-        self, query: bytes, upstream: tuple[str, int], budget: float
-    ) -> bytes | None:
-        self.stats.tcp_attempts += 1
-        qid = struct.unpack_from("!H", query, 0)[0]
-        question = _question_bytes(query)
-        writer: asyncio.StreamWriter | None = None
-        try:
-            async with asyncio.timeout(budget):
-                reader, writer = await asyncio.open_connection(upstream[0], upstream[1])
-                writer.write(struct.pack("!H", len(query)) + query)
-                await writer.drain()
-                while True:
-                    (length,) = struct.unpack("!H", await reader.readexactly(2))
-                    reply = await reader.readexactly(length)
-                    if _valid_reply(reply, qid, question):
-                        return reply
-                    self.stats.ignored_replies += 1
-        except (OSError, TimeoutError, asyncio.IncompleteReadError):
-            return None
-        finally:
-            if writer is not None:
-                writer.close()
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(writer.wait_closed(), 0.2)
 
 
 # --------------------------------------------------------------------------- configuration

@@ -1,4 +1,4 @@
-"""Tests for hostd.services.dns.
+"""Tests for hostd.services.dns (resolver, zones) and hostd.nat.dns (the forwarder).
 
 Network safety: every upstream used here is a dnslib server (or a silent socket) bound on
 127.0.0.1 with a random port; nothing is ever sent to the machine's real resolver.
@@ -17,10 +17,10 @@ import pytest
 from dnslib import AAAA, EDNS0, MX, QTYPE, RR, SRV, TXT, A, DNSRecord
 from dnslib.server import DNSHandler, DNSLogger, DNSServer
 
+from hostd.nat.dns import DnsForwarder
 from hostd.services.dns import (
     RCODE_NOERROR,
     RCODE_NXDOMAIN,
-    DnsForwarder,
     DnsRecord,
     DnsResolver,
     DnsZones,
