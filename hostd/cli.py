@@ -138,6 +138,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     lim.add_argument("--tcp-time-wait", type=float, default=60.0, metavar="SECONDS")
     lim.add_argument(
+        "--max-connections",
+        type=int,
+        metavar="N",
+        help="host sockets guests may hold at once: NAT connections and dials, UDP and ICMP "
+        "flows, forwarded clients; beyond it new ones are refused (RST, ICMP unreachable) "
+        "and counted (default: the descriptor limit, raised to the hard limit at start, less "
+        "a reserve of an eighth, at least 256, that links, the API and DNS always have)",
+    )
+    lim.add_argument(
+        "--max-connections-per-guest",
+        type=int,
+        metavar="N",
+        help="of --max-connections, what one guest address may hold (default: half)",
+    )
+    lim.add_argument(
         "--tcp-ack-delay",
         type=float,
         default=0.002,
@@ -298,6 +313,8 @@ def config_from_args(args: argparse.Namespace) -> NetworkConfig:
         tcp_max_pending=args.tcp_max_pending,
         tcp_time_wait=args.tcp_time_wait,
         tcp_ack_delay=args.tcp_ack_delay,
+        max_connections=args.max_connections,
+        max_connections_per_guest=args.max_connections_per_guest,
     )
 
 
@@ -540,6 +557,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--api-token-file: {e.strerror or e}: {e.filename}")
     except ValueError as e:
         parser.error(str(e))
+    from hostd.privileges import raise_nofile_limit
+
+    raise_nofile_limit()  # before privileges are dropped; the budget is derived from it
     state = None
     if args.state_file:
         from hostd.state import StateError

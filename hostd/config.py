@@ -44,6 +44,10 @@ class NetworkConfig:
     tcp_buffer: int = 4 << 20
     tcp_time_wait: float = 60.0
     tcp_ack_delay: float = 0.002  # a reply from a loopback server usually comes sooner
+    # Host sockets guests may hold at once (None: the descriptor limit less a reserve,
+    # hostd/nat/budget.py) and each guest address's share of them (None: half).
+    max_connections: int | None = None
+    max_connections_per_guest: int | None = None
     # The address plan (None: the gvproxy-derived default of the subnet). The gateway may be
     # the host-loopback address too (slirp4netns's .2); DNS may be an address of its own.
     gateway_ip: IPv4Address = None  # type: ignore[assignment]  # default: network + 1
@@ -78,6 +82,10 @@ class NetworkConfig:
                 raise ValueError(f"DHCP range {first}-{last} is not a range of hosts of {net}")
         if not 0 <= self.tcp_ack_delay <= 0.2:
             raise ValueError(f"TCP ACK delay {self.tcp_ack_delay} s out of range 0..0.2")
+        for name in ("max_connections", "max_connections_per_guest"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name.replace('_', '-')} {value} must be at least 1")
         if not MIN_MTU <= self.mtu <= MAX_MTU:
             raise ValueError(f"MTU {self.mtu} out of range {MIN_MTU}..{MAX_MTU}")
         if not self.static_leases:

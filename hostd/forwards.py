@@ -8,7 +8,12 @@
   only where nothing exists; it is removed on unexpose only if it is still the socket we made
   (an API must not become a way to delete files: gvproxy's could).
 - UDP: one host socket; per client address a session with its own source 4-tuple in the
-  stack, so the guest's replies find their way back; idle sessions are reaped.
+  stack, so the guest's replies find their way back. Sessions live in a flow table
+  (`hostd/nat/flows.py`: at most `udp_max_flows` per forward, least recently used evicted,
+  idle ones reaped), as NAT flows do.
+
+A forwarded TCP or unix client's socket counts against the descriptor budget
+(`hostd/nat/budget.py`); over it, the client is reset at once and the refusal counted.
 
 Duplicates are refused before any socket is touched, naming the forward that holds the
 address, and the reservation is made before the first `await`, so of two concurrent Expose
@@ -31,6 +36,8 @@ from typing import TYPE_CHECKING, Protocol
 import structlog
 
 from hostd.errors import ControlError
+from hostd.nat.budget import BudgetExceeded
+from hostd.nat.flows import FlowTable
 from hostd.nat.tcp import HostSide
 from hostd.stack import tcp
 from netferry.address import AddressError, HostPort, parse_host_port, parse_remote, parse_unix_path
@@ -77,6 +84,7 @@ class Forward:
             "total": 0,
             "bytes_to_guest": 0,
             "bytes_from_guest": 0,
+            "refused": 0,  # clients reset: the descriptor budget was spent
         }
     )
     listener: object = None  # StreamListener or DatagramTransport
@@ -143,6 +151,7 @@ class StreamListener:
         self.fwd = fwd
         self.socks = socks
         self.loop = forwards.switch.loop
+        self.budget = forwards.switch.tcp_nat.budget
         for sock in socks:
             sock.setblocking(False)
             self.loop.add_reader(sock.fileno(), self._accept, sock)
@@ -162,6 +171,11 @@ class StreamListener:
                     self.loop.remove_reader(listener.fileno())
                     self.loop.call_later(ACCEPT_RETRY_DELAY, self._resume, listener)
                 return
+            try:
+                sock = self.budget.adopt(sock, what=f"{self.fwd.protocol} forward")
+            except BudgetExceeded:
+                self.fwd.counters["refused"] += 1  # reset and closed by the budget
+                continue
             sock.setblocking(False)
             if sock.family != socket.AF_UNIX:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -227,9 +241,15 @@ class UdpForwarder(asyncio.DatagramProtocol):
         self.fwd = fwd
         self.loop = forwards.switch.loop
         self.transport: asyncio.DatagramTransport | None = None
-        self.sessions: dict[tuple, UdpSession] = {}
+        config = forwards.switch.config
+        self.sessions: FlowTable[tuple, UdpSession] = FlowTable(
+            "forward.udp",
+            max_flows=config.udp_max_flows,
+            idle_timeout=config.udp_idle_timeout,
+            close=self._session_closed,
+        )
         self.guest_ip = ipaddress.IPv4Address(fwd.remote.host).packed
-        self.sweeper = self.loop.create_task(self._sweep())
+        self.sessions.start_sweeping(self.loop)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -239,14 +259,16 @@ class UdpForwarder(asyncio.DatagramProtocol):
         session = self.sessions.get(addr)
         now = self.loop.time()
         if session is None:
+            self.sessions.make_room()
             src_ip, src_port = self.forwards.source_for(addr, self.fwd.remote, "udp")
             key = (self.guest_ip, self.fwd.remote.port, src_ip, src_port)
             session = UdpSession(self, addr, key, now)
-            self.sessions[addr] = session
+            self.sessions.add(addr, session)
             network.udp_sessions[key] = session
             self.fwd.counters["active"] += 1
             self.fwd.counters["total"] += 1
-        session.last_active = now
+        else:
+            self.sessions.touch(addr, session, now)
         self.fwd.counters["bytes_to_guest"] += len(data)
         _, gport, src_ip, src_port = session.key
         network.send_udp(src_ip, src_port, self.guest_ip, gport, data)
@@ -255,23 +277,12 @@ class UdpForwarder(asyncio.DatagramProtocol):
     def error_received(self, exc: Exception) -> None:
         pass  # an ICMP error for one client; its session times out
 
-    async def _sweep(self) -> None:
-        timeout = self.forwards.switch.config.udp_idle_timeout
-        while True:
-            await asyncio.sleep(max(0.2, min(5.0, timeout / 4)))
-            now = self.loop.time()
-            for addr in [a for a, s in self.sessions.items() if now - s.last_active >= timeout]:
-                self._drop(addr)
-
-    def _drop(self, addr: tuple) -> None:
-        session = self.sessions.pop(addr)
+    def _session_closed(self, session: UdpSession) -> None:
         self.forwards.switch.network.udp_sessions.pop(session.key, None)
         self.fwd.counters["active"] -= 1
 
     def close(self) -> None:
-        self.sweeper.cancel()
-        for addr in list(self.sessions):
-            self._drop(addr)
+        self.sessions.close()
         if self.transport is not None:
             self.transport.close()
 

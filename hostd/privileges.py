@@ -1,5 +1,8 @@
 """Less privilege once hostd runs, as slirp4netns and passt do.
 
+At start (before anything is opened) hostd raises its soft descriptor limit to the hard
+one (`raise_nofile_limit`), which the descriptor budget is derived from.
+
 After its links, API sockets and startup forwards are open, hostd:
 1. sets PR_SET_NO_NEW_PRIVS: nothing it could ever execute gains privileges (setuid bits
    and file capabilities are ignored), and a seccomp filter needs no CAP_SYS_ADMIN;
@@ -135,6 +138,16 @@ def apply_sandbox() -> None:
             continue  # not a system call on this architecture
     flt.set_attr(seccomp.Attr.CTL_TSYNC, 1)  # grpc's and asyncio's threads too
     flt.load()
+
+
+def raise_nofile_limit() -> None:
+    """Soft RLIMIT_NOFILE up to the hard limit, at start: the descriptor budget
+    (hostd/nat/budget.py) is derived from it. Raising the soft limit needs no privilege,
+    but it is done before `drop_privileges` all the same, so the order never matters."""
+    from hostd.nat.budget import raise_nofile_limit as raise_limit
+
+    before, after = raise_limit()
+    log.info("privileges.nofile_limit", before=before, after=after)
 
 
 def drop_privileges(sandbox: bool = False) -> None:

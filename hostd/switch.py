@@ -21,6 +21,7 @@ from hostd.capture import PcapWriter
 from hostd.config import NetworkConfig
 from hostd.forwards import Forwards
 from hostd.links import Endpoint, Link, open_endpoint
+from hostd.nat.budget import DescriptorBudget, default_max_connections, nofile_limit
 from hostd.nat.dns import DnsForwarder, DnsTcpSession
 from hostd.nat.icmp import IcmpNat, ping_sockets_allowed
 from hostd.nat.tcp import TcpNat
@@ -60,19 +61,34 @@ class HostSwitch:
         if self.pcap is not None:
             self.network.originated = []
         self.loop = asyncio.get_running_loop()
+        # Guest sockets draw from a budget below the descriptor limit; the rest is the
+        # reserve that links, the API and DNS always have (hostd/nat/budget.py).
+        self.nofile_limit = nofile_limit()
+        max_connections = config.max_connections
+        if max_connections is None:
+            max_connections = default_max_connections(self.nofile_limit)
+        self.budget = DescriptorBudget(max_connections, config.max_connections_per_guest)
+        reserve = self.nofile_limit - max_connections
         self.udp_nat = UdpNat(
             self.network,
             self.flush,
             idle_timeout=config.udp_idle_timeout,
             max_flows=config.udp_max_flows,
+            budget=self.budget,
         )
         self.icmp_nat = IcmpNat(
             self.network,
             self.flush,
             idle_timeout=config.icmp_idle_timeout,
             max_flows=config.icmp_max_flows,
+            budget=self.budget,
         )
-        self.dns_forwarder = DnsForwarder(config.dns_upstreams) if config.dns_upstreams else None
+        self.dns_forwarder = (
+            # At most two sockets per query in flight: a quarter of the reserve.
+            DnsForwarder(config.dns_upstreams, max_inflight=max(16, min(512, reserve // 8)))
+            if config.dns_upstreams
+            else None
+        )
         self.dns_upstreams = list(self.dns_forwarder.upstreams) if self.dns_forwarder else []
         self.tcp_nat = TcpNat(
             self.network,
@@ -84,6 +100,7 @@ class HostSwitch:
                 )
             },
             on_error=lambda **fields: self._event("connection_error", **fields),
+            budget=self.budget,
         )
         self._dns_tasks: set[asyncio.Task[None]] = set()
         self._timer: asyncio.TimerHandle | None = None
@@ -185,6 +202,18 @@ class HostSwitch:
         self._arm_timer()
 
     def _dispatch(self, ev: object) -> None:
+        try:
+            self._dispatch_event(ev)
+        except Exception:
+            # A NAT handler must not raise (socket failures are handled where sockets are
+            # made); if a bug makes one, this event is lost, never the link or the flush.
+            self.network.stats["internal_errors"] += 1
+            now = self.loop.time()
+            if now >= self._internal_error_logged + 10.0:
+                self._internal_error_logged = now
+                log.exception("switch.dispatch_error", event=type(ev).__name__)
+
+    def _dispatch_event(self, ev: object) -> None:
         if isinstance(ev, TcpConnEvent):
             self.tcp_nat.connection_event(ev)
         elif isinstance(ev, UdpSessionDatagram):
@@ -318,6 +347,7 @@ class HostSwitch:
                 connections=len(self.network.tcp_conns),
             ),
             "links": {link.name: vars(link.counters) for link in self.links.values()},
+            "descriptors": dict(self.budget.as_dict(), nofile_limit=self.nofile_limit),
         }
 
     async def close(self) -> None:

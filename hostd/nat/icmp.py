@@ -13,6 +13,10 @@ is not an echo reply of ours is ignored.
 
 With neither, hostd says so once, with the command that fixes it, and drops echo requests
 (the gateway's own echo still answers).
+
+Flows live in the NAT's flow table (`hostd/nat/flows.py`: bounded, LRU eviction, idle
+sweep); a ping socket is drawn from the descriptor budget (`hostd/nat/budget.py`), and an
+echo that gets none (over the budget, or socket() failing) is dropped and counted.
 """
 
 from __future__ import annotations
@@ -21,12 +25,13 @@ import asyncio
 import ipaddress
 import os
 import socket
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
 
+from hostd.nat.budget import BudgetExceeded, DescriptorBudget
+from hostd.nat.flows import FlowTable
 from hostd.stack import icmp
 from hostd.stack.network import IcmpEchoOutbound, Network
 
@@ -76,14 +81,16 @@ class IcmpNat:
         *,
         idle_timeout: float,
         max_flows: int,
+        budget: DescriptorBudget | None = None,
     ) -> None:
         self.network = network
         self.flush = flush
-        self.idle_timeout = idle_timeout
-        self.max_flows = max_flows
-        self.flows: OrderedDict[FlowKey, EchoFlow] = OrderedDict()
+        self.budget = budget if budget is not None else DescriptorBudget(1 << 20)
+        self.flows: FlowTable[FlowKey, EchoFlow] = FlowTable(
+            "nat.icmp", max_flows=max_flows, idle_timeout=idle_timeout, close=self._close
+        )
         self.loop = asyncio.get_running_loop()
-        self.stats = {"echo_out": 0, "echo_in": 0, "denied": 0, "errors": 0, "flows_reaped": 0}
+        self._stats = {"echo_out": 0, "echo_in": 0, "denied": 0, "errors": 0, "budget_refused": 0}
         self._warned = False
         self.raw = open_raw_icmp()
         self.raw_flows: dict[tuple[bytes, int], EchoFlow] = {}
@@ -91,7 +98,12 @@ class IcmpNat:
         if self.raw is not None:
             self.loop.add_reader(self.raw.fileno(), self._raw_readable)
             log.info("nat.icmp.raw_socket", reason="ping sockets not permitted; CAP_NET_RAW")
-        self._sweeper = self.loop.create_task(self._sweep_forever())
+        self.flows.start_sweeping(self.loop)
+
+    @property
+    def stats(self) -> dict[str, int]:
+        table = self.flows.stats
+        return dict(self._stats, flows_reaped=table["reaped"], flows_evicted=table["evicted"])
 
     def send(self, ev: IcmpEchoOutbound) -> None:
         key = (ev.guest_ip, ev.dst_ip, ev.ident)
@@ -102,8 +114,7 @@ class IcmpNat:
             if flow is None:
                 return
         else:
-            self.flows.move_to_end(key)
-        flow.last_active = now
+            self.flows.touch(key, flow, now)
         try:
             if flow.sock is None:
                 assert self.raw is not None
@@ -115,15 +126,13 @@ class IcmpNat:
                 message = icmp.HEADER.pack(icmp.ECHO_REQUEST, 0, 0, 0, ev.seq) + ev.payload
                 flow.sock.send(message)
         except OSError as e:
-            self.stats["errors"] += 1
+            self._stats["errors"] += 1
             log.debug("nat.icmp.send_failed", target=ev.target_ip, error=str(e))
             return
-        self.stats["echo_out"] += 1
+        self._stats["echo_out"] += 1
 
     def _open(self, key: FlowKey, target_ip: str, now: float) -> EchoFlow | None:
-        while len(self.flows) >= self.max_flows:
-            _, old = self.flows.popitem(last=False)
-            self._close(old)
+        self.flows.make_room()
         v6 = ipaddress.ip_address(target_ip).version == 6
         if self.raw is not None and not v6:
             target = ipaddress.IPv4Address(target_ip).packed
@@ -132,17 +141,22 @@ class IcmpNat:
                 if (target, self._next_ident) not in self.raw_flows:
                     break
             flow = EchoFlow(key, None, now, target, self._next_ident)
-            self.flows[key] = flow
+            self.flows.add(key, flow)
             self.raw_flows[(target, flow.host_ident)] = flow
             return flow
         try:
-            sock = socket.socket(
+            sock = self.budget.open(
                 socket.AF_INET6 if v6 else socket.AF_INET,
                 socket.SOCK_DGRAM,
                 socket.IPPROTO_ICMPV6 if v6 else socket.IPPROTO_ICMP,
+                guest=key[0],
+                what="icmp echo flow",
             )
+        except BudgetExceeded:
+            self._stats["budget_refused"] += 1
+            return None
         except PermissionError:
-            self.stats["denied"] += 1
+            self._stats["denied"] += 1
             if not self._warned:
                 self._warned = True
                 _, value = ping_sockets_allowed()
@@ -154,16 +168,19 @@ class IcmpNat:
                     effect="echo requests to addresses other than the gateway are dropped",
                 )
             return None
+        except OSError as e:  # EMFILE and friends: this echo is lost, the switch carries on
+            self._stats["errors"] += 1
+            self.budget.socket_failed(e, "icmp echo flow")
+            return None
         try:
-            sock.setblocking(False)
             sock.connect((target_ip, 0))
         except OSError as e:
             sock.close()
-            self.stats["errors"] += 1
+            self._stats["errors"] += 1
             log.debug("nat.icmp.connect_failed", target=target_ip, error=str(e))
             return None
         flow = EchoFlow(key, sock, now)
-        self.flows[key] = flow
+        self.flows.add(key, flow)
         self.loop.add_reader(sock.fileno(), self._readable, flow)
         return flow
 
@@ -175,7 +192,7 @@ class IcmpNat:
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:
-                self.stats["errors"] += 1
+                self._stats["errors"] += 1
                 break
             if len(data) < icmp.HEADER.size:
                 continue
@@ -185,7 +202,7 @@ class IcmpNat:
             self.network.send_icmp_echo_reply(
                 dst_ip, guest_ip, ident, seq, data[icmp.HEADER.size :]
             )
-            self.stats["echo_in"] += 1
+            self._stats["echo_in"] += 1
         flow.last_active = self.loop.time()
         self.flush()
 
@@ -198,7 +215,7 @@ class IcmpNat:
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:
-                self.stats["errors"] += 1
+                self._stats["errors"] += 1
                 break
             ihl = (data[0] & 0x0F) * 4 if data else 0
             if len(data) < ihl + icmp.HEADER.size or data[ihl] != icmp.ECHO_REPLY:
@@ -211,7 +228,7 @@ class IcmpNat:
             self.network.send_icmp_echo_reply(
                 dst_ip, guest_ip, guest_ident, seq, data[ihl + icmp.HEADER.size :]
             )
-            self.stats["echo_in"] += 1
+            self._stats["echo_in"] += 1
             flow.last_active = self.loop.time()
             got = True
         if got:
@@ -227,20 +244,8 @@ class IcmpNat:
             pass
         flow.sock.close()
 
-    async def _sweep_forever(self) -> None:
-        while True:
-            await asyncio.sleep(max(0.5, min(5.0, self.idle_timeout / 4)))
-            now = self.loop.time()
-            idle = [k for k, f in self.flows.items() if now - f.last_active >= self.idle_timeout]
-            for k in idle:
-                self._close(self.flows.pop(k))
-            self.stats["flows_reaped"] += len(idle)
-
     def close(self) -> None:
-        self._sweeper.cancel()
-        for flow in self.flows.values():
-            self._close(flow)
-        self.flows.clear()
+        self.flows.close()
         if self.raw is not None:
             self.loop.remove_reader(self.raw.fileno())
             self.raw.close()

@@ -20,6 +20,11 @@ Data moves through `HostSide`, which drives the raw socket with loop readers and
   shutdown(SHUT_WR) after all data; a reset on either side resets the other (a host RST is
   seen as ECONNRESET; a guest RST closes the host socket with SO_LINGER 0, which sends RST).
 - `Closed` frees everything; nothing outlives its connection.
+
+Every host socket is drawn from the descriptor budget (`hostd/nat/budget.py`, the guest's
+share of it): a dial over the budget is refused at once with RST and counted
+(`budget_refused`), and a socket() that fails anyway answers ICMP host unreachable; neither
+raises into the flush.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from collections.abc import Callable
 
 import structlog
 
+from hostd.nat.budget import BudgetExceeded, DescriptorBudget
 from hostd.stack import icmp, tcp
 from hostd.stack.network import Network, TcpConnEvent, TcpDial
 
@@ -45,9 +51,9 @@ READ_MAX = 1 << 20  # guest bytes taken from the connection per socket send
 _RESET_ERRNOS = (errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED, errno.ETIMEDOUT)
 
 
-def host_socket(family: int) -> socket.socket:
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setblocking(False)
+def host_socket(budget: DescriptorBudget, family: int, guest: bytes) -> socket.socket:
+    """A dial's socket, counted against `guest`'s share of the descriptor budget."""
+    sock = budget.open(family, socket.SOCK_STREAM, guest=guest, what="tcp connection")
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, HOST_SOCKET_BUFFER)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, HOST_SOCKET_BUFFER)
@@ -256,8 +262,11 @@ class TcpNat:
         connect_timeout: float,
         services: dict[str, Callable[[tcp.TcpConnection], object]] | None = None,
         on_error: Callable[..., None] | None = None,
+        budget: DescriptorBudget | None = None,
     ) -> None:
         self.network = network
+        # Host sockets of dials, NAT connections and forwarded clients are counted here.
+        self.budget = budget if budget is not None else DescriptorBudget(1 << 20)
         self.flush = flush
         self.connect_timeout = connect_timeout
         # The gateway's own TCP services (DNS on 53, the forwarder API on 80): name → a
@@ -280,6 +289,7 @@ class TcpNat:
             "bytes_to_guest": 0,
             "bytes_to_host": 0,
             "socket_errors": 0,
+            "budget_refused": 0,
         }
         self._socket_error_logged = float("-inf")
 
@@ -306,8 +316,15 @@ class TcpNat:
             conn.app = factory(conn)  # type: ignore[attr-defined]
             return
         self.stats["dials"] += 1
+        family = socket.AF_INET6 if ":" in ev.target_ip else socket.AF_INET
         try:
-            sock = host_socket(socket.AF_INET6 if ":" in ev.target_ip else socket.AF_INET)
+            sock = host_socket(self.budget, family, conn.key[0])  # type: ignore[attr-defined]
+        except BudgetExceeded:
+            # Out of descriptors for guests: refuse at once (RST), as a full host would.
+            self.stats["budget_refused"] += 1
+            self._report(ev, "budget")
+            self.network.tcp_refuse(conn, self.loop.time())
+            return
         except OSError as e:  # EMFILE and friends: this dial fails, the switch carries on
             self.stats["socket_errors"] += 1
             now = self.loop.time()

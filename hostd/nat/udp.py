@@ -6,9 +6,12 @@ connected to the real target, so the kernel only accepts replies from that targe
 it: an ECONNREFUSED on the socket becomes an ICMP port unreachable to the guest, so a guest
 `send` to a closed port fails with ECONNREFUSED as it would on a real network.
 
-Bounded: flows idle longer than `idle_timeout` are reaped by a periodic sweep, and at
-`max_flows` the least recently used flow is evicted before a new one is opened (the gvproxy
-#622 lesson: one socket per DNS query held for 90 s starves a host of descriptors).
+Bounded by the NAT's flow table (`hostd/nat/flows.py`): flows idle longer than
+`idle_timeout` are reaped by a periodic sweep, and at `max_flows` the least recently used
+flow is evicted before a new one is opened. Each flow's socket is drawn from the descriptor
+budget (`hostd/nat/budget.py`): over it, or when socket() itself fails, the new flow's
+datagram is answered with ICMP host unreachable and counted; the failure never leaves
+`send` (it runs inside the switch's flush, on a link's receive path).
 Reads drain each socket until it would block; replies go back through `Network.send_udp`.
 """
 
@@ -18,12 +21,13 @@ import asyncio
 import errno
 import ipaddress
 import socket
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import structlog
 
+from hostd.nat.budget import BudgetExceeded, DescriptorBudget
+from hostd.nat.flows import FlowTable
 from hostd.stack import icmp
 from hostd.stack.network import Network, UdpOutbound, udp_flow_key
 
@@ -52,23 +56,34 @@ class UdpNat:
         *,
         idle_timeout: float,
         max_flows: int,
+        budget: DescriptorBudget | None = None,
     ) -> None:
         self.network = network
         self.flush = flush
-        self.idle_timeout = idle_timeout
-        self.max_flows = max_flows
-        self.flows: OrderedDict[FlowKey, UdpFlow] = OrderedDict()
+        self.budget = budget if budget is not None else DescriptorBudget(1 << 20)
+        self.flows: FlowTable[FlowKey, UdpFlow] = FlowTable(
+            "nat.udp", max_flows=max_flows, idle_timeout=idle_timeout, close=self._close
+        )
         self.loop = asyncio.get_running_loop()
-        self.stats = {
-            "flows_opened": 0,
-            "flows_reaped": 0,
-            "flows_evicted": 0,
+        self._stats = {
             "datagrams_out": 0,
             "datagrams_in": 0,
             "send_errors": 0,
             "refused": 0,
+            "budget_refused": 0,
+            "socket_errors": 0,
         }
-        self._sweeper = self.loop.create_task(self._sweep_forever())
+        self.flows.start_sweeping(self.loop)
+
+    @property
+    def stats(self) -> dict[str, int]:
+        table = self.flows.stats
+        return dict(
+            self._stats,
+            flows_opened=table["opened"],
+            flows_reaped=table["reaped"],
+            flows_evicted=table["evicted"],
+        )
 
     @property
     def active(self) -> int:
@@ -86,8 +101,7 @@ class UdpNat:
                 )
                 return
         else:
-            self.flows.move_to_end(key)
-        flow.last_active = now
+            self.flows.touch(key, flow, now)
         flow.quote = ev.quote
         self._send(flow, ev.payload)
 
@@ -95,7 +109,7 @@ class UdpNat:
         """Datagrams of open flows that `Network` recognised on its flow path: sent in
         order; the bookkeeping (idle clock, LRU order, counters) once per run of one flow."""
         now = self.loop.time()
-        move_to_end = self.flows.move_to_end
+        touch = self.flows.touch
         flow: UdpFlow | None = None
         sent = 0
         for item_flow, payload in items:
@@ -104,8 +118,7 @@ class UdpNat:
                     self._sent(flow, sent)
                 flow, sent = item_flow, 0
                 if flow.sock.fileno() >= 0:
-                    flow.last_active = now
-                    move_to_end(flow.key)
+                    touch(flow.key, flow, now)
             try:
                 flow.sock.send(payload)
             except OSError as e:
@@ -117,7 +130,7 @@ class UdpNat:
 
     def _sent(self, flow: UdpFlow, n: int) -> None:
         flow.stats["out"] += n
-        self.stats["datagrams_out"] += n
+        self._stats["datagrams_out"] += n
 
     def _send(self, flow: UdpFlow, payload: bytes) -> None:
         try:
@@ -129,11 +142,11 @@ class UdpNat:
 
     def _send_failed(self, flow: UdpFlow, e: OSError) -> None:
         if isinstance(e, BlockingIOError | InterruptedError):
-            self.stats["send_errors"] += 1  # full socket buffer: a lost datagram, as on a wire
+            self._stats["send_errors"] += 1  # full socket buffer: a lost datagram, as on a wire
         elif isinstance(e, ConnectionRefusedError):
             self._refused(flow)  # an earlier datagram met a closed port: tell the guest
         else:
-            self.stats["send_errors"] += 1
+            self._stats["send_errors"] += 1
             if e.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH):
                 guest_ip, _, dst_ip, _ = flow.key
                 self.network.send_icmp_error(
@@ -141,25 +154,30 @@ class UdpNat:
                 )
 
     def _open(self, key: FlowKey, target_ip: str, port: int, now: float) -> UdpFlow | None:
-        while len(self.flows) >= self.max_flows:
-            _, old = self.flows.popitem(last=False)
-            self._close(old)
-            self.stats["flows_evicted"] += 1
+        """A connected socket for a new flow, or None (counted) when there is none to be
+        had: over the descriptor budget, socket() failing (EMFILE ...), or connect()."""
+        self.flows.make_room()  # an evicted flow's descriptor is free before we open
         family = socket.AF_INET6 if ipaddress.ip_address(target_ip).version == 6 else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
-            sock.setblocking(False)
+            sock = self.budget.open(family, socket.SOCK_DGRAM, guest=key[0], what="udp flow")
+        except BudgetExceeded:
+            self._stats["budget_refused"] += 1
+            return None
+        except OSError as e:  # EMFILE and friends: this flow fails, the switch carries on
+            self._stats["socket_errors"] += 1
+            self.budget.socket_failed(e, "udp flow")
+            return None
+        try:
             sock.connect((target_ip, port))
         except OSError as e:
             sock.close()
-            self.stats["send_errors"] += 1
+            self._stats["send_errors"] += 1
             log.debug("nat.udp.connect_failed", target=target_ip, port=port, error=str(e))
             return None
         flow = UdpFlow(key, sock, now, b"", udp_flow_key(*key))
-        self.flows[key] = flow
+        self.flows.add(key, flow)
         self.network.udp_flows[flow.frame_key] = flow
         self.loop.add_reader(sock.fileno(), self._readable, flow)
-        self.stats["flows_opened"] += 1
         return flow
 
     def _readable(self, flow: UdpFlow) -> None:
@@ -175,19 +193,19 @@ class UdpNat:
                 self._refused(flow)
                 break
             except OSError:
-                self.stats["send_errors"] += 1
+                self._stats["send_errors"] += 1
                 break
             send_udp(dst_ip, dst_port, guest_ip, guest_port, data)
             got += 1
         if got:
             flow.last_active = self.loop.time()
             flow.stats["in"] += got
-            self.stats["datagrams_in"] += got
+            self._stats["datagrams_in"] += got
         self.flush()
 
     def _refused(self, flow: UdpFlow) -> None:
         """The target sent ICMP port unreachable: tell the guest the same way."""
-        self.stats["refused"] += 1
+        self._stats["refused"] += 1
         guest_ip, _, dst_ip, _ = flow.key
         if flow.quote:
             self.network.send_icmp_error(
@@ -204,22 +222,7 @@ class UdpNat:
 
     def reap(self, now: float) -> int:
         """Close flows idle past the timeout; returns how many."""
-        idle = [k for k, f in self.flows.items() if now - f.last_active >= self.idle_timeout]
-        for k in idle:
-            self._close(self.flows.pop(k))
-        self.stats["flows_reaped"] += len(idle)
-        return len(idle)
-
-    async def _sweep_forever(self) -> None:
-        interval = max(0.2, min(5.0, self.idle_timeout / 4))
-        while True:
-            await asyncio.sleep(interval)
-            n = self.reap(self.loop.time())
-            if n:
-                log.info("nat.udp.flows_reaped", reaped=n, active=len(self.flows))
+        return self.flows.reap(now)
 
     def close(self) -> None:
-        self._sweeper.cancel()
-        for flow in self.flows.values():
-            self._close(flow)
-        self.flows.clear()
+        self.flows.close()

@@ -125,7 +125,7 @@ def test_dial_failure_codes(monkeypatch, err):
         def close(self):
             self.closed = True
 
-    monkeypatch.setattr(nat_tcp, "host_socket", lambda family: FailingSocket())
+    monkeypatch.setattr(nat_tcp, "host_socket", lambda budget, family, guest: FailingSocket())
 
     async def main():
         sw = HostSwitch(NetworkConfig())
