@@ -307,14 +307,18 @@ def hostd(short_tmp: Path, dns_upstream: DnsUpstream) -> Iterator[Callable[..., 
     DNS goes to the test's own loopback resolver unless the test passes --dns-upstream."""
     started: list[Hostd] = []
 
-    def start(*extra: str, name: str = "hostd", offload: bool = False) -> Hostd:
+    def start(
+        *extra: str, name: str = "hostd", offload: bool = False, wrapper: tuple[str, ...] = ()
+    ) -> Hostd:
         d = short_tmp / name
         d.mkdir()
         link = str(d / "link.sock")
         pcap = str(d / "switch.pcap")
         logf = str(d / "hostd.log")
         query = "?offload=vnet" if offload else ""
-        args = [_bin("host-switch"), "--listen", f"unix://{link}{query}", "--pcap", pcap]
+        # `wrapper`: a command that execs hostd (e.g. prlimit), so the pid stays hostd's.
+        args = [*wrapper, _bin("host-switch"), "--listen", f"unix://{link}{query}"]
+        args += ["--pcap", pcap]
         args += ["--log-format", "json", "--log-file", logf]
         api_path = str(d / "api.sock")
         if "--api" not in extra:

@@ -9,8 +9,10 @@ it: an ECONNREFUSED on the socket becomes an ICMP port unreachable to the guest,
 Bounded by the NAT's flow table (`hostd/nat/flows.py`): flows idle longer than
 `idle_timeout` are reaped by a periodic sweep, and at `max_flows` the least recently used
 flow is evicted before a new one is opened. Each flow's socket is drawn from the descriptor
-budget (`hostd/nat/budget.py`): over it, or when socket() itself fails, the new flow's
-datagram is answered with ICMP host unreachable and counted; the failure never leaves
+budget (`hostd/nat/budget.py`): over it the new flow's datagram is answered with ICMP
+administratively prohibited (a hard error: the guest's socket fails with EHOSTUNREACH at
+once), when socket() itself
+fails with ICMP host unreachable; both are counted, and the failure never leaves
 `send` (it runs inside the switch's flush, on a link's receive path).
 Reads drain each socket until it would block; replies go back through `Network.send_udp`.
 """
@@ -94,12 +96,13 @@ class UdpNat:
         now = self.loop.time()
         flow = self.flows.get(key)
         if flow is None:
-            flow = self._open(key, ev.target_ip, ev.dst_port, now)
-            if flow is None:
+            opened = self._open(key, ev.target_ip, ev.dst_port, now)
+            if isinstance(opened, int):
                 self.network.send_icmp_error(
-                    ev.dst_ip, ev.guest_ip, icmp.DEST_UNREACHABLE, icmp.HOST_UNREACHABLE, ev.quote
+                    ev.dst_ip, ev.guest_ip, icmp.DEST_UNREACHABLE, opened, ev.quote
                 )
                 return
+            flow = opened
         else:
             self.flows.touch(key, flow, now)
         flow.quote = ev.quote
@@ -153,27 +156,28 @@ class UdpNat:
                     dst_ip, guest_ip, icmp.DEST_UNREACHABLE, icmp.HOST_UNREACHABLE, flow.quote
                 )
 
-    def _open(self, key: FlowKey, target_ip: str, port: int, now: float) -> UdpFlow | None:
-        """A connected socket for a new flow, or None (counted) when there is none to be
-        had: over the descriptor budget, socket() failing (EMFILE ...), or connect()."""
+    def _open(self, key: FlowKey, target_ip: str, port: int, now: float) -> UdpFlow | int:
+        """A connected socket for a new flow, or the ICMP unreachable code to answer with
+        (counted): administratively prohibited over the descriptor budget (a hard error
+        for the guest's socket), host unreachable when socket() or connect() fail."""
         self.flows.make_room()  # an evicted flow's descriptor is free before we open
         family = socket.AF_INET6 if ipaddress.ip_address(target_ip).version == 6 else socket.AF_INET
         try:
             sock = self.budget.open(family, socket.SOCK_DGRAM, guest=key[0], what="udp flow")
         except BudgetExceeded:
             self._stats["budget_refused"] += 1
-            return None
+            return icmp.ADMIN_PROHIBITED
         except OSError as e:  # EMFILE and friends: this flow fails, the switch carries on
             self._stats["socket_errors"] += 1
             self.budget.socket_failed(e, "udp flow")
-            return None
+            return icmp.HOST_UNREACHABLE
         try:
             sock.connect((target_ip, port))
         except OSError as e:
             sock.close()
             self._stats["send_errors"] += 1
             log.debug("nat.udp.connect_failed", target=target_ip, port=port, error=str(e))
-            return None
+            return icmp.HOST_UNREACHABLE
         flow = UdpFlow(key, sock, now, b"", udp_flow_key(*key))
         self.flows.add(key, flow)
         self.network.udp_flows[flow.frame_key] = flow
