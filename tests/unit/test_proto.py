@@ -1,4 +1,4 @@
-"""The API contract: buf lint, no breaking change against the previous commit, and
+"""The API contract: buf lint, no breaking change against the merge base or last release, and
 generated code that is exactly what the committed proto produces."""
 
 from __future__ import annotations
@@ -26,24 +26,50 @@ def test_buf_lint():
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-def test_buf_breaking_against_previous_commit():
-    prev = subprocess.run(
-        ["git", "rev-parse", "--verify", "-q", "HEAD~1"], cwd=REPO, capture_output=True, text=True
-    )
-    if prev.returncode != 0:
-        pytest.skip("this clone has no previous commit to compare the proto against")
-    has_proto = subprocess.run(
-        ["git", "cat-file", "-e", "HEAD~1:proto/netferry/v1/host.proto"], cwd=REPO
-    )
-    if has_proto.returncode != 0:
-        pytest.skip("the previous commit has no proto to compare against")
+PROTO = "proto/netferry/v1/host.proto"
+
+
+def _git(*args: str) -> str | None:
+    r = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
+    return r.stdout.strip() if r.returncode == 0 and r.stdout.strip() else None
+
+
+def breaking_baseline() -> tuple[str, str]:
+    """(commit, why) the proto must stay compatible with: the merge base with origin/main
+    (what this branch will be merged into), else the last release tag (v*), else -- a fresh
+    clone without a remote or tags -- the commit that first added the proto, so the check
+    still covers every change since; the reason is printed. A base that is HEAD itself
+    compares nothing and is passed over."""
+    head = _git("rev-parse", "HEAD")
+    candidates = []
+    if _git("rev-parse", "--verify", "-q", "origin/main"):
+        candidates.append(
+            (_git("merge-base", "HEAD", "origin/main"), "merge base with origin/main")
+        )
+    tag = _git("describe", "--tags", "--abbrev=0", "--match", "v*", "HEAD")
+    if tag:
+        candidates.append((_git("rev-list", "-n1", tag), f"last release tag {tag}"))
+    first = _git("log", "--format=%H", "--diff-filter=A", "--", PROTO)
+    if first:
+        first = first.splitlines()[-1]
+        candidates.append((first, "no origin/main and no release tag: the proto's first commit"))
+    for commit, why in candidates:
+        if commit and commit != head:
+            return commit, why
+    pytest.skip(f"no commit other than HEAD has {PROTO} (shallow clone?): nothing to compare")
+
+
+def test_buf_breaking_against_the_merge_base_or_last_release():
+    base, why = breaking_baseline()
+    assert subprocess.run(["git", "cat-file", "-e", f"{base}:{PROTO}"], cwd=REPO).returncode == 0
+    print(f"buf breaking against {base[:12]} ({why})", file=sys.stderr)
     r = subprocess.run(
-        [buf(), "breaking", "--against", ".git#ref=HEAD~1"],
+        [buf(), "breaking", "--against", f".git#ref={base}"],
         cwd=REPO,
         capture_output=True,
         text=True,
     )
-    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.returncode == 0, f"against {base[:12]} ({why}):\n{r.stdout}{r.stderr}"
 
 
 def test_python_stubs_are_regenerated_identically(tmp_path):
