@@ -1,0 +1,209 @@
+"""hostd/forwards.py: the forward table, guest-address checks, source choice, UDP sessions
+in the flow table, and forwarded clients against the descriptor budget.
+
+Forwards listen on 127.0.0.1 (or a private unix path); the "guest" is the switch's port
+that records frames, so nothing leaves loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import os
+import socket
+import stat
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.l2 import ARP, Ether
+
+from hostd.config import NetworkConfig
+from hostd.errors import ControlError
+from hostd.forwards import canonical_local
+from hostd.switch import HostSwitch
+from netferry.address import HostPort
+
+GUEST = "192.168.127.2"
+GUEST_MAC = "5a:94:ef:e4:0c:ee"
+
+
+class CollectLink:
+    vnet = False
+    port = 0
+    name = "collect"
+
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+
+    def send_frames(self, frames: list[bytes]) -> None:
+        self.sent += frames
+
+    def close(self, reason: str | None = None) -> None:
+        pass
+
+
+def guest_link(sw: HostSwitch) -> CollectLink:
+    """A port whose guest has announced itself (ARP), so frames to it need no resolution."""
+    link = CollectLink()
+    sw.link_opened(link)  # type: ignore[arg-type]
+    arp = Ether(src=GUEST_MAC, dst="ff:ff:ff:ff:ff:ff") / ARP(
+        op=1, hwsrc=GUEST_MAC, psrc=GUEST, pdst="192.168.127.1"
+    )
+    sw.link_frames(link, [bytes(arp)])  # type: ignore[arg-type]
+    link.sent.clear()
+    return link
+
+
+def run(test: Callable[[HostSwitch], Awaitable[object]], **config: object) -> object:
+    async def main() -> object:
+        sw = HostSwitch(NetworkConfig(**config))  # type: ignore[arg-type]
+        try:
+            return await test(sw)
+        finally:
+            await sw.close()
+
+    return asyncio.run(main())
+
+
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_canonical_local_spellings() -> None:
+    assert canonical_local("tcp", " 127.0.0.1:80 ") == ("127.0.0.1:80", HostPort("127.0.0.1", 80))
+    assert canonical_local("udp", ":53")[0] == ":53"
+    assert canonical_local("tcp", "[::1]:8080")[0] == "[::1]:8080"
+    assert canonical_local("unix", "/run/x.sock") == ("/run/x.sock", None)
+
+
+@pytest.mark.parametrize(
+    ("protocol", "local", "remote", "kind", "message"),
+    [
+        ("sctp", "127.0.0.1:1", f"{GUEST}:80", "invalid_argument", "not tcp, udp or unix"),
+        ("tcp", "127.0.0.1", f"{GUEST}:80", "invalid_argument", "has no port"),
+        ("tcp", "127.0.0.1:1", "10.0.0.2:80", "invalid_argument", "is not in 192.168.127.0/24"),
+        ("tcp", "127.0.0.1:1", "192.168.127.1:80", "invalid_argument", "not a guest address"),
+        ("tcp", "127.0.0.1:1", "192.168.127.255:80", "invalid_argument", "not a guest address"),
+        ("unix", "relative.sock", f"{GUEST}:80", "invalid_argument", "not an absolute"),
+    ],
+)
+def test_expose_refuses_bad_requests(protocol, local, remote, kind, message) -> None:
+    async def test(sw: HostSwitch) -> None:
+        with pytest.raises(ControlError, match=message) as e:
+            await sw.forwards.expose(protocol, local, remote)
+        assert e.value.kind == kind
+        assert sw.forwards.list() == []
+
+    run(test)
+
+
+def test_a_held_address_is_refused_naming_its_holder() -> None:
+    async def test(sw: HostSwitch) -> None:
+        port = free_port()
+        await sw.forwards.expose("tcp", f"127.0.0.1:{port}", f"{GUEST}:80")
+        for local in (f"127.0.0.1:{port}", f":{port}"):  # the same, and a wildcard over it
+            with pytest.raises(ControlError, match=f"held by the forward tcp 127.0.0.1:{port}"):
+                await sw.forwards.expose("tcp", local, f"{GUEST}:81")
+        assert len(sw.forwards.list()) == 1
+        await sw.forwards.unexpose("tcp", f"127.0.0.1:{port}")
+        with pytest.raises(ControlError) as e:
+            await sw.forwards.unexpose("tcp", f"127.0.0.1:{port}")
+        assert e.value.kind == "not_found"
+
+    run(test)
+
+
+def test_source_for_keeps_a_real_client_address_and_hides_loopback() -> None:
+    async def test(sw: HostSwitch) -> None:
+        remote = HostPort(GUEST, 80)
+        ip, port = sw.forwards.source_for(("203.0.113.7", 5555), remote, "tcp")
+        assert (ipaddress.IPv4Address(ip), port) == (ipaddress.IPv4Address("203.0.113.7"), 5555)
+        ip, port = sw.forwards.source_for(("127.0.0.1", 5555), remote, "tcp")
+        assert ipaddress.IPv4Address(ip) == ipaddress.IPv4Address("192.168.127.254")
+        ip, _ = sw.forwards.source_for(("::ffff:203.0.113.7", 5555), remote, "udp")
+        assert ipaddress.IPv4Address(ip) == ipaddress.IPv4Address("203.0.113.7")
+        # a client inside the virtual subnet could be confused with a guest: hidden too
+        ip, _ = sw.forwards.source_for(("192.168.127.3", 5555), remote, "tcp")
+        assert ipaddress.IPv4Address(ip) == ipaddress.IPv4Address("192.168.127.254")
+
+    run(test)
+
+
+def test_udp_forward_sessions_live_in_a_bounded_flow_table() -> None:
+    async def test(sw: HostSwitch) -> None:
+        link = guest_link(sw)
+        port = free_port(socket.SOCK_DGRAM)
+        fwd = await sw.forwards.expose("udp", f"127.0.0.1:{port}", f"{GUEST}:5353")
+        clients = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(3)]
+        try:
+            for i, c in enumerate(clients):
+                c.sendto(b"client %d" % i, ("127.0.0.1", port))
+                for _ in range(200):  # bounded wait for the datagram to be forwarded
+                    await asyncio.sleep(0.01)
+                    if fwd.counters["total"] == i + 1:
+                        break
+            runtime = fwd.runtime
+            assert fwd.counters["total"] == 3 and fwd.counters["active"] == 2
+            assert runtime.sessions.stats["evicted"] == 1  # type: ignore[attr-defined]
+            assert len(sw.network.udp_sessions) == 2
+            sent = [Ether(f) for f in link.sent]
+            payloads = [bytes(f[UDP].payload) for f in sent if f.haslayer(UDP)]
+            assert payloads == [b"client 0", b"client 1", b"client 2"]
+            assert {f[IP].dst for f in sent if f.haslayer(UDP)} == {GUEST}
+        finally:
+            for c in clients:
+                c.close()
+        await sw.forwards.unexpose("udp", f"127.0.0.1:{port}")
+        assert fwd.counters["active"] == 0 and not sw.network.udp_sessions
+
+    run(test, udp_max_flows=2)
+
+
+def test_a_forwarded_client_over_the_budget_is_reset_and_counted() -> None:
+    async def test(sw: HostSwitch) -> None:
+        link = guest_link(sw)
+        port = free_port()
+        fwd = await sw.forwards.expose("tcp", f"127.0.0.1:{port}", f"{GUEST}:80")
+        loop = asyncio.get_running_loop()
+        first = socket.create_connection(("127.0.0.1", port))
+        second = socket.create_connection(("127.0.0.1", port))
+        second.setblocking(False)
+        try:
+            for _ in range(200):  # bounded wait for both accepts
+                await asyncio.sleep(0.01)
+                if fwd.counters["total"] + fwd.counters["refused"] == 2:
+                    break
+            assert fwd.counters["total"] == 1 and fwd.counters["refused"] == 1
+            assert sw.budget.in_use == 1 and sw.budget.stats["refused"] == 1
+            with pytest.raises(ConnectionResetError):
+                await asyncio.wait_for(loop.sock_recv(second, 1), 10)
+            syns = [Ether(f) for f in link.sent if Ether(f).haslayer(TCP)]
+            assert len(syns) == 1 and syns[0][TCP].flags == "S"  # one active open only
+        finally:
+            first.close()
+            second.close()
+
+    run(test, max_connections=1)
+
+
+def test_unix_forward_socket_is_private_and_removed_only_if_still_ours(tmp_path: Path) -> None:
+    async def test(sw: HostSwitch) -> None:
+        path = str(tmp_path / "fwd.sock")
+        await sw.forwards.expose("unix", path, f"{GUEST}:22")
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        with pytest.raises(ControlError, match="is held by the forward unix"):
+            await sw.forwards.expose("unix", path, f"{GUEST}:23")
+        await sw.forwards.unexpose("unix", path)
+        assert not os.path.exists(path)
+        # a file someone put there meanwhile is never removed
+        other = str(tmp_path / "other.sock")
+        await sw.forwards.expose("unix", other, f"{GUEST}:22")
+        os.unlink(other)
+        Path(other).write_text("not ours")
+        await sw.forwards.unexpose("unix", other)
+        assert Path(other).read_text() == "not ours"
+
+    run(test)

@@ -1,0 +1,75 @@
+"""hostd/nat/flows.py: the one flow table of UDP NAT, ICMP NAT and UDP forwards."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import structlog
+
+from hostd.nat.flows import FlowTable
+
+
+@dataclass
+class Flow:
+    name: str
+    last_active: float
+
+
+def table(max_flows: int = 3, idle: float = 10.0) -> tuple[FlowTable[str, Flow], list[str]]:
+    closed: list[str] = []
+    t: FlowTable[str, Flow] = FlowTable(
+        "test", max_flows=max_flows, idle_timeout=idle, close=lambda f: closed.append(f.name)
+    )
+    return t, closed
+
+
+def test_make_room_evicts_the_least_recently_used() -> None:
+    t, closed = table(max_flows=3)
+    for i, name in enumerate("abc"):
+        t.make_room()
+        t.add(name, Flow(name, float(i)))
+    t.touch("a", t.get("a"), 5.0)  # a is now the most recent: b goes first
+    assert t.make_room() == 1
+    assert closed == ["b"]
+    t.add("d", Flow("d", 6.0))
+    assert list(t) == ["c", "a", "d"]
+    assert t.stats == {"opened": 4, "evicted": 1, "reaped": 0}
+
+
+def test_reap_closes_only_flows_idle_for_the_timeout() -> None:
+    t, closed = table(max_flows=10, idle=10.0)
+    t.add("old", Flow("old", 0.0))
+    t.add("edge", Flow("edge", 5.0))
+    t.add("new", Flow("new", 9.0))
+    assert t.reap(15.0) == 2  # idle 15 and exactly 10
+    assert closed == ["old", "edge"]
+    assert list(t) == ["new"] and t.stats["reaped"] == 2
+
+
+def test_remove_and_close_call_close_once_per_flow() -> None:
+    t, closed = table()
+    t.add("a", Flow("a", 0.0))
+    t.add("b", Flow("b", 0.0))
+    assert t.remove("a") is not None and t.remove("a") is None
+    t.close()
+    assert closed == ["a", "b"] and len(t) == 0
+
+
+def test_the_sweeper_reaps_and_logs() -> None:
+    async def main() -> tuple[list[str], list[dict]]:
+        t, closed = table(idle=0.2)
+        loop = asyncio.get_running_loop()
+        t.add("a", Flow("a", loop.time()))
+        with structlog.testing.capture_logs() as logs:
+            t.start_sweeping(loop)
+            for _ in range(100):
+                await asyncio.sleep(0.05)
+                if closed:
+                    break
+            t.close()
+        return closed, logs
+
+    closed, logs = asyncio.run(main())
+    assert closed == ["a"]
+    assert [e["event"] for e in logs] == ["test.flows_reaped"]
