@@ -66,6 +66,7 @@ from guestd import nat_rules
 from guestd.wsl_proxy import UnixGrpcServer
 from netferry.goflags import parse_args as parse_go_flags
 from netferry.log import add_logging_arguments, configure_logging
+from netferry.streams import splice
 from netferry.uri import LinkUri, parse_link_uri
 from netferry.v1 import guest_pb2 as pb
 from netferry.v1 import guest_pb2_grpc as pb_grpc
@@ -194,17 +195,6 @@ class Child:
 # ---- the vsock bridge ------------------------------------------------------------------------
 
 
-async def _copy(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-    try:
-        while data := await r.read(1 << 16):
-            w.write(data)
-            await w.drain()
-        if w.can_write_eof():
-            w.write_eof()
-    except (ConnectionError, OSError):
-        pass
-
-
 class Bridge:
     """Every connection accepted on `sock` (vsock in a VM) is piped to the unix socket
     `target` (the gRPC server): grpcio cannot listen on AF_VSOCK itself."""
@@ -226,11 +216,7 @@ class Bridge:
             log.warning("bridge.target_unreachable", target=self.target, error=str(e))
             w.close()
             return
-        try:
-            await asyncio.gather(_copy(r, uw), _copy(ur, w))
-        finally:
-            uw.close()
-            w.close()
+        await splice(r, w, ur, uw)
 
     def close(self) -> None:
         if self.server is not None:

@@ -62,6 +62,7 @@ from grpc_reflection.v1alpha import reflection
 from netferry.goflags import parse_args as parse_go_flags
 from netferry.log import add_logging_arguments, configure_logging
 from netferry.reflection import enable_server_reflection
+from netferry.streams import pump, splice
 from netferry.unixsock import clear_stale_socket
 from netferry.v1 import proxy_pb2 as pb
 from netferry.v1 import proxy_pb2_grpc as pb_grpc
@@ -145,17 +146,6 @@ class Entry:
     created: float = field(default_factory=time.time)
 
 
-async def _copy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    try:
-        while data := await reader.read(1 << 16):
-            writer.write(data)
-            await writer.drain()
-        if writer.can_write_eof():
-            writer.write_eof()
-    except (ConnectionError, OSError):
-        pass
-
-
 async def _pipe(
     entry: Entry,
     reader: asyncio.StreamReader,
@@ -173,13 +163,7 @@ async def _pipe(
         except (OSError, TimeoutError) as e:
             log.info("tcp.upstream_failed", mapping=str(entry.key), error=str(e) or "timeout")
             return
-        a = asyncio.create_task(_copy(reader, up_w))
-        b = asyncio.create_task(_copy(up_r, writer))
-        try:
-            await asyncio.gather(a, b)
-        finally:
-            a.cancel()
-            b.cancel()
+        await splice(reader, writer, up_r, up_w)
     finally:
         entry.active -= 1
         for w in (writer, up_w):
@@ -751,7 +735,7 @@ class FrontListener:
             return
         try:
             up_w.write(first)
-            await asyncio.gather(_copy(reader, up_w), _copy(up_r, writer))
+            await asyncio.gather(pump(reader, up_w), pump(up_r, writer))
         finally:
             up_w.close()
 

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING
 import grpc
 import structlog
 
+from netferry.streams import splice
 from netferry.uri import LinkUri, parse_link_uri
 from netferry.v1 import guest_pb2 as pb
 from netferry.v1 import guest_pb2_grpc as pb_grpc
@@ -137,19 +138,7 @@ class VsockDialBridge:
             return
         self.last_error = None
 
-        async def copy(a: asyncio.StreamReader, b: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(ConnectionError, OSError):
-                while data := await a.read(1 << 16):
-                    b.write(data)
-                    await b.drain()
-                if b.can_write_eof():
-                    b.write_eof()
-
-        try:
-            await asyncio.gather(copy(r, vw), copy(vr, w))
-        finally:
-            vw.close()
-            w.close()
+        await splice(r, w, vr, vw)
 
     async def close(self) -> None:
         if self.server is not None:
