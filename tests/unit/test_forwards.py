@@ -7,6 +7,7 @@ that records frames, so nothing leaves loopback."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import os
 import socket
@@ -15,44 +16,19 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
+import structlog
 from scapy.layers.inet import IP, TCP, UDP
-from scapy.layers.l2 import ARP, Ether
+from scapy.layers.l2 import Ether
 
+from hostd import forwards as forwards_mod
 from hostd.config import NetworkConfig
 from hostd.errors import ControlError
 from hostd.forwards import canonical_local
 from hostd.switch import HostSwitch
 from netferry.address import HostPort
+from tests.unit.helpers import GUEST_IP, guest_link
 
-GUEST = "192.168.127.2"
-GUEST_MAC = "5a:94:ef:e4:0c:ee"
-
-
-class CollectLink:
-    vnet = False
-    port = 0
-    name = "collect"
-
-    def __init__(self) -> None:
-        self.sent: list[bytes] = []
-
-    def send_frames(self, frames: list[bytes]) -> None:
-        self.sent += frames
-
-    def close(self, reason: str | None = None) -> None:
-        pass
-
-
-def guest_link(sw: HostSwitch) -> CollectLink:
-    """A port whose guest has announced itself (ARP), so frames to it need no resolution."""
-    link = CollectLink()
-    sw.link_opened(link)  # type: ignore[arg-type]
-    arp = Ether(src=GUEST_MAC, dst="ff:ff:ff:ff:ff:ff") / ARP(
-        op=1, hwsrc=GUEST_MAC, psrc=GUEST, pdst="192.168.127.1"
-    )
-    sw.link_frames(link, [bytes(arp)])  # type: ignore[arg-type]
-    link.sent.clear()
-    return link
+GUEST = GUEST_IP
 
 
 def run(test: Callable[[HostSwitch], Awaitable[object]], **config: object) -> object:
@@ -207,3 +183,37 @@ def test_unix_forward_socket_is_private_and_removed_only_if_still_ours(tmp_path:
         assert Path(other).read_text() == "not ours"
 
     run(test)
+
+
+def test_accept_without_descriptors_pauses_the_listener_then_resumes(monkeypatch):
+    monkeypatch.setattr(forwards_mod, "ACCEPT_RETRY_DELAY", 0.05)
+
+    async def main():
+        sw = HostSwitch(NetworkConfig())
+        with socket.socket() as probe:  # a free port
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        fwd = await sw.forwards.expose("tcp", f"127.0.0.1:{port}", "192.168.127.2:80")
+        real_accept = socket.socket.accept
+        calls = []
+
+        def failing_accept(self):
+            calls.append(1)
+            raise OSError(errno.EMFILE, "Too many open files")
+
+        monkeypatch.setattr(socket.socket, "accept", failing_accept)
+        client = socket.create_connection(("127.0.0.1", port))
+        with structlog.testing.capture_logs() as logs:
+            await asyncio.sleep(0.02)
+            paused_calls = len(calls)  # one try, then the reader is off: no spinning
+            monkeypatch.setattr(socket.socket, "accept", real_accept)
+            await asyncio.sleep(0.15)  # resumed: the waiting client is accepted now
+        counters = dict(fwd.counters)
+        client.close()
+        await sw.close()
+        return paused_calls, logs, counters
+
+    paused_calls, logs, counters = asyncio.run(main())
+    assert paused_calls == 1
+    assert [e["event"] for e in logs] == ["forward.accept_paused"]
+    assert counters["total"] == 1

@@ -13,42 +13,19 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 from scapy.layers.inet import ICMP, IP, UDP
-from scapy.layers.l2 import ARP, Ether
+from scapy.layers.l2 import Ether
 
 from hostd.config import NetworkConfig
 from hostd.switch import HostSwitch
+from tests.unit.helpers import GUEST_IP, GUEST_MAC, GW_MAC, guest_link
 
-GW_MAC = "5a:94:ef:e4:0c:dd"
-GUEST_MAC = "5a:94:ef:e4:0c:ee"
-GUEST_IP = "192.168.127.2"
 HOST_IP = "192.168.127.254"
-
-
-class CollectLink:
-    vnet = False
-    port = 0
-    name = "collect"
-
-    def __init__(self) -> None:
-        self.sent: list[bytes] = []
-
-    def send_frames(self, frames: list[bytes]) -> None:
-        self.sent += frames
-
-    def close(self, reason: str | None = None) -> None:
-        pass
 
 
 class Guest:
     def __init__(self, sw: HostSwitch) -> None:
         self.sw = sw
-        self.link = CollectLink()
-        sw.link_opened(self.link)  # type: ignore[arg-type]
-        arp = Ether(src=GUEST_MAC, dst="ff:ff:ff:ff:ff:ff") / ARP(
-            op=1, hwsrc=GUEST_MAC, psrc=GUEST_IP, pdst="192.168.127.1"
-        )
-        sw.link_frames(self.link, [bytes(arp)])  # type: ignore[arg-type]
-        self.link.sent.clear()
+        self.link = guest_link(sw)
 
     def send(self, sport: int, dport: int, payload: bytes) -> None:
         frame = (
