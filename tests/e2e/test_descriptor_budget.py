@@ -94,6 +94,9 @@ def test_guest_exhausting_its_descriptor_budget_loses_nothing_else(
         a.ns.run("ping", "-c", "3", "-i", "0.2", "-W", "2", "192.168.127.1")
         api = h.client()
         assert api.leases()
+        counters = api.stats().counters  # the refusals, through the gRPC API
+        assert counters["descriptors.refused_guest_share"] >= 2
+        assert counters["tcp_nat.budget_refused"] >= 1
         dig = a.ns.run("dig", "+short", "+time=2", "+tries=2", "@192.168.127.1",
                        "gateway.containers.internal")  # fmt: skip
         assert dig.stdout.split() == ["192.168.127.1"]
