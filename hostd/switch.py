@@ -4,6 +4,10 @@ Every link read hands a batch of frames to `link_frames`, which feeds the networ
 `flush`es once: frames per port go out in one write per link, NAT events are dispatched, and
 the network's timer is re-armed. NAT sockets call `flush` after they inject their replies,
 so work is always batched per wake-up, never per packet.
+
+The switch owns the descriptor budget (`hostd/nat/budget.py`) that every guest socket of
+the NAT and the forwards is drawn from. A NAT handler that raises anyway costs its event,
+counted as an internal error, never the flush or the link whose frames caused it.
 """
 
 from __future__ import annotations
