@@ -215,7 +215,7 @@ class HostSwitch:
             now = self.loop.time()
             if now >= self._internal_error_logged + 10.0:
                 self._internal_error_logged = now
-                log.exception("switch.dispatch_error", event=type(ev).__name__)
+                log.exception("switch.dispatch_error", dispatched=type(ev).__name__)
 
     def _dispatch_event(self, ev: object) -> None:
         if isinstance(ev, TcpConnEvent):
