@@ -461,6 +461,10 @@ async def run(args: argparse.Namespace, config: NetworkConfig, state: dict | Non
         dns_upstreams=[f"{h}:{p}" for h, p in config.dns_upstreams],
         policy_rules=len(policy.all_rules()),
         state_file=store.path if store else None,
+        nofile_limit=switch.nofile_limit,
+        nofile_limit_raised_from=getattr(args, "nofile_limit", (None,))[0],
+        max_connections=switch.budget.limit,
+        max_connections_per_guest=switch.budget.per_guest,
     )
     await stop.wait()
     log.info("hostd.stopping", stats=switch.stats())
@@ -559,7 +563,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(e))
     from hostd.privileges import raise_nofile_limit
 
-    raise_nofile_limit()  # before privileges are dropped; the budget is derived from it
+    # Before privileges are dropped; the descriptor budget is derived from it.
+    args.nofile_limit = raise_nofile_limit()
     state = None
     if args.state_file:
         from hostd.state import StateError

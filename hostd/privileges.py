@@ -140,14 +140,14 @@ def apply_sandbox() -> None:
     flt.load()
 
 
-def raise_nofile_limit() -> None:
+def raise_nofile_limit() -> tuple[int, int]:
     """Soft RLIMIT_NOFILE up to the hard limit, at start: the descriptor budget
     (hostd/nat/budget.py) is derived from it. Raising the soft limit needs no privilege,
-    but it is done before `drop_privileges` all the same, so the order never matters."""
+    but it is done before `drop_privileges` all the same, so the order never matters.
+    Returns (before, after); `hostd.ready` logs them."""
     from hostd.nat.budget import raise_nofile_limit as raise_limit
 
-    before, after = raise_limit()
-    log.info("privileges.nofile_limit", before=before, after=after)
+    return raise_limit()
 
 
 def drop_privileges(sandbox: bool = False) -> None:
