@@ -398,4 +398,8 @@ def test_forward_concurrent(upstream: Upstream) -> None:
         assert answer[:2] == query[:2]
         parsed = DNSRecord.parse(answer)
         assert parsed.q == DNSRecord.parse(query).q
-    assert sorted(a for _, a in upstream.sent) == sorted(answers)
+    # Each answer is byte-identical to one the upstream sent. (Under load a query may be
+    # re-sent after attempt_timeout and answered twice: the late copy is ignored.)
+    sent = {a for _, a in upstream.sent}
+    assert all(answer in sent for answer in answers)
+    assert len(set(answers)) == len(queries)
