@@ -1169,26 +1169,29 @@ def test_reassembler_timeout_and_deadline():
     r.add(frag(0, b"a" * 8, True, ident=2), 20.0)
     assert r.next_deadline() == 40.0
     assert r.expire(39.99) == 0
-    assert r.expire(40.0) == 1 and len(r) == 1 and r.held_bytes == 8
+    held = 8 + ipv4.FRAGMENT_OVERHEAD + ipv4.PARTIAL_OVERHEAD  # every piece and partial costs
+    assert r.expire(40.0) == 1 and len(r) == 1 and r.held_bytes == held
     assert r.next_deadline() == 50.0
     assert r.expire(1000.0) == 1
     assert r.stats["timeout_dropped"] == 2 and r.held_bytes == 0
 
 
 def test_reassembler_memory_bound_evicts_oldest():
-    r = ipv4.Reassembler(max_bytes=100)
+    o, p = ipv4.FRAGMENT_OVERHEAD, ipv4.PARTIAL_OVERHEAD  # charged beyond the data
+    limit = 2 * (p + o + 40) + o + 8
+    r = ipv4.Reassembler(max_bytes=limit)
     for ident in range(1, 6):
         r.add(frag(0, b"x" * 40, True, ident=ident), float(ident))
-        assert r.held_bytes <= 100
+        assert r.held_bytes <= limit
     assert len(r) == 2  # the two newest
     assert r.stats["memory_dropped"] == 3
     assert r.add(frag(40, b"y" * 8, False, ident=5), 9.0).payload == b"x" * 40 + b"y" * 8
     # One datagram alone over the limit is dropped, not held.
-    r2 = ipv4.Reassembler(max_bytes=64)
+    r2 = ipv4.Reassembler(max_bytes=p + 2 * o + 64)
     r2.add(frag(0, b"a" * 48, True), 0)
     assert r2.add(frag(48, b"b" * 48, True), 0) is None
     assert len(r2) == 0 and r2.held_bytes == 0 and r2.stats["memory_dropped"] == 1
-    assert r2.add(frag(0, b"c" * 72, True, ident=9), 0) is None  # bigger than the budget
+    assert r2.add(frag(0, b"c" * (o + 72), True, ident=9), 0) is None  # bigger than budget
     assert len(r2) == 0 and r2.held_bytes == 0
 
 
