@@ -43,6 +43,11 @@ binding or outstanding offer; else its previous address; else the requested addr
 (option 50) if free and in the pool; else the lowest free pool address.  With no free
 address there is no reply and ``stats.pool_exhausted`` is incremented.
 
+Per-port limit: the stack passes the switch port a datagram came in on; with
+``max_leases_per_port`` set, a port whose MACs already hold that many offers and leases gets
+no OFFER or ACK for a further MAC (``stats.port_limit_dropped``; static leases are exempt),
+so one guest faking many clients cannot take the whole pool from the others.
+
 An address is *acceptable* for a MAC in a REQUEST when: the MAC has a static lease and the
 address is that static address; or the MAC holds an active binding and the address is that
 binding; or the MAC has no binding and the address is in the pool, not reserved, not
@@ -279,6 +284,9 @@ class DhcpConfig:
     decline_hold: float = 600.0
     event_queue_size: int = 1024
     history_size: int = 4096
+    # Addresses (offers and leases) one switch port may hold at once; 0: no limit. Static
+    # leases do not count. Keeps a guest faking many clients from taking the whole pool.
+    max_leases_per_port: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.subnet, IPv4Network):
@@ -405,6 +413,7 @@ class DhcpStats:
     pool_exhausted: int = 0  # DISCOVERs left unanswered because no address was free
     expired: int = 0  # bindings reclaimed at lease expiry
     chaddr_mismatch: int = 0  # chaddr differed from the Ethernet source (still served)
+    port_limit_dropped: int = 0  # unanswered: the client's port holds max_leases_per_port
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -550,11 +559,21 @@ class DhcpServer:
         )
         self.stats = DhcpStats()
         self._static_options = self._build_static_options()
+        # Which switch port each MAC holding an offer or a lease asked from, and how many
+        # such MACs each port has (for `max_leases_per_port`).
+        self._mac_port: dict[str, int] = {}
+        self._port_holds: dict[int, int] = {}
+        self._port: int | None = None  # the port of the request being handled
+        self._limit_logged = -1.0
 
     # ---------------------------------------------------------------- public API
 
-    def handle(self, payload: bytes, src_mac: bytes, now: float) -> DhcpReply | None:
-        """Process one client datagram; return the reply to send, if any.  Never raises."""
+    def handle(
+        self, payload: bytes, src_mac: bytes, now: float, port: int | None = None
+    ) -> DhcpReply | None:
+        """Process one client datagram; return the reply to send, if any.  Never raises.
+        `port`: the switch port it came in on (None: unknown, no per-port limit)."""
+        self._port = port
         try:
             req = _parse_request(bytes(payload))
         except _Malformed as exc:
@@ -653,6 +672,8 @@ class DhcpServer:
         return self._on_inform(req)
 
     def _on_discover(self, req: _Request, mac: str, now: float) -> DhcpReply | None:
+        if self._over_port_limit(mac, now):
+            return None
         ip = self._choose_address(mac, req.ip_option(OPT_REQUESTED_IP))
         if ip is None:
             self.stats.pool_exhausted += 1
@@ -663,6 +684,7 @@ class DhcpServer:
             self._offers[mac] = (ip, now + self.config.offer_timeout)
             if ip not in self._static_ips:
                 self._ip_owner[ip] = mac
+            self._hold(mac)
         self.stats.offers += 1
         return self._reply(req, OFFER, yiaddr=ip)
 
@@ -760,7 +782,11 @@ class DhcpServer:
                 return ip
         return None
 
-    def _ack_binding(self, req: _Request, mac: str, ip: IPv4Address, now: float) -> DhcpReply:
+    def _ack_binding(
+        self, req: _Request, mac: str, ip: IPv4Address, now: float
+    ) -> DhcpReply | None:
+        if self._over_port_limit(mac, now):
+            return None
         expires = now + self.config.lease_time
         static = mac in self._static
         old = self._bindings.get(mac)
@@ -770,6 +796,7 @@ class DhcpServer:
         if not static:
             self._ip_owner[ip] = mac
         self._remember(mac, ip)
+        self._hold(mac)
         self._events.append(
             LeaseGranted(
                 mac=mac,
@@ -788,6 +815,7 @@ class DhcpServer:
         if self._ip_owner.get(binding.ip) == mac:
             del self._ip_owner[binding.ip]
         self._remember(mac, binding.ip)
+        self._let_go(mac)
         self._events.append(
             LeaseReleased(mac=mac, ip=binding.ip, hostname=binding.hostname, reason=reason)
         )
@@ -800,6 +828,53 @@ class DhcpServer:
         binding = self._bindings.get(mac)
         if self._ip_owner.get(ip) == mac and (binding is None or binding.ip != ip):
             del self._ip_owner[ip]
+        self._let_go(mac)
+
+    # ---------------------------------------------------------------- per-port limit
+
+    def _over_port_limit(self, mac: str, now: float) -> bool:
+        """True (counted, logged now and then) when `mac` would be a new holder on a port
+        that already holds `max_leases_per_port` offers and leases."""
+        limit = self.config.max_leases_per_port
+        port = self._port
+        if not limit or port is None or mac in self._static:
+            return False
+        if self._mac_port.get(mac) == port or self._port_holds.get(port, 0) < limit:
+            return False
+        self.stats.port_limit_dropped += 1
+        if now - self._limit_logged >= 5.0:
+            self._limit_logged = now
+            log.warning(
+                "dhcp: port %s holds %d addresses (the limit): %s not served (%d refused)",
+                port,
+                limit,
+                mac,
+                self.stats.port_limit_dropped,
+            )
+        return True
+
+    def _hold(self, mac: str) -> None:
+        """`mac` holds an offer or a lease: count it against the port it asked from."""
+        port = self._port
+        if port is None or mac in self._static:
+            return
+        old = self._mac_port.get(mac)
+        if old == port:
+            return
+        if old is not None:
+            self._port_holds[old] -= 1
+        self._mac_port[mac] = port
+        self._port_holds[port] = self._port_holds.get(port, 0) + 1
+
+    def _let_go(self, mac: str) -> None:
+        """`mac` may have stopped holding anything: uncount it."""
+        if mac in self._bindings or mac in self._offers:
+            return
+        port = self._mac_port.pop(mac, None)
+        if port is not None:
+            self._port_holds[port] -= 1
+            if not self._port_holds[port]:
+                del self._port_holds[port]
 
     def _remember(self, mac: str, ip: IPv4Address) -> None:
         self._history[mac] = ip

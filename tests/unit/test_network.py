@@ -205,8 +205,11 @@ def test_switch_learns_source_macs_per_port():
     assert net.cam.lookup(m(MAC1)) == 1
     assert net.cam.lookup(m(MAC2)) == 2
     assert net.cam.lookup(m(MAC3)) is None
-    # A MAC that moves is re-learned on its new port.
-    feed(net, Ether(src=MAC1, dst=BCAST, type=0x88B5) / b"moved", port=2)
+    # Port security: a MAC another port holds is not taken (dropped, counted)...
+    assert feed(net, Ether(src=MAC1, dst=BCAST, type=0x88B5) / b"stolen", port=2) == {}
+    assert net.cam.lookup(m(MAC1)) == 1 and net.stats["mac_theft_dropped"] == 1
+    # ... until it has aged out; then it moves to its new port.
+    feed(net, Ether(src=MAC1, dst=BCAST, type=0x88B5) / b"moved", port=2, now=301.0)
     assert net.cam.lookup(m(MAC1)) == 2
 
 
@@ -1325,12 +1328,13 @@ def test_neighbour_table_bounded_and_ignores_zero():
 
 
 def test_cam_table_bounded_moves_and_forgets():
-    cam = ethernet.CamTable(max_entries=2)
+    cam = ethernet.CamTable(max_entries=2)  # learn(): may the frame pass
     assert cam.learn(m(MAC1), 1) is True
-    assert cam.learn(m(MAC1), 1) is False
+    assert cam.learn(m(MAC1), 1) is True and cam.stats["mac_learned"] == 1
     assert cam.learn(m(MAC2), 1) is True
     assert cam.learn(m(MAC3), 2) is False and cam.lookup(m(MAC3)) is None
-    assert cam.learn(m(MAC2), 2) is True and cam.lookup(m(MAC2)) == 2
+    assert cam.stats["cam_full_dropped"] == 1
+    assert cam.learn(m(MAC2), 2) is True and cam.lookup(m(MAC2)) == 2  # not secure: moves
     assert sorted(cam.macs(1)) == [m(MAC1)]
     assert cam.forget_port(2) == [m(MAC2)] and len(cam) == 1
 
