@@ -190,7 +190,11 @@ class Network:
             stats=self.stats,
         )
         self.port_security = PortSecurity(
-            self.cam, config.port_security, config.port_max_leases or 1 << 30, stats=self.stats
+            self.cam,
+            config.port_security,
+            config.port_max_leases or 1 << 30,
+            stats=self.stats,
+            subnet=(int(config.subnet.network_address), int(config.subnet.netmask)),
         )
         self.neighbours = arp.NeighbourTable()
         self.reassembler = ipv4.Reassembler(config.reassembly_max_bytes, config.reassembly_timeout)

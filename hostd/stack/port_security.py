@@ -6,9 +6,10 @@ address. The binding table maps each guest address to the MAC and port that own 
 * a DHCP lease binds its address to the lease's MAC and the port the request came in on
   (`bind`, authoritative: it replaces whatever held the address, since the server just
   decided who has it); a release or expiry unbinds it;
-* a static guest (no DHCP) binds an address by using it first: the first frame whose
-  source is an unbound address binds it to that frame's MAC and port, up to
-  `max_addresses_per_port` addresses per port (a guest cannot claim the whole subnet);
+* a static guest (no DHCP) binds an address of the subnet by using it first: the first
+  frame whose source is an unbound address binds it to that frame's MAC and port while the
+  port holds fewer than `max_addresses_per_port` (a guest cannot claim the whole subnet);
+  addresses outside the subnet are not bound (the gateway drops them as martians);
 * a port's bindings go with the port (`forget_port`, when its link closes);
 * within a port, an address may move from one MAC to another: the port is the unit of
   trust (one guest), and the CAM table bounds the MACs a port may use.
@@ -52,6 +53,7 @@ class PortSecurity:
         max_addresses_per_port: int = 16,
         log_interval: float = 5.0,
         stats: Counter[str] | None = None,
+        subnet: tuple[int, int] | None = None,
     ) -> None:
         self.cam = cam if cam is not None else CamTable(secure=enabled)
         self.enabled = enabled
@@ -62,6 +64,9 @@ class PortSecurity:
         self.stats: Counter[str] = Counter() if stats is None else stats  # may be the switch's
         self._logged: dict[str, tuple[float, int]] = {}  # reason → (when, count then)
         self._now = 0.0
+        # (network, mask) as integers: only addresses inside are bound by first use; others
+        # pass unbound (the stack drops them as martians at the gateway).
+        self._subnet = subnet
 
     # ---- the binding table ---------------------------------------------------------------
 
@@ -176,7 +181,11 @@ class PortSecurity:
         return True
 
     def _claim(self, port: int, mac: bytes, ip: bytes, limit_reason: str) -> bool:
-        """An unbound address used by `port`: bound to it (a static guest), within limits."""
+        """An unbound address used by `port`: bound to it (a static guest), within limits.
+        Leases bind beyond the limit (DHCP caps them per port on its own)."""
+        subnet = self._subnet
+        if subnet is not None and int.from_bytes(ip, "big") & subnet[1] != subnet[0]:
+            return True
         ips = self._port_ips.get(port)
         if ips is None:
             ips = self._port_ips[port] = set()
