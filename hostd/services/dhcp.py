@@ -36,7 +36,8 @@ State, keyed by the client's hardware address (``chaddr``, normalised to lower-c
   quarantined for ``decline_hold`` seconds.
 
 Expired offers, bindings and quarantines are reclaimed lazily at the start of every
-:meth:`DhcpServer.handle`, :meth:`DhcpServer.leases` and :meth:`DhcpServer.expire` call.
+:meth:`DhcpServer.handle`, :meth:`DhcpServer.leases` and :meth:`DhcpServer.expire` call,
+from a heap of deadlines: the cost is what expired, not what is held.
 
 Address choice for DISCOVER: the static address for the MAC; else the MAC's current
 binding or outstanding offer; else its previous address; else the requested address
@@ -84,6 +85,7 @@ overload (option 52) is honoured when parsing; repeated options are concatenated
 
 from __future__ import annotations
 
+import heapq
 import ipaddress
 import logging
 import struct
@@ -565,6 +567,10 @@ class DhcpServer:
         self._port_holds: dict[int, int] = {}
         self._port: int | None = None  # the port of the request being handled
         self._limit_logged = -1.0
+        # Deadlines of offers, bindings and quarantines: (when, seq, kind, key), checked
+        # against the live state when reached, so expiry is O(expired), not O(everything).
+        self._deadlines: list[tuple[float, int, str, object]] = []
+        self._deadline_seq = 0
 
     # ---------------------------------------------------------------- public API
 
@@ -602,6 +608,12 @@ class DhcpServer:
             key=lambda lease: lease.ip,
         )
 
+    def lease_items(self, now: float) -> list[tuple[str, _Binding]]:
+        """(mac, binding) of every active binding, unsorted: one C-speed copy, so that a
+        caller with many can build its answer in slices between other work."""
+        self.expire(now)
+        return list(self._bindings.items())
+
     def restore_lease(
         self, mac: str, ip: IPv4Address, expires: float, hostname: str | None, now: float
     ) -> bool:
@@ -613,6 +625,7 @@ class DhcpServer:
         if not self._is_free(ip, mac):
             return False
         self._bindings[mac] = _Binding(ip=ip, expires=expires, hostname=hostname, static=False)
+        self._deadline(expires, "binding", mac)
         self._ip_owner[ip] = mac
         self._remember(mac, ip)
         return True
@@ -622,17 +635,40 @@ class DhcpServer:
         return self._events.popleft() if self._events else None
 
     def expire(self, now: float) -> None:
-        """Reclaim expired offers, bindings and DECLINE quarantines."""
-        for mac, (_ip, until) in list(self._offers.items()):
-            if until <= now:
-                self._drop_offer(mac)
-        for mac, binding in list(self._bindings.items()):
-            if binding.expires <= now:
-                self._unbind(mac, "expired")
-                self.stats.expired += 1
-        for ip, until in list(self._declined.items()):
-            if until <= now:
-                del self._declined[ip]
+        """Reclaim expired offers, bindings and DECLINE quarantines (from a deadline heap:
+        the cost is the number expired, not the number held)."""
+        heap = self._deadlines
+        while heap and heap[0][0] <= now:
+            when, _, kind, key = heapq.heappop(heap)
+            if kind == "offer":
+                offer = self._offers.get(key)  # type: ignore[arg-type]
+                if offer is not None and offer[1] == when:
+                    self._drop_offer(key)  # type: ignore[arg-type]
+            elif kind == "binding":
+                binding = self._bindings.get(key)  # type: ignore[arg-type]
+                if binding is not None and binding.expires == when:
+                    self._unbind(key, "expired")  # type: ignore[arg-type]
+                    self.stats.expired += 1
+            elif self._declined.get(key) == when:  # type: ignore[call-overload]
+                del self._declined[key]  # type: ignore[arg-type]
+        live = len(self._offers) + len(self._bindings) + len(self._declined)
+        if len(heap) > 2 * live + 64:  # renewals leave stale entries: drop them now and then
+            self._deadlines = heap = [e for e in heap if self._deadline_live(e)]
+            heapq.heapify(heap)
+
+    def _deadline_live(self, entry: tuple[float, int, str, object]) -> bool:
+        when, _, kind, key = entry
+        if kind == "offer":
+            offer = self._offers.get(key)  # type: ignore[arg-type]
+            return offer is not None and offer[1] == when
+        if kind == "binding":
+            binding = self._bindings.get(key)  # type: ignore[arg-type]
+            return binding is not None and binding.expires == when
+        return self._declined.get(key) == when  # type: ignore[call-overload]
+
+    def _deadline(self, when: float, kind: str, key: object) -> None:
+        self._deadline_seq += 1
+        heapq.heappush(self._deadlines, (when, self._deadline_seq, kind, key))
 
     def free_addresses(self, now: float) -> int:
         """Number of pool addresses that could be offered right now."""
@@ -682,6 +718,7 @@ class DhcpServer:
         if mac not in self._bindings:
             self._drop_offer(mac)
             self._offers[mac] = (ip, now + self.config.offer_timeout)
+            self._deadline(now + self.config.offer_timeout, "offer", mac)
             if ip not in self._static_ips:
                 self._ip_owner[ip] = mac
             self._hold(mac)
@@ -734,6 +771,7 @@ class DhcpServer:
             del self._history[mac]
         if ip not in self._static_ips:
             self._declined[ip] = now + self.config.decline_hold
+            self._deadline(now + self.config.decline_hold, "declined", ip)
 
     def _on_release(self, req: _Request, mac: str) -> None:
         binding = self._bindings.get(mac)
@@ -793,6 +831,7 @@ class DhcpServer:
         hostname = req.hostname or (old.hostname if old is not None else None)
         self._drop_offer(mac)
         self._bindings[mac] = _Binding(ip=ip, expires=expires, hostname=hostname, static=static)
+        self._deadline(expires, "binding", mac)
         if not static:
             self._ip_owner[ip] = mac
         self._remember(mac, ip)

@@ -296,3 +296,69 @@ def test_fragment_floods_stay_within_the_reassembly_budget(hostd, guest, http_se
     assert reasm["fragments"] - reasm["empty_dropped"] >= sent["big"] // 2
     assert grown_mib <= REASSEMBLY_BUDGET_MIB + INTERPRETER_ALLOWANCE_MIB
     assert h.proc.poll() is None
+
+
+# ---- listings that never stall the data plane (issue 16.4) -------------------------------
+
+LEASES = 20_000
+
+
+def test_20000_leases_listed_while_a_guest_pings(hostd, guest, short_tmp) -> None:
+    """ListLeases and the gvproxy-style GET /leases over 20,000 leases (restored from a
+    state file into a /16) while the guest pings the gateway every 10 ms: every ping is
+    answered; the longest gap between replies is printed (no timing is asserted)."""
+    import itertools
+    import re
+    import urllib.request
+
+    state = short_tmp / "state.json"
+    expires = time.time() + 3600
+    leases = [
+        {
+            "mac": f"02:00:00:{i >> 16 & 255:02x}:{i >> 8 & 255:02x}:{i & 255:02x}",
+            "ip": f"10.88.{(i + 3) >> 8}.{(i + 3) & 255}",
+            "expires": expires,
+            "hostname": f"h{i}",
+        }
+        for i in range(LEASES)
+    ]
+    state.write_text(
+        json.dumps({"version": 1, "forwards": [], "dns": {}, "leases": leases, "policy": []})
+    )
+    http_sock = short_tmp / "http.sock"
+    h = hostd(
+        "--subnet", "10.88.0.0/16", "--state-file", str(state), "--http-api", f"unix://{http_sock}"
+    )  # fmt: skip
+    g = guest(h)
+    assert g.ip == "10.88.0.2"
+    count = 300  # 3 s of pings at 10 ms
+    ping = g.ns.popen("ping", "-D", "-n", "-i", "0.01", "-W", "5", "-c", str(count),
+                      "10.88.0.1", stdout=subprocess.PIPE, text=True)  # fmt: skip
+    STARTED.append(ping)
+    api = h.client()
+    for _ in range(3):
+        listed = api.leases()
+        assert len(listed) == LEASES + 1  # and the guest's own static lease
+    assert [lease.ip for lease in listed[:3]] == ["10.88.0.2", "10.88.0.3", "10.88.0.4"]
+
+    class UnixHandler(urllib.request.AbstractHTTPHandler):
+        def unix_open(self, req):
+            import http.client
+            import socket
+
+            class Conn(http.client.HTTPConnection):
+                def connect(self):
+                    self.sock = socket.socket(socket.AF_UNIX)
+                    self.sock.connect(str(http_sock))
+
+            return self.do_open(Conn, req)
+
+    opener = urllib.request.build_opener(UnixHandler())
+    table = json.loads(opener.open("unix://api/services/dhcp/leases", timeout=60).read())
+    assert len(table) == LEASES + 2  # the gateway's entry too
+    assert table["10.88.0.3"] == "02:00:00:00:00:00"
+    out, _ = ping.communicate(timeout=120)
+    replies = [float(m) for m in re.findall(r"^\[(\d+\.\d+)\] \d+ bytes from", out, re.M)]
+    assert f"{count} packets transmitted, {count} received" in out, out[-500:]
+    gap = max(b - a for a, b in itertools.pairwise(replies))
+    print(f"longest gap between ping replies while listing: {gap * 1000:.0f} ms", file=sys.stderr)
