@@ -176,7 +176,7 @@ class Reassembler:
         self._deadlines: list[tuple[float, int, _Key, _Partial]] = []
         self._seq = 0
         self._held = 0
-        self.stats = {
+        self._counts = {
             "fragments": 0,
             "reassembled": 0,
             "overlap_dropped": 0,
@@ -191,13 +191,18 @@ class Reassembler:
         return len(self._partials)
 
     @property
+    def stats(self) -> dict[str, int]:
+        """The counters, and what is held now (`held_bytes`, `partials`)."""
+        return dict(self._counts, held_bytes=self._held, partials=len(self._partials))
+
+    @property
     def held_bytes(self) -> int:
         """What the partial datagrams cost against `max_bytes`, overheads included."""
         return self._held
 
     def add(self, pkt: Ipv4Packet, now: float) -> Ipv4Packet | None:
         """Feed a fragment; returns the whole datagram once complete."""
-        stats = self.stats
+        stats = self._counts
         stats["fragments"] += 1
         key = (pkt.src, pkt.dst, pkt.proto, pkt.ident)
         offset = (pkt.flags_offset & OFFSET_MASK) * 8
@@ -281,7 +286,7 @@ class Reassembler:
             if self._partials.get(key) is part:
                 self._drop(key)
                 gone += 1
-        self.stats["timeout_dropped"] += gone
+        self._counts["timeout_dropped"] += gone
         return gone
 
     def next_deadline(self) -> float | None:
@@ -314,7 +319,7 @@ class Reassembler:
                 return False  # `keep` is the oldest: nothing older to give way
             heapq.heappop(heap)
             self._drop(key)
-            self.stats[reason] += 1
+            self._counts[reason] += 1
             return True
         return False
 

@@ -294,6 +294,7 @@ def test_fragment_floods_stay_within_the_reassembly_budget(hostd, guest, http_se
     # hostd saw the floods (not lost in the tap), so the bound below means something.
     assert reasm["empty_dropped"] >= sent["empty"] // 2
     assert reasm["fragments"] - reasm["empty_dropped"] >= sent["big"] // 2
+    assert reasm["held_bytes"] <= 4 << 20 and reasm["partials"] <= 4096
     assert grown_mib <= REASSEMBLY_BUDGET_MIB + INTERPRETER_ALLOWANCE_MIB
     assert h.proc.poll() is None
 
