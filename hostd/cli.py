@@ -276,8 +276,68 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="URI",
         help="data address offered to guests (default: the first unix/tcp/vsock --listen)",
     )
+    add_port_security_arguments(p)
     add_logging_arguments(p)
     return p
+
+
+# ---- port security (issue 16.1) --------------------------------------------------------------
+
+
+def add_port_security_arguments(p: argparse.ArgumentParser) -> None:
+    sec = p.add_argument_group("port security")
+    sec.add_argument(
+        "--port-security",
+        choices=("on", "off"),
+        default="on",
+        help="bind each port's source addresses to what DHCP (or first use) gave it, bound "
+        "its MACs and refuse a MAC another port holds; off for setups that bridge other hosts "
+        "through a port (default %(default)s)",
+    )
+    sec.add_argument(
+        "--no-port-security",
+        dest="port_security",
+        action="store_const",
+        const="off",
+        help="same as --port-security off",
+    )
+    sec.add_argument(
+        "--port-max-macs",
+        type=int,
+        default=64,
+        metavar="N",
+        help="source MACs one port may use (port security on; default %(default)s)",
+    )
+    sec.add_argument(
+        "--port-max-leases",
+        type=int,
+        default=16,
+        metavar="N",
+        help="DHCP offers and leases one port may hold, and addresses it may bind "
+        "(0: no limit; default %(default)s)",
+    )
+    sec.add_argument(
+        "--mac-age",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="a MAC unseen this long may be replaced or move to another port (default %(default)s)",
+    )
+
+
+def port_security_config(config: NetworkConfig, args: argparse.Namespace) -> NetworkConfig:
+    for name in ("port_max_macs", "port_max_leases"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be 0 or more")
+    if args.port_max_macs == 0 and args.port_security == "on":
+        raise ValueError("--port-max-macs 0 leaves no MAC to a port: use --port-security off")
+    if args.mac_age <= 0:
+        raise ValueError("--mac-age must be positive")
+    config.port_security = args.port_security == "on"
+    config.port_max_macs = args.port_max_macs
+    config.port_max_leases = args.port_max_leases
+    config.mac_age = args.mac_age
+    return config
 
 
 def config_from_args(args: argparse.Namespace) -> NetworkConfig:
@@ -291,7 +351,7 @@ def config_from_args(args: argparse.Namespace) -> NetworkConfig:
     def address(value: str | None, what: str) -> ipaddress.IPv4Address | None:
         return None if value is None else parse_address(value, what)
 
-    return NetworkConfig(
+    config = NetworkConfig(
         subnet=subnet,
         gateway_ip=address(args.gateway_ip, "--gateway-ip"),  # type: ignore[arg-type]
         host_ip=address(args.host_ip, "--host-ip"),  # type: ignore[arg-type]
@@ -316,6 +376,7 @@ def config_from_args(args: argparse.Namespace) -> NetworkConfig:
         max_connections=args.max_connections,
         max_connections_per_guest=args.max_connections_per_guest,
     )
+    return port_security_config(config, args)
 
 
 def parse_dns_regexp(spec: str) -> tuple[str, str, str]:

@@ -48,6 +48,12 @@ class NetworkConfig:
     # hostd/nat/budget.py) and each guest address's share of them (None: half).
     max_connections: int | None = None
     max_connections_per_guest: int | None = None
+    # Port security (issue 16.1): addresses bound to the port DHCP or first use gave them,
+    # MACs per port bounded and never taken from a live port. Off: for setups that bridge.
+    port_security: bool = True
+    port_max_macs: int = 64  # MACs one port may use (with port security)
+    port_max_leases: int = 16  # DHCP offers and leases, and bound addresses, per port (0: any)
+    mac_age: float = 300.0  # a MAC unseen this long may be replaced or move (Linux bridge's)
     # The address plan (None: the gvproxy-derived default of the subnet). The gateway may be
     # the host-loopback address too (slirp4netns's .2); DNS may be an address of its own.
     gateway_ip: IPv4Address = None  # type: ignore[assignment]  # default: network + 1

@@ -35,6 +35,8 @@ from netferry.address import AddressError, HostPort, parse_remote
 if TYPE_CHECKING:
     from hostd.switch import HostSwitch
 
+LIST_CHUNK = 2048  # entries an API listing builds per turn of the loop
+
 # Counter names that count malformed input (the rest of the drops are policy or limits).
 MALFORMED_PREFIXES = (
     "malformed_",
@@ -186,6 +188,23 @@ class Control:
             Lease(lease.mac, lease.ip, lease.expires + offset, lease.hostname, lease.static)
             for lease in self.switch.network.dhcp.leases(now)
         ]
+
+    async def leases_async(self, chunk: int = LIST_CHUNK) -> list[Lease]:
+        """`leases()` for the API: built `chunk` at a time with a turn of the loop between,
+        so listing 20,000 leases never holds the data plane for long. O(n) plus a sort."""
+        now = self.switch.loop.time()
+        offset = time.time() - now
+        items = self.switch.network.dhcp.lease_items(now)
+        out: list[Lease] = []
+        for start in range(0, len(items), chunk):
+            out.extend(
+                Lease(mac, b.ip, b.expires + offset, b.hostname, b.static)
+                for mac, b in items[start : start + chunk]
+            )
+            if start + chunk < len(items):
+                await asyncio.sleep(0)
+        out.sort(key=lambda lease: lease.ip)
+        return out
 
     def switch_table(self) -> dict[str, int]:
         """MAC → switch port, as learned."""
@@ -392,9 +411,10 @@ class Control:
             or key.endswith("_dropped")
             or key.endswith("_refused")
         }
-        for key, value in raw["reassembly"].items():  # type: ignore[union-attr]
-            if key.endswith("_dropped"):
-                drops["reassembly_" + key] = value
+        for group in ("reassembly", "dhcp"):  # dhcp: port_limit_dropped (port security)
+            for key, value in raw[group].items():  # type: ignore[union-attr]
+                if key.endswith("_dropped"):
+                    drops[group + "_" + key] = value
         malformed = sum(v for k, v in drops.items() if k.startswith(MALFORMED_PREFIXES))
         counters = {
             f"{group}.{key}": value

@@ -161,7 +161,7 @@ class GvproxyApi:
             if path == "/services/forwarder/unexpose":
                 return await self._post(method, self._unexpose, body, caller)
             if path in ("/services/dhcp/leases", "/leases"):
-                return Response.json(self._leases())
+                return Response.json(await self._leases())
             if path == "/services/dns/all":
                 return Response.json(self._zones())
             if path == "/services/dns/add":
@@ -261,14 +261,14 @@ class GvproxyApi:
 
     # ---- leases and DNS ---------------------------------------------------------------
 
-    def _leases(self) -> dict[str, str]:
+    async def _leases(self) -> dict[str, str]:
         network = self.control.switch.network
         table = {
             str(ipaddress.IPv4Address(network.gateway_ip)): ":".join(
                 f"{b:02x}" for b in network.gateway_mac
             )
         }
-        for lease in self.control.leases():
+        for lease in await self.control.leases_async():  # built in slices, yielding
             table[str(lease.ip)] = lease.mac
         return dict(sorted(table.items()))
 

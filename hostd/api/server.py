@@ -35,7 +35,7 @@ from hostd.api.auth import (
     owner_only_message,
 )
 from hostd.capture import SNAPLEN, CaptureBuffer, CaptureFilter, pcap_header, pcap_record
-from hostd.control import Control, DnsRecordSpec, StatsSnapshot
+from hostd.control import LIST_CHUNK, Control, DnsRecordSpec, StatsSnapshot
 from hostd.errors import ControlError, shorten
 from hostd.forwards import Forward
 from hostd.policy import Rule
@@ -187,17 +187,22 @@ class HostSwitchService(pb_grpc.HostSwitchServicer):
     # ---- leases and DNS -----------------------------------------------------------------
 
     async def ListLeases(self, request, context):
-        leases = [
-            pb.Lease(
-                mac=lease.mac,
-                ip=str(lease.ip),
-                hostname=lease.hostname or "",
-                static=lease.static,
-                expires=timestamp(lease.expires),
+        # In slices with a turn of the loop between: a long list never stalls the data plane.
+        leases = await self.control.leases_async()
+        out = pb.ListLeasesResponse()
+        for start in range(0, len(leases), LIST_CHUNK):
+            out.leases.extend(
+                pb.Lease(
+                    mac=lease.mac,
+                    ip=str(lease.ip),
+                    hostname=lease.hostname or "",
+                    static=lease.static,
+                    expires=timestamp(lease.expires),
+                )
+                for lease in leases[start : start + LIST_CHUNK]
             )
-            for lease in self.control.leases()
-        ]
-        return pb.ListLeasesResponse(leases=leases)
+            await asyncio.sleep(0)
+        return out
 
     def _zone_pb(self, name: str) -> pb.DnsZone:
         for zname, records in self.control.dns_zones():

@@ -36,12 +36,18 @@ State, keyed by the client's hardware address (``chaddr``, normalised to lower-c
   quarantined for ``decline_hold`` seconds.
 
 Expired offers, bindings and quarantines are reclaimed lazily at the start of every
-:meth:`DhcpServer.handle`, :meth:`DhcpServer.leases` and :meth:`DhcpServer.expire` call.
+:meth:`DhcpServer.handle`, :meth:`DhcpServer.leases` and :meth:`DhcpServer.expire` call,
+from a heap of deadlines: the cost is what expired, not what is held.
 
 Address choice for DISCOVER: the static address for the MAC; else the MAC's current
 binding or outstanding offer; else its previous address; else the requested address
 (option 50) if free and in the pool; else the lowest free pool address.  With no free
 address there is no reply and ``stats.pool_exhausted`` is incremented.
+
+Per-port limit: the stack passes the switch port a datagram came in on; with
+``max_leases_per_port`` set, a port whose MACs already hold that many offers and leases gets
+no OFFER or ACK for a further MAC (``stats.port_limit_dropped``; static leases are exempt),
+so one guest faking many clients cannot take the whole pool from the others.
 
 An address is *acceptable* for a MAC in a REQUEST when: the MAC has a static lease and the
 address is that static address; or the MAC holds an active binding and the address is that
@@ -79,6 +85,7 @@ overload (option 52) is honoured when parsing; repeated options are concatenated
 
 from __future__ import annotations
 
+import heapq
 import ipaddress
 import struct
 from collections import OrderedDict, deque
@@ -266,6 +273,9 @@ class DhcpConfig:
     decline_hold: float = 600.0
     event_queue_size: int = 1024
     history_size: int = 4096
+    # Addresses (offers and leases) one switch port may hold at once; 0: no limit. Static
+    # leases do not count. Keeps a guest faking many clients from taking the whole pool.
+    max_leases_per_port: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.subnet, IPv4Network):
@@ -392,6 +402,7 @@ class DhcpStats:
     pool_exhausted: int = 0  # DISCOVERs left unanswered because no address was free
     expired: int = 0  # bindings reclaimed at lease expiry
     chaddr_mismatch: int = 0  # chaddr differed from the Ethernet source (still served)
+    port_limit_dropped: int = 0  # unanswered: the client's port holds max_leases_per_port
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -537,11 +548,25 @@ class DhcpServer:
         )
         self.stats = DhcpStats()
         self._static_options = self._build_static_options()
+        # Which switch port each MAC holding an offer or a lease asked from, and how many
+        # such MACs each port has (for `max_leases_per_port`).
+        self._mac_port: dict[str, int] = {}
+        self._port_holds: dict[int, int] = {}
+        self._port: int | None = None  # the port of the request being handled
+        self._limit_logged = -1.0
+        # Deadlines of offers, bindings and quarantines: (when, seq, kind, key), checked
+        # against the live state when reached, so expiry is O(expired), not O(everything).
+        self._deadlines: list[tuple[float, int, str, object]] = []
+        self._deadline_seq = 0
 
     # ---------------------------------------------------------------- public API
 
-    def handle(self, payload: bytes, src_mac: bytes, now: float) -> DhcpReply | None:
-        """Process one client datagram; return the reply to send, if any.  Never raises."""
+    def handle(
+        self, payload: bytes, src_mac: bytes, now: float, port: int | None = None
+    ) -> DhcpReply | None:
+        """Process one client datagram; return the reply to send, if any.  Never raises.
+        `port`: the switch port it came in on (None: unknown, no per-port limit)."""
+        self._port = port
         try:
             req = _parse_request(bytes(payload))
         except _Malformed as exc:
@@ -570,6 +595,12 @@ class DhcpServer:
             key=lambda lease: lease.ip,
         )
 
+    def lease_items(self, now: float) -> list[tuple[str, _Binding]]:
+        """(mac, binding) of every active binding, unsorted: one C-speed copy, so that a
+        caller with many can build its answer in slices between other work."""
+        self.expire(now)
+        return list(self._bindings.items())
+
     def restore_lease(
         self, mac: str, ip: IPv4Address, expires: float, hostname: str | None, now: float
     ) -> bool:
@@ -581,6 +612,7 @@ class DhcpServer:
         if not self._is_free(ip, mac):
             return False
         self._bindings[mac] = _Binding(ip=ip, expires=expires, hostname=hostname, static=False)
+        self._deadline(expires, "binding", mac)
         self._ip_owner[ip] = mac
         self._remember(mac, ip)
         return True
@@ -590,17 +622,40 @@ class DhcpServer:
         return self._events.popleft() if self._events else None
 
     def expire(self, now: float) -> None:
-        """Reclaim expired offers, bindings and DECLINE quarantines."""
-        for mac, (_ip, until) in list(self._offers.items()):
-            if until <= now:
-                self._drop_offer(mac)
-        for mac, binding in list(self._bindings.items()):
-            if binding.expires <= now:
-                self._unbind(mac, "expired")
-                self.stats.expired += 1
-        for ip, until in list(self._declined.items()):
-            if until <= now:
-                del self._declined[ip]
+        """Reclaim expired offers, bindings and DECLINE quarantines (from a deadline heap:
+        the cost is the number expired, not the number held)."""
+        heap = self._deadlines
+        while heap and heap[0][0] <= now:
+            when, _, kind, key = heapq.heappop(heap)
+            if kind == "offer":
+                offer = self._offers.get(key)  # type: ignore[arg-type]
+                if offer is not None and offer[1] == when:
+                    self._drop_offer(key)  # type: ignore[arg-type]
+            elif kind == "binding":
+                binding = self._bindings.get(key)  # type: ignore[arg-type]
+                if binding is not None and binding.expires == when:
+                    self._unbind(key, "expired")  # type: ignore[arg-type]
+                    self.stats.expired += 1
+            elif self._declined.get(key) == when:  # type: ignore[call-overload]
+                del self._declined[key]  # type: ignore[arg-type]
+        live = len(self._offers) + len(self._bindings) + len(self._declined)
+        if len(heap) > 2 * live + 64:  # renewals leave stale entries: drop them now and then
+            self._deadlines = heap = [e for e in heap if self._deadline_live(e)]
+            heapq.heapify(heap)
+
+    def _deadline_live(self, entry: tuple[float, int, str, object]) -> bool:
+        when, _, kind, key = entry
+        if kind == "offer":
+            offer = self._offers.get(key)  # type: ignore[arg-type]
+            return offer is not None and offer[1] == when
+        if kind == "binding":
+            binding = self._bindings.get(key)  # type: ignore[arg-type]
+            return binding is not None and binding.expires == when
+        return self._declined.get(key) == when  # type: ignore[call-overload]
+
+    def _deadline(self, when: float, kind: str, key: object) -> None:
+        self._deadline_seq += 1
+        heapq.heappush(self._deadlines, (when, self._deadline_seq, kind, key))
 
     def free_addresses(self, now: float) -> int:
         """Number of pool addresses that could be offered right now."""
@@ -640,6 +695,8 @@ class DhcpServer:
         return self._on_inform(req)
 
     def _on_discover(self, req: _Request, mac: str, now: float) -> DhcpReply | None:
+        if self._over_port_limit(mac, now):
+            return None
         ip = self._choose_address(mac, req.ip_option(OPT_REQUESTED_IP))
         if ip is None:
             self.stats.pool_exhausted += 1
@@ -648,8 +705,10 @@ class DhcpServer:
         if mac not in self._bindings:
             self._drop_offer(mac)
             self._offers[mac] = (ip, now + self.config.offer_timeout)
+            self._deadline(now + self.config.offer_timeout, "offer", mac)
             if ip not in self._static_ips:
                 self._ip_owner[ip] = mac
+            self._hold(mac)
         self.stats.offers += 1
         return self._reply(req, OFFER, yiaddr=ip)
 
@@ -699,6 +758,7 @@ class DhcpServer:
             del self._history[mac]
         if ip not in self._static_ips:
             self._declined[ip] = now + self.config.decline_hold
+            self._deadline(now + self.config.decline_hold, "declined", ip)
 
     def _on_release(self, req: _Request, mac: str) -> None:
         binding = self._bindings.get(mac)
@@ -747,16 +807,22 @@ class DhcpServer:
                 return ip
         return None
 
-    def _ack_binding(self, req: _Request, mac: str, ip: IPv4Address, now: float) -> DhcpReply:
+    def _ack_binding(
+        self, req: _Request, mac: str, ip: IPv4Address, now: float
+    ) -> DhcpReply | None:
+        if self._over_port_limit(mac, now):
+            return None
         expires = now + self.config.lease_time
         static = mac in self._static
         old = self._bindings.get(mac)
         hostname = req.hostname or (old.hostname if old is not None else None)
         self._drop_offer(mac)
         self._bindings[mac] = _Binding(ip=ip, expires=expires, hostname=hostname, static=static)
+        self._deadline(expires, "binding", mac)
         if not static:
             self._ip_owner[ip] = mac
         self._remember(mac, ip)
+        self._hold(mac)
         self._events.append(
             LeaseGranted(
                 mac=mac,
@@ -775,6 +841,7 @@ class DhcpServer:
         if self._ip_owner.get(binding.ip) == mac:
             del self._ip_owner[binding.ip]
         self._remember(mac, binding.ip)
+        self._let_go(mac)
         self._events.append(
             LeaseReleased(mac=mac, ip=binding.ip, hostname=binding.hostname, reason=reason)
         )
@@ -787,6 +854,53 @@ class DhcpServer:
         binding = self._bindings.get(mac)
         if self._ip_owner.get(ip) == mac and (binding is None or binding.ip != ip):
             del self._ip_owner[ip]
+        self._let_go(mac)
+
+    # ---------------------------------------------------------------- per-port limit
+
+    def _over_port_limit(self, mac: str, now: float) -> bool:
+        """True (counted, logged now and then) when `mac` would be a new holder on a port
+        that already holds `max_leases_per_port` offers and leases."""
+        limit = self.config.max_leases_per_port
+        port = self._port
+        if not limit or port is None or mac in self._static:
+            return False
+        if self._mac_port.get(mac) == port or self._port_holds.get(port, 0) < limit:
+            return False
+        self.stats.port_limit_dropped += 1
+        if now - self._limit_logged >= 5.0:
+            self._limit_logged = now
+            log.warning(
+                "dhcp: port %s holds %d addresses (the limit): %s not served (%d refused)",
+                port,
+                limit,
+                mac,
+                self.stats.port_limit_dropped,
+            )
+        return True
+
+    def _hold(self, mac: str) -> None:
+        """`mac` holds an offer or a lease: count it against the port it asked from."""
+        port = self._port
+        if port is None or mac in self._static:
+            return
+        old = self._mac_port.get(mac)
+        if old == port:
+            return
+        if old is not None:
+            self._port_holds[old] -= 1
+        self._mac_port[mac] = port
+        self._port_holds[port] = self._port_holds.get(port, 0) + 1
+
+    def _let_go(self, mac: str) -> None:
+        """`mac` may have stopped holding anything: uncount it."""
+        if mac in self._bindings or mac in self._offers:
+            return
+        port = self._mac_port.pop(mac, None)
+        if port is not None:
+            self._port_holds[port] -= 1
+            if not self._port_holds[port]:
+                del self._port_holds[port]
 
     def _remember(self, mac: str, ip: IPv4Address) -> None:
         self._history[mac] = ip

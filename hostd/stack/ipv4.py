@@ -3,9 +3,11 @@
 Inbound (guest → stack): `parse_ipv4` checks version, header length, total length (Ethernet
 padding beyond it is trimmed) and the header checksum; anything wrong raises `Ipv4Error`
 with a short reason that becomes a drop counter. Fragments go to the `Reassembler`, which
-holds at most `max_bytes` of partial datagrams and forgets one after `timeout` seconds
-(Linux's ipfrag_time is 30 s). Overlapping fragments drop the whole datagram, as Linux does
-and RFC 5722 requires for IPv6: overlaps are how fragment attacks smuggle headers.
+copies each out of its frame, charges it its length plus a fixed overhead (and each partial
+datagram an overhead of its own) against `max_bytes`, holds at most `max_partials` partial
+datagrams and forgets one after `timeout` seconds (Linux's ipfrag_time is 30 s) from a
+deadline heap. Zero-length and overlapping fragments drop the whole datagram, as Linux does
+(and RFC 5722 requires for IPv6): overlaps are how fragment attacks smuggle headers.
 
 Outbound (stack → guest): `build_ipv4` fills a header from a precompiled struct;
 `fragment` splits a datagram larger than the guest's MTU at 8-byte boundaries.
@@ -14,6 +16,7 @@ It never loops over payload bytes in Python.
 
 from __future__ import annotations
 
+import heapq
 import struct
 from dataclasses import dataclass, field
 
@@ -132,29 +135,55 @@ def fragment(
     return out
 
 
+# What a held fragment and a partial datagram cost beyond their data (Python objects, dict
+# slots, the heap entry), charged against the budget so that empty or tiny fragments are
+# not free: 300,000 zero-length fragments once took 300 MiB while counting as 0 bytes.
+FRAGMENT_OVERHEAD = 128
+PARTIAL_OVERHEAD = 640
+
+
 @dataclass(slots=True)
 class _Partial:
     first_header: bytes | None = None
-    pieces: dict[int, bytes] = field(default_factory=dict)  # offset in bytes -> data
+    pieces: dict[int, bytes] = field(default_factory=dict)  # offset in bytes -> data (a copy)
     total: int | None = None  # payload length, known once the last fragment arrived
-    size: int = 0
+    size: int = 0  # payload bytes held
+    charge: int = PARTIAL_OVERHEAD  # what this partial costs against the budget
     deadline: float = 0.0
 
 
-class Reassembler:
-    """Joins IPv4 fragments; bounded by bytes held and by time."""
+_Key = tuple[bytes, bytes, int, int]
 
-    def __init__(self, max_bytes: int = 4 << 20, timeout: float = 30.0) -> None:
+
+class Reassembler:
+    """Joins IPv4 fragments; bounded by what it holds, by partial datagrams and by time.
+
+    Every fragment is copied out of its frame (a view would keep a 64 KiB frame alive for
+    an 8-byte fragment) and charged its length plus `FRAGMENT_OVERHEAD`; every partial
+    datagram is charged `PARTIAL_OVERHEAD`. The sum never exceeds `max_bytes` and there
+    are at most `max_partials` partial datagrams: a new one evicts the oldest. Deadlines sit
+    in a heap (oldest first, as every partial lives `timeout`), so a flush touches only
+    the expired ones; entries of partials that completed early are skipped when reached,
+    and the heap is rebuilt when they outnumber the live ones."""
+
+    def __init__(
+        self, max_bytes: int = 4 << 20, timeout: float = 30.0, max_partials: int = 4096
+    ) -> None:
         self.max_bytes = max_bytes
         self.timeout = timeout
-        self._partials: dict[tuple[bytes, bytes, int, int], _Partial] = {}
+        self.max_partials = max_partials
+        self._partials: dict[_Key, _Partial] = {}
+        self._deadlines: list[tuple[float, int, _Key, _Partial]] = []
+        self._seq = 0
         self._held = 0
-        self.stats = {
+        self._counts = {
             "fragments": 0,
             "reassembled": 0,
             "overlap_dropped": 0,
             "timeout_dropped": 0,
             "memory_dropped": 0,
+            "partials_dropped": 0,  # evicted for a new one at `max_partials`
+            "empty_dropped": 0,  # zero-length fragments (Linux discards the datagram too)
             "too_big_dropped": 0,
         }
 
@@ -162,43 +191,62 @@ class Reassembler:
         return len(self._partials)
 
     @property
+    def stats(self) -> dict[str, int]:
+        """The counters, and what is held now (`held_bytes`, `partials`)."""
+        return dict(self._counts, held_bytes=self._held, partials=len(self._partials))
+
+    @property
     def held_bytes(self) -> int:
+        """What the partial datagrams cost against `max_bytes`, overheads included."""
         return self._held
 
     def add(self, pkt: Ipv4Packet, now: float) -> Ipv4Packet | None:
         """Feed a fragment; returns the whole datagram once complete."""
-        self.stats["fragments"] += 1
+        stats = self._counts
+        stats["fragments"] += 1
         key = (pkt.src, pkt.dst, pkt.proto, pkt.ident)
         offset = (pkt.flags_offset & OFFSET_MASK) * 8
         more = bool(pkt.flags_offset & FLAG_MF)
         data = pkt.payload
         end = offset + len(data)
         if end > 65535 - HEADER_LEN:
-            self.stats["too_big_dropped"] += 1
+            stats["too_big_dropped"] += 1
+            self._drop(key)
+            return None
+        if not data:
+            stats["empty_dropped"] += 1
             self._drop(key)
             return None
         if more and len(data) % 8:
-            self.stats["overlap_dropped"] += 1  # a non-final fragment must be 8-byte aligned
+            stats["overlap_dropped"] += 1  # a non-final fragment must be 8-byte aligned
             self._drop(key)
             return None
+        cost = len(data) + FRAGMENT_OVERHEAD
         part = self._partials.get(key)
         if part is None:
-            if self._held + len(data) > self.max_bytes:
-                self._evict_oldest(len(data))
-                if self._held + len(data) > self.max_bytes:
-                    self.stats["memory_dropped"] += 1
-                    return None
+            if cost + PARTIAL_OVERHEAD > self.max_bytes:
+                stats["memory_dropped"] += 1
+                return None
+            if len(self._partials) >= self.max_partials:
+                self._evict_oldest(None, "partials_dropped")
+            if self._held + cost + PARTIAL_OVERHEAD > self.max_bytes:
+                self._make_room(cost + PARTIAL_OVERHEAD, None)
             part = _Partial(deadline=now + self.timeout)
             self._partials[key] = part
-        elif self._held + len(data) > self.max_bytes:
-            self.stats["memory_dropped"] += 1
-            self._drop(key)
-            return None
+            self._held += PARTIAL_OVERHEAD
+            self._seq += 1
+            heapq.heappush(self._deadlines, (part.deadline, self._seq, key, part))
+        elif self._held + cost > self.max_bytes:
+            self._make_room(cost, key)
+            if self._held + cost > self.max_bytes:
+                stats["memory_dropped"] += 1
+                self._drop(key)
+                return None
         if not more:
             if (part.total is not None and part.total != end) or any(
                 o + len(d) > end for o, d in part.pieces.items()
             ):  # two different ends, or data already held beyond this end
-                self.stats["overlap_dropped"] += 1
+                stats["overlap_dropped"] += 1
                 self._drop(key)
                 return None
             part.total = end
@@ -206,48 +254,75 @@ class Reassembler:
             if offset < o + len(d) and o < end:
                 if o == offset and d == data:
                     return None  # an exact duplicate is harmless
-                self.stats["overlap_dropped"] += 1
+                stats["overlap_dropped"] += 1
                 self._drop(key)
                 return None
         if part.total is not None and end > part.total:
-            self.stats["overlap_dropped"] += 1
+            stats["overlap_dropped"] += 1
             self._drop(key)
             return None
-        part.pieces[offset] = data
+        part.pieces[offset] = bytes(data)  # a copy: never a view into the whole frame
         part.size += len(data)
-        self._held += len(data)
+        part.charge += cost
+        self._held += cost
         if offset == 0:
             part.first_header = pkt.header
         if part.total is None or part.size != part.total or part.first_header is None:
             return None
         del self._partials[key]
-        self._held -= part.size
+        self._held -= part.charge
         payload = b"".join(part.pieces[o] for o in sorted(part.pieces))
-        self.stats["reassembled"] += 1
+        stats["reassembled"] += 1
+        self._maybe_compact()
         return Ipv4Packet(
             pkt.src, pkt.dst, pkt.proto, pkt.ttl, pkt.ident, 0, pkt.tos, part.first_header, payload
         )
 
     def expire(self, now: float) -> int:
-        gone = [k for k, p in self._partials.items() if p.deadline <= now]
-        for k in gone:
-            self._drop(k)
-        self.stats["timeout_dropped"] += len(gone)
-        return len(gone)
+        heap = self._deadlines
+        gone = 0
+        while heap and heap[0][0] <= now:
+            _, _, key, part = heapq.heappop(heap)
+            if self._partials.get(key) is part:
+                self._drop(key)
+                gone += 1
+        self._counts["timeout_dropped"] += gone
+        return gone
 
     def next_deadline(self) -> float | None:
-        if not self._partials:
-            return None
-        return min(p.deadline for p in self._partials.values())
+        heap = self._deadlines
+        while heap and self._partials.get(heap[0][2]) is not heap[0][3]:
+            heapq.heappop(heap)  # a partial that completed or was dropped early
+        return heap[0][0] if heap else None
 
-    def _drop(self, key: tuple[bytes, bytes, int, int]) -> None:
+    def _drop(self, key: _Key) -> None:
         part = self._partials.pop(key, None)
         if part is not None:
-            self._held -= part.size
+            self._held -= part.charge
+            self._maybe_compact()
 
-    def _evict_oldest(self, need: int) -> None:
-        for key in sorted(self._partials, key=lambda k: self._partials[k].deadline):
-            if self._held + need <= self.max_bytes:
-                return
+    def _maybe_compact(self) -> None:
+        """Bound the heap by the live partials: rebuild it when stale entries dominate."""
+        if len(self._deadlines) > 2 * len(self._partials) + 64:
+            self._deadlines = [e for e in self._deadlines if self._partials.get(e[2]) is e[3]]
+            heapq.heapify(self._deadlines)
+
+    def _evict_oldest(self, keep: _Key | None, reason: str) -> bool:
+        """Drop the oldest partial datagram other than `keep`; False when there is none."""
+        heap = self._deadlines
+        while heap:
+            _, _, key, part = heap[0]
+            if self._partials.get(key) is not part:
+                heapq.heappop(heap)
+                continue
+            if key == keep:
+                return False  # `keep` is the oldest: nothing older to give way
+            heapq.heappop(heap)
             self._drop(key)
-            self.stats["memory_dropped"] += 1
+            self._counts[reason] += 1
+            return True
+        return False
+
+    def _make_room(self, need: int, keep: _Key | None) -> None:
+        while self._held + need > self.max_bytes and self._evict_oldest(keep, "memory_dropped"):
+            pass

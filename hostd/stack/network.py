@@ -32,6 +32,7 @@ from hostd.services.dns import DnsResolver, DnsZones, ForwardQuery, default_zone
 from hostd.stack import arp, ethernet, icmp, ipv4, tcp, udp
 from hostd.stack import checksum as checksum_mod
 from hostd.stack.ethernet import BROADCAST, ETHERTYPE_ARP, ETHERTYPE_IPV4, ETHERTYPE_IPV6
+from hostd.stack.port_security import PortSecurity
 
 LOOPBACK_V4 = b"\x7f\x00\x00\x01"
 LIMITED_BROADCAST = b"\xff\xff\xff\xff"
@@ -180,7 +181,21 @@ class Network:
         # TCP ports the gateway serves itself beside DNS (port → service name for the NAT's
         # factories): the forwarder API on 80.
         self.gateway_tcp_services: dict[int, str] = {}
-        self.cam = ethernet.CamTable()
+        self.stats: Counter[str] = Counter()
+        # port security (16.1): the CAM table's and the binding table's counters are ours.
+        self.cam = ethernet.CamTable(
+            max_per_port=config.port_max_macs,
+            max_age=config.mac_age,
+            secure=config.port_security,
+            stats=self.stats,
+        )
+        self.port_security = PortSecurity(
+            self.cam,
+            config.port_security,
+            config.port_max_leases or 1 << 30,
+            stats=self.stats,
+            subnet=(int(config.subnet.network_address), int(config.subnet.netmask)),
+        )
         self.neighbours = arp.NeighbourTable()
         self.reassembler = ipv4.Reassembler(config.reassembly_max_bytes, config.reassembly_timeout)
         self.dhcp = DhcpServer(
@@ -194,11 +209,11 @@ class Network:
                 static_leases=dict(config.static_leases),
                 reserved=config.virtual_addresses,
                 pool=config.dhcp_range,
+                max_leases_per_port=config.port_max_leases,  # port security (16.1)
             )
         )
         self.zones = zones or default_zones(str(config.gateway_ip), str(config.host_ip))
         self.dns = DnsResolver(self.zones)
-        self.stats: Counter[str] = Counter()
         self.events: deque[Event] = deque()
         self._outbox: dict[int, list[bytes]] = {}
         self._ports: set[int] = set()
@@ -247,6 +262,7 @@ class Network:
         self._ports.discard(port)
         self._vnet_ports.discard(port)
         macs = self.cam.forget_port(port)
+        self.port_security.forget_port(port)  # port security (16.1)
         self.neighbours.forget_macs(macs)
         self._outbox.pop(port, None)
 
@@ -595,7 +611,11 @@ class Network:
                 except tcp.TcpParseError:
                     rest.append(frame)  # counted there
                     continue
-                self.cam.learn(frame[off + 6 : off + 12], self._in_port)
+                if not self.port_security.admit_source(  # port security (16.1)
+                    self._in_port, frame[off + 6 : off + 12], src, now
+                ):
+                    self.stats["frames_in"] += 1  # dropped, counted by port security
+                    continue
                 conn.receive_segment(seg, now)
                 self._tcp_dirty[conn] = None
                 n_tcp += 1
@@ -609,6 +629,11 @@ class Network:
                     or (not off and not self._plain_valid(frame, total, 17))
                 ):
                     rest.append(frame)
+                    continue
+                if not self.port_security.admit_source(  # port security (16.1)
+                    self._in_port, frame[off + 6 : off + 12], frame[ip + 12 : ip + 16], now
+                ):
+                    self.stats["frames_in"] += 1  # dropped, counted by port security
                     continue
                 udp_out.append((flow, frame[ip + 28 : ip + total]))
                 n_udp += 1
@@ -684,7 +709,9 @@ class Network:
         if src[0] & 1 or src == ethernet.ZERO_MAC:
             stats["malformed_ethernet"] += 1
             return
-        self.cam.learn(src, port)
+        if not self.port_security.admit(port, src, ethertype, frame, now):  # port security (16.1)
+            return
+        self._in_port = port  # port security (16.1): DHCP leases are bound to their port
         if dst == self.gateway_mac:
             self._to_gateway(port, src, ethertype, frame, now)
             return
@@ -874,12 +901,18 @@ class Network:
         self.events.append(UdpOutbound(pkt.src, sport, dst, dport, target, payload, quote))
 
     def _dhcp(self, src_mac: bytes, payload: bytes, now: float) -> None:
-        reply = self.dhcp.handle(payload, src_mac, now)
+        reply = self.dhcp.handle(payload, src_mac, now, self._in_port)  # port security (16.1)
         while (event := self.dhcp.next_event()) is not None:
             if isinstance(event, LeaseGranted):
                 self.neighbours.learn(ip_bytes(event.ip), ethernet.parse_mac(event.mac))
+                self.port_security.bind(  # port security (16.1)
+                    self._in_port, ethernet.parse_mac(event.mac), ip_bytes(event.ip)
+                )
                 self.events.append(LeaseEvent(event.mac, str(event.ip), event.hostname))
             else:
+                self.port_security.unbind(  # port security (16.1)
+                    ip_bytes(event.ip), ethernet.parse_mac(event.mac)
+                )
                 self.events.append(LeaseEvent(event.mac, str(event.ip), event.hostname, True))
         if reply is None:
             return

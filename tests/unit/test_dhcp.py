@@ -809,3 +809,21 @@ def test_custom_pool_and_reserved() -> None:
         IPv4Address("192.168.127.102"),
     ]
     assert got[2] is None
+
+
+def test_expiry_from_a_deadline_heap_stays_bounded_under_renewals():
+    """Expiry costs what expired, and renewals (stale deadlines) do not pile up."""
+    from hostd.services.dhcp import DhcpConfig, DhcpServer
+
+    server = DhcpServer(DhcpConfig(lease_time=100))
+    for i in range(50):
+        assert server.restore_lease(
+            f"02:00:00:00:00:{i:02x}", IPv4Address(f"192.168.127.{i + 3}"), 100.0 + i, None, 0.0
+        )
+    for _ in range(500):
+        server.expire(1.0)
+    assert len(server._deadlines) <= 2 * 50 + 64
+    server.expire(120.0)  # deadlines 100..120 passed
+    assert len(server.leases(120.0)) == 29 and server.stats.expired == 21
+    server.expire(1000.0)
+    assert server.leases(1000.0) == [] and server.stats.expired == 50

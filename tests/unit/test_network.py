@@ -205,8 +205,11 @@ def test_switch_learns_source_macs_per_port():
     assert net.cam.lookup(m(MAC1)) == 1
     assert net.cam.lookup(m(MAC2)) == 2
     assert net.cam.lookup(m(MAC3)) is None
-    # A MAC that moves is re-learned on its new port.
-    feed(net, Ether(src=MAC1, dst=BCAST, type=0x88B5) / b"moved", port=2)
+    # Port security: a MAC another port holds is not taken (dropped, counted)...
+    assert feed(net, Ether(src=MAC1, dst=BCAST, type=0x88B5) / b"stolen", port=2) == {}
+    assert net.cam.lookup(m(MAC1)) == 1 and net.stats["mac_theft_dropped"] == 1
+    # ... until it has aged out; then it moves to its new port.
+    feed(net, Ether(src=MAC1, dst=BCAST, type=0x88B5) / b"moved", port=2, now=301.0)
     assert net.cam.lookup(m(MAC1)) == 2
 
 
@@ -1169,26 +1172,29 @@ def test_reassembler_timeout_and_deadline():
     r.add(frag(0, b"a" * 8, True, ident=2), 20.0)
     assert r.next_deadline() == 40.0
     assert r.expire(39.99) == 0
-    assert r.expire(40.0) == 1 and len(r) == 1 and r.held_bytes == 8
+    held = 8 + ipv4.FRAGMENT_OVERHEAD + ipv4.PARTIAL_OVERHEAD  # every piece and partial costs
+    assert r.expire(40.0) == 1 and len(r) == 1 and r.held_bytes == held
     assert r.next_deadline() == 50.0
     assert r.expire(1000.0) == 1
     assert r.stats["timeout_dropped"] == 2 and r.held_bytes == 0
 
 
 def test_reassembler_memory_bound_evicts_oldest():
-    r = ipv4.Reassembler(max_bytes=100)
+    o, p = ipv4.FRAGMENT_OVERHEAD, ipv4.PARTIAL_OVERHEAD  # charged beyond the data
+    limit = 2 * (p + o + 40) + o + 8
+    r = ipv4.Reassembler(max_bytes=limit)
     for ident in range(1, 6):
         r.add(frag(0, b"x" * 40, True, ident=ident), float(ident))
-        assert r.held_bytes <= 100
+        assert r.held_bytes <= limit
     assert len(r) == 2  # the two newest
     assert r.stats["memory_dropped"] == 3
     assert r.add(frag(40, b"y" * 8, False, ident=5), 9.0).payload == b"x" * 40 + b"y" * 8
     # One datagram alone over the limit is dropped, not held.
-    r2 = ipv4.Reassembler(max_bytes=64)
+    r2 = ipv4.Reassembler(max_bytes=p + 2 * o + 64)
     r2.add(frag(0, b"a" * 48, True), 0)
     assert r2.add(frag(48, b"b" * 48, True), 0) is None
     assert len(r2) == 0 and r2.held_bytes == 0 and r2.stats["memory_dropped"] == 1
-    assert r2.add(frag(0, b"c" * 72, True, ident=9), 0) is None  # bigger than the budget
+    assert r2.add(frag(0, b"c" * (o + 72), True, ident=9), 0) is None  # bigger than budget
     assert len(r2) == 0 and r2.held_bytes == 0
 
 
@@ -1322,12 +1328,13 @@ def test_neighbour_table_bounded_and_ignores_zero():
 
 
 def test_cam_table_bounded_moves_and_forgets():
-    cam = ethernet.CamTable(max_entries=2)
+    cam = ethernet.CamTable(max_entries=2)  # learn(): may the frame pass
     assert cam.learn(m(MAC1), 1) is True
-    assert cam.learn(m(MAC1), 1) is False
+    assert cam.learn(m(MAC1), 1) is True and cam.stats["mac_learned"] == 1
     assert cam.learn(m(MAC2), 1) is True
     assert cam.learn(m(MAC3), 2) is False and cam.lookup(m(MAC3)) is None
-    assert cam.learn(m(MAC2), 2) is True and cam.lookup(m(MAC2)) == 2
+    assert cam.stats["cam_full_dropped"] == 1
+    assert cam.learn(m(MAC2), 2) is True and cam.lookup(m(MAC2)) == 2  # not secure: moves
     assert sorted(cam.macs(1)) == [m(MAC1)]
     assert cam.forget_port(2) == [m(MAC2)] and len(cam) == 1
 

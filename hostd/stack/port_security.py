@@ -1,0 +1,226 @@
+"""Port security: which IPv4 addresses a switch port may use as a source (sans-IO).
+
+Theory of operation. One guest must not be able to take another's traffic by claiming its
+address. The binding table maps each guest address to the MAC and port that own it:
+
+* a DHCP lease binds its address to the lease's MAC and the port the request came in on
+  (`bind`, authoritative: it replaces whatever held the address, since the server just
+  decided who has it); a release or expiry unbinds it;
+* a static guest (no DHCP) binds an address of the subnet by using it first: the first
+  frame whose source is an unbound address binds it to that frame's MAC and port while the
+  port holds fewer than `max_addresses_per_port` (a guest cannot claim the whole subnet);
+  addresses outside the subnet are not bound (the gateway drops them as martians);
+* a port's bindings go with the port (`forget_port`, when its link closes);
+* within a port, an address may move from one MAC to another: the port is the unit of
+  trust (one guest), and the CAM table bounds the MACs a port may use.
+
+`source_allowed(port, mac, ip)` checks an IPv4 source, `arp_allowed(port, sender_mac,
+sender_ip)` an ARP sender (a gratuitous ARP for another guest's address is refused before
+it is flooded or reaches the neighbour table), and `frame_allowed` does either for a raw
+Ethernet frame. MAC-level rules (a port's MAC limit, MAC theft, aging) live in the CAM
+table (ethernet.CamTable); `admit` (a whole frame) and `admit_source` (a frame whose IPv4
+source was already read) do both, so the switch needs one call where it accepts a frame.
+
+Refusals are counted in `stats` by reason and logged at most once per `log_interval` per
+reason, with how many were dropped since. With `enabled` False (setups that bridge other
+hosts through a port) everything is allowed and nothing is bound.
+It does no I/O and reads no clock: `now` comes in where a log line may be due.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import Counter
+
+from hostd.corelog import core_logger
+from hostd.stack.ethernet import CamTable, mac_to_str
+
+log = core_logger("hostd.port_security")
+
+ETHERTYPE_IPV4 = 0x0800
+ETHERTYPE_ARP = 0x0806
+ANY_V4 = b"\x00\x00\x00\x00"
+_ARP_ETHERNET_IPV4 = b"\x00\x01\x08\x00\x06\x04"  # htype, ptype, hlen, plen
+_ARP_SENDER = struct.Struct("!6s4s")  # sender MAC and IP, at offset 8 of the ARP body
+
+
+class PortSecurity:
+    def __init__(
+        self,
+        cam: CamTable | None = None,
+        enabled: bool = True,
+        max_addresses_per_port: int = 16,
+        log_interval: float = 5.0,
+        stats: Counter[str] | None = None,
+        subnet: tuple[int, int] | None = None,
+    ) -> None:
+        self.cam = cam if cam is not None else CamTable(secure=enabled)
+        self.enabled = enabled
+        self.max_addresses_per_port = max_addresses_per_port
+        self.log_interval = log_interval
+        self._owner: dict[bytes, tuple[bytes, int]] = {}  # ip → (mac, port)
+        self._port_ips: dict[int, set[bytes]] = {}
+        self.stats: Counter[str] = Counter() if stats is None else stats  # may be the switch's
+        self._logged: dict[str, tuple[float, int]] = {}  # reason → (when, count then)
+        self._now = 0.0
+        # (network, mask) as integers: only addresses inside are bound by first use; others
+        # pass unbound (the stack drops them as martians at the gateway).
+        self._subnet = subnet
+
+    # ---- the binding table ---------------------------------------------------------------
+
+    def bind(self, port: int, mac: bytes, ip: bytes) -> None:
+        """A DHCP lease: `ip` belongs to `mac` on `port` from now on."""
+        if not self.enabled:
+            return
+        old = self._owner.get(ip)
+        if old is not None:
+            if old == (mac, port):
+                return
+            self._port_ips[old[1]].discard(ip)
+            self.stats["port_security_rebound"] += 1
+        self._owner[ip] = (mac, port)
+        self._port_ips.setdefault(port, set()).add(ip)
+        self.stats["port_security_bound"] += 1
+
+    def unbind(self, ip: bytes, mac: bytes) -> None:
+        """A lease released or expired: `ip` is free again (if `mac` still held it)."""
+        old = self._owner.get(ip)
+        if old is not None and old[0] == mac:
+            del self._owner[ip]
+            self._port_ips[old[1]].discard(ip)
+
+    def forget_port(self, port: int) -> None:
+        for ip in self._port_ips.pop(port, ()):
+            del self._owner[ip]
+
+    def owner(self, ip: bytes) -> tuple[bytes, int] | None:
+        return self._owner.get(ip)
+
+    def bindings(self) -> list[tuple[bytes, bytes, int]]:
+        """(ip, mac, port) for every bound address."""
+        return [(ip, mac, port) for ip, (mac, port) in self._owner.items()]
+
+    def __len__(self) -> int:
+        return len(self._owner)
+
+    # ---- the switch's entry points -------------------------------------------------------
+
+    def admit(self, port: int, src_mac: bytes, ethertype: int, frame, now: float) -> bool:
+        """A frame from `port` (Ethernet header at 0): learn its source MAC in the CAM table
+        and check its ARP sender or IPv4 source. False: drop it (counted, logged)."""
+        if not self.cam.learn(src_mac, port, now):
+            self._now = now
+            return self._refuse(self.cam.last_refusal, b"", src_mac)
+        return self.frame_allowed(port, src_mac, ethertype, frame, now)
+
+    def admit_source(self, port: int, src_mac: bytes, src_ip: bytes, now: float) -> bool:
+        """`admit` for an IPv4 frame whose source address the caller has already read (the
+        switch's fast path for open flows)."""
+        if not self.cam.learn(src_mac, port, now):
+            self._now = now
+            return self._refuse(self.cam.last_refusal, b"", src_mac)
+        if not self.enabled:
+            return True
+        self._now = now
+        return self.source_allowed(port, src_mac, src_ip)
+
+    # ---- checks --------------------------------------------------------------------------
+
+    def source_allowed(self, port: int, mac: bytes, ip: bytes) -> bool:
+        """May `port` send IPv4 from `ip` with Ethernet source `mac`?"""
+        if not self.enabled or ip == ANY_V4:
+            return True
+        owner = self._owner.get(ip)
+        if owner is not None:
+            if owner[1] != port:
+                return self._refuse("ip_theft_dropped", ip)
+            if owner[0] != mac:
+                self._rebind_mac(ip, mac, port)
+            return True
+        return self._claim(port, mac, ip, "ip_limit_dropped")
+
+    def arp_allowed(self, port: int, sender_mac: bytes, sender_ip: bytes) -> bool:
+        """May `port` announce `sender_ip` at `sender_mac` (ARP request, reply, gratuitous)?"""
+        if not self.enabled or sender_ip == ANY_V4:  # ANY: a probe (RFC 5227), claims nothing
+            return True
+        owner = self._owner.get(sender_ip)
+        if owner is not None:
+            if owner[1] != port:
+                return self._refuse("arp_theft_dropped", sender_ip)
+            if owner[0] != sender_mac:
+                self._rebind_mac(sender_ip, sender_mac, port)
+            return True
+        return self._claim(port, sender_mac, sender_ip, "arp_limit_dropped")
+
+    def _rebind_mac(self, ip: bytes, mac: bytes, port: int) -> None:
+        """The address moved to another MAC of the same port (one guest, whose MACs the CAM
+        table already bounds): follow it, as a switch port is the unit of trust."""
+        self._owner[ip] = (mac, port)
+        self.stats["port_security_rebound"] += 1
+
+    def frame_allowed(self, port: int, src_mac: bytes, ethertype: int, frame, now: float) -> bool:
+        """The check for a whole Ethernet frame (header at 0): ARP sender or IPv4 source;
+        other frames pass (they are dropped or counted further on). Too short: passes too,
+        the parsers count it as malformed."""
+        if not self.enabled:
+            return True
+        self._now = now
+        if ethertype == ETHERTYPE_IPV4:
+            if len(frame) < 34:
+                return True
+            return self.source_allowed(port, src_mac, bytes(frame[26:30]))
+        if ethertype == ETHERTYPE_ARP:
+            if len(frame) < 42 or frame[14:20] != _ARP_ETHERNET_IPV4:
+                return True
+            sender_mac, sender_ip = _ARP_SENDER.unpack_from(frame, 22)
+            if sender_mac != src_mac:  # the stack's own counter for it: not flooded either
+                return self._refuse("arp_spoof_dropped", sender_ip)
+            return self.arp_allowed(port, sender_mac, sender_ip)
+        return True
+
+    def _claim(self, port: int, mac: bytes, ip: bytes, limit_reason: str) -> bool:
+        """An unbound address used by `port`: bound to it (a static guest), within limits.
+        Leases bind beyond the limit (DHCP caps them per port on its own)."""
+        subnet = self._subnet
+        if subnet is not None and int.from_bytes(ip, "big") & subnet[1] != subnet[0]:
+            return True
+        ips = self._port_ips.get(port)
+        if ips is None:
+            ips = self._port_ips[port] = set()
+        if len(ips) >= self.max_addresses_per_port:
+            return self._refuse(limit_reason, ip)
+        ips.add(ip)
+        self._owner[ip] = (mac, port)
+        self.stats["port_security_learned"] += 1
+        return True
+
+    def _refuse(self, reason: str, ip: bytes, mac: bytes | None = None) -> bool:
+        """Count the drop (CAM refusals are counted by the CAM table); log it at most once
+        per `log_interval` per reason, with how many went since the last line."""
+        stats = self.stats
+        cam_reason = mac is not None
+        count = self.cam.stats[reason] if cam_reason else stats[reason] + 1
+        if not cam_reason:
+            stats[reason] = count
+        last = self._logged.get(reason)
+        if last is None or self._now - last[0] >= self.log_interval:
+            fields: dict[str, object] = {"reason": reason}
+            if cam_reason:
+                fields["mac"] = mac_to_str(mac)
+                owner_port = self.cam.lookup(mac)
+                if owner_port is not None:
+                    fields["owner_port"] = owner_port
+            else:
+                owner = self._owner.get(ip)
+                fields["address"] = ".".join(map(str, ip))
+                if owner is not None:
+                    fields["owner_mac"] = mac_to_str(owner[0])
+                    fields["owner_port"] = owner[1]
+            log.warning(
+                "port security dropped frames",
+                dropped_since_last_log=count - (last[1] if last else 0),
+                **fields,
+            )
+            self._logged[reason] = (self._now, count)
+        return False
