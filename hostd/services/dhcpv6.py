@@ -201,7 +201,7 @@ class Dhcpv6Config:
             owners[addr] = key
         self.static_leases = statics
         if self.reserved is None:
-            self.reserved = {base + 1, base + 254}
+            self.reserved = {base + 1, base + 0x254}
         self.reserved = {_to_ipv6(r, "reserved") for r in self.reserved} | {base}
         if self.pool is None:
             self.pool = (base + 0x1000, base + 0x1FFF)
