@@ -162,7 +162,7 @@ def parse_ipv6(
         raise Ipv6Error("ipv6_bad_payload_length")
     if is_multicast(src):
         raise Ipv6Error("ipv6_multicast_source")
-    raw = data[:end]
+    raw = data if end == n else data[:end]  # no copy unless Ethernet padding follows
     nh_ptr = 6  # where the field naming the current header is, for parameter problems
     off = HEADER_LEN
     count = 0

@@ -158,3 +158,28 @@ def test_errno_mapping_both_ways():
     assert icmpv6.errno_for_error(3, 0) == errno.EHOSTUNREACH
     assert icmpv6.errno_for_error(4, 0) == errno.EPROTO
     assert icmpv6.errno_for_error(128, 0) is None
+
+
+def test_random_corruption_of_received_errors_raises_only_icmpv6_error():
+    import random
+
+    rng = random.Random(4443)
+    inner = bytes(
+        IPv6(src=GUEST, dst=GW) / IPv6ExtHdrDestOpt() / IPv6ExtHdrFragment() / UDP() / (b"x" * 8)
+    )
+    good = icmpv6.build_error(W, G, 1, 4, inner)
+    for _ in range(3000):
+        data = bytearray(good)
+        for _ in range(rng.randint(1, 5)):
+            data[rng.randrange(len(data))] = rng.getrandbits(8)
+        data = data[: rng.randint(0, len(data))]
+        if len(data) >= 4:
+            data[2:4] = b"\x00\x00"
+            csum = icmpv6.transport_checksum_v6(W, G, 58, bytes(data))
+            data[2:4] = csum.to_bytes(2, "big")
+        try:
+            msg = icmpv6.parse_icmpv6(W, G, bytes(data))
+            if msg.is_error:
+                icmpv6.parse_error(msg)
+        except icmpv6.Icmpv6Error:
+            pass

@@ -298,3 +298,9 @@ def test_ra_scheduler_initial_periodic_and_solicited():
     assert s2.solicited == 1 and sent > 0
     with pytest.raises(ValueError):
         ndp.RaScheduler(now=0.0, max_interval=2.0)
+
+
+def test_router_solicitation_shorter_than_8_bytes_is_invalid():
+    rs = bytearray(ndp.build_rs(GUEST_LL, ipv6.ALL_ROUTERS)[:4])
+    with pytest.raises(ndp.NdpError, match="icmpv6_truncated"):
+        ndp.parse_ndp(GUEST_LL, ipv6.ALL_ROUTERS, 255, _recsum(GUEST_LL, ipv6.ALL_ROUTERS, rs))
