@@ -451,6 +451,24 @@ class Dhcpv6Server:
             key=lambda lease: lease.ip,
         )
 
+    def restore_lease(self, lease: Lease, now: float) -> bool:
+        """Bind a dynamic lease remembered from an earlier run (the state file, which keeps
+        `duid` and `iaid` too); False when expired, outside the pool, or taken meanwhile."""
+        try:
+            key = (bytes.fromhex(lease.duid), lease.iaid)
+        except ValueError:
+            return False
+        if lease.expires <= now or not 3 <= len(key[0]) <= 130 or key in self._bindings:
+            return False
+        if not self._in_pool(lease.ip) or not self._is_free(lease.ip, key):
+            return False
+        if self._static_for(key, lease.mac) is not None or not self._room_for(key):
+            return False
+        self._bindings[key] = _Binding(lease.ip, lease.expires, lease.mac, lease.hostname, False)
+        self._owner[lease.ip] = key
+        self._history[key] = lease.ip
+        return True
+
     def next_event(self) -> LeaseGranted | LeaseReleased | None:
         return self._events.popleft() if self._events else None
 

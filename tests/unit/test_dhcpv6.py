@@ -322,3 +322,24 @@ def test_config_validation():
         Dhcpv6Config(dns_servers=["10.0.0.1"])
     with pytest.raises(ValueError):
         Dhcpv6Config(domain_search=["a" * 70 + ".example"])
+
+
+def test_restore_lease_from_an_earlier_run():
+    srv = server()
+    mac = OTHER_MAC
+    sol = d6.DHCP6_Solicit() / client_id(mac) / d6.DHCP6OptIA_NA(iaid=4) / d6.DHCP6OptRapidCommit()
+    send(srv, sol, mac=mac)
+    (lease,) = srv.leases(0.0)
+    fresh = server()
+    assert fresh.restore_lease(lease, 10.0)
+    assert fresh.leases(10.0) == [lease]
+    assert not fresh.restore_lease(lease, 10.0)  # already bound
+    # the client renews what it had, without NoBinding
+    ia = d6.DHCP6OptIA_NA(iaid=4, ianaopts=[d6.DHCP6OptIAAddress(addr=str(lease.ip))])
+    rep = send(fresh, d6.DHCP6_Renew() / client_id(mac) / server_id(fresh) / ia, mac=mac, now=20.0)
+    assert addresses(rep) == [(str(lease.ip), 3600, 3600)]
+    other = server()
+    assert not other.restore_lease(lease, lease.expires)  # expired
+    bad = dhcpv6.Lease(mac, PREFIX[2], 100.0, None, False, lease.duid, 4)
+    assert not other.restore_lease(bad, 0.0)  # a static address is not in the pool
+    assert not other.restore_lease(dhcpv6.Lease(mac, lease.ip, 100.0, None, False, "zz", 4), 0.0)
