@@ -55,6 +55,7 @@ __all__ = [
     "Lease",
     "LeaseGranted",
     "LeaseReleased",
+    "dhcpv6_config_for",
     "duid_ll",
 ]
 
@@ -217,6 +218,20 @@ class Dhcpv6Config:
     @property
     def server_duid(self) -> bytes:
         return duid_ll(self.server_mac)
+
+
+def dhcpv6_config_for(config) -> Dhcpv6Config:
+    """The server's configuration for a `hostd.config.NetworkConfig`'s IPv6 plan."""
+    return Dhcpv6Config(
+        prefix=config.subnet6,
+        server_mac=config.gateway_mac,
+        dns_servers=[config.dns6],
+        domain_search=list(config.dns_search),
+        static_leases=dict(config.static_leases6),
+        reserved=set(config.virtual_addresses6),
+        pool=config.dhcp6_range,
+        lease_time=config.lease_time,
+    )
 
 
 # --------------------------------------------------------------------------- results

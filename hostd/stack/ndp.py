@@ -21,6 +21,13 @@ switch's own addresses, so a guest advertising the gateway's address changes not
 `MAX_INITIAL_ADVERTISEMENTS` at most `MAX_INITIAL_INTERVAL` apart, and soon after a router
 solicitation (within `MAX_RA_DELAY`, never closer than `MIN_DELAY_BETWEEN_RAS` to the last).
 The caller asks `next_deadline()` and calls `handle_timer(now)`, which says whether to send.
+
+`NdpResponder` puts these together as the gateway's policy, so that the receive path makes
+one call per NDP message (`handle`) and one per timer (`handle_timer`): it validates, learns
+neighbours (only when the link-layer option matches the Ethernet source, as ARP does), drops
+and counts advertisements claiming the switch's addresses and every router advertisement from
+a guest, answers solicitations for its own addresses and schedules advertisements.
+`router_advertisement_for` builds the advertisement from the NetworkConfig's IPv6 plan.
 """
 
 from __future__ import annotations
@@ -45,7 +52,9 @@ from hostd.stack.ipv6 import (
     UNSPECIFIED,
     is_link_local,
     is_multicast,
+    link_local_from_mac,
     multicast_mac,
+    solicited_node,
 )
 
 HOP_LIMIT = 255  # NDP is link-local only: anything less was forwarded
@@ -339,6 +348,7 @@ class NdpReply:
     dst: bytes
     dst_mac: bytes | None  # None: the caller uses the requester's Ethernet source
     message: bytes
+    hop_limit: int = HOP_LIMIT  # NDP always leaves with 255 (receivers check it)
 
 
 def answer_solicitation(
@@ -454,3 +464,106 @@ class RaScheduler:
         if self._last is not None:
             at = max(at, self._last + MIN_DELAY_BETWEEN_RAS)
         self._next = min(self._next, at)
+
+
+def router_advertisement_for(config, managed: bool = True) -> RouterAdvertisement:
+    """The gateway's advertisement for a `hostd.config.NetworkConfig`: its /64 on-link and
+    autonomous (SLAAC), the link MTU, the DNS server and search list (RFC 8106), and M/O set
+    when the DHCPv6 server hands out addresses (M) and configuration (O)."""
+    return RouterAdvertisement(
+        managed=managed,
+        other=True,
+        source_lla=config.gateway_mac,
+        mtu=config.mtu,
+        prefixes=[PrefixInfo(config.subnet6.network_address.packed, config.subnet6.prefixlen)],
+        rdnss=[config.dns6.packed],
+        dnssl=list(config.dns_search),
+    )
+
+
+class NdpResponder:
+    """The gateway's side of neighbour discovery, sans-IO: `handle` per received NDP message,
+    `handle_timer` when `next_deadline` has come; both return the messages to send."""
+
+    def __init__(
+        self,
+        router_mac: bytes,
+        own_addresses: frozenset[bytes],
+        advertisement: RouterAdvertisement,
+        now: float,
+        max_neighbours: int = 4096,
+        ra_interval: float = 600.0,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.router_mac = router_mac
+        self.link_local = link_local_from_mac(router_mac)
+        self.own_addresses = frozenset(own_addresses) | {self.link_local}
+        self.advertisement = advertisement
+        self.cache = NeighborCache(max_neighbours, protected=self.own_addresses)
+        self.scheduler = RaScheduler(now, max_interval=ra_interval, rng=rng)
+        self.stats: dict[str, int] = {}
+
+    def _count(self, name: str) -> None:
+        self.stats[name] = self.stats.get(name, 0) + 1
+
+    def handle(
+        self, src_mac: bytes, src: bytes, dst: bytes, hop_limit: int, icmp: bytes | memoryview,
+        now: float,
+    ) -> list[NdpReply]:  # fmt: skip
+        """One NDP message (the ICMPv6 bytes) from a guest; never raises."""
+        try:
+            msg = parse_ndp(src, dst, hop_limit, icmp)
+        except NdpError as e:
+            self._count(e.args[0])
+            return []
+        if isinstance(msg, RouterAdvertisement):
+            self._count("ndp_ra_from_guest_dropped")  # the gateway is the only router here
+            return []
+        if src in self.own_addresses:
+            self._count("ndp_spoof_dropped")  # a guest using the switch's own address
+            return []
+        if isinstance(msg, NeighborAdvertisement):
+            if msg.target in self.own_addresses:
+                self._count("ndp_spoof_dropped")  # a guest claiming the gateway
+                return []
+            self._count("ndp_na_in")
+            self._learn(msg.target, msg.target_lla or src_mac, src_mac)
+            return []
+        lla = msg.source_lla
+        if src != UNSPECIFIED and lla is not None:
+            self._learn(src, lla, src_mac)
+        if isinstance(msg, RouterSolicitation):
+            self._count("ndp_rs_in")
+            self.scheduler.on_solicitation(now)
+            return []
+        self._count("ndp_ns_in")
+        reply = answer_solicitation(src, msg, self.own_addresses, self.router_mac)
+        if reply is None:
+            return []
+        self._count("ndp_na_out")
+        if reply.dst_mac is None:
+            reply = NdpReply(reply.src, reply.dst, src_mac, reply.message)
+        return [reply]
+
+    def _learn(self, ip: bytes, lla: bytes, src_mac: bytes) -> None:
+        if lla != src_mac:
+            self._count("ndp_lla_mismatch_dropped")  # as ARP: the option must be the sender
+            return
+        self.cache.learn(ip, lla)
+
+    def next_deadline(self) -> float:
+        return self.scheduler.next_deadline()
+
+    def handle_timer(self, now: float) -> list[NdpReply]:
+        if not self.scheduler.handle_timer(now):
+            return []
+        self._count("ndp_ra_out")
+        msg = build_ra(self.link_local, ALL_NODES, self.advertisement)
+        return [NdpReply(self.link_local, ALL_NODES, multicast_mac(ALL_NODES), msg)]
+
+    def solicit(self, target: bytes) -> NdpReply:
+        """A solicitation for a guest address whose MAC the cache does not know."""
+        group = solicited_node(target)
+        msg = build_ns(self.link_local, group, target, self.router_mac)
+        self._count("ndp_ns_out")
+        return NdpReply(self.link_local, group, multicast_mac(group), msg)

@@ -343,3 +343,16 @@ def test_restore_lease_from_an_earlier_run():
     bad = dhcpv6.Lease(mac, PREFIX[2], 100.0, None, False, lease.duid, 4)
     assert not other.restore_lease(bad, 0.0)  # a static address is not in the pool
     assert not other.restore_lease(dhcpv6.Lease(mac, lease.ip, 100.0, None, False, "zz", 4), 0.0)
+
+
+def test_config_from_the_network_plan():
+    from hostd.config import NetworkConfig, slirp4netns_plan6
+
+    c = dhcpv6.dhcpv6_config_for(NetworkConfig(dns_search=["corp.example"]))
+    assert c.prefix == PREFIX and c.dns_servers == [PREFIX[1]]
+    assert c.static_leases == {GUEST_MAC: PREFIX[2]} and c.domain_search == ["corp.example"]
+    assert PREFIX[0x254] in c.reserved and c.pool == (PREFIX[0x1000], PREFIX[0x1FFF])
+    assert c.server_duid == bytes.fromhex("000300015a94efe40cdd")
+    slirp = dhcpv6.dhcpv6_config_for(NetworkConfig(**slirp4netns_plan6()))
+    assert slirp.static_leases == {GUEST_MAC: IPv6Address("fd00::100")}
+    assert slirp.dns_servers == [IPv6Address("fd00::3")]

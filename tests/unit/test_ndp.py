@@ -304,3 +304,72 @@ def test_router_solicitation_shorter_than_8_bytes_is_invalid():
     rs = bytearray(ndp.build_rs(GUEST_LL, ipv6.ALL_ROUTERS)[:4])
     with pytest.raises(ndp.NdpError, match="icmpv6_truncated"):
         ndp.parse_ndp(GUEST_LL, ipv6.ALL_ROUTERS, 255, _recsum(GUEST_LL, ipv6.ALL_ROUTERS, rs))
+
+
+def _responder(now: float = 0.0) -> ndp.NdpResponder:
+    from hostd.config import NetworkConfig
+
+    cfg = NetworkConfig(dns_search=["netferry.internal"])
+    own = frozenset(a.packed for a in cfg.virtual_addresses6)
+    ra = ndp.router_advertisement_for(cfg)
+    return ndp.NdpResponder(cfg.gateway_mac, own, ra, now, rng=random.Random(3))
+
+
+def _in(r: ndp.NdpResponder, pkt, mac: bytes = GUEST_MAC, now: float = 0.0):
+    p = ipv6.parse_ipv6(bytes(pkt))
+    return r.handle(mac, p.src, p.dst, p.hop_limit, p.payload, now)
+
+
+def test_responder_answers_learns_and_refuses_spoofs():
+    r = _responder()
+    ns = IPv6(src=a(GUEST), dst=a(ipv6.solicited_node(GW)), hlim=255) / ICMPv6ND_NS(tgt=a(GW))
+    (reply,) = _in(r, ns / ICMPv6NDOptSrcLLAddr(lladdr="5a:94:ef:e4:0c:ee"))
+    assert reply.dst == GUEST and reply.dst_mac == GUEST_MAC and reply.hop_limit == 255
+    assert r.cache.lookup(GUEST) == GUEST_MAC
+    # without a source link-layer option the reply goes to the Ethernet source
+    (reply,) = _in(r, IPv6(src=a(PREFIX[7].packed), dst=a(GW), hlim=255) / ICMPv6ND_NS(tgt=a(GW)))
+    assert reply.dst_mac == GUEST_MAC
+    # the link-local of the gateway is answered too; host loopback (::254) as well
+    for target in (GW_LL, PREFIX[0x254].packed):
+        ns = IPv6(src=a(GUEST_LL), dst=a(ipv6.solicited_node(target)), hlim=255)
+        assert len(_in(r, ns / ICMPv6ND_NS(tgt=a(target)))) == 1
+    # a guest advertising the gateway's address, or any router advertisement: dropped, counted
+    na = IPv6(src=a(GUEST), dst="ff02::1", hlim=255) / ICMPv6ND_NA(tgt=a(GW), O=1)
+    assert _in(r, na / ICMPv6NDOptDstLLAddr(lladdr="5a:94:ef:e4:0c:ee")) == []
+    assert _in(r, IPv6(src=a(GUEST_LL), dst="ff02::1", hlim=255) / ICMPv6ND_RA()) == []
+    assert r.stats["ndp_spoof_dropped"] == 1 and r.stats["ndp_ra_from_guest_dropped"] == 1
+    assert r.cache.lookup(GW) is None
+    # a link-layer option naming another MAC than the frame's source is not learned
+    ns = IPv6(src=a(PREFIX[9].packed), dst=a(ipv6.solicited_node(GW)), hlim=255)
+    _in(r, ns / ICMPv6ND_NS(tgt=a(GW)) / ICMPv6NDOptSrcLLAddr(lladdr="02:00:00:00:00:09"))
+    assert r.cache.lookup(PREFIX[9].packed) is None and r.stats["ndp_lla_mismatch_dropped"] == 1
+    # invalid messages are counted by reason
+    assert _in(r, IPv6(src=a(GUEST), dst=a(GW), hlim=64) / ICMPv6ND_NS(tgt=a(GW))) == []
+    assert r.stats["ndp_bad_hop_limit"] == 1
+
+
+def test_responder_router_advertisements_on_time_and_on_solicitation():
+    r = _responder(now=0.0)
+    assert r.next_deadline() == 0.0
+    (ra,) = r.handle_timer(0.0)
+    assert ra.src == GW_LL and ra.dst == ipv6.ALL_NODES
+    assert ra.dst_mac == b"\x33\x33\x00\x00\x00\x01"
+    pkt = IPv6(ipv6.build_ipv6(ra.src, ra.dst, 58, ra.message, hop_limit=ra.hop_limit))
+    assert pkt[ICMPv6NDOptPrefixInfo].prefix == str(PREFIX.network_address)
+    assert pkt[ICMPv6NDOptPrefixInfo].A == 1 and pkt[ICMPv6ND_RA].M == 1 and pkt[ICMPv6ND_RA].O == 1
+    assert pkt[ICMPv6NDOptRDNSS].dns == [a(GW)] and pkt[ICMPv6NDOptMTU].mtu == 1500
+    assert pkt[ICMPv6NDOptDNSSL].searchlist == ["netferry.internal."]
+    assert r.handle_timer(1.0) == []
+    rs = IPv6(src=a(GUEST_LL), dst="ff02::2", hlim=255) / ICMPv6ND_RS()
+    assert _in(r, rs / ICMPv6NDOptSrcLLAddr(lladdr="5a:94:ef:e4:0c:ee"), now=10.0) == []
+    assert 10.0 <= r.next_deadline() <= 10.5 and r.cache.lookup(GUEST_LL) == GUEST_MAC
+    assert len(r.handle_timer(r.next_deadline())) == 1
+
+
+def test_responder_solicits_unknown_guests():
+    r = _responder()
+    ns = r.solicit(GUEST)
+    pkt = IPv6(ipv6.build_ipv6(ns.src, ns.dst, 58, ns.message, hop_limit=ns.hop_limit))
+    assert pkt.dst == a(ipv6.solicited_node(GUEST)) and pkt[ICMPv6ND_NS].tgt == a(GUEST)
+    assert ns.dst_mac == bytes.fromhex("3333ff000002")
+    assert pkt[ICMPv6NDOptSrcLLAddr].lladdr == "5a:94:ef:e4:0c:dd"
