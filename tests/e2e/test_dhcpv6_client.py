@@ -6,7 +6,6 @@ configures what it was given, and `ip -6 addr` must show it."""
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import select
 import shutil
@@ -22,10 +21,10 @@ import pytest
 
 from hostd.services.dhcpv6 import ALL_DHCP_SERVERS, Dhcpv6Config, Dhcpv6Server
 from tests.conftest import Netns, wait_for
+from tests.e2e.netns_socket import socket_in_netns
 
 pytestmark = pytest.mark.e2e
 
-CLONE_NEWNET = 0x40000000
 GUEST_MAC = "5a:94:ef:e4:0c:ee"
 PREFIX = "fd00:192:168:127::"
 
@@ -35,25 +34,6 @@ def _dhclient() -> str:
     if not os.path.exists(path):
         pytest.fail("dhclient is missing: ./scripts/bootstrap installs isc-dhcp-client")
     return path
-
-
-def socket_in_netns(ns: Netns) -> socket.socket:
-    """A UDP socket created inside `ns` (a socket keeps its namespace for life)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    target = os.open(f"/run/netns/{ns.name}", os.O_RDONLY)
-    try:
-        if libc.setns(target, CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), "setns into the server namespace")
-        try:
-            sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-        finally:
-            if libc.setns(own, CLONE_NEWNET) != 0:
-                raise OSError(ctypes.get_errno(), "setns back")
-    finally:
-        os.close(own)
-        os.close(target)
-    return sock
 
 
 class UdpAdapter:
