@@ -1,13 +1,15 @@
 """The IPv6 building blocks against the Linux kernel as the guest: a veth pair between a guest
 namespace and a gateway namespace, where an AF_PACKET socket feeds the sans-IO NdpResponder,
-ipv6.parse_ipv6 and icmpv6 (no hostd: its wiring comes with IPv6 integration). The kernel
-must take our router advertisement (SLAAC address, default route, MTU), pass DAD for its own
-address, resolve the gateway by neighbour solicitation and get echo replies from it."""
+ipv6.parse_ipv6, the Reassembler, ipv6.fragment and icmpv6 (no hostd: its wiring comes with
+IPv6 integration). The kernel must take our router advertisement (SLAAC address, default
+route, MTU), pass DAD for its own address, resolve the gateway by neighbour solicitation, get
+echo replies from it, and exchange UDP datagrams large enough to be fragmented both ways."""
 
 from __future__ import annotations
 
 import select
 import socket
+import struct
 import threading
 import time
 from ipaddress import IPv6Address
@@ -16,6 +18,7 @@ import pytest
 
 from hostd.config import NetworkConfig
 from hostd.stack import ethernet, icmpv6, ipv6, ndp
+from hostd.stack.checksum import transport_checksum_v6, verify_transport_v6
 from tests.conftest import Netns, wait_for
 from tests.e2e.netns_socket import socket_in_netns
 
@@ -24,6 +27,8 @@ pytestmark = pytest.mark.e2e
 GUEST_MAC = "5a:94:ef:e4:0c:ee"
 ETH_P_ALL = 0x0003
 NDP_TYPES = (133, 134, 135, 136)
+ECHO_PORT = 7
+UDP = struct.Struct("!HHHH")
 
 
 class GatewayAdapter:
@@ -38,6 +43,11 @@ class GatewayAdapter:
         self.sock = socket_in_netns(ns, socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
         self.sock.bind(("eth0", 0))
         self.echo_replies = 0
+        self.reassembler = ipv6.Reassembler()
+        self.udp_echoed = 0
+        self.checksums_ok = 0
+        self.fragments_out = 0
+        self._ident = 0
         self.dropped: dict[str, int] = {}
         self.errors: list[BaseException] = []
         self._stop = threading.Event()
@@ -48,6 +58,28 @@ class GatewayAdapter:
         packet = ipv6.build_ipv6(src, dst, ipv6.NH_ICMPV6, message, hop_limit=hops)
         mac = self.config.gateway_mac
         self.sock.send(ethernet.build_frame(dst_mac, mac, ethernet.ETHERTYPE_IPV6, packet))
+
+    def _udp_echo(self, dst_mac: bytes, pkt: ipv6.Ipv6Packet, reassembled: bool) -> None:
+        seg = bytes(pkt.payload)
+        sport, dport, length, _csum = UDP.unpack_from(seg)
+        if dport != ECHO_PORT or length != len(seg):
+            return
+        if reassembled:
+            # a datagram the kernel fragmented had its checksum computed in full (an unfragmented
+            # one leaves veth with only the pseudo-header part: checksum offload)
+            self.checksums_ok += verify_transport_v6(pkt.src, pkt.dst, ipv6.NH_UDP, seg)
+        reply = bytearray(UDP.pack(ECHO_PORT, sport, length, 0) + seg[8:])
+        csum = transport_checksum_v6(pkt.dst, pkt.src, ipv6.NH_UDP, reply) or 0xFFFF
+        reply[6:8] = csum.to_bytes(2, "big")
+        self._ident += 1
+        packets = ipv6.fragment(
+            pkt.dst, pkt.src, ipv6.NH_UDP, bytes(reply), self.config.mtu, self._ident
+        )
+        self.fragments_out += len(packets) if len(packets) > 1 else 0
+        mac = self.config.gateway_mac
+        for p in packets:
+            self.sock.send(ethernet.build_frame(dst_mac, mac, ethernet.ETHERTYPE_IPV6, p))
+        self.udp_echoed += 1
 
     def _run(self) -> None:
         try:
@@ -72,6 +104,15 @@ class GatewayAdapter:
         except ipv6.Ipv6Error as e:
             self.dropped[e.args[0]] = self.dropped.get(e.args[0], 0) + 1
             return
+        reassembled = pkt.fragment is not None
+        if reassembled:
+            whole = self.reassembler.add(pkt, now)
+            if whole is None:
+                return
+            pkt = whole
+        if pkt.next_header == ipv6.NH_UDP and pkt.dst in self.responder.own_addresses:
+            self._udp_echo(src_mac, pkt, reassembled)
+            return
         if pkt.next_header != ipv6.NH_ICMPV6 or len(pkt.payload) < 8:
             return
         kind = pkt.payload[0]
@@ -90,6 +131,24 @@ class GatewayAdapter:
         self._stop.set()
         self._thread.join(5)
         self.sock.close()
+
+
+UDP_CLIENT = """
+import hashlib, random, socket, sys
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+s.settimeout(5)
+rng = random.Random(15)
+sizes = [1, 1352, 1353, 8000] + [rng.randint(1, 8000) for _ in range(296)]
+for n in sizes:
+    data = rng.randbytes(n)
+    s.sendto(data, (sys.argv[1], int(sys.argv[2])))
+    try:
+        got, _ = s.recvfrom(65535)
+    except TimeoutError:
+        sys.exit(f"no echo of {n} bytes")
+    assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest(), n
+print(len(sizes), "ok")
+"""
 
 
 def test_kernel_slaac_default_route_mtu_dad_and_ping(netns):
@@ -124,6 +183,10 @@ def test_kernel_slaac_default_route_mtu_dad_and_ping(netns):
         assert "1 received" in r.stdout
         neigh = guest.run("ip", "-6", "neigh", "show", "dev", "eth0").stdout
         assert f"{config.gateway6} lladdr 5a:94:ef:e4:0c:dd router" in neigh, neigh
+        # UDP of 1..8000 bytes: the kernel fragments above 1352 bytes of payload at MTU 1400,
+        # we reassemble, echo, and fragment the echo, which the kernel must reassemble
+        r = guest.python(UDP_CLIENT, str(config.gateway6), str(ECHO_PORT))
+        assert r.stdout.split() == ["300", "ok"], r.stdout + r.stderr
     finally:
         adapter.close()
     assert not adapter.errors
@@ -132,3 +195,6 @@ def test_kernel_slaac_default_route_mtu_dad_and_ping(netns):
     learned = {IPv6Address(ip) for ip, mac in adapter.responder.cache.items()}
     assert IPv6Address(slaac) in learned
     assert stats.get("ndp_spoof_dropped", 0) == 0 and not adapter.dropped
+    assert adapter.udp_echoed == 300 and adapter.fragments_out > 0
+    assert adapter.reassembler.stats["reassembled"] > 0 and adapter.reassembler.held_bytes == 0
+    assert adapter.checksums_ok == adapter.reassembler.stats["reassembled"]
