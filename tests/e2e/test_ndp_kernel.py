@@ -28,6 +28,8 @@ GUEST_MAC = "5a:94:ef:e4:0c:ee"
 ETH_P_ALL = 0x0003
 NDP_TYPES = (133, 134, 135, 136)
 ECHO_PORT = 7
+CLOSED_PORT = 9  # answered with ICMPv6 port unreachable
+SMALL_PATH_PORT = 10  # as if the path beyond had MTU 1280: packet too big
 UDP = struct.Struct("!HHHH")
 
 
@@ -46,6 +48,7 @@ class GatewayAdapter:
         self.reassembler = ipv6.Reassembler()
         self.udp_echoed = 0
         self.checksums_ok = 0
+        self.errors_sent: dict[int, int] = {}
         self.fragments_out = 0
         self._ident = 0
         self.dropped: dict[str, int] = {}
@@ -62,7 +65,20 @@ class GatewayAdapter:
     def _udp_echo(self, dst_mac: bytes, pkt: ipv6.Ipv6Packet, reassembled: bool) -> None:
         seg = bytes(pkt.payload)
         sport, dport, length, _csum = UDP.unpack_from(seg)
-        if dport != ECHO_PORT or length != len(seg):
+        if length != len(seg):
+            return
+        too_big = not reassembled and len(pkt.raw) > ipv6.MIN_MTU
+        if dport == CLOSED_PORT or (dport == SMALL_PATH_PORT and too_big):
+            if dport == CLOSED_PORT:
+                kind, code, param = icmpv6.DEST_UNREACHABLE, icmpv6.PORT_UNREACHABLE, 0
+            else:
+                kind, code, param = icmpv6.PACKET_TOO_BIG, 0, ipv6.MIN_MTU
+            assert icmpv6.may_send_error(pkt.src, pkt.dst, kind, code)
+            err = icmpv6.build_error(pkt.dst, pkt.src, kind, code, pkt.raw, param)
+            self.errors_sent[kind] = self.errors_sent.get(kind, 0) + 1
+            self._send(dst_mac, pkt.dst, pkt.src, err, 64)
+            return
+        if dport not in (ECHO_PORT, SMALL_PATH_PORT):
             return
         if reassembled:
             # a datagram the kernel fragmented had its checksum computed in full (an unfragmented
@@ -150,6 +166,38 @@ for n in sizes:
 print(len(sizes), "ok")
 """
 
+ERRORS_CLIENT = """
+import errno, socket, sys, time
+gw = sys.argv[1]
+IPV6_MTU = 24  # <linux/in6.h>; the socket module lacks it
+closed = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+closed.connect((gw, int(sys.argv[2])))
+closed.settimeout(5)
+closed.send(b"anyone?")
+try:
+    closed.recv(100)
+    print("answered")
+except ConnectionRefusedError:
+    print("refused")
+except TimeoutError:
+    print("silence")
+path = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+path.connect((gw, int(sys.argv[3])))
+path.settimeout(5)
+path.send(b"p" * 1300)  # 1348 bytes on a 1400 link: fits, but not the path beyond
+deadline = time.monotonic() + 10
+while path.getsockopt(socket.IPPROTO_IPV6, IPV6_MTU) != 1280:
+    if time.monotonic() > deadline:
+        sys.exit("path MTU never became 1280")
+    time.sleep(0.05)
+print("pmtu", path.getsockopt(socket.IPPROTO_IPV6, IPV6_MTU))
+try:
+    path.send(b"q" * 1300)
+    print("sent")
+except OSError as e:  # the kernel reports the smaller path to the sender first
+    print(errno.errorcode[e.errno])
+"""
+
 
 def test_kernel_slaac_default_route_mtu_dad_and_ping(netns):
     gw, guest = netns(), netns()
@@ -187,6 +235,14 @@ def test_kernel_slaac_default_route_mtu_dad_and_ping(netns):
         # we reassemble, echo, and fragment the echo, which the kernel must reassemble
         r = guest.python(UDP_CLIENT, str(config.gateway6), str(ECHO_PORT))
         assert r.stdout.split() == ["300", "ok"], r.stdout + r.stderr
+        # ICMPv6 errors as a kernel reads them: port unreachable → ECONNREFUSED on a connected
+        # socket; packet too big → the socket's path MTU drops to 1280 and the next datagram
+        # bigger than that fails with EMSGSIZE (the kernel's answer to a smaller path)
+        r = guest.python(
+            ERRORS_CLIENT, str(config.gateway6), str(CLOSED_PORT), str(SMALL_PATH_PORT)
+        )
+        want = ["refused", "pmtu", "1280", "EMSGSIZE"]
+        assert r.stdout.split() == want, r.stdout + r.stderr
     finally:
         adapter.close()
     assert not adapter.errors
@@ -198,3 +254,4 @@ def test_kernel_slaac_default_route_mtu_dad_and_ping(netns):
     assert adapter.udp_echoed == 300 and adapter.fragments_out > 0
     assert adapter.reassembler.stats["reassembled"] > 0 and adapter.reassembler.held_bytes == 0
     assert adapter.checksums_ok == adapter.reassembler.stats["reassembled"]
+    assert adapter.errors_sent == {icmpv6.DEST_UNREACHABLE: 1, icmpv6.PACKET_TOO_BIG: 1}
