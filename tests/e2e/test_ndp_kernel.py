@@ -29,7 +29,7 @@ ETH_P_ALL = 0x0003
 NDP_TYPES = (133, 134, 135, 136)
 ECHO_PORT = 7
 CLOSED_PORT = 9  # answered with ICMPv6 port unreachable
-SMALL_PATH_PORT = 10  # as if the path beyond had MTU 1280: packet too big
+SMALL_PATH_PORT = 10  # as if the path beyond had MTU 1280: packet too big, else echoed
 UDP = struct.Struct("!HHHH")
 
 
@@ -49,6 +49,7 @@ class GatewayAdapter:
         self.udp_echoed = 0
         self.checksums_ok = 0
         self.errors_sent: dict[int, int] = {}
+        self.small_path_fragmented = 0
         self.fragments_out = 0
         self._ident = 0
         self.dropped: dict[str, int] = {}
@@ -80,11 +81,12 @@ class GatewayAdapter:
             return
         if dport not in (ECHO_PORT, SMALL_PATH_PORT):
             return
+        self.small_path_fragmented += dport == SMALL_PATH_PORT and reassembled
         if reassembled:
             # a datagram the kernel fragmented had its checksum computed in full (an unfragmented
             # one leaves veth with only the pseudo-header part: checksum offload)
             self.checksums_ok += verify_transport_v6(pkt.src, pkt.dst, ipv6.NH_UDP, seg)
-        reply = bytearray(UDP.pack(ECHO_PORT, sport, length, 0) + seg[8:])
+        reply = bytearray(UDP.pack(dport, sport, length, 0) + seg[8:])
         csum = transport_checksum_v6(pkt.dst, pkt.src, ipv6.NH_UDP, reply) or 0xFFFF
         reply[6:8] = csum.to_bytes(2, "big")
         self._ident += 1
@@ -169,7 +171,7 @@ print(len(sizes), "ok")
 ERRORS_CLIENT = """
 import errno, socket, sys, time
 gw = sys.argv[1]
-IPV6_MTU = 24  # <linux/in6.h>; the socket module lacks it
+IPV6_MTU, IPV6_MTU_DISCOVER, IPV6_PMTUDISC_DONT = 24, 23, 0  # <linux/in6.h>
 closed = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
 closed.connect((gw, int(sys.argv[2])))
 closed.settimeout(5)
@@ -196,6 +198,9 @@ try:
     print("sent")
 except OSError as e:  # the kernel reports the smaller path to the sender first
     print(errno.errorcode[e.errno])
+path.setsockopt(socket.IPPROTO_IPV6, IPV6_MTU_DISCOVER, IPV6_PMTUDISC_DONT)
+path.send(b"r" * 1300)  # now fragmented to fit 1280
+print("echo", len(path.recv(2000)))
 """
 
 
@@ -237,11 +242,12 @@ def test_kernel_slaac_default_route_mtu_dad_and_ping(netns):
         assert r.stdout.split() == ["300", "ok"], r.stdout + r.stderr
         # ICMPv6 errors as a kernel reads them: port unreachable → ECONNREFUSED on a connected
         # socket; packet too big → the socket's path MTU drops to 1280 and the next datagram
-        # bigger than that fails with EMSGSIZE (the kernel's answer to a smaller path)
+        # bigger than that fails with EMSGSIZE (the kernel's answer to a smaller path); allowed
+        # to fragment, the kernel then sends it in 1280-byte fragments, which we reassemble
         r = guest.python(
             ERRORS_CLIENT, str(config.gateway6), str(CLOSED_PORT), str(SMALL_PATH_PORT)
         )
-        want = ["refused", "pmtu", "1280", "EMSGSIZE"]
+        want = ["refused", "pmtu", "1280", "EMSGSIZE", "echo", "1300"]
         assert r.stdout.split() == want, r.stdout + r.stderr
     finally:
         adapter.close()
@@ -251,7 +257,8 @@ def test_kernel_slaac_default_route_mtu_dad_and_ping(netns):
     learned = {IPv6Address(ip) for ip, mac in adapter.responder.cache.items()}
     assert IPv6Address(slaac) in learned
     assert stats.get("ndp_spoof_dropped", 0) == 0 and not adapter.dropped
-    assert adapter.udp_echoed == 300 and adapter.fragments_out > 0
+    assert adapter.udp_echoed == 301 and adapter.fragments_out > 0
+    assert adapter.small_path_fragmented == 1  # the kernel fragmented for the 1280 path
     assert adapter.reassembler.stats["reassembled"] > 0 and adapter.reassembler.held_bytes == 0
     assert adapter.checksums_ok == adapter.reassembler.stats["reassembled"]
     assert adapter.errors_sent == {icmpv6.DEST_UNREACHABLE: 1, icmpv6.PACKET_TOO_BIG: 1}
