@@ -14,7 +14,9 @@ a multicast destination) and `ErrorRateLimiter` the rate limit of 2.4(f), sans-I
 Received errors (from a guest, or what the host reports on a NATed socket) are parsed by
 `parse_error` into the quoted packet's addresses, protocol and first upper-layer bytes, so the
 caller can find the flow it belongs to. `error_for_errno` maps a host socket error to the
-type and code relayed to the guest (ECONNREFUSED → port unreachable, EMSGSIZE → packet too big).
+type and code relayed to the guest (ECONNREFUSED → port unreachable, EMSGSIZE → packet too big),
+and `error_from_extended_err` reads the host's own ICMPv6 error from an IPV6_RECVERR control
+message, so hop-limit and other errors the host received reach the guest as they were.
 """
 
 from __future__ import annotations
@@ -234,6 +236,29 @@ def error_for_errno(err: int) -> tuple[int, int] | None:
     Time exceeded has no errno of its own: a relayed hop-limit error arrives as an
     IPV6_RECVERR extended error carrying its ICMPv6 type and code, passed through as is."""
     return _ERRNO_TO_ICMPV6.get(err)
+
+
+# struct sock_extended_err (<linux/errqueue.h>), the head of an IPV6_RECVERR control message
+EXTENDED_ERR = struct.Struct("=IBBBBII")
+IPV6_RECVERR = 25  # <linux/in6.h>; the socket module lacks it
+SO_EE_ORIGIN_LOCAL = 1
+SO_EE_ORIGIN_ICMP6 = 3
+
+
+def error_from_extended_err(data: bytes) -> tuple[int, int, int] | None:
+    """(type, code, param) to relay for an IPV6_RECVERR message of a host socket, if any.
+
+    An ICMPv6 error the host received passes through with its type and code (param: the MTU
+    of packet too big, the pointer of parameter problem); a local EMSGSIZE (the host's own
+    path MTU) becomes packet too big with that MTU. `data` is the control message's data."""
+    if len(data) < EXTENDED_ERR.size:
+        return None
+    err, origin, type_, code, _pad, info, _data = EXTENDED_ERR.unpack_from(data)
+    if origin == SO_EE_ORIGIN_ICMP6 and type_ < 128:
+        return type_, code, info if type_ in (PACKET_TOO_BIG, PARAM_PROBLEM) else 0
+    if origin == SO_EE_ORIGIN_LOCAL and err == errno.EMSGSIZE:
+        return PACKET_TOO_BIG, 0, info
+    return None
 
 
 def errno_for_error(type_: int, code: int) -> int | None:

@@ -183,3 +183,42 @@ def test_random_corruption_of_received_errors_raises_only_icmpv6_error():
                 icmpv6.parse_error(msg)
         except icmpv6.Icmpv6Error:
             pass
+
+
+def test_extended_error_of_a_real_host_socket_on_loopback():
+    """The host kernel's own port unreachable on ::1, read from the error queue as the NAT
+    would, becomes the error relayed to the guest."""
+    import socket
+
+    closed = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    closed.bind(("::1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # nobody listens there now
+    s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    try:
+        s.setsockopt(socket.IPPROTO_IPV6, icmpv6.IPV6_RECVERR, 1)
+        s.connect(("::1", port))
+        s.send(b"x")
+        s.settimeout(5)
+        with pytest.raises(ConnectionRefusedError):
+            s.recv(10)
+        # the error queue holds the ICMPv6 message itself
+        _data, ancdata, _flags, _addr = s.recvmsg(10, 1024, socket.MSG_ERRQUEUE)
+    finally:
+        s.close()
+    ((level, kind, data),) = ancdata
+    assert level == socket.IPPROTO_IPV6 and kind == icmpv6.IPV6_RECVERR
+    assert icmpv6.error_from_extended_err(data) == (1, 4, 0)
+
+
+def test_extended_error_mapping():
+    pack = icmpv6.EXTENDED_ERR.pack
+    too_big = pack(errno.EMSGSIZE, icmpv6.SO_EE_ORIGIN_ICMP6, 2, 0, 0, 1400, 0)
+    assert icmpv6.error_from_extended_err(too_big) == (2, 0, 1400)
+    hops = pack(errno.EHOSTUNREACH, icmpv6.SO_EE_ORIGIN_ICMP6, 3, 0, 0, 0, 0)
+    assert icmpv6.error_from_extended_err(hops) == (3, 0, 0)
+    local = pack(errno.EMSGSIZE, icmpv6.SO_EE_ORIGIN_LOCAL, 0, 0, 0, 1280, 0)
+    assert icmpv6.error_from_extended_err(local) == (2, 0, 1280)
+    other = pack(errno.ETIMEDOUT, icmpv6.SO_EE_ORIGIN_LOCAL, 0, 0, 0, 0, 0)
+    assert icmpv6.error_from_extended_err(other) is None
+    assert icmpv6.error_from_extended_err(b"\x00" * 8) is None
