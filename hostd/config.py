@@ -11,15 +11,39 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 from hostd.stack.ethernet import parse_mac
+from hostd.stack.ipv6 import link_local_from_mac
 
 DEFAULT_SUBNET = "192.168.127.0/24"
 DEFAULT_GATEWAY_MAC = "5a:94:ef:e4:0c:dd"
 DEFAULT_GUEST_MAC = "5a:94:ef:e4:0c:ee"
 MIN_MTU = 576
 MAX_MTU = 65520
+
+# ---- IPv6 address plan (issue 15) -----------------------------------------------------------
+# A ULA /64 that mirrors the IPv4 default's digits; /64 because SLAAC (RFC 4862) forms 64-bit
+# interface identifiers. slirp4netns's own plan is `slirp4netns_plan6()`.
+DEFAULT_SUBNET6 = "fd00:192:168:127::/64"
+SLIRP4NETNS_SUBNET6 = "fd00::/64"
+
+
+def slirp4netns_plan6(subnet6: IPv6Network | None = None) -> dict[str, object]:
+    """slirp4netns's IPv6 plan as NetworkConfig fields: guest ::100, gateway and host ::2,
+    DNS ::3 (of fd00::/64 unless another /64 is given)."""
+    net = subnet6 or IPv6Network(SLIRP4NETNS_SUBNET6)
+    base = net.network_address
+    return {
+        "subnet6": net,
+        "gateway6": base + 2,
+        "host6": base + 2,
+        "dns6": base + 3,
+        "guest6": base + 0x100,
+    }
+
+
+# ---- end of the IPv6 address plan constants -------------------------------------------------
 
 
 @dataclass
@@ -61,6 +85,19 @@ class NetworkConfig:
     dns_ip: IPv4Address = None  # type: ignore[assignment]  # default: the gateway
     guest_ip: IPv4Address = None  # type: ignore[assignment]  # default: network + 2
     dhcp_range: tuple[IPv4Address, IPv4Address] | None = None  # default: net+3 .. broadcast-2
+    # ---- IPv6 address plan (issue 15) ---------------------------------------------------------
+    # Addresses left as None are derived in `_check_ipv6`: gateway ::1 (plus its EUI-64
+    # link-local, `gateway6_link_local`), host loopback ::254 → the host's ::1, the default
+    # MAC's DHCPv6 lease ::2, DNS on the gateway; the DHCPv6 pool ::1000-::1fff.
+    ipv6: bool = True  # --no-ipv6 turns it off: IPv6 frames dropped and counted, as before
+    subnet6: IPv6Network = field(default_factory=lambda: IPv6Network(DEFAULT_SUBNET6))
+    gateway6: IPv6Address = None  # type: ignore[assignment]  # default: prefix ::1
+    host6: IPv6Address = None  # type: ignore[assignment]  # default: prefix ::254
+    dns6: IPv6Address = None  # type: ignore[assignment]  # default: the gateway
+    guest6: IPv6Address = None  # type: ignore[assignment]  # default: prefix ::2
+    static_leases6: dict[str, IPv6Address] = field(default_factory=dict)  # MAC or DUID → address
+    dhcp6_range: tuple[IPv6Address, IPv6Address] | None = None  # default: ::1000 .. ::1fff
+    # ---- end of the IPv6 address plan ---------------------------------------------------------
 
     def __post_init__(self) -> None:
         if self.subnet.prefixlen > 29:
@@ -99,11 +136,65 @@ class NetworkConfig:
         for mac, ip in self.static_leases.items():
             if ip not in self.subnet or ip in self.virtual_addresses:
                 raise ValueError(f"static lease {mac}={ip}: address not usable in {self.subnet}")
+        self._check_ipv6()
 
     @property
     def virtual_addresses(self) -> set[IPv4Address]:
         """The switch's own addresses (answered by ARP, never handed to a guest)."""
         return {self.gateway_ip, self.host_ip, self.dns_ip}
+
+    # ---- IPv6 address plan (issue 15) ---------------------------------------------------------
+
+    def _check_ipv6(self) -> None:
+        """Derive and validate the IPv6 plan; checked even with ipv6 off, so that turning it
+        on later never meets a plan that was wrong all along."""
+        net = self.subnet6
+        if not isinstance(net, IPv6Network):
+            raise ValueError(f"IPv6 subnet {net!r} is not an IPv6 network")
+        if net.prefixlen != 64:
+            raise ValueError(
+                f"IPv6 subnet {net} must be a /64: SLAAC forms 64-bit interface identifiers"
+            )
+        base = net.network_address
+        if self.gateway6 is None:
+            self.gateway6 = base + 1
+        if self.host6 is None:
+            self.host6 = base + 0x254  # "::254", as the issue writes it
+        if self.dns6 is None:
+            self.dns6 = self.gateway6
+        if self.guest6 is None:
+            self.guest6 = base + 2
+        for name in ("gateway6", "host6", "dns6", "guest6"):
+            ip = getattr(self, name)
+            if not isinstance(ip, IPv6Address) or ip not in net or ip == base:
+                raise ValueError(f"{name[:-1]} IPv6 address {ip} is not a host of {net}")
+        if self.guest6 in self.virtual_addresses6:
+            raise ValueError(f"guest IPv6 address {self.guest6} is one of the switch's own")
+        if self.dhcp6_range is None:
+            self.dhcp6_range = (base + 0x1000, base + 0x1FFF)
+        first, last = self.dhcp6_range
+        if not (
+            isinstance(first, IPv6Address)
+            and isinstance(last, IPv6Address)
+            and base < first <= last
+            and last in net
+        ):
+            raise ValueError(f"DHCPv6 range {first}-{last} is not a range of hosts of {net}")
+        if not self.static_leases6:
+            self.static_leases6 = {DEFAULT_GUEST_MAC: self.guest6}
+        for key, ip in self.static_leases6.items():
+            if not isinstance(ip, IPv6Address) or ip not in net or ip in self.virtual_addresses6:
+                raise ValueError(f"static IPv6 lease {key}={ip}: address not usable in {net}")
+
+    @property
+    def gateway6_link_local(self) -> IPv6Address:
+        """The gateway's fe80:: address (EUI-64 of its MAC): the source of its RAs and NDP."""
+        return IPv6Address(link_local_from_mac(self.gateway_mac))
+
+    @property
+    def virtual_addresses6(self) -> set[IPv6Address]:
+        """The switch's own IPv6 addresses (answered by NDP, defended in DAD)."""
+        return {self.gateway6, self.host6, self.dns6, self.gateway6_link_local}
 
 
 def parse_subnet(text: str) -> IPv4Network:
@@ -121,6 +212,23 @@ def parse_address(text: str, what: str) -> IPv4Address:
         return IPv4Address(text)
     except ValueError:
         raise ValueError(f"bad {what} address {text!r}: expected an IPv4 address") from None
+
+
+def parse_subnet6(text: str) -> IPv6Network:
+    try:
+        net = ipaddress.ip_network(text, strict=True)
+    except ValueError as e:
+        raise ValueError(f"bad IPv6 subnet {text!r}: {e}") from None
+    if not isinstance(net, IPv6Network):
+        raise ValueError(f"bad IPv6 subnet {text!r}: not an IPv6 network")
+    return net
+
+
+def parse_address6(text: str, what: str) -> IPv6Address:
+    try:
+        return IPv6Address(text)
+    except ValueError:
+        raise ValueError(f"bad {what} address {text!r}: expected an IPv6 address") from None
 
 
 def parse_dhcp_range(text: str) -> tuple[IPv4Address, IPv4Address]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import struct
 
 _PSEUDO_V4 = struct.Struct("!4s4sBBH")
+_PSEUDO_V6 = struct.Struct("!16s16sI3xB")  # RFC 8200 section 8.1: upper-layer length is 32 bits
 
 
 def ones_sum(data: bytes | bytearray | memoryview) -> int:
@@ -54,3 +55,26 @@ def transport_checksum_v4(src: bytes, dst: bytes, proto: int, segment: bytes | b
 
 def verify_transport_v4(src: bytes, dst: bytes, proto: int, segment: bytes | memoryview) -> bool:
     return verify(segment, pseudo_header_sum_v4(src, dst, proto, len(segment)))
+
+
+def pseudo_header_sum_v6(src: bytes, dst: bytes, next_header: int, length: int) -> int:
+    """Ones' sum of the IPv6 pseudo header (RFC 8200 8.1) for TCP, UDP and ICMPv6.
+
+    `dst` is the final destination (the last routing-header address when there is one)."""
+    return ones_sum(_PSEUDO_V6.pack(src, dst, length, next_header))
+
+
+def transport_checksum_v6(
+    src: bytes, dst: bytes, next_header: int, segment: bytes | bytearray | memoryview
+) -> int:
+    """Checksum for a TCP, UDP or ICMPv6 message (its checksum field zero) between IPv6 hosts.
+
+    UDP over IPv6 must not send 0 (it means "no checksum", which IPv6 forbids): callers building
+    UDP map a 0 result to 0xFFFF, as build_udp does for IPv4."""
+    return checksum(segment, pseudo_header_sum_v6(src, dst, next_header, len(segment)))
+
+
+def verify_transport_v6(
+    src: bytes, dst: bytes, next_header: int, segment: bytes | memoryview
+) -> bool:
+    return verify(segment, pseudo_header_sum_v6(src, dst, next_header, len(segment)))

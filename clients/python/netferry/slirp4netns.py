@@ -165,7 +165,7 @@ def parse_cidr(text: str) -> ipaddress.IPv4Network:
 
 
 def network_config(args: argparse.Namespace, mtu: int):  # -> hostd.config.NetworkConfig
-    from hostd.config import NetworkConfig
+    from hostd.config import NetworkConfig, slirp4netns_plan6
     from hostd.services.dns import parse_upstream, upstreams_from_resolv_conf
 
     net = parse_cidr(args.cidr)
@@ -186,6 +186,10 @@ def network_config(args: argparse.Namespace, mtu: int):  # -> hostd.config.Netwo
         dhcp_range=(base + 15, base + 30),
         host_loopback=not args.disable_host_loopback,
         dns_upstreams=upstreams,
+        # slirp4netns's IPv6 plan (fd00::/64: guest ::100, gateway and host ::2, DNS ::3),
+        # served only with --enable-ipv6, as slirp4netns does.
+        ipv6=bool(args.enable_ipv6),
+        **slirp4netns_plan6(),  # type: ignore[arg-type]
     )
 
 
