@@ -39,12 +39,12 @@ of the DHCPv4 ones (mac, ip, expires, hostname, static) for the lease API.
 from __future__ import annotations
 
 import ipaddress
-import logging
 import struct
 from collections import OrderedDict, deque
 from dataclasses import asdict, dataclass, field
 from ipaddress import IPv6Address, IPv6Network
 
+from hostd.corelog import core_logger
 from hostd.services.dhcp import DEFAULT_STATIC_MAC, encode_domain_search, normalize_mac
 
 __all__ = [
@@ -59,7 +59,7 @@ __all__ = [
     "duid_ll",
 ]
 
-log = logging.getLogger(__name__)
+log = core_logger("hostd.services.dhcpv6")
 
 DEFAULT_PREFIX = IPv6Network("fd00:192:168:127::/64")
 SERVER_PORT = 547
@@ -444,13 +444,13 @@ class Dhcpv6Server:
             req = _parse_request(bytes(payload))
         except (_Malformed, ValueError) as exc:
             self.stats.malformed += 1
-            log.debug("dhcpv6: malformed message from %s: %s", src_ip, exc)
+            log.debug("dhcpv6.malformed", src=str(src_ip), error=str(exc))
             return None
         try:
             body = self._dispatch(req, src_mac, now)
         except Exception:  # pragma: no cover - defensive: a bug must not kill the stack
             self.stats.malformed += 1
-            log.exception("dhcpv6: unexpected error handling a message")
+            log.exception("dhcpv6.internal_error")
             return None
         if body is None:
             return None
