@@ -115,6 +115,12 @@ class HostSwitch:
         log.info("link.up", link=link.name, port=link.port)
         self._event("link_up", link=link.name, port=link.port)
 
+    def link_vnet(self, link: Link) -> None:
+        """The link negotiated virtio-net headers: its port's frames carry them from now on."""
+        if self.links.get(link.port) is link:
+            self.network.set_port_vnet(link.port)
+        self._event("link_offload", link=link.name, port=link.port, offload="vnet")
+
     def link_frames(self, link: Link, frames: list[bytes]) -> None:
         if self.pcap is not None:
             self.pcap.write(frames)
@@ -318,7 +324,10 @@ class HostSwitch:
                 pending=len(self.network.tcp_pending),
                 connections=len(self.network.tcp_conns),
             ),
-            "links": {link.name: vars(link.counters) for link in self.links.values()},
+            "links": {
+                link.name: dict(vars(link.counters), offload="vnet" if link.vnet else "none")
+                for link in self.links.values()
+            },
         }
 
     async def close(self) -> None:

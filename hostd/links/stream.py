@@ -4,6 +4,12 @@ Reads go through `StreamDeframer`, so one `data_received` can deliver dozens of 
 one batch. A framing error (zero length, oversized) closes this link only, with the reason
 logged and counted; the switch and other links carry on. Writes are one `writelines` per
 batch. Listeners accept any number of connections, each a new switch port.
+
+Offload negotiation (`netferry.linkcaps`): a link without `?offload=` in its URI answers a
+capability OFFER that arrives as the peer's first frame (only netferry's vm-switch sends
+one) with an ACCEPT; if virtio-net headers were agreed, the switch port turns to vnet right
+after the ACCEPT is written, and the peer's frames up to its COMMIT (plain) are given an
+empty virtio-net header here. Peers that never offer (QEMU, passt, gvforwarder) see nothing.
 """
 
 from __future__ import annotations
@@ -17,11 +23,13 @@ from collections.abc import Callable
 import structlog
 
 from hostd.links.base import Link, LinkSink
+from netferry import linkcaps
 from netferry.framing import FramingError, StreamDeframer, get_framing
 from netferry.unixsock import clear_stale_socket
 from netferry.uri import VMADDR_CID_ANY, LinkUri
 
 log = structlog.get_logger("hostd.links")
+VNET_NONE = bytes(10)  # a virtio-net header that asks for nothing
 
 # gvforwarder (gvisor-tap-vsock's guest) opens its link with an HTTP request it never reads
 # an answer to, then sends frames with a 2-byte little-endian length.
@@ -41,6 +49,10 @@ class StreamLink(Link, asyncio.Protocol):
         # Accepted connections look at their first bytes for gvforwarder's `POST /connect`
         # (None: decided, frames only).
         self._preface: bytearray | None = None
+        # True until the peer's first frame is seen: it may be a capability OFFER.
+        self.negotiate = False
+        self._plain_until_commit = False  # vnet agreed, the peer's COMMIT not yet seen
+        self.offload = "vnet" if self.vnet else "none"
 
     def expect_connect_preface(self) -> None:
         self._preface = bytearray()
@@ -64,7 +76,44 @@ class StreamLink(Link, asyncio.Protocol):
             self.close(f"framing_error: {e}")
             return
         if frames:
-            self._delivered(frames)
+            if self.negotiate:
+                self.negotiate = False
+                frames = self._negotiate(frames)
+            if self._plain_until_commit:
+                frames = self._until_commit(frames)
+            if frames:
+                self._delivered(frames)
+
+    def _negotiate(self, frames: list[bytes]) -> list[bytes]:
+        """Answer a capability OFFER that is the peer's first frame; other frames pass."""
+        offer = linkcaps.decode(frames[0])
+        if offer is None or offer.kind != linkcaps.OFFER:
+            return frames
+        own_max = min(self.deframer.max_frame, self.framing.max_length)
+        accept = linkcaps.answer(offer, linkcaps.F_VNET, own_max)
+        mac = bytes(frames[0][6:12])
+        reply = linkcaps.encode(accept.kind, mac, accept.flags, accept.max_frame)
+        if self.transport is not None and not self.closed:
+            self.transport.writelines(self.framing.encode_many([reply]))
+        if accept.vnet:
+            self.vnet = True
+            self.offload = "vnet"
+            self._plain_until_commit = True
+            self.sink.link_vnet(self)  # every frame from here on gets a virtio-net header
+        log.info("link.offload", link=self.name, offered=offer.describe(),
+                 agreed=accept.describe())  # fmt: skip
+        return frames[1:]
+
+    def _until_commit(self, frames: list[bytes]) -> list[bytes]:
+        """Before the peer's COMMIT its frames are plain: give them an empty vnet header."""
+        out = []
+        for i, frame in enumerate(frames):
+            caps = linkcaps.decode(frame)
+            if caps is not None and caps.kind == linkcaps.COMMIT:
+                self._plain_until_commit = False
+                return out + frames[i + 1 :]
+            out.append(VNET_NONE + frame)
+        return out
 
     def _take_preface(self, data: bytes) -> bytes | None:
         """Bytes that are frames, once the first bytes are known not to be (or to have
@@ -135,6 +184,8 @@ class StreamListener:
             self.sink, f"{self.uri}#{self._count}", self.uri.framing, self.uri.max_frame
         )
         link.vnet = self.uri.vnet
+        link.negotiate = self.uri.offload == ""
+        link.offload = self.uri.offload or "none"
         link.expect_connect_preface()
         return link
 
@@ -208,6 +259,8 @@ async def connect_stream_fd(sink: LinkSink, uri: LinkUri, sock: socket.socket) -
     loop = asyncio.get_running_loop()
     link = StreamLink(sink, str(uri), uri.framing, uri.max_frame)
     link.vnet = uri.vnet
+    link.negotiate = uri.offload == ""
+    link.offload = uri.offload or "none"
     sock.setblocking(False)
     await loop.connect_accepted_socket(lambda: link, sock)
     return link
