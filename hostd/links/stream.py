@@ -5,11 +5,12 @@ one batch. A framing error (zero length, oversized) closes this link only, with 
 logged and counted; the switch and other links carry on. Writes are one `writelines` per
 batch. Listeners accept any number of connections, each a new switch port.
 
-Offload negotiation (`netferry.linkcaps`): a link without `?offload=` in its URI answers a
+Offload negotiation (`netferry.linkcaps`): a link without `?offload=vnet` answers a
 capability OFFER that arrives as the peer's first frame (only netferry's vm-switch sends
 one) with an ACCEPT; if virtio-net headers were agreed, the switch port turns to vnet right
 after the ACCEPT is written, and the peer's frames up to its COMMIT (plain) are given an
-empty virtio-net header here. Peers that never offer (QEMU, passt, gvforwarder) see nothing.
+empty virtio-net header here (`?offload=none` answers "plain"). Peers that never offer
+(QEMU, passt, gvforwarder) see nothing.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class StreamLink(Link, asyncio.Protocol):
         # True until the peer's first frame is seen: it may be a capability OFFER.
         self.negotiate = False
         self._plain_until_commit = False  # vnet agreed, the peer's COMMIT not yet seen
-        self.offload = "vnet" if self.vnet else "none"
+        self.offload = ""  # the ?offload= value; "vnet" once negotiated
 
     def expect_connect_preface(self) -> None:
         self._preface = bytearray()
@@ -90,7 +91,8 @@ class StreamLink(Link, asyncio.Protocol):
         if offer is None or offer.kind != linkcaps.OFFER:
             return frames
         own_max = min(self.deframer.max_frame, self.framing.max_length)
-        accept = linkcaps.answer(offer, linkcaps.F_VNET, own_max)
+        own_flags = 0 if self.offload == "none" else linkcaps.F_VNET  # ?offload=none: plain
+        accept = linkcaps.answer(offer, own_flags, own_max)
         mac = bytes(frames[0][6:12])
         reply = linkcaps.encode(accept.kind, mac, accept.flags, accept.max_frame)
         if self.transport is not None and not self.closed:
@@ -184,8 +186,8 @@ class StreamListener:
             self.sink, f"{self.uri}#{self._count}", self.uri.framing, self.uri.max_frame
         )
         link.vnet = self.uri.vnet
-        link.negotiate = self.uri.offload == ""
-        link.offload = self.uri.offload or "none"
+        link.negotiate = self.uri.offload != "vnet"
+        link.offload = self.uri.offload
         link.expect_connect_preface()
         return link
 
@@ -259,8 +261,8 @@ async def connect_stream_fd(sink: LinkSink, uri: LinkUri, sock: socket.socket) -
     loop = asyncio.get_running_loop()
     link = StreamLink(sink, str(uri), uri.framing, uri.max_frame)
     link.vnet = uri.vnet
-    link.negotiate = uri.offload == ""
-    link.offload = uri.offload or "none"
+    link.negotiate = uri.offload != "vnet"
+    link.offload = uri.offload
     sock.setblocking(False)
     await loop.connect_accepted_socket(lambda: link, sock)
     return link
