@@ -3,11 +3,14 @@ where the guest reaches host loopback through it."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,10 +28,26 @@ from harness import (
     wait_for,
 )
 
-CONTENDERS = ("netferry", "slirp4netns", "pasta", "netferry-slirp4netns")
+CONTENDERS = ("netferry", "netferry-vm", "slirp4netns", "pasta", "netferry-slirp4netns", "gvproxy")
+
+
+# Contenders used by default: gvproxy only when both of its binaries are on PATH (the
+# benchmark never downloads or builds them).
+def default_contenders() -> list[str]:
+    names = [c for c in CONTENDERS if c != "gvproxy"]
+    if shutil.which("gvproxy") and shutil.which("gvforwarder"):
+        names.append("gvproxy")
+    return names
+
+
 # Pairs compared head to head besides netferry ÷ each: the drop-in against the program it
-# replaces, both driven the same way (slirp4netns's command line and API).
-PAIRS = (("netferry-slirp4netns", "slirp4netns"),)
+# replaces, both driven the same way (slirp4netns's command line and API); the VM topology
+# (vm-switch pumping the tap over a frame stream) against slirp4netns and `netferry run`.
+PAIRS = (
+    ("netferry-slirp4netns", "slirp4netns"),
+    ("netferry-vm", "slirp4netns"),
+    ("netferry-vm", "netferry"),
+)
 
 
 # ---- contenders ------------------------------------------------------------------------------
@@ -192,6 +211,150 @@ class Netferry(Contender):
         return self._daemons()
 
 
+class NetferryVm(Contender):
+    """The seeds' topology: hostd (`host-switch --listen unix://S`) on the host and vm-switch
+    in the guest namespace pumping its tap over that unix stream, both with default flags
+    (offload negotiated by the link's capability exchange)."""
+
+    GUEST_IP = "192.168.127.2"
+
+    def __init__(self) -> None:
+        super().__init__("netferry-vm")
+        self.warnings: dict[str, int] = {}
+        self.drops: dict[str, int] = {}
+
+    def _start(self) -> None:
+        assert self.dir
+        link = self.dir / "link.sock"
+        api = self.dir / "api.sock"
+        self.api = f"unix://{api}"
+        self.logs["host-switch.json"] = self.dir / "hostd.json"
+        self.logs["vm-switch.json"] = self.dir / "vm-switch.json"
+        self._spawn(
+            "host-switch",
+            [str(VENV_BIN / "host-switch"), "--listen", f"unix://{link}", "--api", f"unix://{api}",
+             "--mtu", str(self.mtu), "--dns-upstream", "127.0.0.1:9",
+             "--log-format", "json", "--log-file", str(self.dir / "hostd.json")],
+        )  # fmt: skip
+        wait_for(lambda: self.check_alive() or link.exists(), 15, "host-switch to listen")
+        self._spawn(
+            "vm-switch",
+            ns_cmd(self.ns, str(VENV_BIN / "vm-switch"), "--connect", f"unix://{link}",
+                   "--mtu", str(self.mtu), "--dhcp-client", "udhcpc",
+                   "--log-format", "json", "--log-file", str(self.dir / "vm-switch.json")),
+        )  # fmt: skip
+
+        def leased() -> bool:
+            self.check_alive()
+            out = subprocess.run(
+                ns_cmd(self.ns, "ip", "-4", "-o", "addr", "show", "dev", "eth0"),
+                capture_output=True,
+                text=True,
+            ).stdout
+            return f"inet {self.GUEST_IP}/" in out
+
+        wait_for(leased, 30, "the netferry-vm guest's DHCP lease", step=0.1)
+        self.target = "192.168.127.254"
+        cmd = [str(VENV_BIN / "netferry"), "--api", self.api, "expose",
+               f"127.0.0.1:{self.fwd_port}", f"{self.GUEST_IP}:{GUEST_IPERF_PORT}"]  # fmt: skip
+        self.commands.append(" ".join(cmd))
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+        if r.returncode != 0:
+            raise BenchError(f"netferry expose failed: {r.stdout}{r.stderr}")
+
+    def collect_drops(self) -> None:
+        """hostd's link drops and vm-switch's tap counters, summed over the run."""
+        vm = self.procs.get("vm-switch")
+        if vm is not None and vm.poll() is None:
+            vm.send_signal(signal.SIGUSR1)
+            time.sleep(0.3)
+        r = subprocess.run(
+            [str(VENV_BIN / "netferry"), "--api", self.api, "--json", "stats"],
+            capture_output=True, text=True, timeout=15,
+        )  # fmt: skip
+        with contextlib.suppress(ValueError, KeyError):
+            counters = json.loads(r.stdout).get("counters", {})
+            for key in ("links.dropped_out", "links.offload_vnet"):
+                self.drops[key] = self.drops.get(key, 0) + int(counters.get(key, 0))
+        for ev in _json_lines(self.dir / "vm-switch.json" if self.dir else None):
+            if ev.get("event") == "vm-switch.stats":
+                for key in ("tap_write_deferred", "tap_write_dropped", "tap_gso_dropped"):
+                    self.drops[f"vm-switch.{key}"] = self.drops.get(f"vm-switch.{key}", 0) + int(
+                        ev.get(key, 0)
+                    )
+            if ev.get("event") == "link.offload":
+                self.drops[f"offload: {ev.get('agreed')}"] = 1
+
+    def teardown(self) -> None:
+        if self.procs:
+            with contextlib.suppress(Exception):
+                self.collect_drops()
+        for key in ("hostd", "vm-switch"):
+            for ev in _json_lines(self.dir / f"{key}.json" if self.dir else None):
+                if ev.get("level") in ("warning", "error", "critical") and ev.get("event") not in (
+                    "icmp.ping_sockets_not_permitted",
+                ):
+                    k = f"{key}: {ev.get('level')} {ev.get('event')}"
+                    self.warnings[k] = self.warnings.get(k, 0) + 1
+        super().teardown()
+
+
+def _json_lines(path: Path | None) -> list[dict]:
+    if path is None or not path.exists():
+        return []
+    out = []
+    for line in path.read_text(errors="replace").splitlines():
+        with contextlib.suppress(ValueError):
+            out.append(json.loads(line))
+    return out
+
+
+class Gvproxy(Contender):
+    """gvproxy on the host and gvforwarder in the guest namespace over a unix stream (the
+    netferry-vm topology with gvisor-tap-vsock's programs), only when both are on PATH."""
+
+    GUEST_IP = "192.168.127.2"
+
+    def __init__(self) -> None:
+        super().__init__("gvproxy")
+
+    def _start(self) -> None:
+        assert self.dir
+        sock = self.dir / "gvproxy.sock"
+        self._spawn("gvproxy", ["gvproxy", "-listen", f"unix://{sock}", "-mtu", str(self.mtu)])
+        wait_for(lambda: self.check_alive() or sock.exists(), 15, "gvproxy to listen")
+        self._spawn(
+            "gvforwarder",
+            ns_cmd(self.ns, "gvforwarder", "-url", f"unix://{sock}/connect", "-iface", "eth0",
+                   "-stop-if-exist", "", "-mtu", str(self.mtu)),
+        )  # fmt: skip
+
+        def leased() -> bool:
+            self.check_alive()
+            out = subprocess.run(
+                ns_cmd(self.ns, "ip", "-4", "-o", "addr", "show", "dev", "eth0"),
+                capture_output=True,
+                text=True,
+            ).stdout
+            return "inet " in out
+
+        wait_for(leased, 30, "the gvforwarder guest's DHCP lease", step=0.1)
+        self.target = "192.168.127.254"
+        body = json.dumps({"local": f"127.0.0.1:{self.fwd_port}",
+                           "remote": f"{self.GUEST_IP}:{GUEST_IPERF_PORT}"})  # fmt: skip
+        req = (
+            "POST /services/forwarder/expose HTTP/1.0\r\nHost: gvproxy\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n{body}"
+        )
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(10)
+            s.connect(str(sock))
+            s.sendall(req.encode())
+            reply = s.recv(4096)
+        if b" 200 " not in reply.split(b"\r\n", 1)[0]:
+            raise BenchError(f"gvproxy expose: {reply[:200]!r}")
+
+
 class Slirp(Contender):
     def __init__(self) -> None:
         super().__init__("slirp4netns")
@@ -334,6 +497,8 @@ class Pasta(Contender):
 def make_contender(name: str) -> Contender:
     return {
         "netferry": Netferry,
+        "netferry-vm": NetferryVm,
+        "gvproxy": Gvproxy,
         "slirp4netns": Slirp,
         "pasta": Pasta,
         "netferry-slirp4netns": NetferrySlirp,

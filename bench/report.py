@@ -21,6 +21,7 @@ class Results:
         }
         self.extra: dict[str, dict[str, list[float]]] = {}
         self.errors: list[str] = []
+        self.came_up: set[tuple[str, int]] = set()  # (contender, MTU) that started
 
     def add(self, row: str, contender: str, value: float) -> None:
         self.values[row][contender].append(value)
@@ -113,6 +114,8 @@ def plot(summary: dict, contenders: list[str], path: Path, title: str) -> None:
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 2.6 * nrows))
     colors = {
         "netferry": "#d95f02",
+        "netferry-vm": "#e6ab02",
+        "gvproxy": "#666666",
         "slirp4netns": "#7570b3",
         "pasta": "#1b9e77",
         "netferry-slirp4netns": "#e7298a",

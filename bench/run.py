@@ -39,7 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from contenders import CONTENDERS, Contender, Netferry, make_contender
+from contenders import CONTENDERS, Contender, Netferry, default_contenders, make_contender
 from harness import (
     DASH,
     REAPER,
@@ -64,6 +64,7 @@ def bring_up(
         c = make_contender(name)
         try:
             c.setup(mtu, round_no * 10 + i)
+            results.came_up.add((name, mtu))
             up.append(c)
             commands.setdefault(f"{name} (MTU {mtu})", c.commands)
         except (BenchError, subprocess.SubprocessError, OSError) as e:
@@ -76,16 +77,22 @@ def bring_up(
     return up
 
 
-def tear_down(contenders: list[Contender], warnings: dict[str, int]) -> None:
+def tear_down(
+    contenders: list[Contender], warnings: dict[str, int], drops: dict[str, dict[str, int]]
+) -> None:
     for c in contenders:
         c.teardown()
-        if isinstance(c, Netferry):
-            for k, v in c.warnings.items():
-                warnings[k] = warnings.get(k, 0) + v
+        for k, v in getattr(c, "warnings", {}).items():
+            key = f"{k} ({c.name})"
+            warnings[key] = warnings.get(key, 0) + v
+        per = drops.setdefault(c.name, {})
+        for k, v in getattr(c, "drops", {}).items():
+            per[k] = per.get(k, 0) + v
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    names = [c.strip() for c in args.contenders.split(",") if c.strip()]
+    names = [c.strip() for c in (args.contenders or ",".join(default_contenders())).split(",")]
+    names = [c for c in names if c]
     for n in names:
         if n not in CONTENDERS:
             raise SystemExit(f"unknown contender {n!r} (have {', '.join(CONTENDERS)})")
@@ -101,6 +108,7 @@ def run_bench(args: argparse.Namespace) -> int:
     rounds = 1 if args.quick else args.rounds
     results = Results(names)
     warnings: dict[str, int] = {}
+    drops: dict[str, dict[str, int]] = {}
     commands: dict[str, list[str]] = {}
     work = REAPER.mkdtemp()
     peer, peer_port = start_peer_server(work)
@@ -123,7 +131,7 @@ def run_bench(args: argparse.Namespace) -> int:
             try:
                 measure_phase(bench, results, cs, mtu, r, rows_filter)
             finally:
-                tear_down(cs, warnings)
+                tear_down(cs, warnings, drops)
     elapsed = time.monotonic() - started
     summary = results.summary()
     table = markdown_table(summary, names, rows_filter)
@@ -162,9 +170,23 @@ def run_bench(args: argparse.Namespace) -> int:
                     f"{fmt(statistics.median(vals))} MiB (median); the row above "
                     f"is host-switch alone"
                 )
+    # A contender that came up must have a figure in every row of its phase: a cell left
+    # "—" is a failed measurement, and the run fails (the CI smoke run with it).
+    for key, _label, _unit, _better, mtu in ROWS:
+        if rows_filter is not None and key not in rows_filter:
+            continue
+        for c in names:
+            if (c, mtu) in results.came_up and not results.values[key][c]:
+                results.errors.append(f"{c} came up at MTU {mtu} but has no figure for {key}")
     notes = extra_lines + [f"- {n}" for n in NOTES]
+    for c, per in drops.items():
+        if per:
+            notes.append(
+                f"- {c} counters summed over its runs: "
+                + ", ".join(f"{k} {v}" for k, v in sorted(per.items()))
+            )
     notes += [f"- error: {e}" for e in results.errors]
-    notes += [f"- netferry logged {k} {TIMES}{v}" for k, v in sorted(warnings.items())]
+    notes += [f"- logged {k} {TIMES}{v}" for k, v in sorted(warnings.items())]
     if notes:
         print("\n" + "\n".join(notes))
     if not args.quick:
@@ -201,6 +223,7 @@ def run_bench(args: argparse.Namespace) -> int:
                     "errors": results.errors,
                     "netferry_warnings": warnings,
                     "commands": commands,
+                    "counters": drops,
                 },
                 indent=2,
                 ensure_ascii=False,
@@ -212,6 +235,9 @@ def run_bench(args: argparse.Namespace) -> int:
         except ImportError:
             print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
         print(f"\nwrote {base}.md, .json, .png")
+    if results.errors:
+        print(f"\n{len(results.errors)} measurement(s) failed: see the errors", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -332,8 +358,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=9, help="rounds (default 9)")
     ap.add_argument(
         "--contenders",
-        default=",".join(CONTENDERS),
-        help="comma-separated subset of: " + ", ".join(CONTENDERS),
+        default="",
+        help="comma-separated subset of: " + ", ".join(CONTENDERS) + " (default: all but "
+        "gvproxy, which is added when gvproxy and gvforwarder are on PATH)",
     )
     ap.add_argument(
         "--rows",
