@@ -262,6 +262,9 @@ class NetferryVm(Contender):
         if r.returncode != 0:
             raise BenchError(f"netferry expose failed: {r.stdout}{r.stderr}")
 
+    def _daemons(self) -> dict[str, int]:
+        return {k: p.pid for k, p in self.procs.items()}
+
     def collect_drops(self) -> None:
         """hostd's link drops and vm-switch's tap counters, summed over the run."""
         vm = self.procs.get("vm-switch")

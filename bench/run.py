@@ -39,7 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from contenders import CONTENDERS, Contender, Netferry, default_contenders, make_contender
+from contenders import CONTENDERS, Contender, default_contenders, make_contender
 from harness import (
     DASH,
     REAPER,
@@ -257,7 +257,7 @@ def run_profile(args: argparse.Namespace) -> int:
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     tmp = REAPER.mkdtemp()
     peer, peer_port = start_peer_server(tmp) if work in ("connrate", "rr") else (None, 0)
-    c = Netferry()
+    c = make_contender(args.profile_contender)
     c.setup(args.profile_mtu, 0)
     bench = Bench(Opts(tput_secs=secs, connrate_secs=secs, rr_secs=secs, hold_n=0), peer_port)
     ext = {"raw": "txt", "speedscope": "speedscope.json", "flamegraph": "svg"}[args.profile_format]
@@ -380,6 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile-native", action="store_true", help="C frames too (py-spy --native)")
     ap.add_argument("--profile-direction", choices=("g2h", "h2g"), default="g2h")
     ap.add_argument("--profile-mtu", type=int, default=1500)
+    ap.add_argument("--profile-contender", choices=("netferry", "netferry-vm"), default="netferry")
     ap.add_argument("--profile-seconds", type=int, default=10)
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
