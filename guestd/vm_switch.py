@@ -29,6 +29,7 @@ import sys
 import tempfile
 from collections import deque
 from importlib import resources
+from itertools import islice
 
 import structlog
 
@@ -45,6 +46,7 @@ log = structlog.get_logger("vm-switch")
 TAP_READ_BATCH = 128
 TAP_READ_SIZE = 65536 + 14 + 10  # a 64 KiB TSO segment, Ethernet and virtio-net headers
 HIGH_WATER = 4 << 20
+IOV_MAX = 1024
 VNET_LEN = 10
 VNET_NONE = bytes(VNET_LEN)  # a virtio-net header that asks for nothing
 CAPS_ETHERTYPE = linkcaps.ETHERTYPE.to_bytes(2, "big")
@@ -120,7 +122,8 @@ class Pump:
         self.deframer = StreamDeframer(self.framing, uri.max_frame)
         self.loop = asyncio.get_running_loop()
         self.done: asyncio.Future[str] = self.loop.create_future()
-        self._out = bytearray()
+        self._out: deque[bytes | memoryview] = deque()  # pieces for the link, sent by sendmsg
+        self._out_size = 0
         self._writing = False
         self._tap_reading = False
         self._sock_reading = False
@@ -146,8 +149,7 @@ class Pump:
                 linkcaps.OFFER, self.mac, linkcaps.F_VNET,
                 min(self.uri.max_frame, self.framing.max_length),
             )  # fmt: skip
-            self._out += b"".join(self.framing.encode_many([offer]))
-            self._flush()
+            self._queue_out(self.framing.encode_many([offer]))
         self._resume_sock()
         self._resume_tap()
 
@@ -224,10 +226,9 @@ class Pump:
             except OSError as e:
                 log.warning("tap.offload_failed", error=str(e))
             commit = linkcaps.encode(linkcaps.COMMIT, self.mac, caps.flags, caps.max_frame)
-            self._out += b"".join(self.framing.encode_many([commit]))
+            self._queue_out(self.framing.encode_many([commit]))
             self.vnet_out = True
             self.offload = "vnet"
-            self._flush()
             return head + rest
         self._caps_budget -= len(frames)
         if self._caps_budget <= 0:  # an older hostd (or not netferry): stay plain
@@ -281,8 +282,7 @@ class Pump:
             frames = plain
         self.frames_out += len(frames)
         if self.stream:
-            self._out += b"".join(self.framing.encode_many(frames))
-            self._flush()
+            self._queue_out(self.framing.encode_many(frames))
         else:
             for frame in frames:
                 try:
@@ -293,21 +293,38 @@ class Pump:
                     self._fail(f"write error: {e}")
                     return
 
+    def _queue_out(self, pieces: list[bytes]) -> None:
+        self._out.extend(pieces)
+        self._out_size += sum(map(len, pieces))
+        if not self._writing:
+            self._flush()
+
     def _flush(self) -> None:
-        while self._out:
+        """Send the queued pieces with sendmsg (gathered, no joining copy)."""
+        q = self._out
+        sendmsg = self.sock.sendmsg
+        while q:
             try:
-                n = self.sock.send(self._out)
+                n = sendmsg(list(islice(q, IOV_MAX)))
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as e:
                 self._fail(f"write error: {e}")
                 return
-            del self._out[:n]
-        if self._out:
+            self._out_size -= n
+            while n:
+                head = q[0]
+                if n >= len(head):
+                    n -= len(head)
+                    q.popleft()
+                else:
+                    q[0] = memoryview(head)[n:]
+                    n = 0
+        if q:
             if not self._writing:
                 self._writing = True
                 self.loop.add_writer(self.sock.fileno(), self._flush)
-            if len(self._out) > HIGH_WATER:
+            if self._out_size > HIGH_WATER:
                 self._pause_tap()
         else:
             if self._writing:
