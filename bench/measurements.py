@@ -28,6 +28,7 @@ from harness import (
     tail,
     wait_for,
 )
+from vmlinks import VM_CONTENDERS, VM_ROWS
 
 if TYPE_CHECKING:
     from report import Results
@@ -49,7 +50,13 @@ ROWS: list[tuple[str, str, str, str, int]] = [
     ("cpu_g2h_65520", "CPU per GiB, TCP guest→host MTU 65520", "s/GiB", "lower", 65520),
     ("cpu_h2g_65520", "CPU per GiB, TCP host→guest MTU 65520", "s/GiB", "lower", 65520),
 ]
+ROWS += VM_ROWS  # phase 0: bench/vmlinks.py
 ROW_INFO = {r[0]: r for r in ROWS}
+
+
+def applies(row: str, contender: str) -> bool:
+    """Whether `contender` has a figure in `row` (the VM-link rows have two contenders)."""
+    return ROW_INFO[row][4] != 0 or contender in VM_CONTENDERS
 
 
 # ---- measurements -------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from contenders import PAIRS
 from harness import DASH, TIMES
-from measurements import ROWS
+from measurements import ROWS, applies
 
 # ---- the run --------------------------------------------------------------------------------
 
@@ -85,7 +85,9 @@ def markdown_table(summary: dict, contenders: list[str], keys: set[str] | None =
         cells = [row["label"], row["unit"] + (" ↑" if row["better"] == "higher" else " ↓")]
         for c in contenders:
             s = row["contenders"][c]
-            if s["median"] is None:
+            if not applies(key, c):
+                cells.append("n/a")
+            elif s["median"] is None:
                 cells.append("—")
             elif len(s["values"]) == 1:
                 cells.append(fmt(s["median"]))
@@ -94,10 +96,12 @@ def markdown_table(summary: dict, contenders: list[str], keys: set[str] | None =
         if "netferry" in contenders:
             for c in others:
                 r = row["netferry_ratio"].get(c)
-                cells.append("—" if r is None else f"{r:.2f}{TIMES}")
+                na = not (applies(key, c) and applies(key, "netferry"))
+                cells.append("n/a" if na else "—" if r is None else f"{r:.2f}{TIMES}")
         for pair in pairs:
             r = row["pair_ratio"].get(pair)
-            cells.append("—" if r is None else f"{r:.2f}{TIMES}")
+            na = not all(applies(key, c) for c in pair.split(" ÷ "))
+            cells.append("n/a" if na else "—" if r is None else f"{r:.2f}{TIMES}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

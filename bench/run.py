@@ -54,6 +54,7 @@ from harness import (
 )
 from measurements import NOTES, ROW_INFO, ROWS, Bench, Opts, measure_phase
 from report import Results, fmt, markdown_table, plot
+from vmlinks import VM_CONTENDERS, Servers, measure_qemu, measure_uml, qemu_image
 
 
 def bring_up(
@@ -88,6 +89,60 @@ def tear_down(
         per = drops.setdefault(c.name, {})
         for k, v in getattr(c, "drops", {}).items():
             per[k] = per.get(k, 0) + v
+
+
+VM_SERVERS: list[Servers] = []
+
+
+def measure_vm_links(
+    results: Results, names: list[str], round_no: int, quick: bool, rows_filter: set[str] | None
+) -> None:
+    """The VM-link rows (bench/vmlinks.py) for the contenders that have them, alternating."""
+    contenders = [c for c in VM_CONTENDERS if c in names]
+    if round_no % 2:
+        contenders.reverse()
+    mib = 16 if quick else 256
+    qemu_mib = 8 if quick else 32
+    if not VM_SERVERS:
+        VM_SERVERS.append(Servers(mib))
+    servers = VM_SERVERS[0]
+    workdir = REAPER.mkdtemp()
+    want = rows_filter or set(ROW_INFO)
+    uml = None
+    try:
+        from tests.interop.uml_guest import UmlMissing, find_uml
+
+        try:
+            uml = find_uml()
+        except UmlMissing as e:
+            NOTES.append(f"UML rows skipped: {e}")
+    except ImportError as e:
+        NOTES.append(f"UML rows skipped: {e}")
+    image = qemu_image()
+    if image is None and "qemu_fetch" in want:
+        NOTES.append("QEMU row skipped: no cached guest image (run tests/interop/test_qemu.py)")
+    for c in contenders:
+        for kind, ok, fn in (
+            ("uml", uml is not None and want & {"uml_fetch", "uml_upload", "uml_connrate"},
+             lambda c=c: measure_uml(c, servers, mib, 20 if quick else 100, workdir)),
+            ("qemu", image is not None and "qemu_fetch" in want,
+             lambda c=c: measure_qemu(c, servers, qemu_mib, image, workdir)),
+        ):  # fmt: skip
+            if not ok:
+                continue
+            t0 = time.monotonic()
+            for key in ROW_INFO:
+                if key.startswith(kind + "_") and key in want:
+                    results.came_up.add((c, key))  # a figure is due in each of these rows
+            try:
+                figures = fn()
+                for key, value in figures.items():
+                    results.add(key, c, value)
+            except (BenchError, subprocess.SubprocessError, OSError) as e:
+                msg = f"round {round_no + 1}, {kind} {c}: {e}"
+                results.errors.append(msg)
+                print(f"  ! {msg}", file=sys.stderr)
+            print(f"  {kind:<28} {c:<12} {time.monotonic() - t0:5.1f}s", file=sys.stderr)
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -132,6 +187,8 @@ def run_bench(args: argparse.Namespace) -> int:
                 measure_phase(bench, results, cs, mtu, r, rows_filter)
             finally:
                 tear_down(cs, warnings, drops)
+        if rows_filter is None or any(ROW_INFO[k][4] == 0 for k in rows_filter):
+            measure_vm_links(results, names, r, args.quick, rows_filter)
     elapsed = time.monotonic() - started
     summary = results.summary()
     table = markdown_table(summary, names, rows_filter)
@@ -176,7 +233,8 @@ def run_bench(args: argparse.Namespace) -> int:
         if rows_filter is not None and key not in rows_filter:
             continue
         for c in names:
-            if (c, mtu) in results.came_up and not results.values[key][c]:
+            due = (c, mtu) in results.came_up if mtu else (c, key) in results.came_up
+            if due and not results.values[key][c]:
                 results.errors.append(f"{c} came up at MTU {mtu} but has no figure for {key}")
     notes = extra_lines + [f"- {n}" for n in NOTES]
     for c, per in drops.items():

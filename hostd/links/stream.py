@@ -107,7 +107,13 @@ class GatherWriter:
         self.sock.close()
 
 
-class StreamLink(Link, asyncio.Protocol):
+READ_SIZE = 1 << 18
+
+
+class StreamLink(Link, asyncio.BufferedProtocol):
+    """A socket transport reads into one buffer per link (`get_buffer`), parsed in place;
+    a pipe transport (stdio) calls `data_received` with a new bytes object per read."""
+
     kind = "stream"
 
     def __init__(self, sink: LinkSink, name: str, framing: str, max_frame: int) -> None:
@@ -116,6 +122,7 @@ class StreamLink(Link, asyncio.Protocol):
         self.deframer = StreamDeframer(self.framing, max_frame)
         self.transport: asyncio.WriteTransport | None = None
         self.writer: GatherWriter | None = None  # socket links: sendmsg instead of transport
+        self._rbuf: memoryview | None = None  # socket links read into this
         # Accepted connections look at their first bytes for gvforwarder's `POST /connect`
         # (None: decided, frames only).
         self._preface: bytearray | None = None
@@ -136,7 +143,16 @@ class StreamLink(Link, asyncio.Protocol):
                 self.writer = GatherWriter(sock.fileno(), self._write_failed)
             self.sink.link_opened(self)
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._rbuf is None:
+            self._rbuf = memoryview(bytearray(READ_SIZE))
+        return self._rbuf
+
+    def buffer_updated(self, nbytes: int) -> None:
+        assert self._rbuf is not None
+        self.data_received(self._rbuf[:nbytes])  # frames and leftovers are copied out
+
+    def data_received(self, data: bytes | memoryview) -> None:
         if self._preface is not None:
             rest = self._take_preface(data)
             if not rest:
@@ -188,7 +204,7 @@ class StreamLink(Link, asyncio.Protocol):
             out.append(VNET_NONE + frame)
         return out
 
-    def _take_preface(self, data: bytes) -> bytes | None:
+    def _take_preface(self, data: bytes | memoryview) -> bytes | None:
         """Bytes that are frames, once the first bytes are known not to be (or to have
         finished) a `POST /connect` request; None while undecided."""
         buf = self._preface
