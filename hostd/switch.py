@@ -29,6 +29,7 @@ from hostd.services.dns import DnsForwarder
 from hostd.services.dns_tcp import DnsTcpSession
 from hostd.stack.network import (
     DNS_PORT,
+    VNET_LEN,
     DnsQueryOutbound,
     FlowDenied,
     IcmpEchoOutbound,
@@ -122,10 +123,13 @@ class HostSwitch:
         self._event("link_offload", link=link.name, port=link.port, offload="vnet")
 
     def link_frames(self, link: Link, frames: list[bytes]) -> None:
-        if self.pcap is not None:
-            self.pcap.write(frames)
-        for listener in self.capture_listeners:
-            listener(frames)
+        if self.pcap is not None or self.capture_listeners:
+            # Captures get plain Ethernet: a virtio-net link's header is not part of the frame.
+            plain = [f[VNET_LEN:] for f in frames] if link.vnet else frames
+            if self.pcap is not None:
+                self.pcap.write(plain)
+            for listener in self.capture_listeners:
+                listener(plain)
         try:
             self.network.receive_frames(link.port, frames, self.loop.time())
         except Exception:
