@@ -10,9 +10,16 @@ With `--give-tap FD` it does not pump at all: it opens the tap, passes the fd to
 the unix socket FD (SCM_RIGHTS) and keeps only the DHCP client; hostd then reads and writes
 the tap itself (`tapfd://`), which is how `netferry run` works.
 
-Flow control: when the link cannot take more (its write buffer is over the high-water
+Offload: on a stream link without `?offload=` vm-switch opens the tap with virtio-net
+headers (offloads off) and offers them to hostd (`netferry.linkcaps`); once hostd accepts,
+it turns the tap's checksum/TSO offload on and frames carry the header both ways. Until
+then, or with an older hostd, it strips and adds an empty header itself.
+
+Flow control, both ways: when the link cannot take more (its queue is over the high-water
 mark) vm-switch stops reading the tap, so the guest kernel's queue fills and its TCP slows
-down, instead of vm-switch buffering without bound.
+down; when the tap will not take a write, vm-switch stops reading the link until it does,
+so hostd's TCP is held back instead of frames being dropped (`tap_write_deferred`).
+Counters are logged on SIGUSR1 (`vm-switch.stats`) and when a link ends.
 """
 
 from __future__ import annotations
