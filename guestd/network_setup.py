@@ -76,7 +76,9 @@ log = structlog.get_logger("network-setup")
 # The handshake protocol this guest speaks (hostd/guests.py has the same constant).
 PROTOCOL_VERSION = 1
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Guest"].full_name
-SUPPORTED_OFFLOADS: frozenset[str] = frozenset()  # vm-switch does none yet
+# vm-switch negotiates virtio-net headers with hostd on the data link (netferry.linkcaps);
+# when hostd does not offer them here, vm-switch gets ?offload=none and never asks.
+SUPPORTED_OFFLOADS: frozenset[str] = frozenset({"vnet_hdr"})
 DEFAULT_SOCKET = "/run/netferry/guest.sock"
 VMADDR_CID_ANY = 0xFFFFFFFF
 
@@ -124,9 +126,12 @@ def dial_data(uri: LinkUri, timeout: float = 10.0) -> socket.socket:
     return s
 
 
-def fd_uri(uri: LinkUri, fd: int = 3) -> str:
-    """`fd://3`, keeping the data address's ?framing= and ?max-frame=."""
+def fd_uri(uri: LinkUri, fd: int = 3, vnet_hdr: bool = True) -> str:
+    """`fd://3`, keeping the data address's ?framing=, ?max-frame= and ?offload=; without
+    `vnet_hdr` (hostd did not offer it) `?offload=none`, so vm-switch does not negotiate."""
     query = uri.text.partition("?")[2]
+    if not vnet_hdr and not uri.offload:
+        query = f"{query}&offload=none" if query else "offload=none"
     return f"fd://{fd}" + (f"?{query}" if query else "")
 
 
@@ -255,6 +260,7 @@ class Guest:
         self.data_uri: LinkUri | None = None
         self.host_id = ""
         self.handshakes = 0
+        self.offloads: frozenset[str] = frozenset()  # accepted in the last handshake
         self.mtu = args.mtu
         self.generation = 0  # bumped by every handshake: a running redial loop gives up
         self.stopping = False
@@ -303,6 +309,7 @@ class Guest:
             try:
                 if self.args.mtu is None and req.mtu:
                     self.mtu = req.mtu
+                self.offloads = SUPPORTED_OFFLOADS & set(req.offered_offloads)
                 if not self.setup_done:
                     await loop.run_in_executor(None, self.setup_namespace)
                 await self._replace_vm_switch(sock, uri)
@@ -327,7 +334,7 @@ class Guest:
             guest_id=self.guest_id,
             guest_version=version(),
             protocol_version=PROTOCOL_VERSION,
-            accepted_offloads=sorted(SUPPORTED_OFFLOADS & set(req.offered_offloads)),
+            accepted_offloads=sorted(self.offloads),
             mtu=self.mtu or 1500,
             mac=self.args.tap_mac_address,
             session=req.session,
@@ -383,8 +390,9 @@ class Guest:
             log.info("vm-switch.replacing", pid=self.vm_switch.pid, data_address=str(uri))
             await self.vm_switch.stop(self.args.stop_timeout)
         a = self.args
+        data = fd_uri(uri, vnet_hdr="vnet_hdr" in self.offloads)
         argv = ["nsenter", f"--net={self.netns_path()}", "--", a.vm_switch_path,
-                "--connect", fd_uri(uri), "--tap-interface", a.tap_interface,
+                "--connect", data, "--tap-interface", a.tap_interface,
                 "--tap-mac-address", a.tap_mac_address, "--dhcp-client", a.dhcp_client]  # fmt: skip
         if self.mtu:
             argv += ["--mtu", str(self.mtu)]

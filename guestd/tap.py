@@ -22,7 +22,15 @@ class TapError(OSError):
     pass
 
 
-def open_tap(name: str, vnet_hdr: bool = False) -> int:
+TAP_OFFLOADS = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6
+
+
+def set_tap_offload(fd: int, on: bool) -> None:
+    """Turn the tap's checksum/TSO offload on or off (the fd must have IFF_VNET_HDR)."""
+    fcntl.ioctl(fd, TUNSETOFFLOAD, TAP_OFFLOADS if on else 0)
+
+
+def open_tap(name: str, vnet_hdr: bool = False, offload: bool = True) -> int:
     """Create (or attach to) tap `name`; returns a non-blocking fd. The device lives as long
     as the fd unless it was made persistent by someone else."""
     try:
@@ -40,10 +48,10 @@ def open_tap(name: str, vnet_hdr: bool = False) -> int:
     flags = IFF_TAP | IFF_NO_PI | (IFF_VNET_HDR if vnet_hdr else 0)
     try:
         fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), flags))
-        if vnet_hdr:
+        if vnet_hdr and offload:
             # The guest kernel may then hand us unsummed TCP/UDP and 64 KiB TCP segments
             # (TSO), and takes the same from us: per-packet cost drops by the MSS ratio.
-            fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)
+            fcntl.ioctl(fd, TUNSETOFFLOAD, TAP_OFFLOADS)
     except OSError as e:
         os.close(fd)
         raise TapError(f"cannot create tap {name!r}: {e.strerror}") from None

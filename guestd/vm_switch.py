@@ -10,9 +10,16 @@ With `--give-tap FD` it does not pump at all: it opens the tap, passes the fd to
 the unix socket FD (SCM_RIGHTS) and keeps only the DHCP client; hostd then reads and writes
 the tap itself (`tapfd://`), which is how `netferry run` works.
 
-Flow control: when the link cannot take more (its write buffer is over the high-water
+Offload: on a stream link without `?offload=` vm-switch opens the tap with virtio-net
+headers (offloads off) and offers them to hostd (`netferry.linkcaps`); once hostd accepts,
+it turns the tap's checksum/TSO offload on and frames carry the header both ways. Until
+then, or with an older hostd, it strips and adds an empty header itself.
+
+Flow control, both ways: when the link cannot take more (its queue is over the high-water
 mark) vm-switch stops reading the tap, so the guest kernel's queue fills and its TCP slows
-down, instead of vm-switch buffering without bound.
+down; when the tap will not take a write, vm-switch stops reading the link until it does,
+so hostd's TCP is held back instead of frames being dropped (`tap_write_deferred`).
+Counters are logged on SIGUSR1 (`vm-switch.stats`) and when a link ends.
 """
 
 from __future__ import annotations
@@ -27,11 +34,14 @@ import signal
 import socket
 import sys
 import tempfile
+from collections import deque
 from importlib import resources
+from itertools import islice
 
 import structlog
 
-from guestd.tap import TapError, configure_link, open_tap, set_mtu
+from guestd.tap import TapError, configure_link, open_tap, set_mtu, set_tap_offload
+from netferry import linkcaps
 from netferry.framing import FramingError, StreamDeframer, get_framing
 from netferry.goflags import Alias
 from netferry.goflags import parse_args as parse_go_flags
@@ -43,6 +53,12 @@ log = structlog.get_logger("vm-switch")
 TAP_READ_BATCH = 128
 TAP_READ_SIZE = 65536 + 14 + 10  # a 64 KiB TSO segment, Ethernet and virtio-net headers
 HIGH_WATER = 4 << 20
+IOV_MAX = 1024
+VNET_LEN = 10
+VNET_NONE = bytes(VNET_LEN)  # a virtio-net header that asks for nothing
+CAPS_ETHERTYPE = linkcaps.ETHERTYPE.to_bytes(2, "big")
+# Frames from the link looked at for hostd's ACCEPT before vm-switch decides it never comes.
+CAPS_WAIT_FRAMES = 256
 
 
 class LinkDown(Exception):
@@ -85,10 +101,26 @@ def _cleanup_bound_path(s: socket.socket) -> None:
             os.rmdir(os.path.dirname(name))
 
 
-class Pump:
-    """Moves frames between the tap fd and one connected link socket until it drops."""
+def negotiates(uri: LinkUri) -> bool:
+    """Whether vm-switch offers virtio-net headers on this link (netferry.linkcaps): stream
+    links without `?offload=` whose framing can carry 64 KiB super-frames."""
+    if uri.offload or uri.scheme == "unixgram" or uri.scheme == "unixpacket":
+        return False
+    return linkcaps.can_vnet(uri.max_frame, get_framing(uri.framing).max_length)
 
-    def __init__(self, tap_fd: int, sock: socket.socket, uri: LinkUri) -> None:
+
+class Pump:
+    """Moves frames between the tap fd and one connected link socket until it drops.
+
+    The tap is opened with virtio-net headers whenever the link may use them (`tap_vnet`);
+    while the link carries plain frames the header is stripped on the way out (the tap's
+    offloads are off then, so the kernel sends no super-frames) and an empty one added on
+    the way in. Writes to the tap that would block are queued and the link is not read until
+    the tap takes them: the backlog then backs up into hostd's TCP, not into a drop."""
+
+    def __init__(
+        self, tap_fd: int, sock: socket.socket, uri: LinkUri, tap_vnet: bool, mac: bytes
+    ) -> None:
         self.tap_fd = tap_fd
         self.sock = sock
         self.uri = uri
@@ -97,15 +129,35 @@ class Pump:
         self.deframer = StreamDeframer(self.framing, uri.max_frame)
         self.loop = asyncio.get_running_loop()
         self.done: asyncio.Future[str] = self.loop.create_future()
-        self._out = bytearray()
+        self._out: deque[bytes | memoryview] = deque()  # pieces for the link, sent by sendmsg
+        self._out_size = 0
         self._writing = False
         self._tap_reading = False
+        self._sock_reading = False
+        self._tap_backlog: deque[bytes] = deque()  # frames the tap would not take yet
+        self.tap_vnet = tap_vnet
+        self.mac = mac
+        self.vnet_in = uri.vnet  # frames from the link carry a virtio-net header
+        self.vnet_out = uri.vnet  # frames to the link carry one
+        self.negotiating = tap_vnet and not uri.vnet and negotiates(uri)
+        self._caps_budget = CAPS_WAIT_FRAMES
+        self.offload = "vnet" if uri.vnet else "none"
         self.frames_in = 0
         self.frames_out = 0
+        self.stats = {"tap_write_deferred": 0, "tap_write_dropped": 0, "tap_gso_dropped": 0,
+                      "link_datagrams_dropped": 0}  # fmt: skip
 
     def start(self) -> None:
         self.sock.setblocking(False)
-        self.loop.add_reader(self.sock.fileno(), self._sock_readable)
+        if self.negotiating:
+            # Plain until hostd accepts: no super-frames from the tap meanwhile.
+            set_tap_offload(self.tap_fd, False)
+            offer = linkcaps.encode(
+                linkcaps.OFFER, self.mac, linkcaps.F_VNET,
+                min(self.uri.max_frame, self.framing.max_length),
+            )  # fmt: skip
+            self._queue_out(self.framing.encode_many([offer]))
+        self._resume_sock()
         self._resume_tap()
 
     def _resume_tap(self) -> None:
@@ -117,6 +169,16 @@ class Pump:
         if self._tap_reading:
             self._tap_reading = False
             self.loop.remove_reader(self.tap_fd)
+
+    def _resume_sock(self) -> None:
+        if not self._sock_reading:
+            self._sock_reading = True
+            self.loop.add_reader(self.sock.fileno(), self._sock_readable)
+
+    def _pause_sock(self) -> None:
+        if self._sock_reading:
+            self._sock_reading = False
+            self.loop.remove_reader(self.sock.fileno())
 
     def _fail(self, reason: str) -> None:
         if not self.done.done():
@@ -141,14 +203,69 @@ class Pump:
                 return
         else:
             frames = [data]
-        for frame in frames:
-            try:
-                os.write(self.tap_fd, frame)
-            except BlockingIOError:
-                pass  # the guest's queue is full: drop, as a NIC would
-            except OSError as e:
-                log.warning("tap.write_failed", error=str(e), size=len(frame))
         self.frames_in += len(frames)
+        if self.negotiating:
+            frames = self._look_for_accept(frames)
+        if self.tap_vnet and not self.vnet_in:
+            frames = [VNET_NONE + f for f in frames]
+        self._tap_backlog.extend(frames)
+        self._write_tap()
+
+    def _look_for_accept(self, frames: list[bytes]) -> list[bytes]:
+        """hostd's ACCEPT: frames after it carry virtio-net headers if vnet was agreed."""
+        for i, frame in enumerate(frames):
+            if frame[12:14] != CAPS_ETHERTYPE:
+                continue
+            caps = linkcaps.decode(frame)
+            if caps is None or caps.kind != linkcaps.ACCEPT:
+                continue
+            self.negotiating = False
+            log.info("link.offload", uri=str(self.uri), agreed=caps.describe())
+            if not caps.vnet:
+                return frames[:i] + frames[i + 1 :]
+            rest = frames[i + 1 :]
+            # Frames before the ACCEPT were plain: give them their empty header now, as
+            # the caller will not (vnet_in is set below).
+            head = [VNET_NONE + f for f in frames[:i]]
+            self.vnet_in = True
+            try:
+                set_tap_offload(self.tap_fd, True)
+            except OSError as e:
+                log.warning("tap.offload_failed", error=str(e))
+            commit = linkcaps.encode(linkcaps.COMMIT, self.mac, caps.flags, caps.max_frame)
+            self._queue_out(self.framing.encode_many([commit]))
+            self.vnet_out = True
+            self.offload = "vnet"
+            return head + rest
+        self._caps_budget -= len(frames)
+        if self._caps_budget <= 0:  # an older hostd (or not netferry): stay plain
+            self.negotiating = False
+            log.info("link.offload", uri=str(self.uri), agreed="none (no answer)")
+        return frames
+
+    def _write_tap(self) -> None:
+        """Write the queued frames to the tap; what it will not take waits (link unread)."""
+        backlog = self._tap_backlog
+        write, fd = os.write, self.tap_fd
+        while backlog:
+            try:
+                write(fd, backlog[0])
+            except BlockingIOError:
+                self.stats["tap_write_deferred"] += 1
+                if self._sock_reading:
+                    self._pause_sock()
+                    self.loop.add_writer(fd, self._tap_writable)
+                return
+            except OSError as e:
+                self.stats["tap_write_dropped"] += 1
+                log.warning("tap.write_failed", error=str(e), size=len(backlog[0]))
+            backlog.popleft()
+        if not self._sock_reading:
+            self.loop.remove_writer(fd)
+            self._resume_sock()
+
+    def _tap_writable(self) -> None:
+        self._write_tap()
 
     def _tap_readable(self) -> None:
         frames = []
@@ -162,35 +279,59 @@ class Pump:
                 return
         if not frames:
             return
+        if self.tap_vnet and not self.vnet_out:
+            plain = []
+            for f in frames:
+                if f[0] or f[1]:  # a super-frame or partial checksum read before offload went off
+                    self.stats["tap_gso_dropped"] += 1
+                    continue
+                plain.append(f[VNET_LEN:])
+            frames = plain
         self.frames_out += len(frames)
         if self.stream:
-            self._out += b"".join(self.framing.encode_many(frames))
-            self._flush()
+            self._queue_out(self.framing.encode_many(frames))
         else:
             for frame in frames:
                 try:
                     self.sock.send(frame)
                 except (BlockingIOError, InterruptedError):
-                    pass  # datagram link full: drop
+                    self.stats["link_datagrams_dropped"] += 1  # datagram link full: drop
                 except OSError as e:
                     self._fail(f"write error: {e}")
                     return
 
+    def _queue_out(self, pieces: list[bytes]) -> None:
+        self._out.extend(pieces)
+        self._out_size += sum(map(len, pieces))
+        if not self._writing:
+            self._flush()
+
     def _flush(self) -> None:
-        while self._out:
+        """Send the queued pieces with sendmsg (gathered, no joining copy)."""
+        q = self._out
+        sendmsg = self.sock.sendmsg
+        while q:
             try:
-                n = self.sock.send(self._out)
+                n = sendmsg(list(islice(q, IOV_MAX)))
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as e:
                 self._fail(f"write error: {e}")
                 return
-            del self._out[:n]
-        if self._out:
+            self._out_size -= n
+            while n:
+                head = q[0]
+                if n >= len(head):
+                    n -= len(head)
+                    q.popleft()
+                else:
+                    q[0] = memoryview(head)[n:]
+                    n = 0
+        if q:
             if not self._writing:
                 self._writing = True
                 self.loop.add_writer(self.sock.fileno(), self._flush)
-            if len(self._out) > HIGH_WATER:
+            if self._out_size > HIGH_WATER:
                 self._pause_tap()
         else:
             if self._writing:
@@ -198,13 +339,19 @@ class Pump:
                 self.loop.remove_writer(self.sock.fileno())
             self._resume_tap()
 
+    def counters(self) -> dict[str, object]:
+        return dict(self.stats, frames_in=self.frames_in, frames_out=self.frames_out,
+                    offload=self.offload, tap_backlog=len(self._tap_backlog))  # fmt: skip
+
     def stop(self) -> None:
         self._pause_tap()
+        self._pause_sock()
+        if self._tap_backlog or not self._sock_reading:
+            with contextlib.suppress(Exception):
+                self.loop.remove_writer(self.tap_fd)
         fd = self.sock.fileno()
-        if fd >= 0:
-            self.loop.remove_reader(fd)
-            if self._writing:
-                self.loop.remove_writer(fd)
+        if fd >= 0 and self._writing:
+            self.loop.remove_writer(fd)
         _cleanup_bound_path(self.sock)
         self.sock.close()
 
@@ -409,13 +556,22 @@ async def run(args: argparse.Namespace) -> int:
     if args.give_tap is not None:
         return await run_give_tap(args)
     uri = parse_link_uri(args.connect)
-    tap_fd = await create_tap(args, uri.vnet)
+    tap_vnet = uri.vnet or negotiates(uri)
+    tap_fd = await create_tap(args, tap_vnet, offload=uri.vnet)
     if tap_fd is None:
         return 1
+    mac = bytes.fromhex((args.tap_mac_address or "02:00:00:00:00:01").replace(":", ""))
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    pump: Pump | None = None
+
+    def log_counters() -> None:
+        if pump is not None:
+            log.info("vm-switch.stats", **pump.counters())
+
+    loop.add_signal_handler(signal.SIGUSR1, log_counters)
     dhcp = DhcpRunner(args)
     backoff = 0.1
     started_dhcp = False
@@ -436,7 +592,7 @@ async def run(args: argparse.Namespace) -> int:
                 backoff = min(backoff * 2, 5.0)
                 continue
             backoff = 0.1
-            pump = Pump(tap_fd, sock, uri)
+            pump = Pump(tap_fd, sock, uri, tap_vnet, mac)
             pump.start()
             log.info("link.up", uri=str(uri))
             if not started_dhcp:
@@ -456,7 +612,8 @@ async def run(args: argparse.Namespace) -> int:
                 rc = 1
                 break
             if pump.done.done():
-                log.warning("link.down", uri=str(uri), reason=pump.done.result())
+                log.warning("link.down", uri=str(uri), reason=pump.done.result(),
+                            **pump.counters())  # fmt: skip
                 if uri.scheme == "fd":
                     rc = 1
                     break
@@ -465,14 +622,14 @@ async def run(args: argparse.Namespace) -> int:
             ready_task.cancel()
         await dhcp.stop()
         os.close(tap_fd)
-        log.info("vm-switch.stopped")
+        log.info("vm-switch.stopped", **(pump.counters() if pump is not None else {}))
     return rc
 
 
-async def create_tap(args: argparse.Namespace, vnet: bool) -> int | None:
+async def create_tap(args: argparse.Namespace, vnet: bool, offload: bool = True) -> int | None:
     """Open and configure the tap; None (logged) when that fails."""
     try:
-        tap_fd = open_tap(args.tap_interface, vnet_hdr=vnet)
+        tap_fd = open_tap(args.tap_interface, vnet_hdr=vnet, offload=offload)
         await configure_link(args.tap_interface, args.tap_mac_address, args.mtu)
     except TapError as e:
         log.error("tap.failed", error=str(e))

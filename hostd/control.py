@@ -432,6 +432,7 @@ class Control:
         counters["links.dropped_out"] = sw.closed_link_dropped_out + sum(
             link.counters.dropped_out for link in links
         )
+        counters["links.offload_vnet"] = sum(1 for link in links if link.vnet)
         return StatsSnapshot(
             time=time.time(),
             frames_in=sum(link.counters.frames_in for link in links) + closed[0],

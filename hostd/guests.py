@@ -49,6 +49,7 @@ log = structlog.get_logger("hostd.guests")
 
 # The handshake protocol hostd speaks (guestd/network_setup.py has the same constant).
 PROTOCOL_VERSION = 1
+OFFERED_OFFLOADS = ("vnet_hdr",)  # virtio-net headers on the data link
 ATTRIBUTE_TIMEOUT = 10.0  # seconds for the guest's data link to appear after a handshake
 REDIAL_GRACE = 3.0  # seconds for the guest's own redial after its link drops
 HOST_CID = 2
@@ -198,7 +199,9 @@ class GuestClient:
             protocol_version=PROTOCOL_VERSION,
             subnet=str(cfg.subnet),
             mtu=cfg.mtu,
-            offered_offloads=[],  # hostd's links take plain frames for now
+            # The data link negotiates these itself (netferry.linkcaps); a guest that does
+            # not accept them runs vm-switch with ?offload=none.
+            offered_offloads=list(OFFERED_OFFLOADS),
             data_address=self.manager.data_address,
             session=uuid.uuid4().hex,
         )
@@ -261,6 +264,7 @@ class GuestClient:
                 guest_version=resp.guest_version,
                 mac=resp.mac,
                 namespace=resp.namespace,
+                offloads=",".join(resp.accepted_offloads) or "none",
                 link=link,
                 data_address=self.manager.data_address,
             )

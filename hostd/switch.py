@@ -33,6 +33,7 @@ from hostd.nat.udp import UdpNat
 from hostd.policy import host_addresses
 from hostd.stack.network import (
     DNS_PORT,
+    VNET_LEN,
     DnsQueryOutbound,
     FlowDenied,
     IcmpEchoOutbound,
@@ -135,11 +136,20 @@ class HostSwitch:
         log.info("link.up", link=link.name, port=link.port)
         self._event("link_up", link=link.name, port=link.port)
 
+    def link_vnet(self, link: Link) -> None:
+        """The link negotiated virtio-net headers: its port's frames carry them from now on."""
+        if self.links.get(link.port) is link:
+            self.network.set_port_vnet(link.port)
+        self._event("link_offload", link=link.name, port=link.port, offload="vnet")
+
     def link_frames(self, link: Link, frames: list[bytes]) -> None:
-        if self.pcap is not None:
-            self.pcap.write(frames)
-        for listener in self.capture_listeners:
-            listener(frames)
+        if self.pcap is not None or self.capture_listeners:
+            # Captures get plain Ethernet: a virtio-net link's header is not part of the frame.
+            plain = [f[VNET_LEN:] for f in frames] if link.vnet else frames
+            if self.pcap is not None:
+                self.pcap.write(plain)
+            for listener in self.capture_listeners:
+                listener(plain)
         try:
             self.network.receive_frames(link.port, frames, self.loop.time())
         except Exception:
@@ -350,7 +360,10 @@ class HostSwitch:
                 pending=len(self.network.tcp_pending),
                 connections=len(self.network.tcp_conns),
             ),
-            "links": {link.name: vars(link.counters) for link in self.links.values()},
+            "links": {
+                link.name: dict(vars(link.counters), offload="vnet" if link.vnet else "none")
+                for link in self.links.values()
+            },
             "descriptors": dict(self.budget.as_dict(), nofile_limit=self.nofile_limit),
         }
 

@@ -1,9 +1,10 @@
 """What every link is to the switch: a port that delivers batches of frames and takes them.
 
 A link calls `sink.link_opened(link)` once it is connected, `sink.link_frames(link, frames)`
-with every complete frame one read produced, and `sink.link_closed(link, reason)` once when
-it ends. The switch calls `send_frames` with
-a batch; a link writes the batch in one go where its transport allows. A link whose peer
+with every complete frame one read produced, `sink.link_vnet(link)` when its frames start
+carrying a virtio-net header (negotiated, see `netferry.linkcaps`), and
+`sink.link_closed(link, reason)` once when it ends. The switch calls `send_frames` with a
+batch; a link writes the batch in one go where its transport allows. A link whose peer
 does not read is not allowed to grow memory without bound: beyond `max_backlog` bytes the
 frames are dropped and counted, as a full NIC queue would (TCP above recovers).
 """
@@ -17,6 +18,7 @@ from typing import Protocol
 class LinkSink(Protocol):
     def link_opened(self, link: Link) -> None: ...
     def link_frames(self, link: Link, frames: list[bytes]) -> None: ...
+    def link_vnet(self, link: Link) -> None: ...
     def link_closed(self, link: Link, reason: str | None) -> None: ...
 
 

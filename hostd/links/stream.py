@@ -3,7 +3,18 @@
 Reads go through `StreamDeframer`, so one `data_received` can deliver dozens of frames in
 one batch. A framing error (zero length, oversized) closes this link only, with the reason
 logged and counted; the switch and other links carry on. Writes are one `writelines` per
-batch. Listeners accept any number of connections, each a new switch port.
+batch: a socket link writes with `sendmsg` (header and frame pieces gathered, no joining
+copy, at most IOV_MAX pieces a call) on its own dup of the socket, queueing what the socket
+does not take (asyncio's transport joins every batch and memmoves its buffer on each partial
+send, which a profile of host→guest showed as half of hostd's time). Listeners accept any
+number of connections, each a new switch port.
+
+Offload negotiation (`netferry.linkcaps`): a link without `?offload=vnet` answers a
+capability OFFER that arrives as the peer's first frame (only netferry's vm-switch sends
+one) with an ACCEPT; if virtio-net headers were agreed, the switch port turns to vnet right
+after the ACCEPT is written, and the peer's frames up to its COMMIT (plain) are given an
+empty virtio-net header here (`?offload=none` answers "plain"). Peers that never offer
+(QEMU, passt, gvforwarder) see nothing.
 """
 
 from __future__ import annotations
@@ -12,16 +23,20 @@ import asyncio
 import os
 import socket
 import stat
+from collections import deque
 from collections.abc import Callable
+from itertools import islice
 
 import structlog
 
 from hostd.links.base import Link, LinkSink
+from netferry import linkcaps
 from netferry.framing import FramingError, StreamDeframer, get_framing
 from netferry.unixsock import clear_stale_socket
 from netferry.uri import VMADDR_CID_ANY, LinkUri
 
 log = structlog.get_logger("hostd.links")
+VNET_NONE = bytes(10)  # a virtio-net header that asks for nothing
 
 # gvforwarder (gvisor-tap-vsock's guest) opens its link with an HTTP request it never reads
 # an answer to, then sends frames with a 2-byte little-endian length.
@@ -30,7 +45,75 @@ CONNECT_FRAMING = "len16le"
 CONNECT_MAX_HEADER = 8192
 
 
-class StreamLink(Link, asyncio.Protocol):
+IOV_MAX = 1024
+
+
+class GatherWriter:
+    """Writes lists of buffers to a non-blocking stream socket with sendmsg; what the socket
+    does not take waits in a queue and goes when it is writable. It uses its own dup of the
+    socket's fd so the transport keeps the reader registration on the original."""
+
+    def __init__(self, fd: int, on_error: Callable[[OSError], None]) -> None:
+        self.sock = socket.socket(fileno=os.dup(fd))
+        self.sock.setblocking(False)
+        self.loop = asyncio.get_running_loop()
+        self.queue: deque[bytes | memoryview] = deque()
+        self.size = 0  # bytes queued
+        self._waiting = False
+        self._on_error = on_error
+
+    def write(self, pieces: list[bytes]) -> None:
+        self.queue.extend(pieces)
+        self.size += sum(map(len, pieces))
+        if not self._waiting:
+            self._send()
+
+    def _send(self) -> None:
+        q = self.queue
+        sendmsg = self.sock.sendmsg
+        while q:
+            try:
+                n = sendmsg(list(islice(q, IOV_MAX)))
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as e:
+                self.close()
+                self._on_error(e)
+                return
+            self.size -= n
+            while n:
+                head = q[0]
+                if n >= len(head):
+                    n -= len(head)
+                    q.popleft()
+                else:
+                    q[0] = memoryview(head)[n:]
+                    n = 0
+        if q and not self._waiting:
+            self._waiting = True
+            self.loop.add_writer(self.sock.fileno(), self._send)
+        elif not q and self._waiting:
+            self._waiting = False
+            self.loop.remove_writer(self.sock.fileno())
+
+    def close(self) -> None:
+        if self.sock.fileno() < 0:
+            return
+        if self._waiting:
+            self._waiting = False
+            self.loop.remove_writer(self.sock.fileno())
+        self.queue.clear()
+        self.size = 0
+        self.sock.close()
+
+
+READ_SIZE = 1 << 18
+
+
+class StreamLink(Link, asyncio.BufferedProtocol):
+    """A socket transport reads into one buffer per link (`get_buffer`), parsed in place;
+    a pipe transport (stdio) calls `data_received` with a new bytes object per read."""
+
     kind = "stream"
 
     def __init__(self, sink: LinkSink, name: str, framing: str, max_frame: int) -> None:
@@ -38,9 +121,15 @@ class StreamLink(Link, asyncio.Protocol):
         self.framing = get_framing(framing)
         self.deframer = StreamDeframer(self.framing, max_frame)
         self.transport: asyncio.WriteTransport | None = None
+        self.writer: GatherWriter | None = None  # socket links: sendmsg instead of transport
+        self._rbuf: memoryview | None = None  # socket links read into this
         # Accepted connections look at their first bytes for gvforwarder's `POST /connect`
         # (None: decided, frames only).
         self._preface: bytearray | None = None
+        # True until the peer's first frame is seen: it may be a capability OFFER.
+        self.negotiate = False
+        self._plain_until_commit = False  # vnet agreed, the peer's COMMIT not yet seen
+        self.offload = ""  # the ?offload= value; "vnet" once negotiated
 
     def expect_connect_preface(self) -> None:
         self._preface = bytearray()
@@ -49,9 +138,21 @@ class StreamLink(Link, asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self.transport is None:
             self.transport = transport  # type: ignore[assignment]
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                self.writer = GatherWriter(sock.fileno(), self._write_failed)
             self.sink.link_opened(self)
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._rbuf is None:
+            self._rbuf = memoryview(bytearray(READ_SIZE))
+        return self._rbuf
+
+    def buffer_updated(self, nbytes: int) -> None:
+        assert self._rbuf is not None
+        self.data_received(self._rbuf[:nbytes])  # frames and leftovers are copied out
+
+    def data_received(self, data: bytes | memoryview) -> None:
         if self._preface is not None:
             rest = self._take_preface(data)
             if not rest:
@@ -64,9 +165,46 @@ class StreamLink(Link, asyncio.Protocol):
             self.close(f"framing_error: {e}")
             return
         if frames:
-            self._delivered(frames)
+            if self.negotiate:
+                self.negotiate = False
+                frames = self._negotiate(frames)
+            if self._plain_until_commit:
+                frames = self._until_commit(frames)
+            if frames:
+                self._delivered(frames)
 
-    def _take_preface(self, data: bytes) -> bytes | None:
+    def _negotiate(self, frames: list[bytes]) -> list[bytes]:
+        """Answer a capability OFFER that is the peer's first frame; other frames pass."""
+        offer = linkcaps.decode(frames[0])
+        if offer is None or offer.kind != linkcaps.OFFER:
+            return frames
+        own_max = min(self.deframer.max_frame, self.framing.max_length)
+        own_flags = 0 if self.offload == "none" else linkcaps.F_VNET  # ?offload=none: plain
+        accept = linkcaps.answer(offer, own_flags, own_max)
+        mac = bytes(frames[0][6:12])
+        reply = linkcaps.encode(accept.kind, mac, accept.flags, accept.max_frame)
+        self._write(self.framing.encode_many([reply]))
+        if accept.vnet:
+            self.vnet = True
+            self.offload = "vnet"
+            self._plain_until_commit = True
+            self.sink.link_vnet(self)  # every frame from here on gets a virtio-net header
+        log.info("link.offload", link=self.name, offered=offer.describe(),
+                 agreed=accept.describe())  # fmt: skip
+        return frames[1:]
+
+    def _until_commit(self, frames: list[bytes]) -> list[bytes]:
+        """Before the peer's COMMIT its frames are plain: give them an empty vnet header."""
+        out = []
+        for i, frame in enumerate(frames):
+            caps = linkcaps.decode(frame)
+            if caps is not None and caps.kind == linkcaps.COMMIT:
+                self._plain_until_commit = False
+                return out + frames[i + 1 :]
+            out.append(VNET_NONE + frame)
+        return out
+
+    def _take_preface(self, data: bytes | memoryview) -> bytes | None:
         """Bytes that are frames, once the first bytes are known not to be (or to have
         finished) a `POST /connect` request; None while undecided."""
         buf = self._preface
@@ -94,24 +232,41 @@ class StreamLink(Link, asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.writer is not None:
+            self.writer.close()
         if not self.closed:
             self.closed = True
             self.sink.link_closed(self, f"connection_lost: {exc}" if exc else None)
+
+    def _write_failed(self, exc: OSError) -> None:
+        self.close(f"write_error: {exc}")
+
+    def _write(self, pieces: list[bytes]) -> None:
+        t = self.transport
+        if t is None or self.closed or t.is_closing():
+            return
+        if self.writer is not None:
+            self.writer.write(pieces)
+        else:
+            t.writelines(pieces)
 
     # Link
     def send_frames(self, frames: list[bytes]) -> None:
         t = self.transport
         if t is None or self.closed or t.is_closing():
             return
-        if t.get_write_buffer_size() > self.max_backlog:
+        queued = self.writer.size if self.writer is not None else t.get_write_buffer_size()
+        if queued > self.max_backlog:
             self.counters.dropped_out += len(frames)
             return
         c = self.counters
         c.frames_out += len(frames)
         c.bytes_out += sum(map(len, frames))
-        t.writelines(self.framing.encode_many(frames))
+        self._write(self.framing.encode_many(frames))
 
     def _close_transport(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
         if self.transport is not None:
             self.transport.close()
 
@@ -135,6 +290,8 @@ class StreamListener:
             self.sink, f"{self.uri}#{self._count}", self.uri.framing, self.uri.max_frame
         )
         link.vnet = self.uri.vnet
+        link.negotiate = self.uri.offload != "vnet"
+        link.offload = self.uri.offload
         link.expect_connect_preface()
         return link
 
@@ -208,6 +365,8 @@ async def connect_stream_fd(sink: LinkSink, uri: LinkUri, sock: socket.socket) -
     loop = asyncio.get_running_loop()
     link = StreamLink(sink, str(uri), uri.framing, uri.max_frame)
     link.vnet = uri.vnet
+    link.negotiate = uri.offload != "vnet"
+    link.offload = uri.offload
     sock.setblocking(False)
     await loop.connect_accepted_socket(lambda: link, sock)
     return link

@@ -258,6 +258,11 @@ class Network:
             self._vnet_ports.add(port)
         return port
 
+    def set_port_vnet(self, port: int) -> None:
+        """`port` negotiated virtio-net headers (netferry.linkcaps): its frames carry one now."""
+        if port in self._ports:
+            self._vnet_ports.add(port)
+
     def remove_port(self, port: int) -> None:
         self._ports.discard(port)
         self._vnet_ports.discard(port)

@@ -14,13 +14,27 @@ from tests.conftest import BIG_TXT_STRINGS, fd_count, free_tcp_port, wait_for
 pytestmark = pytest.mark.e2e
 
 
-@pytest.mark.parametrize(("mtu", "offload"), [(1500, False), (65520, False), (1500, True)])
+@pytest.mark.parametrize(
+    ("mtu", "offload"), [(1500, "none"), (65520, "none"), (1500, "auto"), (1500, "vnet")]
+)
 def test_curl_256mib_download_and_upload_byte_exact(hostd, guest, http_server, mtu, offload):
-    """MTU 1500 and 65520 with plain frames, and MTU 1500 with the virtio-net offload link
-    (TSO super-segments and partial checksums both ways)."""
-    h = hostd("--mtu", str(mtu), offload=offload)
-    g = guest(h)
+    """MTU 1500 and 65520 with plain frames (`?offload=none`), and MTU 1500 with the virtio-net
+    offload link (TSO super-segments and partial checksums both ways), once negotiated by
+    the capability exchange (no query parameter on either end) and once forced on both."""
+    h = hostd("--mtu", str(mtu), offload=offload == "vnet")
+    g = guest(h, connect=h.link_uri + ("?offload=none" if offload == "none" else ""))
     assert f"mtu {mtu}" in g.ns.run("ip", "link", "show", "eth0").stdout
+    if offload == "auto":
+        # Both ends log what they agreed, and hostd's stats say the link carries vnet frames.
+        wait_for(lambda: '"link.offload"' in g.log_text(), 10, "vm-switch's offload result")
+        agreed = [e for e in map(json.loads, g.log_text().splitlines())
+                  if e.get("event") == "link.offload"]  # fmt: skip
+        assert "vnet=True" in agreed[-1]["agreed"], agreed
+        assert any(e.get("event") == "link.offload" and "vnet=True" in e["agreed"]
+                   for e in h.log_events()), h.log_text()[-2000:]  # fmt: skip
+        assert [v["offload"] for v in h.stats()["links"].values()] == ["vnet"]
+    elif offload == "none":
+        assert [v["offload"] for v in h.stats()["links"].values()] == ["none"]
     url = f"http://192.168.127.254:{http_server.port}"
     t0 = time.monotonic()
     down = g.ns.run(
@@ -43,10 +57,10 @@ def test_curl_256mib_download_and_upload_byte_exact(hostd, guest, http_server, m
     assert up.stdout.strip() == http_server.blob.sha256
     assert http_server.uploads[-1] == (http_server.blob.size, http_server.blob.sha256)
     print(
-        f"MTU {mtu}{' offload' if offload else ''}: download {256 / (t1 - t0):.0f} MiB/s, "
+        f"MTU {mtu} offload={offload}: download {256 / (t1 - t0):.0f} MiB/s, "
         f"upload {256 / (t2 - t1):.0f} MiB/s"
     )
-    if offload:
+    if offload != "none":
         assert h.stats()["network"].get("tcp_bad_checksum", 0) == 0
 
 
@@ -392,7 +406,7 @@ def test_lossy_reordering_link_still_byte_exact(hostd, guest, http_server, short
     )  # fmt: skip
     try:
         assert relay.stdout.readline().strip() == "ready"
-        g = guest(h, connect=f"unix://{relay_path}")
+        g = guest(h, connect=f"unix://{relay_path}?offload=none")  # the relay parses plain frames
         url = f"http://192.168.127.254:{http_server.port}"
         down = g.ns.run(
             "sh",

@@ -17,7 +17,7 @@ $bb mount -t tmpfs -o size=4m tmpfs /run
 $bb mkdir -p /run/nf/bin
 $bb cp "$here/qemu_udhcpc.sh" /run/nf/udhcpc.sh
 $bb chmod 755 /run/nf/udhcpc.sh
-for applet in cat cut ip ping poweroff sha256sum sleep sync timeout tr udhcpc wget; do
+for applet in cat cut dd ip nc ping poweroff sha256sum sleep sync timeout tr udhcpc wget; do
     $bb ln -s $bb "/run/nf/bin/$applet"
 done
 $bb mount -t tmpfs -o size=4m tmpfs /tmp
@@ -108,6 +108,29 @@ for word in $(cat /proc/cmdline); do
         else
             echo "NETFERRY-SINK fail"
         fi
+        ;;
+    upload)
+        # HOST:PORT:MIB: MIB MiB of zeros to a host sink that answers "ok BYTES" at EOF.
+        host=${val%%:*}
+        rest=${val#*:}
+        start=$(now_cs)
+        reply=$(dd if=/dev/zero bs=1M count="${rest#*:}" 2>/dev/null | timeout 600 nc "$host" "${rest%%:*}")
+        echo "NETFERRY-UPLOAD cs=$(($(now_cs) - start)) $reply"
+        ;;
+    connrate)
+        # HOST:PORT:N: N connections, one after another, each sending a byte and reading the
+        # sink's answer (the guest's fork and exec of nc are in the time, for both switches).
+        host=${val%%:*}
+        rest=${val#*:}
+        n=${rest#*:}
+        fails=0
+        i=0
+        start=$(now_cs)
+        while [ $i -lt "$n" ]; do
+            echo | timeout 10 nc "$host" "${rest%%:*}" >/dev/null || fails=$((fails + 1))
+            i=$((i + 1))
+        done
+        echo "NETFERRY-CONNRATE cs=$(($(now_cs) - start)) n=$n fails=$fails"
         ;;
     *)
         echo "NETFERRY-UNKNOWN $key"

@@ -64,6 +64,12 @@ def test_versions_and_data_addresses() -> None:
         guests.parse_guest_uri("tcp://1.2.3.4:5")
     assert ns.fd_uri(parse_link_uri("unix:///p?framing=len16le")) == "fd://3?framing=len16le"
     assert ns.fd_uri(parse_link_uri("vsock://2:1024")) == "fd://3"
+    # hostd did not offer virtio-net headers: vm-switch must not negotiate them
+    assert ns.fd_uri(parse_link_uri("vsock://2:1024"), vnet_hdr=False) == "fd://3?offload=none"
+    assert (
+        ns.fd_uri(parse_link_uri("unix:///p?framing=len16le"), vnet_hdr=False)
+        == "fd://3?framing=len16le&offload=none"
+    )
     assert (
         parse_link_uri(ns.fd_uri(parse_link_uri("unix:///p?framing=len16le"))).framing == "len16le"
     )

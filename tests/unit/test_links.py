@@ -21,6 +21,7 @@ import pytest
 from hostd.links import open_endpoint
 from hostd.links.base import Link
 from hostd.links.stream import vsock_listen_socket
+from netferry import linkcaps
 from netferry.uri import VMADDR_CID_ANY, parse_link_uri
 
 TIMEOUT = 5.0
@@ -33,6 +34,7 @@ class Sink:
         self.opened: list[Link] = []
         self.batches: list[tuple[Link, list[bytes]]] = []
         self.closed: list[tuple[Link, str | None]] = []
+        self.vnet: list[Link] = []
 
     def link_opened(self, link: Link) -> None:
         assert link not in self.opened
@@ -42,6 +44,9 @@ class Sink:
     def link_frames(self, link: Link, frames: list[bytes]) -> None:
         assert link in self.opened and not link.closed
         self.batches.append((link, list(frames)))
+
+    def link_vnet(self, link: Link) -> None:
+        self.vnet.append(link)
 
     def link_closed(self, link: Link, reason: str | None) -> None:
         assert link not in [lk for lk, _ in self.closed], "closed twice"
@@ -123,6 +128,113 @@ def close_all(sink: Sink, endpoint) -> None:
     endpoint.close()
     for link in sink.opened:
         link.close(None)
+
+
+# ---- the capability exchange (netferry.linkcaps) ---------------------------------------
+
+MAC = bytes.fromhex("5a94efe40cee")
+
+
+@pytest.mark.parametrize("query", ["", "?offload=none"])
+def test_offer_as_first_frame_gets_an_accept_then_frames_until_commit_get_a_vnet_header(
+    sockdir, query
+):
+    """The listener answers an OFFER; plain frames sent before the COMMIT reach the switch
+    with an empty virtio-net header, frames after it as they are (with ?offload=none the
+    answer says plain and nothing changes)."""
+    path = str(sockdir / "s.sock")
+
+    async def main():
+        sink = Sink()
+        ep = await open_endpoint(parse_link_uri(f"unix://{path}{query}"), sink)
+        r, w = await asyncio.open_unix_connection(path)
+        await until(lambda: sink.opened, "link")
+        link = sink.opened[0]
+        offer = linkcaps.encode(linkcaps.OFFER, MAC, linkcaps.F_VNET, 128 * 1024)
+        w.write(len32(offer) + len32(frame(1)))
+        (answer,) = await read_len32(r, 1)
+        caps = linkcaps.decode(answer)
+        assert caps is not None and caps.kind == linkcaps.ACCEPT
+        assert answer[:12] == MAC + MAC and len(answer) == 60
+        if query:
+            assert not caps.vnet and not sink.vnet and not link.vnet
+            w.write(len32(frame(2)))
+            await until(lambda: len(sink.frames_of(link)) == 2, "plain frames")
+            assert sink.frames_of(link) == [frame(1), frame(2)]
+        else:
+            assert caps.vnet and caps.max_frame == 128 * 1024
+            assert sink.vnet == [link] and link.vnet
+            commit = linkcaps.encode(linkcaps.COMMIT, MAC, caps.flags, caps.max_frame)
+            w.write(len32(frame(2)) + len32(commit) + len32(bytes(10) + frame(3)))
+            await until(lambda: len(sink.frames_of(link)) == 3, "three frames")
+            assert sink.frames_of(link) == [bytes(10) + frame(i) for i in (1, 2, 3)]
+        await close_writer(w)
+        close_all(sink, ep)
+
+    run(main())
+
+
+@pytest.mark.parametrize(
+    "query", ["?offload=vnet", "?framing=len16le"], ids=["forced", "len16le-too-small"]
+)
+def test_no_vnet_unless_both_can(sockdir, query):
+    """A forced-vnet listener does not negotiate (the offer is just a frame to it); a 2-byte
+    length cannot carry 64 KiB super-frames, so such a link answers plain."""
+    path = str(sockdir / "s.sock")
+    enc = len16 if "len16le" in query else len32
+
+    async def main():
+        sink = Sink()
+        ep = await open_endpoint(parse_link_uri(f"unix://{path}{query}"), sink)
+        r, w = await asyncio.open_unix_connection(path)
+        await until(lambda: sink.opened, "link")
+        link = sink.opened[0]
+        offer = linkcaps.encode(linkcaps.OFFER, MAC, linkcaps.F_VNET, 65535)
+        w.write(enc(offer))
+        if "len16le" in query:
+            (length,) = struct.unpack("<H", await r.readexactly(2))
+            caps = linkcaps.decode(await r.readexactly(length))
+            assert caps is not None and caps.kind == linkcaps.ACCEPT and not caps.vnet
+            assert not sink.vnet
+        else:
+            await until(lambda: sink.frames_of(link), "the offer, as a frame")
+            assert sink.frames_of(link) == [offer] and await nothing_more(r)
+        await close_writer(w)
+        close_all(sink, ep)
+
+    run(main())
+
+
+def test_offer_after_the_first_frame_is_just_a_frame(sockdir):
+    """Only the peer's first frame can open the exchange: a QEMU guest that happens to send
+    such a frame later gets no answer and no change."""
+    path = str(sockdir / "s.sock")
+
+    async def main():
+        sink = Sink()
+        ep = await open_endpoint(parse_link_uri(f"unix://{path}"), sink)
+        r, w = await asyncio.open_unix_connection(path)
+        await until(lambda: sink.opened, "link")
+        link = sink.opened[0]
+        offer = linkcaps.encode(linkcaps.OFFER, MAC, linkcaps.F_VNET, 128 * 1024)
+        w.write(len32(frame(1)) + len32(offer))
+        await until(lambda: len(sink.frames_of(link)) == 2, "two frames")
+        assert await nothing_more(r) and not sink.vnet
+        await close_writer(w)
+        close_all(sink, ep)
+
+    run(main())
+
+
+def test_linkcaps_decode_rejects_what_is_not_ours():
+    offer = linkcaps.encode(linkcaps.OFFER, MAC, linkcaps.F_VNET, 1 << 17)
+    assert linkcaps.decode(offer) == linkcaps.Caps(linkcaps.OFFER, linkcaps.F_VNET, 1 << 17)
+    assert linkcaps.decode(offer[:20]) is None
+    assert linkcaps.decode(offer[:14] + b"x" + offer[15:]) is None  # magic
+    assert linkcaps.decode(offer[:12] + b"\x08\x00" + offer[14:]) is None  # ethertype
+    assert linkcaps.decode(offer[:28] + b"\x09" + offer[29:]) is None  # version
+    small = linkcaps.answer(linkcaps.decode(offer), linkcaps.F_VNET, 65535)
+    assert not small.vnet and small.max_frame == 65535
 
 
 # ---- unix:// and tcp:// stream listeners --------------------------------------------------

@@ -91,31 +91,47 @@ class StreamDeframer:
         return len(self._buf)
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[bytes]:
-        buf = self._buf
-        if buf:
-            buf += data
-            view: bytes | bytearray = buf
-        else:
-            view = bytes(data)
         frames: list[bytes] = []
         hsize = self.framing.header_size
         unpack = self.framing.unpack_length
         limit = self.max_frame
+        buf = self._buf
+        view = memoryview(data)
+        if buf:
+            # Finish the partial frame with just the bytes it lacks, then parse `data` in
+            # place: a read is not copied into the buffer (super-frames straddle every read).
+            if len(buf) < hsize:
+                take = hsize - len(buf)
+                buf += view[:take]
+                view = view[take:]
+                if len(buf) < hsize:
+                    return frames
+            length = self._check(unpack(buf, 0), limit)
+            need = hsize + length - len(buf)
+            if len(view) < need:
+                buf += view
+                return frames
+            buf += view[:need]
+            frames.append(bytes(buf[hsize:]))
+            buf.clear()
+            view = view[need:]
         pos = 0
         end = len(view)
         while end - pos >= hsize:
-            length = unpack(view, pos)
-            if length == 0:
-                raise FramingError("zero-length frame")
-            if length > limit:
-                raise FramingError(f"frame of {length} bytes exceeds the maximum of {limit}")
+            length = self._check(unpack(view, pos), limit)
             start = pos + hsize
             if end - start < length:
                 break
             frames.append(bytes(view[start : start + length]))
             pos = start + length
-        if buf:
-            del buf[:pos]
-        elif pos < end:
-            self._buf = bytearray(view[pos:])
+        if pos < end:
+            buf += view[pos:]
         return frames
+
+    @staticmethod
+    def _check(length: int, limit: int) -> int:
+        if length == 0:
+            raise FramingError("zero-length frame")
+        if length > limit:
+            raise FramingError(f"frame of {length} bytes exceeds the maximum of {limit}")
+        return length

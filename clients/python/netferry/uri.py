@@ -12,8 +12,10 @@
                            as gvproxy's -listen-stdio and gvforwarder's stdio: speak)
 
 Stream links take ``?framing=len32be|len16le``; any link takes ``?max-frame=N``.
-``?offload=vnet`` puts a 10-byte virtio-net header before every frame, for checksum and
-segmentation offload between netferry's own vm-switch and hostd: both ends must say it.
+Between netferry's own ends (vm-switch dialling hostd over a stream link) a 10-byte
+virtio-net header before every frame (checksum and segmentation offload) is negotiated by
+the capability exchange in `netferry.linkcaps`; ``?offload=vnet`` forces it on (both ends
+must then say it, and nothing is negotiated), ``?offload=none`` keeps plain frames.
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ class LinkUri:
     fd: int = -1  # fd
     framing: str = "len32be"
     max_frame: int = MAX_FRAME
-    vnet: bool = False
+    vnet: bool = False  # ?offload=vnet: every frame carries a virtio-net header
+    offload: str = ""  # the ?offload= value: "" (negotiate), "vnet" or "none"
     text: str = ""
 
     def __str__(self) -> str:
@@ -75,12 +78,18 @@ def parse_link_uri(text: str) -> LinkUri:
             raise ValueError(f"link URI {text!r}: max-frame must be an integer") from None
         if not 64 <= max_frame <= MAX_FRAME:
             raise ValueError(f"link URI {text!r}: max-frame must be in 64..{MAX_FRAME}")
-    vnet = False
+    offload = ""
     if "offload" in query:
-        if query["offload"][-1] != "vnet":
-            raise ValueError(f"link URI {text!r}: offload must be 'vnet'")
-        vnet = True
-    common = {"framing": framing, "max_frame": max_frame, "text": text, "vnet": vnet}
+        offload = query["offload"][-1]
+        if offload not in ("vnet", "none"):
+            raise ValueError(f"link URI {text!r}: offload must be 'vnet' or 'none'")
+    common = {
+        "framing": framing,
+        "max_frame": max_frame,
+        "text": text,
+        "vnet": offload == "vnet",
+        "offload": offload,
+    }
     if scheme in {"unix", "unixpacket", "unixgram"}:
         path = (parts.netloc + parts.path) if parts.netloc else parts.path
         if not path:
