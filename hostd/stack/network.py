@@ -112,6 +112,7 @@ _UDP = udp.HEADER  # ports, length, checksum
 _ANSWERED = object()  # a refusal the guest was told about (ICMP error)
 _SILENT = object()  # a refusal without an answer (TCP answers it with RST)
 _SYN = tcp.SYN
+_LISTEN = tcp.TcpState.LISTEN
 
 
 @dataclass(slots=True)
@@ -564,15 +565,8 @@ class Network:
         gateway_mac = self.gateway_mac
         cam_learn = self.cam.learn
         neighbour = self.neighbours.lookup
-        conns = self.transport.tcp_conns
-        dirty = self.transport.dirty
-        flows = self.transport.udp_flows
-        flow_out = self.transport.udp_flow_datagrams
         unpack_ip = _IPV4.unpack_from
         ones_sum = checksum_mod.ones_sum
-        verify_l4 = checksum_mod.verify_transport_v4
-        parse_segment = tcp.TcpSegment.parse
-        listen = tcp.TcpState.LISTEN
         n_frames = n_ip = n_tcp = tcp_bytes = n_udp = udp_bytes = 0
         for frame in frames:
             n_frames += 1
@@ -603,7 +597,7 @@ class Network:
             if len(frame) < ip + 20:
                 stats["ipv4_truncated"] += 1
                 continue
-            ver_ihl, _tos, total, _id, frag, ttl, proto, _c, src, dst = unpack_ip(frame, ip)
+            ver_ihl, _tos, total, _id, frag, _ttl, proto, _c, src, _dst = unpack_ip(frame, ip)
             if ver_ihl != 0x45 or total < 20 or ip + total > len(frame) or frag & 0x8000:
                 self._ipv4_unusual(port, frame, ip, src_mac, now)
                 continue
@@ -622,61 +616,10 @@ class Network:
             if src != ANY_V4 and neighbour(src) != src_mac:
                 if not self._ipv4_source_allowed(port, src_mac, src):
                     continue
-            if frag & 0x3FFF or (proto != 6 and proto != 17):
-                # Fragments, ICMP and the rest: the slower handlers.
-                self._ipv4_dispatch(self._packet(frame, ip, 20, total), src_mac, now, trusted)
-                continue
-            # -- layer 4
-            l4 = ip + 20
-            end = ip + total
-            if proto == 6:
-                if not trusted and not verify_l4(src, dst, 6, frame[l4:end]):
-                    stats["tcp_bad_checksum"] += 1
-                    continue
-                try:
-                    seg = parse_segment(memoryview(frame)[l4:end])
-                except tcp.TcpParseError:
-                    stats["tcp_malformed"] += 1
-                    continue
-                stats["tcp_segments_in"] += 1
-                conn = conns.get((src, seg.src_port, dst, seg.dst_port))
-                if conn is not None and not seg.flags & _SYN and conn.state is not listen:
-                    conn.receive_segment(seg, now)  # an open connection: straight to it
-                    dirty[conn] = None
-                else:
-                    self.transport.tcp_segment(self._packet(frame, ip, 20, total), seg, now)
-                continue
-            if total < 28:
-                stats["udp_truncated"] += 1
-                continue
-            sport, dport, ulen, ucsum = _UDP.unpack_from(frame, l4)
-            if ulen < 8 or ulen > total - 20:
-                stats["udp_bad_length"] += 1
-                continue
-            if (
-                ucsum
-                and not trusted
-                and not checksum_mod.verify(
-                    frame[l4 : l4 + ulen],
-                    checksum_mod.pseudo_header_sum_v4(src, dst, 17, ulen),
-                )
-            ):
-                stats["udp_bad_checksum"] += 1
-                continue
-            stats["udp_in"] += 1
-            if ttl > 1 and (not vnet or not frame[1]):  # (no UDP segmentation offload)
-                flow = flows.get(frame[ip + 12 : ip + 24]) if flows else None
-                if flow is not None:
-                    flow_out.append((flow, frame[l4 + 8 : l4 + ulen]))
-                    continue
-            self._udp(
-                self._packet(frame, ip, 20, total),
-                sport,
-                dport,
-                memoryview(frame)[l4 + 8 : l4 + ulen],
-                src_mac,
-                now,
-            )
+            if frag & 0x3FFF:
+                self._fragment(self._packet(frame, ip, 20, total), src_mac, now, trusted)
+            else:
+                self._l4(frame, ip, 20, total, proto, src_mac, now, trusted, vnet and frame[1])
         stats["frames_in"] += n_frames
         if n_ip:
             stats["ipv4_in"] += n_ip
@@ -721,54 +664,104 @@ class Network:
         if pkt.src != ANY_V4 and self.neighbours.lookup(pkt.src) != src_mac:
             if not self._ipv4_source_allowed(port, src_mac, pkt.src):
                 return
-        self._ipv4_dispatch(pkt, src_mac, now, port in self._vnet_ports)
-
-    def _ipv4_dispatch(
-        self, pkt: ipv4.Ipv4Packet, src_mac: bytes, now: float, trusted: bool
-    ) -> None:
-        """A validated IPv4 packet from an allowed source, by protocol (fragments first
-        joined; a whole datagram then goes where any packet of its protocol goes)."""
+        trusted = port in self._vnet_ports
         if pkt.is_fragment:
-            whole = self.reassembler.add(pkt, now)
-            if whole is None:
-                return
-            pkt = whole
-        proto = pkt.proto
-        if proto == ipv4.PROTO_TCP:
-            payload = pkt.payload
-            if not trusted and not tcp.verify_segment_checksum(pkt.src, pkt.dst, payload):
-                self.stats["tcp_bad_checksum"] += 1
-                return
-            try:
-                seg = tcp.TcpSegment.parse(payload)
-            except tcp.TcpParseError:
-                self.stats["tcp_malformed"] += 1
-                return
-            self.stats["tcp_segments_in"] += 1
-            conn = self.transport.tcp_conns.get((pkt.src, seg.src_port, pkt.dst, seg.dst_port))
-            if conn is not None and not seg.flags & _SYN and conn.state is not tcp.TcpState.LISTEN:
-                conn.receive_segment(seg, now)
-                self.transport.dirty[conn] = None
-            else:
-                self.transport.tcp_segment(pkt, seg, now)
-        elif proto == ipv4.PROTO_UDP:
-            try:
-                sport, dport, payload = udp.parse_udp(
-                    pkt.src, pkt.dst, pkt.payload, verify_checksum=not trusted
-                )
-            except udp.UdpError as e:
-                self.stats[str(e)] += 1
-                return
-            self.stats["udp_in"] += 1
-            self._udp(pkt, sport, dport, payload, src_mac, now)
-        elif proto == ipv4.PROTO_ICMP:
-            self._icmp(pkt)
+            self._fragment(pkt, src_mac, now, trusted)
         else:
-            self.stats["ipv4_unknown_protocol"] += 1
-            if pkt.dst in self.virtual_ips:
-                self.send_icmp_error(
-                    self.gateway_ip, pkt.src, icmp.DEST_UNREACHABLE, icmp.PROTO_UNREACHABLE, pkt.raw
+            hlen = len(pkt.header)
+            gso = trusted and frame[1]
+            total = hlen + len(pkt.payload)
+            self._l4(frame, ip, hlen, total, pkt.proto, src_mac, now, trusted, gso)
+
+    def _fragment(self, pkt: ipv4.Ipv4Packet, src_mac: bytes, now: float, trusted: bool) -> None:
+        """A fragment to reassemble; the whole datagram then goes on like any packet."""
+        whole = self.reassembler.add(pkt, now)
+        if whole is not None:
+            raw = whole.header + bytes(whole.payload)
+            self._l4(raw, 0, len(whole.header), len(raw), whole.proto, src_mac, now, trusted)
+
+    def _l4(
+        self,
+        frame: bytes,
+        ip: int,
+        hlen: int,
+        total: int,
+        proto: int,
+        src_mac: bytes,
+        now: float,
+        trusted: bool,
+        gso: int = 0,
+    ) -> None:
+        """A whole IPv4 datagram (header at `ip`, validated, from an allowed source), by
+        protocol: layer 4 validated once, then an open connection or flow takes it
+        directly, or the slower handlers (transport, the gateway's services) do."""
+        stats = self.stats
+        l4 = ip + hlen
+        end = ip + total
+        src = frame[ip + 12 : ip + 16]
+        dst = frame[ip + 16 : ip + 20]
+        if proto == 6:
+            if not trusted and not checksum_mod.verify_transport_v4(src, dst, 6, frame[l4:end]):
+                stats["tcp_bad_checksum"] += 1
+                return
+            try:
+                seg = tcp.TcpSegment.parse(memoryview(frame)[l4:end])
+            except tcp.TcpParseError:
+                stats["tcp_malformed"] += 1
+                return
+            stats["tcp_segments_in"] += 1
+            transport = self.transport
+            conn = transport.tcp_conns.get((src, seg.src_port, dst, seg.dst_port))
+            if conn is not None and not seg.flags & _SYN and conn.state is not _LISTEN:
+                conn.receive_segment(seg, now)  # an open connection: straight to it
+                transport.dirty[conn] = None
+            else:
+                transport.tcp_segment(self._packet(frame, ip, hlen, total), seg, now)
+            return
+        if proto == 17:
+            if total - hlen < 8:
+                stats["udp_truncated"] += 1
+                return
+            sport, dport, ulen, ucsum = _UDP.unpack_from(frame, l4)
+            if ulen < 8 or ulen > total - hlen:
+                stats["udp_bad_length"] += 1
+                return
+            if (
+                ucsum
+                and not trusted
+                and not checksum_mod.verify(
+                    frame[l4 : l4 + ulen], checksum_mod.pseudo_header_sum_v4(src, dst, 17, ulen)
                 )
+            ):
+                stats["udp_bad_checksum"] += 1
+                return
+            stats["udp_in"] += 1
+            flows = self.transport.udp_flows
+            # A datagram of an open flow, to go on (TTL above 1; no UDP segmentation
+            # offload, which an offload port's header would say): straight to the flow.
+            if flows and frame[ip + 8] > 1 and not gso:
+                flow = flows.get(frame[ip + 12 : ip + 20] + frame[l4 : l4 + 4])
+                if flow is not None:
+                    self.transport.udp_flow_datagrams.append((flow, frame[l4 + 8 : l4 + ulen]))
+                    return
+            self._udp(
+                self._packet(frame, ip, hlen, total),
+                sport,
+                dport,
+                memoryview(frame)[l4 + 8 : l4 + ulen],
+                src_mac,
+                now,
+            )
+            return
+        pkt = self._packet(frame, ip, hlen, total)
+        if proto == ipv4.PROTO_ICMP:
+            self._icmp(pkt)
+            return
+        stats["ipv4_unknown_protocol"] += 1
+        if pkt.dst in self.virtual_ips:
+            self.send_icmp_error(
+                self.gateway_ip, pkt.src, icmp.DEST_UNREACHABLE, icmp.PROTO_UNREACHABLE, pkt.raw
+            )
 
     # ---- port rules ---------------------------------------------------------------
 

@@ -195,6 +195,75 @@ def test_arp_spoofing_dropped_and_counted(arp_pkt):
     assert net.neighbours.items() == []
 
 
+# ---- port rules: who may claim an address ----------------------------------------------
+
+
+def test_same_port_mac_change_moves_the_neighbour_entry():
+    net = make_net(ports=2)
+    learn_guest(net)
+    # The guest on port 1 comes back with another MAC (a VM restarted): allowed.
+    grat = Ether(src=MAC3, dst=BCAST) / ARP(op=2, hwsrc=MAC3, psrc=GUEST_IP, pdst=GUEST_IP)
+    out = feed(net, grat, port=1)
+    assert net.neighbours.lookup(b(GUEST_IP)) == m(MAC3)
+    assert out == {2: [bytes(grat)]}
+
+
+def test_gratuitous_arp_for_another_ports_address_dropped_not_flooded():
+    net = make_net(ports=3)
+    learn_guest(net, 1, MAC1, GUEST_IP)
+    learn_guest(net, 3, MAC3, "192.168.127.9")
+    grat = Ether(src=MAC2, dst=BCAST) / ARP(op=2, hwsrc=MAC2, psrc=GUEST_IP, pdst=GUEST_IP)
+    assert feed(net, grat, port=2) == {}  # neither the victim nor the bystander hears it
+    assert net.stats["arp_address_theft_dropped"] == 1
+    assert net.neighbours.lookup(b(GUEST_IP)) == m(MAC1)
+    # A unicast reply aimed at the bystander, claiming the victim's address: dropped too.
+    steer = Ether(src=MAC2, dst=MAC3) / ARP(op=2, hwsrc=MAC2, psrc=GUEST_IP, pdst="192.168.127.9")
+    assert feed(net, steer, port=2) == {}
+    assert net.stats["arp_address_theft_dropped"] == 2
+    # The gateway's traffic for the victim still goes to the victim's port.
+    net.send_udp(b(GW_IP), 53, b(GUEST_IP), 4000, b"answer")
+    assert set(net.frames_to_send()) == {1}
+
+
+@pytest.mark.parametrize("claimed", [GW_IP, HOST_IP])
+@pytest.mark.parametrize("dst", [BCAST, MAC1])
+def test_arp_claiming_a_virtual_address_never_reaches_another_guest(claimed, dst):
+    net = make_net(ports=2)
+    learn_guest(net, 1, MAC1, GUEST_IP)
+    before = (net.stats["flooded"], net.stats["switched"])
+    claim = Ether(src=MAC2, dst=dst) / ARP(op=2, hwsrc=MAC2, psrc=claimed, pdst=GUEST_IP)
+    assert feed(net, claim, port=2) == {}
+    assert net.stats["arp_gateway_claim_dropped"] == 1
+    assert (net.stats["flooded"], net.stats["switched"]) == before
+
+
+def test_ipv4_from_another_ports_address_dropped_and_neighbour_kept():
+    net = make_net(ports=2)
+    learn_guest(net, 1, MAC1, GUEST_IP)
+    spoofed = to_gw(IP(src=GUEST_IP, dst=REMOTE_IP) / UDP(sport=1, dport=2) / b"x", MAC2)
+    feed(net, spoofed, port=2)
+    assert net.stats["ipv4_source_conflict_dropped"] == 1
+    assert not net.events
+    assert net.neighbours.lookup(b(GUEST_IP)) == m(MAC1)
+
+
+def test_address_free_again_once_its_port_is_gone():
+    net = make_net(ports=2)
+    learn_guest(net, 1, MAC1, GUEST_IP)
+    net.remove_port(1)
+    grat = Ether(src=MAC2, dst=BCAST) / ARP(op=2, hwsrc=MAC2, psrc=GUEST_IP, pdst=GUEST_IP)
+    feed(net, grat, port=2)
+    assert net.neighbours.lookup(b(GUEST_IP)) == m(MAC2)
+    assert net.stats["arp_address_theft_dropped"] == 0
+
+
+def test_arp_from_a_broadcast_source_address_not_learned():
+    net = make_net()
+    bad = Ether(src=MAC1, dst=BCAST) / ARP(op=1, hwsrc=MAC1, psrc="192.168.127.255", pdst=GW_IP)
+    feed(net, bad)
+    assert net.neighbours.items() == []
+
+
 # ---- the switch --------------------------------------------------------------------------
 
 
