@@ -7,7 +7,7 @@ so the SYN-ACK leaves in the same batch. Otherwise the socket waits for writabil
 ECONNREFUSED answers the SYN with RST, a timeout or an unreachable network answers with ICMP
 host/net unreachable so the guest's connect() fails at once. Dials never wait on each other
 (gvisor-tap-vsock #676: ten black-holed dials blocked all outbound TCP); their number is
-bounded in `Network` by evicting the oldest.
+bounded in the transport layer (`hostd/stack/transport.py`) by evicting the oldest.
 
 Data moves through `HostSide`, which drives the raw socket with loop readers and writers
 (no asyncio transport or task per connection: a transport costs more than the dial itself):

@@ -2,8 +2,11 @@
 
 The gateway answers requests for its own address and for its virtual addresses (the host
 loopback address .254), never for guests' addresses (a guest answers for itself, so two
-guests can talk directly through the switch). Every valid ARP packet teaches the neighbour
-table the sender's IP → MAC, which is how replies find their way back to a guest.
+guests can talk directly through the switch). A valid ARP packet teaches the neighbour
+table the sender's IP → MAC, which is how replies find their way back to a guest; the
+network layer first checks the sender against the port the frame came from (no claims to
+the gateway's addresses, none to an address whose entry lives on another port: see
+`Network._arp_sender_allowed`). The table itself is a plain bounded map.
 """
 
 from __future__ import annotations

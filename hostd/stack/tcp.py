@@ -33,6 +33,13 @@ How data moves.
   nearby reference. So modulo 2**32 arithmetic happens only at the edges, and comparisons
   inside are plain integer comparisons.
 
+Who owns it. The transport layer (hostd/stack/transport.py) keeps connections by 4-tuple
+and sets three typed fields: `key` (that 4-tuple), `app` (the `TcpApplication` driving the
+connection from the host side: a NAT host socket, a gateway service, a port forward, a
+tunnel; it gets every event through `on_event`) and `syn_quote` (what an ICMP error about
+a failed dial quotes). Before each output it calls `set_offload` with the offload of the
+port the guest sits on now, so segments follow the port they leave by.
+
 Call pattern. For each batch of received segments: `receive_segment` for each, then
 `segments_to_send` once (the pure ACK for the batch is coalesced there), then drain
 `next_event`. After `send`/`read`/`close`/`abort`: `segments_to_send`. Whenever
