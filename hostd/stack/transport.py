@@ -173,6 +173,7 @@ class Transport:
         self._half_open: dict[tcp.TcpConnection, int | None] = {}
         self._established: dict[tcp.TcpConnection, int | None] = {}
         self._half_open_by_port: Counter[int | None] = Counter()
+        self._pending_by_port: Counter[int | None] = Counter()
         self._established_by_port: Counter[int | None] = Counter()
         # UDP port-forward sessions: (guest ip, guest port, our ip, our port) → session.
         self.udp_sessions: dict[TcpKey, UdpSession] = {}
@@ -192,7 +193,7 @@ class Transport:
 
     def accept(self, conn: tcp.TcpConnection, now: float) -> None:
         """The host dial for `conn` succeeded: complete the guest's handshake."""
-        self.tcp_pending.pop(conn.key, None)
+        self._unpend(conn)
         if conn.state is tcp.TcpState.LISTEN:
             conn.accept(now)
             self.dirty[conn] = None
@@ -201,7 +202,7 @@ class Transport:
         """The host dial failed: RST (refused), or an ICMP unreachable of code `unreachable`
         (timeout, no route), which fails the guest's connect() at once with EHOSTUNREACH."""
         key = conn.key
-        self.tcp_pending.pop(key, None)
+        self._unpend(conn)
         if conn.state is not tcp.TcpState.LISTEN:
             return
         self.stats["tcp_refused"] += 1
@@ -234,7 +235,7 @@ class Transport:
         key = conn.key
         if self.tcp_conns.get(key) is conn:
             del self.tcp_conns[key]
-        self.tcp_pending.pop(key, None)
+        self._unpend(conn)
         self._leave_caps(conn)
 
     def _options_to(self, guest_ip: bytes) -> dict:
@@ -313,9 +314,10 @@ class Transport:
             self._reset(pkt, seg)
             return
         if route.service is None and len(self.tcp_pending) >= self.max_pending:
-            # Bounded, but never blocking: the oldest pending dial gives way, so a pile of
-            # dials to a black hole cannot stop connections to live destinations.
-            oldest = next(iter(self.tcp_pending.values()))
+            # Bounded, but never blocking: a pending dial gives way, so a pile of dials to a
+            # black hole cannot stop connections to live destinations; it is the oldest of
+            # the port with the most dials, so one guest's pile evicts its own dials only.
+            oldest = self._eviction_victim(port)
             stats["tcp_pending_evicted"] += 1
             self.refuse(oldest, now, unreachable=icmp.HOST_UNREACHABLE)
             self.events.append(TcpConnEvent(oldest, tcp.ConnectionFailed("evicted")))
@@ -329,8 +331,32 @@ class Transport:
         self._half_open_by_port[port] += 1
         stats["tcp_syns"] += 1
         if route.service is None:
-            self.tcp_pending[key] = conn
+            self._pend(conn, port)
         self.events.append(TcpDial(conn, route.target, seg.dst_port, route.service))
+
+    def _eviction_victim(self, port: int | None) -> tcp.TcpConnection:
+        """The oldest pending dial of the port holding the most (`port`, the newcomer's,
+        counts one more: on a tie it evicts its own)."""
+        counts = self._pending_by_port
+        heaviest = max(counts, key=counts.__getitem__)
+        if counts[port] + 1 >= counts[heaviest]:
+            heaviest = port
+        for conn in self.tcp_pending.values():
+            if self._half_open.get(conn, 0) == heaviest:
+                return conn
+        return next(iter(self.tcp_pending.values()))
+
+    def _pend(self, conn: tcp.TcpConnection, port: int | None) -> None:
+        self.tcp_pending[conn.key] = conn
+        self._pending_by_port[port] += 1
+
+    def _unpend(self, conn: tcp.TcpConnection) -> None:
+        if self.tcp_pending.get(conn.key) is conn:
+            del self.tcp_pending[conn.key]
+            port = self._half_open.get(conn, 0)
+            self._pending_by_port[port] -= 1
+            if not self._pending_by_port[port]:
+                del self._pending_by_port[port]
 
     def _reset(self, pkt: Packet, seg: tcp.TcpSegment) -> None:
         reply = tcp.build_reset_reply(pkt.dst, pkt.src, seg)

@@ -202,3 +202,16 @@ def test_prebuilt_partial_segments_completed_when_the_port_turns_plain():
     conn.set_offload(False, 0)
     (rst,) = conn.segments_to_send(0.0)
     assert verify_transport_v4(b(HOST_IP), b(GUEST1), 6, rst)
+
+
+def test_pending_dials_evicted_from_the_port_that_holds_the_most():
+    net = Network(NetworkConfig(tcp_max_pending=10, tcp_port_share=1.0))
+    p1, p2 = net.add_port(), net.add_port()
+    net.receive_frames(p2, [syn(GUEST2, MAC2, 41000 + i) for i in range(3)], 0.0)
+    victims = [d.conn for d in dials(net)]
+    net.events.clear()
+    net.receive_frames(p1, [syn(GUEST1, MAC1, 40000 + i) for i in range(30)], 0.0)
+    assert net.stats["tcp_pending_evicted"] == 23
+    # The flooding port evicted its own dials; the other guest's are all still dialling.
+    assert all(net.tcp_pending.get(c.key) is c for c in victims)
+    assert len(net.tcp_pending) == 10
