@@ -365,3 +365,44 @@ def test_mutated_frames_of_open_flows_never_raise(vnet):
         net.frames_to_send(float(i))
         net.events.clear()
     assert net.stats["frames_in"] == 3000
+
+
+# --------------------------------------------------------------------------- neighbour rules
+
+
+@pytest.mark.parametrize("vnet", [False, True])
+def test_every_segment_of_an_open_connection_keeps_its_neighbour_entry_true(vnet):
+    """An ARP claim from the same port (a bridge behind it) may move the entry, but the
+    guest's next segment on its open connection, delivered straight to the connection,
+    moves it back: the source rule applies to every frame."""
+    from scapy.layers.l2 import ARP
+
+    net, port, conn, ack = established(vnet)
+    other = "5a:94:ef:e4:0c:99"
+    claim = Ether(src=other, dst="ff:ff:ff:ff:ff:ff") / ARP(
+        op=2, hwsrc=other, psrc=GUEST_IP, pdst=GUEST_IP
+    )
+    feed(net, port, [bytes(claim)], vnet)
+    assert net.neighbours.lookup(b(GUEST_IP)) == bytes.fromhex(other.replace(":", ""))
+    feed(net, port, [segment("PA", ack=ack, payload=b"hi")], vnet)
+    assert conn.read() == b"hi"
+    assert net.neighbours.lookup(b(GUEST_IP)) == bytes.fromhex(GUEST_MAC.replace(":", ""))
+
+
+@pytest.mark.parametrize("vnet", [False, True])
+def test_a_claim_from_another_port_never_steers_an_open_connection(vnet):
+    from scapy.layers.l2 import ARP
+
+    net, port, conn, _ack = established(vnet)
+    attacker_port = net.add_port()
+    thief = "5a:94:ef:e4:0c:66"
+    claim = Ether(src=thief, dst="ff:ff:ff:ff:ff:ff") / ARP(
+        op=2, hwsrc=thief, psrc=GUEST_IP, pdst=GUEST_IP
+    )
+    net.receive_frames(attacker_port, [bytes(claim)], 0.0)
+    assert net.frames_to_send(0.0) == {}  # not flooded to the victim either
+    assert net.stats["arp_address_theft_dropped"] == 1
+    conn.send(b"for the guest only")
+    net.tcp_touch(conn)
+    out = net.frames_to_send(0.0)
+    assert set(out) == {port}
