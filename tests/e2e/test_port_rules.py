@@ -76,7 +76,10 @@ def test_arp_theft_and_gateway_claims_from_a_second_guest(hostd, guest, http_ser
     try:
         url = f"http://192.168.127.254:{http_server.port}/blob?mib=64"
         down = victim.ns.run(
-            "sh", "-c", f"curl -sS --fail --max-time 200 '{url}' | sha256sum", timeout=220
+            "sh",
+            "-c",
+            f"curl -sS --fail --max-time 200 --limit-rate 8M '{url}' | sha256sum",
+            timeout=220,
         )
         out, err = attack.communicate(timeout=120)
     finally:
@@ -108,3 +111,83 @@ def test_syn_flood_to_gateway_dns_is_capped_per_port(hostd, guest):
         "dig", "+tcp", "+short", "+time=3", "+tries=1", "@192.168.127.1", "host.containers.internal"
     )
     assert r.stdout.strip() == "192.168.127.254"
+
+
+def test_offload_follows_the_guests_mac_to_a_plain_port(hostd, guest, http_server, short_tmp):
+    """A guest downloads through an offload link (64 KiB segments with partial checksums).
+    Mid-transfer a frame with its MAC arrives on a plain link, so the switch moves the MAC
+    there: every segment of the open connection that leaves by the plain link is a plain
+    frame (at most 1514 bytes, full checksum). When that link closes the guest is found
+    again by ARP and the download finishes sha256-exact. (The guest's vm-switch is held
+    with SIGSTOP meanwhile, or its next ACK would move the MAC straight back.)"""
+    import os
+    import signal
+    import socket
+    import struct
+    import time
+
+    from scapy.layers.inet import IP, TCP
+    from scapy.layers.l2 import ARP, Ether
+
+    from hostd.stack.checksum import verify_transport_v4
+    from tests.conftest import wait_for
+
+    plain = str(short_tmp / "plain.sock")
+    h = hostd("--listen", f"unix://{plain}", offload=True)
+    g = guest(h)
+    url = f"http://192.168.127.254:{http_server.port}/blob?mib=64"
+    curl = g.ns.popen(
+        "sh",
+        "-c",
+        f"curl -sS --fail --max-time 200 --limit-rate 8M '{url}' | sha256sum",
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    STARTED.append(curl)
+    try:
+        wait_for(
+            lambda: h.stats()["tcp_nat"]["bytes_to_guest"] > (4 << 20),
+            60,
+            "the download to be under way",
+            step=0.2,
+        )
+        # The guest's own frames would move its MAC straight back: hold its vm-switch still.
+        os.kill(g.proc.pid, signal.SIGSTOP)
+        mover = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        mover.connect(plain)
+        claim = bytes(
+            Ether(src=VICTIM_MAC, dst="ff:ff:ff:ff:ff:ff")
+            / ARP(op=1, hwsrc=VICTIM_MAC, psrc=g.ip, pdst="192.168.127.1")
+        )
+        mover.sendall(struct.pack("!I", len(claim)) + claim)
+        mover.settimeout(0.5)
+        buf = b""
+        segments = []
+        deadline = time.monotonic() + 15
+        while len(segments) < 3 and time.monotonic() < deadline:
+            try:
+                data = mover.recv(1 << 20)
+            except TimeoutError:
+                continue
+            if not data:
+                break
+            buf += data
+            while len(buf) >= 4 and len(buf) >= 4 + struct.unpack_from("!I", buf)[0]:
+                (n,) = struct.unpack_from("!I", buf)
+                frame, buf = buf[4 : 4 + n], buf[4 + n :]
+                assert len(frame) <= 1514, f"a {len(frame)}-byte frame on a plain port"
+                pkt = Ether(frame)
+                if TCP in pkt and pkt[IP].dst == g.ip:
+                    raw = bytes(pkt[IP])
+                    assert verify_transport_v4(raw[12:16], raw[16:20], 6, raw[20:]), "checksum"
+                    segments.append(len(frame))
+        mover.close()
+        os.kill(g.proc.pid, signal.SIGCONT)
+        assert segments, "no segment of the open connection left by the plain port"
+        out, err = curl.communicate(timeout=220)
+    finally:
+        os.kill(g.proc.pid, signal.SIGCONT)
+        stop_process(curl)
+    with open(http_server.blob.path, "rb") as f:
+        assert out.split()[0] == hashlib.sha256(f.read(64 << 20)).hexdigest(), err
