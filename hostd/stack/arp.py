@@ -12,6 +12,7 @@ the gateway's addresses, none to an address whose entry lives on another port: s
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 ARP_PACKET = struct.Struct("!HHBBH6s4s6s4s")
@@ -51,20 +52,19 @@ def build_arp(op: int, sender_mac: bytes, sender_ip: bytes, target_mac: bytes, t
 class NeighbourTable:
     """IPv4 → MAC for guests, learned from ARP, DHCP and IP traffic; bounded."""
 
-    __slots__ = ("_macs", "max_entries")
+    __slots__ = ("_macs", "lookup", "max_entries")
 
     def __init__(self, max_entries: int = 4096) -> None:
         self._macs: dict[bytes, bytes] = {}
         self.max_entries = max_entries
+        # lookup(ip) -> MAC or None: the dict's own get (the receive path calls it per frame)
+        self.lookup: Callable[[bytes], bytes | None] = self._macs.get
 
     def learn(self, ip: bytes, mac: bytes) -> None:
         if ip == b"\x00\x00\x00\x00":
             return
         if ip in self._macs or len(self._macs) < self.max_entries:
             self._macs[ip] = mac
-
-    def lookup(self, ip: bytes) -> bytes | None:
-        return self._macs.get(ip)
 
     def forget_macs(self, macs: list[bytes]) -> None:
         gone = set(macs)

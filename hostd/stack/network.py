@@ -235,7 +235,15 @@ class Network:
             max_connections=config.tcp_max_connections,
             per_port_share=config.tcp_port_share,
         )
-        # The transport's tables, under the names the NAT and port forwards use.
+        # The transport's tables and application-side calls, under the names the NAT and
+        # port forwards use (bound directly: no wrapper call per use).
+        t = self.transport
+        self.take_udp_flow_datagrams = t.take_udp_flow_datagrams
+        self.tcp_touch = t.touch
+        self.tcp_accept = t.accept
+        self.tcp_refuse = t.refuse
+        self.tcp_connect = t.connect
+        self.pull_tcp_events = t.pull_events
         self.tcp_conns = self.transport.tcp_conns
         self.tcp_pending = self.transport.tcp_pending
         self.udp_sessions = self.transport.udp_sessions
@@ -400,28 +408,6 @@ class Network:
     def udp_flow_datagrams(self) -> list[tuple[object, bytes]]:
         return self.transport.udp_flow_datagrams
 
-    def take_udp_flow_datagrams(self) -> list[tuple[object, bytes]]:
-        return self.transport.take_udp_flow_datagrams()
-
-    def tcp_touch(self, conn: tcp.TcpConnection) -> None:
-        self.transport.dirty[conn] = None
-
-    def tcp_accept(self, conn: tcp.TcpConnection, now: float) -> None:
-        self.transport.accept(conn, now)
-
-    def tcp_refuse(
-        self, conn: tcp.TcpConnection, now: float, unreachable: int | None = None
-    ) -> None:
-        self.transport.refuse(conn, now, unreachable)
-
-    def tcp_connect(
-        self, guest_ip: bytes, guest_port: int, src_ip: bytes, src_port: int, now: float
-    ) -> tcp.TcpConnection | None:
-        return self.transport.connect(guest_ip, guest_port, src_ip, src_port, now)
-
-    def pull_tcp_events(self) -> None:
-        self.transport.pull_events()
-
     # ---- what the transport asks of this layer (transport.NetworkLayer) ---------------
 
     def send_unreachable(self, src: bytes, dst: bytes, code: int, quote: bytes) -> None:
@@ -434,6 +420,8 @@ class Network:
 
     def offload_port(self, ip: bytes) -> bool:
         """Whether what goes to guest address `ip` now leaves by an offload port."""
+        if not self._vnet_ports:
+            return False
         mac = self.neighbours.lookup(ip)
         return mac is not None and self.cam.lookup(mac) in self._vnet_ports
 

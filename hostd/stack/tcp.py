@@ -614,6 +614,7 @@ class TcpConnection:
         # that the guest kernel treats as GRO super-packets of MSS-sized segments.
         self._partial = partial_checksum
         self._gso_max = gso_max
+        self.offload = partial_checksum  # read per output by the transport layer
         self._now = now  # latest time seen; stamps ACKs that read() makes pending
 
         self._state = TcpState.CLOSED
@@ -684,10 +685,6 @@ class TcpConnection:
         self._rexmit_hi = 0  # highest offset retransmitted in this recovery
         self._sacked: list[list[int]] = []  # disjoint sorted [start, end) offsets > snd_una
 
-    @property
-    def offload(self) -> bool:
-        return self._partial
-
     def set_offload(self, partial_checksum: bool, gso_max: int) -> None:
         """Follow the port the guest sits on now: offload (partial checksums, segments of
         up to `gso_max`) or plain. Segments already built for an offload port get their
@@ -696,6 +693,7 @@ class TcpConnection:
             self._out = [_complete_checksum(seg) for seg in self._out]
         self._partial = partial_checksum
         self._gso_max = gso_max
+        self.offload = partial_checksum  # read per output by the transport layer
 
     # ------------------------------------------------------------------ construction
 
