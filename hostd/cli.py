@@ -136,6 +136,26 @@ def build_parser() -> argparse.ArgumentParser:
         default=1024,
         help="host dials in progress at once; beyond it the oldest dial is abandoned",
     )
+    lim.add_argument(
+        "--tcp-max-half-open",
+        type=int,
+        default=4096,
+        help="guest connections in SYN_RECEIVED at once (dialling, or handshaking with the "
+        "gateway's own services); beyond it new SYNs are refused with RST",
+    )
+    lim.add_argument(
+        "--tcp-max-connections",
+        type=int,
+        default=65536,
+        help="established guest connections at once; beyond it new SYNs are refused with RST",
+    )
+    lim.add_argument(
+        "--tcp-port-share",
+        type=float,
+        default=0.5,
+        metavar="FRACTION",
+        help="the part of each TCP limit one switch port (guest link) may hold",
+    )
     lim.add_argument("--tcp-time-wait", type=float, default=60.0, metavar="SECONDS")
     lim.add_argument(
         "--max-connections",
@@ -371,6 +391,9 @@ def config_from_args(args: argparse.Namespace) -> NetworkConfig:
         lease_time=args.lease_time,
         tcp_connect_timeout=args.tcp_connect_timeout,
         tcp_max_pending=args.tcp_max_pending,
+        tcp_max_half_open=args.tcp_max_half_open,
+        tcp_max_connections=args.tcp_max_connections,
+        tcp_port_share=args.tcp_port_share,
         tcp_time_wait=args.tcp_time_wait,
         tcp_ack_delay=args.tcp_ack_delay,
         max_connections=args.max_connections,

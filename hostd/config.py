@@ -65,6 +65,11 @@ class NetworkConfig:
     lease_time: int = 3600
     tcp_connect_timeout: float = 30.0  # gvproxy's fix for #676 uses 30 s too
     tcp_max_pending: int = 1024
+    # Guest connections in SYN_RECEIVED (dialling, or a gateway service's handshake) and
+    # established ones, at once; each switch port may hold at most `tcp_port_share` of each.
+    tcp_max_half_open: int = 4096
+    tcp_max_connections: int = 65536
+    tcp_port_share: float = 0.5
     tcp_buffer: int = 4 << 20
     tcp_time_wait: float = 60.0
     tcp_ack_delay: float = 0.002  # a reply from a loopback server usually comes sooner
@@ -123,6 +128,10 @@ class NetworkConfig:
             first, last = self.dhcp_range
             if not (net.network_address < first <= last < net.broadcast_address):
                 raise ValueError(f"DHCP range {first}-{last} is not a range of hosts of {net}")
+        if not 0 < self.tcp_port_share <= 1:
+            raise ValueError(f"TCP port share {self.tcp_port_share} out of range (0, 1]")
+        if self.tcp_max_half_open < 1 or self.tcp_max_connections < 1:
+            raise ValueError("TCP connection limits must be positive")
         if not 0 <= self.tcp_ack_delay <= 0.2:
             raise ValueError(f"TCP ACK delay {self.tcp_ack_delay} s out of range 0..0.2")
         for name in ("max_connections", "max_connections_per_guest"):

@@ -487,7 +487,7 @@ class Control:
         """A connection from the gateway to `dest`, driven by the caller (gRPC Tunnel)."""
         conn = self._open(dest)
         session = TunnelSession(conn, self.switch.tcp_nat.touch)
-        conn.app = session  # type: ignore[attr-defined]
+        conn.app = session
         self.switch.tcp_nat.touch(conn)
         return session
 
@@ -496,7 +496,7 @@ class Control:
         the same `HostSide` the NAT and the forwards use (gvproxy's /tunnel)."""
         conn = self._open(dest)
         side = HostSide(self.switch.tcp_nat, conn)
-        conn.app = side  # type: ignore[attr-defined]
+        conn.app = side
         self.switch.tcp_nat.hosts[conn] = side
         if first:
             conn.send(first)  # bytes the client sent before its tunnel was answered

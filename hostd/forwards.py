@@ -126,7 +126,7 @@ class ForwardSide(HostSide):
             sock.close()
             return
         self.conn = conn
-        conn.app = self  # type: ignore[attr-defined]
+        conn.app = self
         self.nat.hosts[conn] = self
         self.fwd.connections.add(self)
         self.fwd.counters["active"] += 1

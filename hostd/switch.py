@@ -231,7 +231,7 @@ class HostSwitch:
         if isinstance(ev, TcpConnEvent):
             self.tcp_nat.connection_event(ev)
         elif isinstance(ev, UdpSessionDatagram):
-            ev.session.reply(ev.payload)  # type: ignore[attr-defined]
+            ev.session.reply(ev.payload)
         elif isinstance(ev, UdpOutbound):
             self.udp_nat.send(ev)
         elif isinstance(ev, TcpDial):

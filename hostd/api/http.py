@@ -729,7 +729,7 @@ class GatewayHttpSession:
     ) -> None:
         self.conn = conn
         self.touch = touch
-        caller = str(ipaddress.IPv4Address(conn.key[0]))  # type: ignore[attr-defined]
+        caller = str(ipaddress.IPv4Address(conn.key[0]))
         self.exchange = HttpExchange(api, caller, connect=False)
         self.busy = False
         self.task: asyncio.Task[None] | None = None

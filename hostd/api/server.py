@@ -316,7 +316,7 @@ class HostSwitchService(pb_grpc.HostSwitchServicer):
         except ControlError as e:
             await self._fail(context, e)
         conn = session.conn
-        src_ip, src_port = conn.key[2], conn.key[3]  # type: ignore[attr-defined]
+        src_ip, src_port = conn.key[2], conn.key[3]
         client_done = False  # the client half-closed (TunnelClose, or its stream ended)
         peer_done = False  # the guest half-closed and we told the client
 

@@ -7,7 +7,7 @@ so the SYN-ACK leaves in the same batch. Otherwise the socket waits for writabil
 ECONNREFUSED answers the SYN with RST, a timeout or an unreachable network answers with ICMP
 host/net unreachable so the guest's connect() fails at once. Dials never wait on each other
 (gvisor-tap-vsock #676: ten black-holed dials blocked all outbound TCP); their number is
-bounded in `Network` by evicting the oldest.
+bounded in the transport layer (`hostd/stack/transport.py`) by evicting the oldest.
 
 Data moves through `HostSide`, which drives the raw socket with loop readers and writers
 (no asyncio transport or task per connection: a transport costs more than the dial itself):
@@ -252,6 +252,31 @@ class HostSide:
     def finished(self) -> None:
         """The connection is gone (its `Closed` event): subclasses release what they hold."""
 
+    def on_event(self, event: tcp.TcpEvent) -> None:
+        """An event of the spliced connection (`tcp.TcpApplication`)."""
+        nat, conn = self.nat, self.conn
+        if isinstance(event, tcp.DataReceived):
+            self.pump_to_host()
+        elif isinstance(event, tcp.SendSpaceAvailable):
+            self.pump_to_guest()
+        elif isinstance(event, tcp.PeerClosed):
+            self.guest_eof = True
+            self.pump_to_host()
+        elif isinstance(event, tcp.ConnectionReset | tcp.ConnectionFailed):
+            nat._cancel_dial(conn)
+            if getattr(event, "reason", "") == "reset":
+                nat.stats["guest_resets"] += 1
+            self.reset_host()
+        elif isinstance(event, tcp.Closed):
+            nat.stats["closed"] += 1
+            nat._cancel_dial(conn)
+            nat.hosts.pop(conn, None)
+            if conn.readable():
+                self.pump_to_host()
+            self.close_host()
+            self.finished()
+        nat.network.tcp_touch(conn)
+
 
 class TcpNat:
     def __init__(
@@ -260,7 +285,7 @@ class TcpNat:
         flush: Callable[[], None],
         *,
         connect_timeout: float,
-        services: dict[str, Callable[[tcp.TcpConnection], object]] | None = None,
+        services: dict[str, Callable[[tcp.TcpConnection], tcp.TcpApplication]] | None = None,
         on_error: Callable[..., None] | None = None,
         budget: DescriptorBudget | None = None,
     ) -> None:
@@ -313,7 +338,7 @@ class TcpNat:
                 self.network.tcp_refuse(conn, self.loop.time())
                 return
             self.network.tcp_accept(conn, self.loop.time())
-            conn.app = factory(conn)  # type: ignore[attr-defined]
+            conn.app = factory(conn)
             return
         self.stats["dials"] += 1
         family = socket.AF_INET6 if ":" in ev.target_ip else socket.AF_INET
@@ -412,14 +437,14 @@ class TcpNat:
             return
         host = HostSide(self, conn)
         host.attach(sock)
-        conn.app = host  # type: ignore[attr-defined]
+        conn.app = host
         self.hosts[conn] = host
         self.stats["opened"] += 1
         self.network.tcp_accept(conn, self.loop.time())
 
     def _report(self, ev: TcpDial, reason: str) -> None:
         if self.on_error is not None:
-            guest_ip, guest_port, dst_ip, dst_port = ev.conn.key  # type: ignore[attr-defined]
+            guest_ip, guest_port, dst_ip, dst_port = ev.conn.key
             self.on_error(
                 protocol="tcp",
                 source=f"{ipaddress.IPv4Address(guest_ip)}:{guest_port}",
@@ -428,38 +453,20 @@ class TcpNat:
             )
 
     def connection_event(self, ev: TcpConnEvent) -> None:
+        """Every connection event goes to the connection's application (a `HostSide`, a
+        gateway service such as DNS over TCP, a port forward or a tunnel); before it has
+        one (a dial in progress) only the dial is cleaned up."""
         conn, event = ev.conn, ev.event
-        app = getattr(conn, "app", None)
-        if app is not None and not isinstance(app, HostSide):
-            app.on_event(event)  # a local service (DNS over TCP) or a port forward
+        app = conn.app
+        if app is not None:
+            app.on_event(event)
+            if isinstance(event, tcp.Closed):
+                conn.app = None
             return
-        host = app
-        if isinstance(event, tcp.DataReceived):
-            if host is not None:
-                host.pump_to_host()
-        elif isinstance(event, tcp.SendSpaceAvailable):
-            if host is not None:
-                host.pump_to_guest()
-        elif isinstance(event, tcp.PeerClosed):
-            if host is not None:
-                host.guest_eof = True
-                host.pump_to_host()
-        elif isinstance(event, tcp.ConnectionReset | tcp.ConnectionFailed):
+        if isinstance(event, tcp.ConnectionReset | tcp.ConnectionFailed | tcp.Closed):
             self._cancel_dial(conn)
-            if host is not None:
-                if getattr(event, "reason", "") == "reset":
-                    self.stats["guest_resets"] += 1
-                host.reset_host()
-        elif isinstance(event, tcp.Closed):
+        if isinstance(event, tcp.Closed):
             self.stats["closed"] += 1
-            self._cancel_dial(conn)
-            if host is not None:
-                self.hosts.pop(conn, None)
-                if conn.readable():
-                    host.pump_to_host()
-                host.close_host()
-                host.finished()
-            conn.app = None  # type: ignore[attr-defined]
         self.network.tcp_touch(conn)
 
     def close(self) -> None:

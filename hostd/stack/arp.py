@@ -2,13 +2,17 @@
 
 The gateway answers requests for its own address and for its virtual addresses (the host
 loopback address .254), never for guests' addresses (a guest answers for itself, so two
-guests can talk directly through the switch). Every valid ARP packet teaches the neighbour
-table the sender's IP → MAC, which is how replies find their way back to a guest.
+guests can talk directly through the switch). A valid ARP packet teaches the neighbour
+table the sender's IP → MAC, which is how replies find their way back to a guest; the
+network layer first checks the sender against the port the frame came from (no claims to
+the gateway's addresses, none to an address whose entry lives on another port: see
+`Network._arp_sender_allowed`). The table itself is a plain bounded map.
 """
 
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 ARP_PACKET = struct.Struct("!HHBBH6s4s6s4s")
@@ -48,20 +52,19 @@ def build_arp(op: int, sender_mac: bytes, sender_ip: bytes, target_mac: bytes, t
 class NeighbourTable:
     """IPv4 → MAC for guests, learned from ARP, DHCP and IP traffic; bounded."""
 
-    __slots__ = ("_macs", "max_entries")
+    __slots__ = ("_macs", "lookup", "max_entries")
 
     def __init__(self, max_entries: int = 4096) -> None:
         self._macs: dict[bytes, bytes] = {}
         self.max_entries = max_entries
+        # lookup(ip) -> MAC or None: the dict's own get (the receive path calls it per frame)
+        self.lookup: Callable[[bytes], bytes | None] = self._macs.get
 
     def learn(self, ip: bytes, mac: bytes) -> None:
         if ip == b"\x00\x00\x00\x00":
             return
         if ip in self._macs or len(self._macs) < self.max_entries:
             self._macs[ip] = mac
-
-    def lookup(self, ip: bytes) -> bytes | None:
-        return self._macs.get(ip)
 
     def forget_macs(self, macs: list[bytes]) -> None:
         gone = set(macs)

@@ -58,6 +58,11 @@ class Ipv4Packet:
     def raw(self) -> bytes:
         return self.header + self.payload
 
+    @property
+    def quote(self) -> bytes:
+        """What an ICMP error about this packet quotes: its header and 8 bytes of payload."""
+        return self.header + bytes(self.payload[:8])
+
 
 def parse_ipv4(data: bytes | memoryview) -> Ipv4Packet:
     n = len(data)

@@ -1,17 +1,40 @@
-"""The virtual network: switch ports, the gateway's IPv4 stack, and the events for the NAT.
+"""The virtual network: switch ports, the gateway's IPv4 layer, and the events for the NAT.
 
-Theory of operation. `Network` owns the CAM table, the neighbour table, fragment
-reassembly and the gateway's protocol handlers. The asyncio side (hostd/switch.py) feeds it
-batches of frames per link with `receive_frames(port, frames, now)` and then drains
-`frames_to_send()` (frames per port) and `events` (work for the NAT: datagrams and echo
-requests to relay to host sockets, DNS queries to forward). Replies from host sockets come
+Theory of operation. `Network` is the layer-2 switch and the gateway's network layer: it
+owns the ports (plain or virtio-net), the CAM table, the neighbour table, fragment
+reassembly and the gateway's own services (ARP, DHCP, DNS, echo). Above it sits the
+transport layer (`hostd/stack/transport.py`: TCP connections, UDP flows, timers, output),
+reached through an address-family-neutral seam: the transport sees packets with `src`,
+`dst`, `ttl` and `quote`, and asks this layer for routes, offload and emission through
+the `NetworkLayer` methods below (`send_ip`, `send_unreachable`, `route_tcp_syn`,
+`nat_target`, `port_of`, `offload_port`, `send_tcp`). An IPv6 layer plugs in beside this one.
+
+The asyncio side (hostd/switch.py) feeds batches of frames per link with
+`receive_frames(port, frames, now)` and then drains `frames_to_send()` (frames per port),
+`events` (work for the NAT: datagrams and echo requests to relay, DNS queries to forward,
+dials, connection events) and `take_udp_flow_datagrams()`. Replies from host sockets come
 back through `send_udp`, `send_icmp_echo_reply` and `send_icmp_error`.
 
-Frames between guests are switched at layer 2 and never parsed beyond Ethernet. Frames to
-the gateway MAC (and broadcasts) are parsed: ARP is answered for the gateway and virtual
-addresses; IPv4 is validated, reassembled, and dispatched by protocol and destination:
-the gateway itself (DHCP, DNS, echo), .254 (host loopback, or refused), other subnet
-addresses (dropped: guests reach each other directly), anything else (NAT).
+One receive path. Every frame of a batch goes through one classifier, in order, as passt's
+tap handler does: layer 2 once (length, source MAC, CAM learning; unicast between guests is
+switched without looking further, except ARP, whose sender is checked on every frame);
+for the gateway (its MAC or a broadcast) layer 3 once from one precompiled struct (version,
+header length, lengths, header checksum on plain ports, reserved flag), then the source
+rules (`_ipv4_source_allowed`: martian sources, and the neighbour table moved only from the
+port its entry lives on), then layer 4 once (checksum on plain ports, parse). A segment of
+an open connection then goes straight to it and a datagram of an open UDP flow to
+`udp_flow_datagrams`; everything else goes to the slower handlers: ARP, DHCP, DNS, echo,
+fragments (reassembled, then dispatched like any packet), and the transport's handlers for
+SYNs, strays and new flows. Counters of the common case (frames, IPv4, TCP, UDP packets
+and bytes) are summed in locals and added once per batch; every other counter is counted
+where its frame is decided. Offload ports (our vm-switch, virtio-net header) leave layer-4
+checksums to us: they are not verified there, and a partial checksum is completed when a
+frame leaves by a plain port.
+
+Port rules (one place each, where port security hooks in): `_arp_sender_allowed` for every
+ARP frame (the sender MAC is the frame's; nobody claims the gateway's or a virtual address,
+and such a claim is dropped before any flooding; nobody claims an address whose neighbour
+entry lives on another port), `_ipv4_source_allowed` for every IPv4 frame to the gateway.
 
 It must never raise on guest input: every malformed frame ends as a named counter.
 It does no I/O and reads no clock: `now` comes in with every call.
@@ -19,7 +42,6 @@ It does no I/O and reads no clock: `now` comes in with every call.
 
 from __future__ import annotations
 
-import heapq
 import ipaddress
 import struct
 from collections import Counter, deque
@@ -31,8 +53,37 @@ from hostd.services.dhcp import DhcpConfig, DhcpServer, LeaseGranted
 from hostd.services.dns import DnsResolver, DnsZones, ForwardQuery, default_zones
 from hostd.stack import arp, ethernet, icmp, ipv4, tcp, udp
 from hostd.stack import checksum as checksum_mod
-from hostd.stack.ethernet import BROADCAST, ETHERTYPE_ARP, ETHERTYPE_IPV4, ETHERTYPE_IPV6
+from hostd.stack.ethernet import BROADCAST, ETHERTYPE_ARP, ETHERTYPE_IPV4
 from hostd.stack.port_security import PortSecurity
+from hostd.stack.transport import (
+    TcpConnEvent,
+    TcpDial,
+    TcpKey,
+    TcpRoute,
+    Transport,
+    UdpOutbound,
+    UdpSessionDatagram,
+    udp_flow_key,
+)
+
+__all__ = [
+    "DNS_PORT",
+    "VNET_HDR",
+    "VNET_LEN",
+    "VNET_NONE",
+    "DnsQueryOutbound",
+    "Event",
+    "FlowDenied",
+    "IcmpEchoOutbound",
+    "LeaseEvent",
+    "Network",
+    "TcpConnEvent",
+    "TcpDial",
+    "TcpKey",
+    "UdpOutbound",
+    "UdpSessionDatagram",
+    "udp_flow_key",
+]
 
 LOOPBACK_V4 = b"\x7f\x00\x00\x01"
 LIMITED_BROADCAST = b"\xff\xff\xff\xff"
@@ -54,18 +105,15 @@ VNET_GSO_NONE = 0
 VNET_GSO_TCPV4 = 1
 TCP_FRAME_HEADERS = 14 + 20  # Ethernet + IPv4 without options: where TCP starts in our frames
 
-
-@dataclass(slots=True)
-class UdpOutbound:
-    """A guest datagram for the NAT to send from a host socket to `target`."""
-
-    guest_ip: bytes
-    guest_port: int
-    dst_ip: bytes  # as the guest addressed it (e.g. .254)
-    dst_port: int
-    target_ip: str  # where the host socket really sends (e.g. 127.0.0.1)
-    payload: bytes
-    quote: bytes  # IP header + 8 bytes, for an ICMP error back to the guest
+_IPV4 = ipv4.HEADER  # version/IHL, TOS, total, ident, flags/offset, TTL, proto, csum, src, dst
+_ETH_IPV4 = b"\x08\x00"
+_ETH_ARP = b"\x08\x06"
+_ETH_IPV6 = b"\x86\xdd"
+_UDP = udp.HEADER  # ports, length, checksum
+_ANSWERED = object()  # a refusal the guest was told about (ICMP error)
+_SILENT = object()  # a refusal without an answer (TCP answers it with RST)
+_SYN = tcp.SYN
+_LISTEN = tcp.TcpState.LISTEN
 
 
 @dataclass(slots=True)
@@ -102,33 +150,6 @@ class FlowDenied:
     verdict: FlowVerdict
 
 
-@dataclass(slots=True)
-class TcpDial:
-    """A guest SYN for a new connection: dial `target` on the host, then `tcp_accept` or
-    `tcp_refuse`. `service` is "dns" for the gateway's own DNS over TCP (nothing to dial)."""
-
-    conn: tcp.TcpConnection
-    target_ip: str
-    target_port: int
-    service: str | None = None
-
-
-@dataclass(slots=True)
-class TcpConnEvent:
-    """An event of one guest TCP connection (data readable, peer closed, reset, closed...)."""
-
-    conn: tcp.TcpConnection
-    event: tcp.TcpEvent
-
-
-@dataclass(slots=True)
-class UdpSessionDatagram:
-    """A guest datagram to a 4-tuple registered by a UDP port forward (a reply)."""
-
-    session: object
-    payload: bytes
-
-
 Event = (
     UdpOutbound
     | IcmpEchoOutbound
@@ -139,17 +160,6 @@ Event = (
     | TcpConnEvent
     | UdpSessionDatagram
 )
-TcpKey = tuple[bytes, int, bytes, int]  # guest ip, guest port, destination ip, port
-
-
-_PORTS = struct.Struct("!HH")
-_ADDRS_PORTS = struct.Struct("!4s4sHH")  # IPv4 source, destination, then layer-4 ports
-
-
-def udp_flow_key(guest_ip: bytes, guest_port: int, dst_ip: bytes, dst_port: int) -> bytes:
-    """A flow's key in `Network.udp_flows`: the bytes of its datagrams' source and
-    destination addresses and ports, as they sit in the frame."""
-    return guest_ip + dst_ip + _PORTS.pack(guest_port, dst_port)
 
 
 def ip_bytes(addr: ipaddress.IPv4Address | str) -> bytes:
@@ -182,7 +192,8 @@ class Network:
         # factories): the forwarder API on 80.
         self.gateway_tcp_services: dict[int, str] = {}
         self.stats: Counter[str] = Counter()
-        # port security (16.1): the CAM table's and the binding table's counters are ours.
+        # Port security: the CAM table bounds and ages each port's MACs and keeps a live
+        # port's MAC from being taken; the binding table ties addresses to their port.
         self.cam = ethernet.CamTable(
             max_per_port=config.port_max_macs,
             max_age=config.mac_age,
@@ -209,7 +220,7 @@ class Network:
                 static_leases=dict(config.static_leases),
                 reserved=config.virtual_addresses,
                 pool=config.dhcp_range,
-                max_leases_per_port=config.port_max_leases,  # port security (16.1)
+                max_leases_per_port=config.port_max_leases,
             )
         )
         self.zones = zones or default_zones(str(config.gateway_ip), str(config.host_ip))
@@ -218,33 +229,41 @@ class Network:
         self._outbox: dict[int, list[bytes]] = {}
         self._ports: set[int] = set()
         self._vnet_ports: set[int] = set()
-        self._trusted = False  # the frames being handled come from an offload port
-        self._in_port = 0
         self._next_port = 1
-        self._now = 0.0
+        self._now = 0.0  # the latest batch's time (timers, policy)
         self._ident = 0
         self._pending_arp: dict[bytes, list[bytes]] = {}
         # When set, frames the gateway originates are also appended here (pcap, capture API).
         self.originated: list[bytes] | None = None
-        self.tcp_conns: dict[TcpKey, tcp.TcpConnection] = {}
-        self.tcp_pending: dict[TcpKey, tcp.TcpConnection] = {}  # dialling, insertion ordered
-        self.tcp_max_pending = config.tcp_max_pending
-        self.tcp_options = {
-            "mss": config.mtu - 40,
-            "recv_buffer": config.tcp_buffer,
-            "send_buffer": config.tcp_buffer,
-            "time_wait": config.tcp_time_wait,
-            "ack_delay": config.tcp_ack_delay,
-        }
-        # UDP port-forward sessions: (guest ip, guest port, our ip, our port) → session.
-        self.udp_sessions: dict[TcpKey, object] = {}
-        # UDP NAT flows the NAT has opened, by `udp_flow_key`: their datagrams skip the event
-        # objects and land in `udp_flow_datagrams` as (flow, payload), see `_flow_path`.
-        self.udp_flows: dict[bytes, object] = {}
-        self.udp_flow_datagrams: list[tuple[object, bytes]] = []
-        self._tcp_dirty: dict[tcp.TcpConnection, None] = {}
-        self._tcp_timers: list[tuple[float, int, tcp.TcpConnection]] = []
-        self._tcp_timer_seq = 0
+        self.transport = Transport(
+            self,
+            self.stats,
+            self.events,
+            tcp_options={
+                "mss": config.mtu - 40,
+                "recv_buffer": config.tcp_buffer,
+                "send_buffer": config.tcp_buffer,
+                "time_wait": config.tcp_time_wait,
+                "ack_delay": config.tcp_ack_delay,
+            },
+            max_pending=config.tcp_max_pending,
+            max_half_open=config.tcp_max_half_open,
+            max_connections=config.tcp_max_connections,
+            per_port_share=config.tcp_port_share,
+        )
+        # The transport's tables and application-side calls, under the names the NAT and
+        # port forwards use (bound directly: no wrapper call per use).
+        t = self.transport
+        self.take_udp_flow_datagrams = t.take_udp_flow_datagrams
+        self.tcp_touch = t.touch
+        self.tcp_accept = t.accept
+        self.tcp_refuse = t.refuse
+        self.tcp_connect = t.connect
+        self.pull_tcp_events = t.pull_events
+        self.tcp_conns = self.transport.tcp_conns
+        self.tcp_pending = self.transport.tcp_pending
+        self.udp_sessions = self.transport.udp_sessions
+        self.udp_flows = self.transport.udp_flows
 
     # ---- ports -------------------------------------------------------------------------
 
@@ -267,7 +286,7 @@ class Network:
         self._ports.discard(port)
         self._vnet_ports.discard(port)
         macs = self.cam.forget_port(port)
-        self.port_security.forget_port(port)  # port security (16.1)
+        self.port_security.forget_port(port)
         self.neighbours.forget_macs(macs)
         self._outbox.pop(port, None)
 
@@ -278,8 +297,8 @@ class Network:
     # ---- output ------------------------------------------------------------------------
 
     def frames_to_send(self, now: float | None = None) -> dict[int, list[bytes]]:
-        if self._tcp_dirty:
-            self._tcp_output(self._now if now is None else now)
+        if self.transport.dirty:
+            self.transport.output(self._now if now is None else now)
         out, self._outbox = self._outbox, {}
         return out
 
@@ -387,93 +406,119 @@ class Network:
 
     def get_timer(self) -> float | None:
         best = self.reassembler.next_deadline()
-        timers = self._tcp_timers
-        while timers and timers[0][2].get_timer() != timers[0][0]:
-            heapq.heappop(timers)  # stale: the connection's deadline moved since
-        if timers and (best is None or timers[0][0] < best):
-            best = timers[0][0]
+        tcp_next = self.transport.get_timer()
+        if tcp_next is not None and (best is None or tcp_next < best):
+            best = tcp_next
         return best
 
     def handle_timer(self, now: float) -> None:
         self._now = now
         self.reassembler.expire(now)
-        timers = self._tcp_timers
-        while timers and timers[0][0] <= now:
-            deadline, _, conn = heapq.heappop(timers)
-            if conn.get_timer() == deadline:
-                conn.handle_timer(now)
-                self._tcp_dirty[conn] = None
+        self.transport.handle_timer(now)
 
-    # ---- TCP ---------------------------------------------------------------------------
+    # ---- the transport's application side, for the NAT and port forwards -------------
 
-    def _tcp_options_for(self, port: int | None) -> dict:
-        if port is not None and port in self._vnet_ports:
-            # Offload: 64 KiB segments with only the pseudo header summed; the guest kernel
-            # sees GRO super-packets. The largest that still fits an IPv4 total length:
-            return dict(self.tcp_options, partial_checksum=True, gso_max=65535 - 20 - 60)
-        return self.tcp_options
+    @property
+    def tcp_max_pending(self) -> int:
+        return self.transport.max_pending
 
-    def tcp_touch(self, conn: tcp.TcpConnection) -> None:
-        """The application side used `conn` (send/read/close/abort): output it at the flush."""
-        self._tcp_dirty[conn] = None
+    @tcp_max_pending.setter
+    def tcp_max_pending(self, value: int) -> None:
+        self.transport.max_pending = value
 
-    def tcp_accept(self, conn: tcp.TcpConnection, now: float) -> None:
-        """The host dial for `conn` succeeded: complete the guest's handshake."""
-        self.tcp_pending.pop(conn.key, None)  # type: ignore[attr-defined]
-        if conn.state is tcp.TcpState.LISTEN:
-            conn.accept(now)
-            self._tcp_dirty[conn] = None
+    @property
+    def udp_flow_datagrams(self) -> list[tuple[object, bytes]]:
+        return self.transport.udp_flow_datagrams
 
-    def tcp_refuse(self, conn: tcp.TcpConnection, now: float, unreachable: int | None = None):
-        """The host dial failed: RST (refused), or an ICMP unreachable of code `unreachable`
-        (timeout, no route), which fails the guest's connect() at once with EHOSTUNREACH."""
-        key = conn.key  # type: ignore[attr-defined]
-        self.tcp_pending.pop(key, None)
-        if conn.state is not tcp.TcpState.LISTEN:
-            return
-        self.stats["tcp_refused"] += 1
-        if unreachable is None:
-            conn.refuse(now)
-            self._tcp_dirty[conn] = None
+    # ---- what the transport asks of this layer (transport.NetworkLayer) ---------------
+
+    def send_unreachable(self, src: bytes, dst: bytes, code: int, quote: bytes) -> None:
+        self.send_icmp_error(src, dst, icmp.DEST_UNREACHABLE, code, quote)
+
+    def port_of(self, ip: bytes) -> int | None:
+        """The switch port guest address `ip` sits on now, if known."""
+        mac = self.neighbours.lookup(ip)
+        return None if mac is None else self.cam.lookup(mac)
+
+    def offload_port(self, ip: bytes) -> bool:
+        """Whether what goes to guest address `ip` now leaves by an offload port."""
+        if not self._vnet_ports:
+            return False
+        mac = self.neighbours.lookup(ip)
+        return mac is not None and self.cam.lookup(mac) in self._vnet_ports
+
+    def route_tcp_syn(self, pkt: ipv4.Ipv4Packet, sport: int, dport: int) -> TcpRoute:
+        """Where a guest's new TCP connection goes: a gateway service, the host, or nowhere."""
+        dst = pkt.dst
+        if dst == self.dns_ip and dport == DNS_PORT:
+            return TcpRoute(service="dns")
+        if dst == self.gateway_ip and dport in self.gateway_tcp_services:
+            return TcpRoute(service=self.gateway_tcp_services[dport])
+        if (dst == self.gateway_ip or dst == self.dns_ip) and dst != self.host_ip:
+            # (a gateway that is also the host loopback, as slirp4netns's .2, is NATed)
+            self.stats["tcp_gateway_refused"] += 1
+            return TcpRoute(refused=True)
+        if dst == LIMITED_BROADCAST or dst == self.broadcast_ip or dst[0] >= 224:
+            self.stats["tcp_broadcast_dropped"] += 1  # RFC 1122 4.2.3.10: discard silently
+            return TcpRoute(refused=True, answered=True)
+        target = self._nat_route(pkt, "tcp", sport, dport)
+        if isinstance(target, str):
+            return TcpRoute(target=target)
+        # An ICMP error already answered (.254 refused, TTL exceeded): no RST too.
+        return TcpRoute(refused=True, answered=target is _ANSWERED)
+
+    def nat_target(self, pkt: ipv4.Ipv4Packet, proto: str, sport: int, dport: int) -> str | None:
+        """Where a new flow to `pkt.dst` goes on the host, or None when it must not leave
+        (answered with an ICMP error where the guest expects one). `proto` "" skips the
+        outbound policy (a flow already decided)."""
+        target = self._nat_route(pkt, proto, sport, dport)
+        return target if isinstance(target, str) else None
+
+    def _nat_route(self, pkt: ipv4.Ipv4Packet, proto: str, sport: int, dport: int) -> object:
+        """The host target (a str), or `_ANSWERED` (refused with an ICMP error) or
+        `_SILENT` (refused without one: TCP answers with RST)."""
+        dst = pkt.dst
+        if dst == self.host_ip:
+            if self.config.host_loopback:
+                target = LOOPBACK_V4
+            else:
+                self.stats["host_loopback_refused"] += 1
+                self.send_icmp_error(
+                    self.gateway_ip, pkt.src, icmp.DEST_UNREACHABLE, icmp.ADMIN_PROHIBITED, pkt.raw
+                )
+                return _ANSWERED
         else:
-            syn = conn.syn_quote  # type: ignore[attr-defined]
-            self.send_icmp_error(key[2], key[0], icmp.DEST_UNREACHABLE, unreachable, syn)
-            conn.abort()
-        self._tcp_forget(conn)
+            first = dst[0]
+            if (
+                self._in_subnet(dst)
+                or first == 127
+                or first == 0
+                or first >= 224
+                or dst == LIMITED_BROADCAST
+            ):
+                self.stats["ipv4_unroutable_dropped"] += 1
+                return _SILENT
+            target = dst
+        if pkt.ttl <= 1 and dst != self.host_ip:
+            self.stats["ttl_exceeded"] += 1
+            self.send_icmp_error(self.gateway_ip, pkt.src, icmp.TIME_EXCEEDED, 0, pkt.raw)
+            return _ANSWERED
+        if proto and self.policy.active:
+            verdict = self.policy.check(proto, pkt.src, sport, target, dport, self._now)
+            if not verdict.allowed:
+                self.stats[f"policy_{proto}_refused"] += 1
+                self.events.append(FlowDenied(verdict))
+                if proto == "tcp":
+                    return _SILENT
+                self.send_icmp_error(
+                    self.gateway_ip, pkt.src, icmp.DEST_UNREACHABLE, icmp.ADMIN_PROHIBITED, pkt.raw
+                )
+                return _ANSWERED
+        return ip_str(target)
 
-    def _tcp_forget(self, conn: tcp.TcpConnection) -> None:
-        key = conn.key  # type: ignore[attr-defined]
-        if self.tcp_conns.get(key) is conn:
-            del self.tcp_conns[key]
-        self.tcp_pending.pop(key, None)
-
-    def pull_tcp_events(self) -> None:
-        """Move the events of connections touched since the last output into `events`; they
-        stay marked for output. The NAT can then act (write to the host, dial) before this
-        batch's frames are written, and a reply can still ride on them."""
-        for conn in self._tcp_dirty:
-            self._tcp_take_events(conn)
-
-    def _tcp_take_events(self, conn: tcp.TcpConnection) -> None:
-        while (ev := conn.next_event()) is not None:
-            if isinstance(ev, tcp.Closed):
-                self._tcp_forget(conn)
-            self.events.append(TcpConnEvent(conn, ev))
-
-    def _tcp_output(self, now: float) -> None:
-        dirty, self._tcp_dirty = self._tcp_dirty, {}
-        for conn in dirty:
-            segments = conn.segments_to_send(now)
-            if segments:
-                self._tcp_emit(conn, segments)
-            self._tcp_take_events(conn)
-            deadline = conn.get_timer()
-            if deadline is not None:
-                self._tcp_timer_seq += 1
-                heapq.heappush(self._tcp_timers, (deadline, self._tcp_timer_seq, conn))
-
-    def _tcp_emit(self, conn: tcp.TcpConnection, segments: list[bytes]) -> None:
-        key = conn.key  # type: ignore[attr-defined]
+    def send_tcp(self, conn: tcp.TcpConnection, segments: list[bytes]) -> None:
+        """A connection's segments to its guest, in the format of the port it sits on now."""
+        key = conn.key
         src, dst = key[2], key[0]
         stats = self.stats
         stats["tcp_segments_out"] += len(segments)
@@ -481,7 +526,7 @@ class Network:
         stats["tcp_bytes_out"] += sum(map(len, segments)) + 20 * len(segments)
         mac = self.neighbours.lookup(dst)
         port = self.cam.lookup(mac) if mac is not None else None
-        if port is None or port not in self._vnet_ports:
+        if port is None or port not in self._vnet_ports or not conn.offload:
             for seg in segments:
                 packet = ipv4.build_ipv4(
                     src, dst, ipv4.PROTO_TCP, seg, self._next_ident(), 64, 0, ipv4.FLAG_DF
@@ -513,190 +558,331 @@ class Network:
             self._emit_raw(port, frame)
         stats["frames_out"] += len(segments)
 
-    def tcp_connect(
-        self, guest_ip: bytes, guest_port: int, src_ip: bytes, src_port: int, now: float
-    ) -> tcp.TcpConnection | None:
-        """Active open toward a guest (port forwarding): None when the 4-tuple is taken."""
-        key = (guest_ip, guest_port, src_ip, src_port)
-        if key in self.tcp_conns:
-            return None
-        mac = self.neighbours.lookup(guest_ip)
-        port = self.cam.lookup(mac) if mac is not None else None
-        conn = tcp.TcpConnection(
-            src_ip, src_port, guest_ip, guest_port, now=now, **self._tcp_options_for(port)
-        )
-        conn.key = key  # type: ignore[attr-defined]
-        conn.app = None  # type: ignore[attr-defined]
-        conn.connect(now)
-        self.tcp_conns[key] = conn
-        self._tcp_dirty[conn] = None
-        self.stats["tcp_connects_out"] += 1
-        return conn
+    # ---- input: the one receive path -----------------------------------------------
 
-    # ---- input -------------------------------------------------------------------------
+    def receive_frame(self, port: int, frame: bytes | memoryview, now: float) -> None:
+        """One frame in `port`'s format (a batch of one)."""
+        self.receive_frames(port, [bytes(frame)], now)
 
     def receive_frames(self, port: int, frames: list[bytes], now: float) -> None:
+        """A batch of frames from `port`, handled in order (see the module docstring)."""
         self._now = now
-        self._in_port = port
-        if port in self._vnet_ports:
-            # Our own vm-switch: the guest kernel's checksums may be left to us (offload) and
-            # it is the only writer of this stream, so layer-4 checksums are not re-verified.
-            if self.udp_flows or self.tcp_conns:
-                frames = self._flow_path(frames, VNET_LEN, now)
-            self._trusted = True
-            try:
-                for frame in frames:
-                    self._receive_vnet(port, frame, now)
-            finally:
-                self._trusted = False
-            return
-        if self.udp_flows or self.tcp_conns:
-            frames = self._flow_path(frames, 0, now)
-        for frame in frames:
-            self.receive_frame(port, frame, now)
-
-    def take_udp_flow_datagrams(self) -> list[tuple[object, bytes]]:
-        out, self.udp_flow_datagrams = self.udp_flow_datagrams, []
-        return out
-
-    def _flow_path(self, frames: list[bytes], off: int, now: float) -> list[bytes]:
-        """Segments of open TCP connections and datagrams of open UDP NAT flows, found by a
-        few byte compares and one dict lookup, skip the generic layers: a TCP segment goes
-        to its connection, a datagram to `udp_flow_datagrams` (no event object). The first
-        frame that is not for them, and every frame after it in the batch, are returned for
-        the full path (so nothing overtakes anything). Only the plainest form qualifies: to
-        the gateway MAC, IPv4 without options or fragmentation, lengths consistent, no SYN,
-        for UDP a TTL above 1 and no GSO, and on a plain port valid header and layer-4
-        checksums. A connection or flow exists only after its first packet passed every
-        check of the full path, so what that path checks once (a source in the subnet, a
-        destination that may be reached) holds for these as well."""
-        udp_flows = self.udp_flows
-        tcp_conns = self.tcp_conns
-        udp_out = self.udp_flow_datagrams
+        stats = self.stats
+        vnet = port in self._vnet_ports
+        off = VNET_LEN if vnet else 0
+        ip = off + ethernet.HEADER_LEN  # where IPv4 starts
+        trusted = vnet  # our vm-switch leaves layer-4 checksums to us: not re-verified
         gateway_mac = self.gateway_mac
-        addrs = _ADDRS_PORTS.unpack_from
-        listen = tcp.TcpState.LISTEN
-        parse = tcp.TcpSegment.parse
-        rest: list[bytes] = []
-        n_udp = udp_bytes = n_tcp = tcp_bytes = 0
-        ip = off + 14
+        admit_mac = self.port_security.admit_mac
+        secure = self.port_security.enabled
+        source_allowed = self.port_security.source_allowed
+        neighbour = self.neighbours.lookup
+        unpack_ip = _IPV4.unpack_from
+        ones_sum = checksum_mod.ones_sum
+        n_frames = n_ip = n_tcp = tcp_bytes = n_udp = udp_bytes = 0
         for frame in frames:
-            if rest:
-                # Once one frame needs the full path, the rest of the batch follows it, so
-                # frames keep their order (the flow path's work happens before the full
-                # path's, and a flow's datagrams go out before the full path's events).
-                rest.append(frame)
+            n_frames += 1
+            # -- layer 2
+            if len(frame) < ip:
+                stats["malformed_vnet" if vnet else "malformed_ethernet"] += 1
                 continue
-            if not (
-                len(frame) >= ip + 28
-                and frame[ip] == 0x45
-                and frame[off : off + 6] == gateway_mac
-                and frame[ip - 2 : ip] == b"\x08\x00"
-                and not (frame[ip + 6] & 0x3F or frame[ip + 7])
-            ):
-                rest.append(frame)
+            dst_mac = frame[off : off + 6]
+            src_mac = frame[off + 6 : off + 12]
+            if src_mac[0] & 1 or src_mac == ethernet.ZERO_MAC:
+                stats["malformed_ethernet"] += 1
                 continue
-            proto = frame[ip + 9]
-            total = (frame[ip + 2] << 8) | frame[ip + 3]
-            if proto == 6:
-                src, dst, sport, dport = addrs(frame, ip + 12)
-                conn = tcp_conns.get((src, sport, dst, dport))
+            if not admit_mac(port, src_mac, now):
+                continue  # a MAC over the port's limit or another port's: counted there
+            ethertype = frame[ip - 2 : ip]
+            if ethertype == _ETH_ARP:
+                self._arp_frame(port, frame, off, dst_mac, src_mac)
+                continue
+            if dst_mac != gateway_mac:
                 if (
-                    conn is None
-                    or conn.state is listen
-                    or total < 40
-                    or ip + total > len(frame)
-                    or frame[ip + 33] & 0x02  # SYN: new connections, TIME_WAIT reuse
-                    or (not off and not self._plain_valid(frame, total, 6))
+                    secure
+                    and ethertype == _ETH_IPV4
+                    and len(frame) >= ip + 20
+                    and not source_allowed(port, src_mac, frame[ip + 12 : ip + 16])
                 ):
-                    rest.append(frame)
-                    continue
-                try:
-                    seg = parse(memoryview(frame)[ip + 20 : ip + total])
-                except tcp.TcpParseError:
-                    rest.append(frame)  # counted there
-                    continue
-                if not self.port_security.admit_source(  # port security (16.1)
-                    self._in_port, frame[off + 6 : off + 12], src, now
-                ):
-                    self.stats["frames_in"] += 1  # dropped, counted by port security
-                    continue
-                conn.receive_segment(seg, now)
-                self._tcp_dirty[conn] = None
+                    continue  # another port's address, to another guest or flooded: counted
+                if not self._switch(port, frame, dst_mac):
+                    continue  # switched to another guest only, or dropped
+            if ethertype != _ETH_IPV4:
+                if ethertype == _ETH_IPV6:
+                    stats["ipv6_dropped"] += 1
+                else:
+                    stats["unknown_ethertype_dropped"] += 1
+                continue
+            # -- layer 3, from one struct; anything unusual to the slow parser
+            if len(frame) < ip + 20:
+                stats["ipv4_truncated"] += 1
+                continue
+            ver_ihl, _tos, total, _id, frag, _ttl, proto, _c, src, _dst = unpack_ip(frame, ip)
+            if ver_ihl != 0x45 or total < 20 or ip + total > len(frame) or frag & 0x8000:
+                self._ipv4_unusual(port, frame, ip, src_mac, now)
+                continue
+            if not trusted and ones_sum(frame[ip : ip + 20]) != 0xFFFF:
+                stats["ipv4_bad_checksum"] += 1
+                continue
+            n_ip += 1
+            if proto == 6:
                 n_tcp += 1
                 tcp_bytes += total
-            elif proto == 17 and frame[ip + 8] > 1 and (not off or not frame[1]):
-                flow = udp_flows.get(frame[ip + 12 : ip + 24])
-                if (
-                    flow is None
-                    or total != ((frame[ip + 24] << 8) | frame[ip + 25]) + 20
-                    or ip + total > len(frame)
-                    or (not off and not self._plain_valid(frame, total, 17))
-                ):
-                    rest.append(frame)
-                    continue
-                if not self.port_security.admit_source(  # port security (16.1)
-                    self._in_port, frame[off + 6 : off + 12], frame[ip + 12 : ip + 16], now
-                ):
-                    self.stats["frames_in"] += 1  # dropped, counted by port security
-                    continue
-                udp_out.append((flow, frame[ip + 28 : ip + total]))
+            elif proto == 17:
                 n_udp += 1
                 udp_bytes += total
             else:
-                rest.append(frame)
-        if n_udp or n_tcp:
-            stats = self.stats
-            stats["frames_in"] += n_udp + n_tcp
-            stats["ipv4_in"] += n_udp + n_tcp
-            if n_udp:
-                stats["udp_packets_in"] += n_udp
-                stats["udp_bytes_in"] += udp_bytes
-                stats["udp_in"] += n_udp
-            if n_tcp:
-                stats["tcp_packets_in"] += n_tcp
-                stats["tcp_bytes_in"] += tcp_bytes
-                stats["tcp_segments_in"] += n_tcp
-        return rest
+                self._count_proto(proto, total)
+            if src != ANY_V4 and neighbour(src) != src_mac:
+                if not self._ipv4_source_allowed(port, src_mac, src):
+                    continue
+            if frag & 0x3FFF:
+                self._fragment(self._packet(frame, ip, 20, total), src_mac, now, trusted)
+            else:
+                self._l4(frame, ip, 20, total, proto, src_mac, now, trusted, vnet and frame[1])
+        stats["frames_in"] += n_frames
+        if n_ip:
+            stats["ipv4_in"] += n_ip
+        if n_tcp:
+            stats["tcp_packets_in"] += n_tcp
+            stats["tcp_bytes_in"] += tcp_bytes
+        if n_udp:
+            stats["udp_packets_in"] += n_udp
+            stats["udp_bytes_in"] += udp_bytes
+
+    def _count_proto(self, proto: int, total: int) -> None:
+        name = PROTO_NAMES.get(proto, "other")
+        self.stats[name + "_packets_in"] += 1
+        self.stats[name + "_bytes_in"] += total
 
     @staticmethod
-    def _plain_valid(frame: bytes, total: int, proto: int) -> bool:
-        """Header and layer-4 checksums of a plain frame (IPv4 at 14, no options)."""
-        if checksum_mod.ones_sum(frame[14:34]) != 0xFFFF:
-            return False
-        if proto == 17 and frame[40] == 0 and frame[41] == 0:
-            return True  # no UDP checksum
-        return checksum_mod.verify_transport_v4(
-            frame[26:30], frame[30:34], proto, frame[34 : 14 + total]
+    def _packet(frame: bytes, ip: int, hlen: int, total: int) -> ipv4.Ipv4Packet:
+        """The packet object the slower handlers take, from a header already validated."""
+        _vi, tos, _t, ident, frag, ttl, proto, _c, src, dst = _IPV4.unpack_from(frame, ip)
+        return ipv4.Ipv4Packet(
+            src,
+            dst,
+            proto,
+            ttl,
+            ident,
+            frag,
+            tos,
+            frame[ip : ip + hlen],
+            memoryview(frame)[ip + hlen : ip + total],
         )
 
-    def _receive_vnet(self, port: int, frame: bytes, now: float) -> None:
-        if len(frame) < VNET_LEN + ethernet.HEADER_LEN:
-            self.stats["frames_in"] += 1
-            self.stats["malformed_vnet"] += 1
+    def _ipv4_unusual(self, port: int, frame: bytes, ip: int, src_mac: bytes, now: float) -> None:
+        """An IPv4 header with options or something wrong: the full parser says which."""
+        try:
+            pkt = ipv4.parse_ipv4(memoryview(frame)[ip:])
+        except ipv4.Ipv4Error as e:
+            self.stats[str(e)] += 1
             return
-        flags, gso_type, _hl, _gs, csum_start, csum_offset = VNET_HDR.unpack_from(frame)
-        self._vnet_in = (frame, flags, gso_type, csum_start, csum_offset)
-        self.receive_frame(port, memoryview(frame)[VNET_LEN:], now)
+        self.stats["ipv4_in"] += 1
+        total = len(pkt.header) + len(pkt.payload)
+        self._count_proto(pkt.proto, total)
+        if pkt.src != ANY_V4 and self.neighbours.lookup(pkt.src) != src_mac:
+            if not self._ipv4_source_allowed(port, src_mac, pkt.src):
+                return
+        trusted = port in self._vnet_ports
+        if pkt.is_fragment:
+            self._fragment(pkt, src_mac, now, trusted)
+        else:
+            hlen = len(pkt.header)
+            gso = trusted and frame[1]
+            total = hlen + len(pkt.payload)
+            self._l4(frame, ip, hlen, total, pkt.proto, src_mac, now, trusted, gso)
 
-    def _switch_out(self, out: int, frame: bytes | memoryview) -> None:
+    def _fragment(self, pkt: ipv4.Ipv4Packet, src_mac: bytes, now: float, trusted: bool) -> None:
+        """A fragment to reassemble; the whole datagram then goes on like any packet."""
+        whole = self.reassembler.add(pkt, now)
+        if whole is not None:
+            raw = whole.header + bytes(whole.payload)
+            self._l4(raw, 0, len(whole.header), len(raw), whole.proto, src_mac, now, trusted)
+
+    def _l4(
+        self,
+        frame: bytes,
+        ip: int,
+        hlen: int,
+        total: int,
+        proto: int,
+        src_mac: bytes,
+        now: float,
+        trusted: bool,
+        gso: int = 0,
+    ) -> None:
+        """A whole IPv4 datagram (header at `ip`, validated, from an allowed source), by
+        protocol: layer 4 validated once, then an open connection or flow takes it
+        directly, or the slower handlers (transport, the gateway's services) do."""
+        stats = self.stats
+        l4 = ip + hlen
+        end = ip + total
+        src = frame[ip + 12 : ip + 16]
+        dst = frame[ip + 16 : ip + 20]
+        if proto == 6:
+            if not trusted and not checksum_mod.verify_transport_v4(src, dst, 6, frame[l4:end]):
+                stats["tcp_bad_checksum"] += 1
+                return
+            try:
+                seg = tcp.TcpSegment.parse(memoryview(frame)[l4:end])
+            except tcp.TcpParseError:
+                stats["tcp_malformed"] += 1
+                return
+            stats["tcp_segments_in"] += 1
+            transport = self.transport
+            conn = transport.tcp_conns.get((src, seg.src_port, dst, seg.dst_port))
+            if conn is not None and not seg.flags & _SYN and conn.state is not _LISTEN:
+                conn.receive_segment(seg, now)  # an open connection: straight to it
+                transport.dirty[conn] = None
+            else:
+                transport.tcp_segment(self._packet(frame, ip, hlen, total), seg, now)
+            return
+        if proto == 17:
+            if total - hlen < 8:
+                stats["udp_truncated"] += 1
+                return
+            sport, dport, ulen, ucsum = _UDP.unpack_from(frame, l4)
+            if ulen < 8 or ulen > total - hlen:
+                stats["udp_bad_length"] += 1
+                return
+            if (
+                ucsum
+                and not trusted
+                and not checksum_mod.verify(
+                    frame[l4 : l4 + ulen], checksum_mod.pseudo_header_sum_v4(src, dst, 17, ulen)
+                )
+            ):
+                stats["udp_bad_checksum"] += 1
+                return
+            stats["udp_in"] += 1
+            flows = self.transport.udp_flows
+            # A datagram of an open flow, to go on (TTL above 1; no UDP segmentation
+            # offload, which an offload port's header would say): straight to the flow.
+            if flows and frame[ip + 8] > 1 and not gso:
+                flow = flows.get(frame[ip + 12 : ip + 20] + frame[l4 : l4 + 4])
+                if flow is not None:
+                    self.transport.udp_flow_datagrams.append((flow, frame[l4 + 8 : l4 + ulen]))
+                    return
+            self._udp(
+                self._packet(frame, ip, hlen, total),
+                sport,
+                dport,
+                memoryview(frame)[l4 + 8 : l4 + ulen],
+                src_mac,
+                now,
+            )
+            return
+        pkt = self._packet(frame, ip, hlen, total)
+        if proto == ipv4.PROTO_ICMP:
+            self._icmp(pkt)
+            return
+        stats["ipv4_unknown_protocol"] += 1
+        if pkt.dst in self.virtual_ips:
+            self.send_icmp_error(
+                self.gateway_ip, pkt.src, icmp.DEST_UNREACHABLE, icmp.PROTO_UNREACHABLE, pkt.raw
+            )
+
+    # ---- port rules ---------------------------------------------------------------
+
+    def _valid_source(self, ip: bytes) -> bool:
+        """RFC 1122 3.2.1.3: a guest's own address is in the subnet and not one of the
+        gateway's, the broadcast or the network address."""
+        return (
+            self._in_subnet(ip)
+            and ip not in self.virtual_ips
+            and ip != self.broadcast_ip
+            and ip != self.network_ip
+        )
+
+    def _neighbour_may_move(self, port: int, ip: bytes, mac: bytes) -> bool:
+        """Whether a frame from `port` may (re)bind `ip` to `mac`: not when `ip` belongs to
+        another MAC that lives on another port (an address theft; that guest's own frames
+        and the port it left, or its MAC's ageing, free it)."""
+        old = self.neighbours.lookup(ip)
+        if old is None or old == mac:
+            return True
+        old_port = self.cam.lookup(old)
+        return old_port is None or old_port == port
+
+    def _ipv4_source_allowed(self, port: int, src_mac: bytes, src: bytes) -> bool:
+        """Every IPv4 frame to the gateway whose source is not yet bound to its MAC passes
+        here (port security checks a port's sources here too): martian sources and sources
+        that belong to another port's guest are dropped and counted; else the neighbour
+        table learns the source."""
+        if not self._valid_source(src):
+            self.stats["ipv4_bad_source"] += 1  # RFC 1122 3.2.1.3: martian source
+            return False
+        if not self._address_may_move(port, src, src_mac, "ip"):
+            return False
+        self.neighbours.learn(src, src_mac)
+        return True
+
+    def _arp_sender_allowed(self, port: int, src_mac: bytes, pkt: arp.ArpPacket) -> bool:
+        """Every ARP frame from a guest, to whomever it goes, passes here before it is
+        flooded, switched or answered (port security checks a port's senders here too)."""
+        if pkt.sender_mac != src_mac:
+            self.stats["arp_spoof_dropped"] += 1
+            return False
+        if pkt.sender_ip in self.virtual_ips:
+            # A claim to be the gateway (or DNS, .254): never reaches another guest.
+            self.stats["arp_spoof_dropped"] += 1
+            self.stats["arp_gateway_claim_dropped"] += 1
+            return False
+        if pkt.sender_ip == ANY_V4:
+            return True
+        return self._address_may_move(port, pkt.sender_ip, src_mac, "arp")
+
+    def _address_may_move(self, port: int, ip: bytes, mac: bytes, kind: str) -> bool:
+        """Whether `port` may claim `ip` at `mac` (refusals counted by `kind`). With port
+        security the binding table decides (DHCP's leases and first use, kept while a port
+        lives); without it the neighbour table does (an address in use by another live
+        port's MAC stays there)."""
+        theft = "arp_address_theft_dropped" if kind == "arp" else "ipv4_source_conflict_dropped"
+        if self.port_security.enabled:
+            return self.port_security.claim(port, mac, ip, theft, kind + "_limit_dropped")
+        if self._neighbour_may_move(port, ip, mac):
+            return True
+        self.stats[theft] += 1
+        return False
+
+    # ---- layer 2 --------------------------------------------------------------------
+
+    def _switch(self, port: int, frame: bytes, dst_mac: bytes) -> bool:
+        """A frame not to the gateway MAC: to another guest, or flooded. True when the
+        gateway takes it as well (a broadcast)."""
+        if dst_mac[0] & 1:
+            for p in self._ports:
+                if p != port:
+                    self._switch_out(port, p, frame)
+            self.stats["flooded"] += 1
+            return True
+        out = self.cam.lookup(dst_mac)
+        if out is None or out == port:
+            self.stats["unknown_unicast_dropped"] += 1
+            return False
+        self._switch_out(port, out, frame)
+        self.stats["switched"] += 1
+        return False
+
+    def _switch_out(self, in_port: int, out: int, frame: bytes) -> None:
         """Forward a guest's frame to port `out`, converting between plain and virtio-net
         formats: a plain port cannot take a GSO super-frame (dropped, counted), and gets a
         partial checksum completed in software."""
-        if not self._trusted:
+        if in_port not in self._vnet_ports:
             if out in self._vnet_ports:
-                self._emit_raw(out, VNET_NONE + bytes(frame))
+                self._emit_raw(out, VNET_NONE + frame)
             else:
-                self._emit_raw(out, frame)  # type: ignore[arg-type]
+                self._emit_raw(out, frame)
             return
-        raw, flags, gso_type, csum_start, csum_offset = self._vnet_in
         if out in self._vnet_ports:
-            self._emit_raw(out, raw)
+            self._emit_raw(out, frame)
             return
+        flags, gso_type, _hl, _gs, csum_start, csum_offset = VNET_HDR.unpack_from(frame)
         if gso_type != VNET_GSO_NONE:
             self.stats["gso_frame_not_switchable"] += 1
             return
-        data = bytearray(frame)
+        data = bytearray(frame[VNET_LEN:])
         if flags & VNET_F_NEEDS_CSUM:
             pos = csum_start + csum_offset
             if pos + 2 <= len(data):
@@ -704,61 +890,27 @@ class Network:
                 data[pos : pos + 2] = (value or 0xFFFF).to_bytes(2, "big")
         self._emit_raw(out, bytes(data))
 
-    def receive_frame(self, port: int, frame: bytes | memoryview, now: float) -> None:
-        stats = self.stats
-        stats["frames_in"] += 1
-        if len(frame) < ethernet.HEADER_LEN:
-            stats["malformed_ethernet"] += 1
-            return
-        dst, src, ethertype = ethernet.HEADER.unpack_from(frame)
-        if src[0] & 1 or src == ethernet.ZERO_MAC:
-            stats["malformed_ethernet"] += 1
-            return
-        if not self.port_security.admit(port, src, ethertype, frame, now):  # port security (16.1)
-            return
-        self._in_port = port  # port security (16.1): DHCP leases are bound to their port
-        if dst == self.gateway_mac:
-            self._to_gateway(port, src, ethertype, frame, now)
-            return
-        if dst[0] & 1:
-            for p in self._ports:
-                if p != port:
-                    self._switch_out(p, frame)
-            stats["flooded"] += 1
-            self._to_gateway(port, src, ethertype, frame, now)
-            return
-        out = self.cam.lookup(dst)
-        if out is None or out == port:
-            stats["unknown_unicast_dropped"] += 1
-            return
-        self._switch_out(out, frame)
-        stats["switched"] += 1
-
-    def _to_gateway(
-        self, port: int, src_mac: bytes, ethertype: int, frame: bytes | memoryview, now: float
-    ) -> None:
-        body = memoryview(frame)[ethernet.HEADER_LEN :]  # no copy: parsers slice views
-        if ethertype == ETHERTYPE_IPV4:
-            self._ipv4(src_mac, body, now)
-        elif ethertype == ETHERTYPE_ARP:
-            self._arp(src_mac, body)
-        elif ethertype == ETHERTYPE_IPV6:
-            self.stats["ipv6_dropped"] += 1
-        else:
-            self.stats["unknown_ethertype_dropped"] += 1
-
-    def _arp(self, src_mac: bytes, body: bytes) -> None:
+    def _arp_frame(self, port: int, frame: bytes, off: int, dst_mac: bytes, src_mac: bytes) -> None:
+        """Every ARP frame, to the gateway, flooded or to another guest: parsed and its
+        sender checked once, before it goes anywhere."""
+        at = off + ethernet.HEADER_LEN
+        to_gateway = dst_mac == self.gateway_mac or dst_mac[0] & 1
         try:
-            pkt = arp.parse_arp(body)
+            pkt = arp.parse_arp(memoryview(frame)[at:])
         except arp.ArpError:
             self.stats["malformed_arp"] += 1
             return
-        self.stats["arp_packets_in"] += 1
-        self.stats["arp_bytes_in"] += len(body)
-        if pkt.sender_mac != src_mac or pkt.sender_ip in self.virtual_ips:
-            self.stats["arp_spoof_dropped"] += 1
+        if to_gateway:
+            self.stats["arp_packets_in"] += 1
+            self.stats["arp_bytes_in"] += len(frame) - at
+        if not self._arp_sender_allowed(port, src_mac, pkt):
             return
-        if pkt.sender_ip != ANY_V4 and self._in_subnet(pkt.sender_ip):
+        if dst_mac != self.gateway_mac and not self._switch(port, frame, dst_mac):
+            return
+        self._arp(pkt)
+
+    def _arp(self, pkt: arp.ArpPacket) -> None:
+        if pkt.sender_ip != ANY_V4 and self._valid_source(pkt.sender_ip):
             self.neighbours.learn(pkt.sender_ip, pkt.sender_mac)
             if pkt.sender_ip in self._pending_arp:
                 self._flush_arp_queue(pkt.sender_ip, pkt.sender_mac)
@@ -772,103 +924,17 @@ class Network:
     def _in_subnet(self, ip: bytes) -> bool:
         return (int.from_bytes(ip, "big") & self._mask_int) == self._net_int
 
-    def _ipv4(self, src_mac: bytes, body: bytes, now: float) -> None:
-        try:
-            pkt = ipv4.parse_ipv4(body)
-        except ipv4.Ipv4Error as e:
-            self.stats[str(e)] += 1
-            return
-        stats = self.stats
-        stats["ipv4_in"] += 1
-        proto_name = PROTO_NAMES.get(pkt.proto, "other")
-        stats[proto_name + "_packets_in"] += 1
-        stats[proto_name + "_bytes_in"] += len(body)
-        if pkt.src != ANY_V4:
-            if (
-                not self._in_subnet(pkt.src)
-                or pkt.src in self.virtual_ips
-                or pkt.src == self.broadcast_ip
-                or pkt.src == self.network_ip
-            ):
-                self.stats["ipv4_bad_source"] += 1  # RFC 1122 3.2.1.3: martian source
-                return
-            self.neighbours.learn(pkt.src, src_mac)
-        if pkt.is_fragment:
-            whole = self.reassembler.add(pkt, now)
-            if whole is None:
-                return
-            pkt = whole
-        if pkt.proto == ipv4.PROTO_UDP:
-            self._udp(pkt, src_mac, now)
-        elif pkt.proto == ipv4.PROTO_ICMP:
-            self._icmp(pkt)
-        elif pkt.proto == ipv4.PROTO_TCP:
-            self._tcp(pkt, now)
-        else:
-            self.stats["ipv4_unknown_protocol"] += 1
-            if pkt.dst in self.virtual_ips:
-                self.send_icmp_error(
-                    self.gateway_ip, pkt.src, icmp.DEST_UNREACHABLE, icmp.PROTO_UNREACHABLE, pkt.raw
-                )
+    # ---- the gateway's services and the NAT's entry points -------------------------
 
-    def _nat_target(
-        self, pkt: ipv4.Ipv4Packet, proto: str = "", sport: int = 0, dport: int = 0
-    ) -> str | None:
-        """Where a new flow to `pkt.dst` goes on the host, or None when it must not leave.
-
-        Refusals answer with an ICMP error where the guest expects one (a TCP refusal by
-        policy is left to the caller, which answers with RST)."""
-        dst = pkt.dst
-        if dst == self.host_ip:
-            if self.config.host_loopback:
-                target = LOOPBACK_V4
-            else:
-                self.stats["host_loopback_refused"] += 1
-                self.send_icmp_error(
-                    self.gateway_ip, pkt.src, icmp.DEST_UNREACHABLE, icmp.ADMIN_PROHIBITED, pkt.raw
-                )
-                return None
-        else:
-            first = dst[0]
-            if (
-                self._in_subnet(dst)
-                or first == 127
-                or first == 0
-                or first >= 224
-                or dst == LIMITED_BROADCAST
-            ):
-                self.stats["ipv4_unroutable_dropped"] += 1
-                return None
-            target = dst
-        if pkt.ttl <= 1 and dst != self.host_ip:
-            self.stats["ttl_exceeded"] += 1
-            self.send_icmp_error(self.gateway_ip, pkt.src, icmp.TIME_EXCEEDED, 0, pkt.raw)
-            return None
-        if proto and self.policy.active:
-            verdict = self.policy.check(proto, pkt.src, sport, target, dport, self._now)
-            if not verdict.allowed:
-                self.stats[f"policy_{proto}_refused"] += 1
-                self.events.append(FlowDenied(verdict))
-                if proto != "tcp":
-                    self.send_icmp_error(
-                        self.gateway_ip,
-                        pkt.src,
-                        icmp.DEST_UNREACHABLE,
-                        icmp.ADMIN_PROHIBITED,
-                        pkt.raw,
-                    )
-                return None
-        return ip_str(target)
-
-    def _udp(self, pkt: ipv4.Ipv4Packet, src_mac: bytes, now: float) -> None:
-        try:
-            sport, dport, payload = udp.parse_udp(
-                pkt.src, pkt.dst, pkt.payload, verify_checksum=not self._trusted
-            )
-        except udp.UdpError as e:
-            self.stats[str(e)] += 1
-            return
-        self.stats["udp_in"] += 1
+    def _udp(
+        self,
+        pkt: ipv4.Ipv4Packet,
+        sport: int,
+        dport: int,
+        payload: bytes | memoryview,
+        src_mac: bytes,
+        now: float,
+    ) -> None:
         dst = pkt.dst
         if (
             dst == self.gateway_ip
@@ -892,32 +958,22 @@ class Network:
             else:
                 self.stats["udp_broadcast_dropped"] += 1
                 return
-        if self.udp_sessions:
-            session = self.udp_sessions.get((pkt.src, sport, dst, dport))
-            if session is not None:
-                self.events.append(UdpSessionDatagram(session, payload))
-                return
-        # A datagram of an open flow that missed the flow path was decided with its first.
-        decided = udp_flow_key(pkt.src, sport, dst, dport) in self.udp_flows
-        target = self._nat_target(pkt, "" if decided else "udp", sport, dport)
-        if target is None:
-            return
-        quote = pkt.header + pkt.payload[:8]
-        self.events.append(UdpOutbound(pkt.src, sport, dst, dport, target, payload, quote))
+        self.transport.udp_datagram(pkt, sport, dport, payload)
 
     def _dhcp(self, src_mac: bytes, payload: bytes, now: float) -> None:
-        reply = self.dhcp.handle(payload, src_mac, now, self._in_port)  # port security (16.1)
+        # The port the request came in by (the CAM table learnt it from this very frame):
+        # leases are counted per port and bound to it.
+        port = self.cam.lookup(src_mac)
+        reply = self.dhcp.handle(payload, src_mac, now, port)
         while (event := self.dhcp.next_event()) is not None:
+            mac, ip = ethernet.parse_mac(event.mac), ip_bytes(event.ip)
             if isinstance(event, LeaseGranted):
-                self.neighbours.learn(ip_bytes(event.ip), ethernet.parse_mac(event.mac))
-                self.port_security.bind(  # port security (16.1)
-                    self._in_port, ethernet.parse_mac(event.mac), ip_bytes(event.ip)
-                )
+                self.neighbours.learn(ip, mac)
+                if port is not None:
+                    self.port_security.bind(port, mac, ip)
                 self.events.append(LeaseEvent(event.mac, str(event.ip), event.hostname))
             else:
-                self.port_security.unbind(  # port security (16.1)
-                    ip_bytes(event.ip), ethernet.parse_mac(event.mac)
-                )
+                self.port_security.unbind(ip, mac)
                 self.events.append(LeaseEvent(event.mac, str(event.ip), event.hostname, True))
         if reply is None:
             return
@@ -950,96 +1006,9 @@ class Network:
         if pkt.dst == self.gateway_ip or pkt.dst == self.dns_ip:
             self.send_icmp_echo_reply(pkt.dst, pkt.src, msg.ident, msg.seq, msg.payload)
             return
-        target = self._nat_target(pkt, "icmp")
+        target = self.nat_target(pkt, "icmp", 0, 0)
         if target is None:
             return
         self.events.append(
             IcmpEchoOutbound(pkt.src, pkt.dst, target, msg.ident, msg.seq, msg.payload)
         )
-
-    def _tcp(self, pkt: ipv4.Ipv4Packet, now: float) -> None:
-        stats = self.stats
-        payload = pkt.payload
-        if not self._trusted and not tcp.verify_segment_checksum(pkt.src, pkt.dst, payload):
-            stats["tcp_bad_checksum"] += 1
-            return
-        try:
-            seg = tcp.TcpSegment.parse(payload)
-        except tcp.TcpParseError:
-            stats["tcp_malformed"] += 1
-            return
-        stats["tcp_segments_in"] += 1
-        key = (pkt.src, seg.src_port, pkt.dst, seg.dst_port)
-        conn = self.tcp_conns.get(key)
-        flags = seg.flags
-        is_syn = flags & (tcp.SYN | tcp.ACK | tcp.RST) == tcp.SYN
-        if conn is not None:
-            if is_syn and conn.accepts_new_syn(seg):
-                # A new connection reusing a 4-tuple we hold in TIME_WAIT, accepted as Linux
-                # does (gvproxy drops these SYNs).
-                stats["tcp_time_wait_reused"] += 1
-                conn.abort()
-                self._tcp_forget(conn)
-                self._tcp_dirty[conn] = None
-            elif conn.state is tcp.TcpState.LISTEN and is_syn:
-                return  # a retransmitted SYN while the host dial is still pending
-            else:
-                conn.receive_segment(seg, now)
-                self._tcp_dirty[conn] = None
-                return
-        if not is_syn:
-            stats["tcp_no_connection"] += 1
-            reply = tcp.build_reset_reply(pkt.dst, pkt.src, seg)
-            if reply is not None:
-                self.send_ip(pkt.dst, pkt.src, ipv4.PROTO_TCP, reply)
-            return
-        service = None
-        if pkt.dst == self.dns_ip and seg.dst_port == DNS_PORT:
-            service, target = "dns", ""
-        elif pkt.dst == self.gateway_ip and seg.dst_port in self.gateway_tcp_services:
-            service, target = self.gateway_tcp_services[seg.dst_port], ""
-        elif (pkt.dst == self.gateway_ip or pkt.dst == self.dns_ip) and pkt.dst != self.host_ip:
-            # (a gateway that is also the host loopback, as slirp4netns's .2, is NATed)
-            stats["tcp_gateway_refused"] += 1
-            reply = tcp.build_reset_reply(pkt.dst, pkt.src, seg)
-            if reply is not None:
-                self.send_ip(pkt.dst, pkt.src, ipv4.PROTO_TCP, reply)
-            return
-        else:
-            dst = pkt.dst
-            if dst == LIMITED_BROADCAST or dst == self.broadcast_ip or dst[0] >= 224:
-                stats["tcp_broadcast_dropped"] += 1  # RFC 1122 4.2.3.10: discard silently
-                return
-            refusals = stats["host_loopback_refused"] + stats["ttl_exceeded"]
-            target = self._nat_target(pkt, "tcp", seg.src_port, seg.dst_port)
-            if target is None:
-                # An ICMP error already answered (.254 refused, TTL exceeded): no RST too.
-                if stats["host_loopback_refused"] + stats["ttl_exceeded"] == refusals:
-                    reply = tcp.build_reset_reply(pkt.dst, pkt.src, seg)
-                    if reply is not None:
-                        self.send_ip(pkt.dst, pkt.src, ipv4.PROTO_TCP, reply)
-                return
-        if service is None and len(self.tcp_pending) >= self.tcp_max_pending:
-            # Bounded, but never blocking: the oldest pending dial gives way, so a pile of
-            # dials to a black hole cannot stop connections to live destinations.
-            _, oldest = next(iter(self.tcp_pending.items()))
-            stats["tcp_pending_evicted"] += 1
-            self.tcp_refuse(oldest, now, unreachable=icmp.HOST_UNREACHABLE)
-            self.events.append(TcpConnEvent(oldest, tcp.ConnectionFailed("evicted")))
-        conn = tcp.TcpConnection.from_syn(
-            pkt.dst,
-            seg.dst_port,
-            pkt.src,
-            seg.src_port,
-            seg,
-            now=now,
-            **self._tcp_options_for(self._in_port),
-        )
-        conn.key = key  # type: ignore[attr-defined]
-        conn.app = None  # type: ignore[attr-defined]
-        conn.syn_quote = pkt.header + payload[:8]  # type: ignore[attr-defined]
-        self.tcp_conns[key] = conn
-        stats["tcp_syns"] += 1
-        if service is None:
-            self.tcp_pending[key] = conn
-        self.events.append(TcpDial(conn, target, seg.dst_port, service))

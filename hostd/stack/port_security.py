@@ -14,12 +14,14 @@ address. The binding table maps each guest address to the MAC and port that own 
 * within a port, an address may move from one MAC to another: the port is the unit of
   trust (one guest), and the CAM table bounds the MACs a port may use.
 
-`source_allowed(port, mac, ip)` checks an IPv4 source, `arp_allowed(port, sender_mac,
+`source_allowed(port, mac, ip)` checks an IPv4 source and `arp_allowed(port, sender_mac,
 sender_ip)` an ARP sender (a gratuitous ARP for another guest's address is refused before
-it is flooded or reaches the neighbour table), and `frame_allowed` does either for a raw
-Ethernet frame. MAC-level rules (a port's MAC limit, MAC theft, aging) live in the CAM
-table (ethernet.CamTable); `admit` (a whole frame) and `admit_source` (a frame whose IPv4
-source was already read) do both, so the switch needs one call where it accepts a frame.
+it is flooded or reaches the neighbour table); `claim` is the rule under both, with the
+caller's counter names. MAC-level rules (a port's MAC limit, MAC theft, aging) live in the
+CAM table (ethernet.CamTable); `admit_mac` applies them to every frame. The receive path in
+network.py calls `admit_mac` for every frame, `arp_allowed` for every ARP sender and the
+source rule for every IPv4 frame that is switched, flooded, or whose source is not yet the
+neighbour entry of its MAC.
 
 Refusals are counted in `stats` by reason and logged at most once per `log_interval` per
 reason, with how many were dropped since. With `enabled` False (setups that bridge other
@@ -29,7 +31,6 @@ It does no I/O and reads no clock: `now` comes in where a log line may be due.
 
 from __future__ import annotations
 
-import struct
 from collections import Counter
 
 from hostd.corelog import core_logger
@@ -37,11 +38,7 @@ from hostd.stack.ethernet import CamTable, mac_to_str
 
 log = core_logger("hostd.port_security")
 
-ETHERTYPE_IPV4 = 0x0800
-ETHERTYPE_ARP = 0x0806
 ANY_V4 = b"\x00\x00\x00\x00"
-_ARP_ETHERNET_IPV4 = b"\x00\x01\x08\x00\x06\x04"  # htype, ptype, hlen, plen
-_ARP_SENDER = struct.Struct("!6s4s")  # sender MAC and IP, at offset 8 of the ARP body
 
 
 class PortSecurity:
@@ -106,78 +103,46 @@ class PortSecurity:
 
     # ---- the switch's entry points -------------------------------------------------------
 
-    def admit(self, port: int, src_mac: bytes, ethertype: int, frame, now: float) -> bool:
-        """A frame from `port` (Ethernet header at 0): learn its source MAC in the CAM table
-        and check its ARP sender or IPv4 source. False: drop it (counted, logged)."""
-        if not self.cam.learn(src_mac, port, now):
-            self._now = now
-            return self._refuse(self.cam.last_refusal, b"", src_mac)
-        return self.frame_allowed(port, src_mac, ethertype, frame, now)
-
-    def admit_source(self, port: int, src_mac: bytes, src_ip: bytes, now: float) -> bool:
-        """`admit` for an IPv4 frame whose source address the caller has already read (the
-        switch's fast path for open flows)."""
-        if not self.cam.learn(src_mac, port, now):
-            self._now = now
-            return self._refuse(self.cam.last_refusal, b"", src_mac)
-        if not self.enabled:
+    def admit_mac(self, port: int, src_mac: bytes, now: float) -> bool:
+        """Every frame from `port`: its source MAC learnt in the CAM table, within the port's
+        MAC limit and not another live port's. False: drop it (counted, logged)."""
+        if self.cam.learn(src_mac, port, now):
             return True
         self._now = now
-        return self.source_allowed(port, src_mac, src_ip)
+        return self._refuse(self.cam.last_refusal, b"", src_mac)
 
     # ---- checks --------------------------------------------------------------------------
 
     def source_allowed(self, port: int, mac: bytes, ip: bytes) -> bool:
         """May `port` send IPv4 from `ip` with Ethernet source `mac`?"""
+        return self.claim(port, mac, ip, "ipv4_source_conflict_dropped", "ip_limit_dropped")
+
+    def arp_allowed(self, port: int, sender_mac: bytes, sender_ip: bytes) -> bool:
+        """May `port` announce `sender_ip` at `sender_mac` (ARP request, reply, gratuitous)?"""
+        return self.claim(
+            port, sender_mac, sender_ip, "arp_address_theft_dropped", "arp_limit_dropped"
+        )
+
+    def claim(self, port: int, mac: bytes, ip: bytes, theft_reason: str, limit_reason: str) -> bool:
+        """May `port` use `ip` at `mac`? An address bound to another port is refused (counted
+        as `theft_reason`); an unbound one is bound to this port within its limit; within a
+        port the address follows the MAC. ANY (an RFC 5227 probe) claims nothing."""
         if not self.enabled or ip == ANY_V4:
             return True
         owner = self._owner.get(ip)
         if owner is not None:
             if owner[1] != port:
-                return self._refuse("ip_theft_dropped", ip)
+                return self._refuse(theft_reason, ip)
             if owner[0] != mac:
                 self._rebind_mac(ip, mac, port)
             return True
-        return self._claim(port, mac, ip, "ip_limit_dropped")
-
-    def arp_allowed(self, port: int, sender_mac: bytes, sender_ip: bytes) -> bool:
-        """May `port` announce `sender_ip` at `sender_mac` (ARP request, reply, gratuitous)?"""
-        if not self.enabled or sender_ip == ANY_V4:  # ANY: a probe (RFC 5227), claims nothing
-            return True
-        owner = self._owner.get(sender_ip)
-        if owner is not None:
-            if owner[1] != port:
-                return self._refuse("arp_theft_dropped", sender_ip)
-            if owner[0] != sender_mac:
-                self._rebind_mac(sender_ip, sender_mac, port)
-            return True
-        return self._claim(port, sender_mac, sender_ip, "arp_limit_dropped")
+        return self._claim(port, mac, ip, limit_reason)
 
     def _rebind_mac(self, ip: bytes, mac: bytes, port: int) -> None:
         """The address moved to another MAC of the same port (one guest, whose MACs the CAM
         table already bounds): follow it, as a switch port is the unit of trust."""
         self._owner[ip] = (mac, port)
         self.stats["port_security_rebound"] += 1
-
-    def frame_allowed(self, port: int, src_mac: bytes, ethertype: int, frame, now: float) -> bool:
-        """The check for a whole Ethernet frame (header at 0): ARP sender or IPv4 source;
-        other frames pass (they are dropped or counted further on). Too short: passes too,
-        the parsers count it as malformed."""
-        if not self.enabled:
-            return True
-        self._now = now
-        if ethertype == ETHERTYPE_IPV4:
-            if len(frame) < 34:
-                return True
-            return self.source_allowed(port, src_mac, bytes(frame[26:30]))
-        if ethertype == ETHERTYPE_ARP:
-            if len(frame) < 42 or frame[14:20] != _ARP_ETHERNET_IPV4:
-                return True
-            sender_mac, sender_ip = _ARP_SENDER.unpack_from(frame, 22)
-            if sender_mac != src_mac:  # the stack's own counter for it: not flooded either
-                return self._refuse("arp_spoof_dropped", sender_ip)
-            return self.arp_allowed(port, sender_mac, sender_ip)
-        return True
 
     def _claim(self, port: int, mac: bytes, ip: bytes, limit_reason: str) -> bool:
         """An unbound address used by `port`: bound to it (a static guest), within limits.

@@ -33,6 +33,13 @@ How data moves.
   nearby reference. So modulo 2**32 arithmetic happens only at the edges, and comparisons
   inside are plain integer comparisons.
 
+Who owns it. The transport layer (hostd/stack/transport.py) keeps connections by 4-tuple
+and sets three typed fields: `key` (that 4-tuple), `app` (the `TcpApplication` driving the
+connection from the host side: a NAT host socket, a gateway service, a port forward, a
+tunnel; it gets every event through `on_event`) and `syn_quote` (what an ICMP error about
+a failed dial quotes). Before each output it calls `set_offload` with the offload of the
+port the guest sits on now, so segments follow the port they leave by.
+
 Call pattern. For each batch of received segments: `receive_segment` for each, then
 `segments_to_send` once (the pure ACK for the batch is coalesced there), then drain
 `next_event`. After `send`/`read`/`close`/`abort`: `segments_to_send`. Whenever
@@ -60,6 +67,7 @@ import struct
 from bisect import bisect_left
 from collections import deque
 from dataclasses import dataclass
+from typing import Protocol
 
 from hostd.stack.checksum import checksum, ones_sum, verify_transport_v4
 
@@ -79,6 +87,7 @@ __all__ = [
     "DataReceived",
     "PeerClosed",
     "SendSpaceAvailable",
+    "TcpApplication",
     "TcpConnection",
     "TcpError",
     "TcpEvent",
@@ -290,6 +299,13 @@ def _build(
         csum = checksum(payload, s + ones_sum(hdr + options))
     hdr = _HDR.pack(src_port, dst_port, seq, ack, off, flags, window, csum, urgent)
     return b"".join((hdr, options, payload))
+
+
+def _complete_checksum(seg: bytes) -> bytes:
+    """A partial-checksum segment (the field holds the folded pseudo header sum) made whole:
+    summing it as it is adds the pseudo header, so the complement is the full checksum."""
+    csum = checksum(seg)
+    return b"".join((seg[:16], _U16.pack(csum), seg[18:]))
 
 
 def build_segment(
@@ -528,6 +544,13 @@ class TcpStats:
 # --------------------------------------------------------------------------- connection
 
 
+class TcpApplication(Protocol):
+    """What drives a connection from the host side (a NAT host socket, a gateway service
+    such as DNS over TCP, a port forward): it gets every event of its connection."""
+
+    def on_event(self, event: TcpEvent) -> None: ...
+
+
 class TcpConnection:
     """One TCP connection; see the module docstring for the call pattern.
 
@@ -570,6 +593,12 @@ class TcpConnection:
         self.remote_ip = bytes(remote_ip)
         self.remote_port = remote_port
         self.stats = TcpStats()
+        # Set by the transport layer that owns the connection: its 4-tuple there (guest ip,
+        # guest port, local ip, local port), the application driving it, and for a passive
+        # open the SYN's IP header + 8 bytes (what an ICMP error about the dial quotes).
+        self.key: tuple[bytes, int, bytes, int] = (remote_ip, remote_port, local_ip, local_port)
+        self.app: TcpApplication | None = None
+        self.syn_quote = b""
         self._pseudo = ones_sum(self.local_ip + self.remote_ip) + PROTO_TCP
         self._mss = max(_MIN_MSS, min(mss, 0xFFFF))
         self._recv_buffer = recv_buffer
@@ -585,6 +614,7 @@ class TcpConnection:
         # that the guest kernel treats as GRO super-packets of MSS-sized segments.
         self._partial = partial_checksum
         self._gso_max = gso_max
+        self.offload = partial_checksum  # read per output by the transport layer
         self._now = now  # latest time seen; stamps ACKs that read() makes pending
 
         self._state = TcpState.CLOSED
@@ -654,6 +684,16 @@ class TcpConnection:
         self._rexmit: list[tuple[int, int]] = []  # ranges to resend regardless of windows
         self._rexmit_hi = 0  # highest offset retransmitted in this recovery
         self._sacked: list[list[int]] = []  # disjoint sorted [start, end) offsets > snd_una
+
+    def set_offload(self, partial_checksum: bool, gso_max: int) -> None:
+        """Follow the port the guest sits on now: offload (partial checksums, segments of
+        up to `gso_max`) or plain. Segments already built for an offload port get their
+        checksum completed, as a plain port needs it."""
+        if self._partial and not partial_checksum and self._out:
+            self._out = [_complete_checksum(seg) for seg in self._out]
+        self._partial = partial_checksum
+        self._gso_max = gso_max
+        self.offload = partial_checksum  # read per output by the transport layer
 
     # ------------------------------------------------------------------ construction
 

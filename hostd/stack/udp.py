@@ -1,6 +1,9 @@
-"""UDP (RFC 768): datagram codec. Where datagrams go is decided by the network module:
-DHCP and DNS on the gateway are served in-process, everything else is NATed to a host socket.
-A zero checksum from a guest means "none" and is accepted; a wrong one drops the datagram."""
+"""UDP (RFC 768): datagram codec. Where datagrams go is decided above it: the network
+layer (hostd/stack/network.py) serves DHCP and DNS on the gateway in-process and checks the
+length and checksum of every guest datagram once; the transport layer
+(hostd/stack/transport.py) gives the rest to port-forward sessions, open NAT flows or new
+ones. A zero checksum from a guest means "none" and is accepted; a wrong one drops the
+datagram. `parse_udp` is the codec for datagrams that come whole out of reassembly."""
 
 from __future__ import annotations
 

@@ -2,6 +2,16 @@
 
 from __future__ import annotations
 
+import io
+import struct
+
+import pytest
+from scapy.layers.inet import ICMP, IP, UDP
+from scapy.layers.l2 import ARP, Ether
+from scapy.utils import rdpcap
+
+from hostd.capture import PcapWriter, pcap_header, pcap_record
+
 
 def test_capture_buffer_bounds_bytes_and_messages():
     from hostd.capture import CaptureBuffer
@@ -19,3 +29,58 @@ def test_capture_buffer_bounds_bytes_and_messages():
     big = CaptureBuffer(max_bytes=100_000, max_message=4_000)
     big.put(b"z" * 50_000)  # one record larger than a message still goes out alone
     assert big.take() == (b"z" * 50_000, 1) and big.bytes == 0
+
+
+# ---- moved from test_network.py ------------------------------------------------------
+
+
+GW_MAC = "5a:94:ef:e4:0c:dd"
+MAC1 = "5a:94:ef:e4:0c:ee"
+BCAST = "ff:ff:ff:ff:ff:ff"
+GW_IP = "192.168.127.1"
+GUEST_IP = "192.168.127.2"
+
+
+GOOD_PING = IP(src=GUEST_IP, dst=GW_IP) / ICMP(id=1, seq=1) / b"payload!"
+
+
+def test_pcap_writer_read_back_with_scapy(tmp_path):
+    path = tmp_path / "cap.pcap"
+    frames = [
+        bytes(Ether(src=MAC1, dst=GW_MAC) / GOOD_PING),
+        bytes(Ether(src=MAC1, dst=BCAST) / ARP(hwsrc=MAC1, psrc=GUEST_IP, pdst=GW_IP)),
+        bytes(Ether(src=GW_MAC, dst=MAC1) / IP(src=GW_IP, dst=GUEST_IP) / UDP() / (b"u" * 2000)),
+    ]
+    w = PcapWriter.open(str(path))
+    w.write(frames[:2], ts=1700000000.25)
+    w.write(frames[2:], ts=1700000001.5)
+    w.flush()
+    w.close()
+    assert w.frames == 3
+    pkts = rdpcap(str(path))
+    assert [bytes(p) for p in pkts] == frames
+    assert [float(p.time) for p in pkts] == pytest.approx(
+        [1700000000.25, 1700000000.25, 1700000001.5], abs=1e-6
+    )
+    assert pkts[0][ICMP].id == 1
+    assert path.read_bytes()[20:24] == (1).to_bytes(4, "little")  # LINKTYPE_ETHERNET
+
+
+def test_pcap_snaplen_truncates_but_keeps_original_length(tmp_path):
+    buf = io.BytesIO()
+    w = PcapWriter(buf, snaplen=64)
+    frame = bytes(Ether(src=MAC1, dst=GW_MAC) / IP() / (b"x" * 200))
+    w.write([frame], ts=5.000001)
+    path = tmp_path / "snap.pcap"
+    path.write_bytes(buf.getvalue())
+    (p,) = rdpcap(str(path))
+    assert bytes(p) == frame[:64]
+    assert p.wirelen == len(frame)
+    assert float(p.time) == pytest.approx(5.000001, abs=1e-6)
+
+
+def test_pcap_header_and_record_layout():
+    hdr = pcap_header()
+    assert len(hdr) == 24 and hdr[:4] == bytes.fromhex("d4c3b2a1")  # little-endian magic
+    rec = pcap_record(b"abc", 1.5)
+    assert struct.unpack("<IIII", rec[:16]) == (1, 500000, 3, 3) and rec[16:] == b"abc"

@@ -1,7 +1,12 @@
+import ipaddress
 import os
 import random
 
+from scapy.layers.inet import IP, in4_chksum
+from scapy.utils import checksum as scapy_checksum
+
 from hostd.stack import checksum as cs
+from hostd.stack import udp
 
 
 def loop_checksum(data: bytes) -> int:
@@ -37,3 +42,30 @@ def test_verify_roundtrip():
     assert cs.verify(even)
     even[0] ^= 1
     assert not cs.verify(even)
+
+
+# ---- moved from test_network.py ------------------------------------------------------
+
+
+GUEST_IP = "192.168.127.2"
+HOST_IP = "192.168.127.254"
+
+
+def b(ip: str) -> bytes:
+    return ipaddress.IPv4Address(ip).packed
+
+
+SRC, DST = b(GUEST_IP), b(HOST_IP)
+
+
+def test_checksum_module_agrees_with_scapy():
+    rng = random.Random(11)
+    for n in [0, 1, 2, 3, 19, 20, 21, 64, 1499, 1500]:
+        data = rng.randbytes(n)
+        assert cs.checksum(data) == scapy_checksum(data), n
+    for n in [8, 9, 100, 1473]:
+        seg = bytearray(udp.build_udp(SRC, DST, 5, 6, rng.randbytes(n)))
+        pkt = IP(src=GUEST_IP, dst=HOST_IP, proto=17)
+        assert cs.verify_transport_v4(SRC, DST, 17, bytes(seg))
+        seg[6:8] = b"\0\0"
+        assert cs.transport_checksum_v4(SRC, DST, 17, seg) == in4_chksum(17, pkt, bytes(seg))

@@ -1,4 +1,8 @@
-"""The sans-IO core frame by frame: `Network` and the protocol modules it is built from.
+"""hostd/stack/network.py frame by frame: the switch, ARP and the port rules, the gateway's
+IPv4 layer (routing, reassembly through the switch, sending to guests) and its services
+(DHCP, DNS, echo), and garbage. The protocol codecs have their own files (test_ipv4.py,
+test_arp.py, test_icmp.py, test_udp.py, test_ethernet.py, test_tcp.py), the transport layer
+test_transport.py, the receive path's per-flow delivery test_receive_path.py.
 
 Frames are built and checked with scapy (an independent implementation), DNS with dnslib.
 No sockets, no clock: every call gets `now` explicitly.
@@ -6,7 +10,6 @@ No sockets, no clock: every call gets `now` explicitly.
 
 from __future__ import annotations
 
-import io
 import ipaddress
 import random
 import struct
@@ -18,12 +21,10 @@ from scapy.layers.inet import ICMP, IP, UDP, defragment, fragment, in4_chksum
 from scapy.layers.l2 import ARP, Ether
 from scapy.packet import Raw
 from scapy.utils import checksum as scapy_checksum
-from scapy.utils import rdpcap
 
-from hostd.capture import PcapWriter, pcap_header, pcap_record
 from hostd.config import NetworkConfig
-from hostd.stack import arp, ethernet, icmp, ipv4, udp
 from hostd.stack import checksum as cs
+from hostd.stack import ethernet, icmp, ipv4
 from hostd.stack.network import (
     DnsQueryOutbound,
     IcmpEchoOutbound,
@@ -192,6 +193,75 @@ def test_arp_spoofing_dropped_and_counted(arp_pkt):
     net = make_net()
     assert feed(net, Ether(src=MAC1, dst=BCAST) / arp_pkt) == {}
     assert net.stats["arp_spoof_dropped"] == 1
+    assert net.neighbours.items() == []
+
+
+# ---- port rules: who may claim an address ----------------------------------------------
+
+
+def test_same_port_mac_change_moves_the_neighbour_entry():
+    net = make_net(ports=2)
+    learn_guest(net)
+    # The guest on port 1 comes back with another MAC (a VM restarted): allowed.
+    grat = Ether(src=MAC3, dst=BCAST) / ARP(op=2, hwsrc=MAC3, psrc=GUEST_IP, pdst=GUEST_IP)
+    out = feed(net, grat, port=1)
+    assert net.neighbours.lookup(b(GUEST_IP)) == m(MAC3)
+    assert out == {2: [bytes(grat)]}
+
+
+def test_gratuitous_arp_for_another_ports_address_dropped_not_flooded():
+    net = make_net(ports=3)
+    learn_guest(net, 1, MAC1, GUEST_IP)
+    learn_guest(net, 3, MAC3, "192.168.127.9")
+    grat = Ether(src=MAC2, dst=BCAST) / ARP(op=2, hwsrc=MAC2, psrc=GUEST_IP, pdst=GUEST_IP)
+    assert feed(net, grat, port=2) == {}  # neither the victim nor the bystander hears it
+    assert net.stats["arp_address_theft_dropped"] == 1
+    assert net.neighbours.lookup(b(GUEST_IP)) == m(MAC1)
+    # A unicast reply aimed at the bystander, claiming the victim's address: dropped too.
+    steer = Ether(src=MAC2, dst=MAC3) / ARP(op=2, hwsrc=MAC2, psrc=GUEST_IP, pdst="192.168.127.9")
+    assert feed(net, steer, port=2) == {}
+    assert net.stats["arp_address_theft_dropped"] == 2
+    # The gateway's traffic for the victim still goes to the victim's port.
+    net.send_udp(b(GW_IP), 53, b(GUEST_IP), 4000, b"answer")
+    assert set(net.frames_to_send()) == {1}
+
+
+@pytest.mark.parametrize("claimed", [GW_IP, HOST_IP])
+@pytest.mark.parametrize("dst", [BCAST, MAC1])
+def test_arp_claiming_a_virtual_address_never_reaches_another_guest(claimed, dst):
+    net = make_net(ports=2)
+    learn_guest(net, 1, MAC1, GUEST_IP)
+    before = (net.stats["flooded"], net.stats["switched"])
+    claim = Ether(src=MAC2, dst=dst) / ARP(op=2, hwsrc=MAC2, psrc=claimed, pdst=GUEST_IP)
+    assert feed(net, claim, port=2) == {}
+    assert net.stats["arp_gateway_claim_dropped"] == 1
+    assert (net.stats["flooded"], net.stats["switched"]) == before
+
+
+def test_ipv4_from_another_ports_address_dropped_and_neighbour_kept():
+    net = make_net(ports=2)
+    learn_guest(net, 1, MAC1, GUEST_IP)
+    spoofed = to_gw(IP(src=GUEST_IP, dst=REMOTE_IP) / UDP(sport=1, dport=2) / b"x", MAC2)
+    feed(net, spoofed, port=2)
+    assert net.stats["ipv4_source_conflict_dropped"] == 1
+    assert not net.events
+    assert net.neighbours.lookup(b(GUEST_IP)) == m(MAC1)
+
+
+def test_address_free_again_once_its_port_is_gone():
+    net = make_net(ports=2)
+    learn_guest(net, 1, MAC1, GUEST_IP)
+    net.remove_port(1)
+    grat = Ether(src=MAC2, dst=BCAST) / ARP(op=2, hwsrc=MAC2, psrc=GUEST_IP, pdst=GUEST_IP)
+    feed(net, grat, port=2)
+    assert net.neighbours.lookup(b(GUEST_IP)) == m(MAC2)
+    assert net.stats["arp_address_theft_dropped"] == 0
+
+
+def test_arp_from_a_broadcast_source_address_not_learned():
+    net = make_net()
+    bad = Ether(src=MAC1, dst=BCAST) / ARP(op=1, hwsrc=MAC1, psrc="192.168.127.255", pdst=GW_IP)
+    feed(net, bad)
     assert net.neighbours.items() == []
 
 
@@ -1084,322 +1154,3 @@ def test_fuzz_never_raises_counts_everything_and_keeps_working():
     assert len(net.reassembler) == 0 and net.reassembler.held_bytes == 0
     (reply,) = only_frames(feed(net, to_gw(GOOD_PING), now=now + 10))
     assert reply[ICMP].type == 0
-
-
-# ---- ipv4.Reassembler and ipv4.fragment ---------------------------------------------------
-
-SRC, DST = b(GUEST_IP), b(HOST_IP)
-
-
-def frag(offset: int, data: bytes, mf: bool, ident: int = 1, proto: int = 17) -> ipv4.Ipv4Packet:
-    fo = (ipv4.FLAG_MF if mf else 0) | (offset >> 3)
-    return ipv4.parse_ipv4(ipv4.build_ipv4(SRC, DST, proto, data, ident, flags_offset=fo))
-
-
-def test_reassembler_any_order():
-    data = random.Random(9).randbytes(5000)
-    pieces = [ipv4.parse_ipv4(p) for p in ipv4.fragment(SRC, DST, 17, data, 1500, 42)]
-    for seed in range(5):
-        order = pieces[:]
-        random.Random(seed).shuffle(order)
-        r = ipv4.Reassembler()
-        results = [r.add(p, 0.0) for p in order]
-        assert all(x is None for x in results[:-1])
-        whole = results[-1]
-        assert whole is not None and whole.payload == data
-        assert not whole.is_fragment
-        assert whole.src == SRC and whole.dst == DST and whole.proto == 17 and whole.ident == 42
-        assert whole.header == pieces[0].header  # the first fragment's header is quoted
-        assert r.held_bytes == 0 and len(r) == 0
-
-
-def test_reassembler_keys_by_ident_and_protocol():
-    r = ipv4.Reassembler()
-    assert r.add(frag(0, b"a" * 8, True, ident=1), 0) is None
-    assert r.add(frag(8, b"b" * 8, False, ident=2), 0) is None
-    assert r.add(frag(8, b"c" * 8, False, ident=1, proto=1), 0) is None
-    assert len(r) == 3
-    whole = r.add(frag(8, b"d" * 8, False, ident=1), 0)
-    assert whole is not None and whole.payload == b"a" * 8 + b"d" * 8
-    assert len(r) == 2
-
-
-def test_reassembler_exact_duplicate_ignored_conflicting_dropped():
-    r = ipv4.Reassembler()
-    r.add(frag(0, b"a" * 8, True), 0)
-    assert r.add(frag(0, b"a" * 8, True), 0) is None
-    assert r.stats["overlap_dropped"] == 0 and len(r) == 1
-    assert r.add(frag(0, b"X" * 8, True), 0) is None  # same place, other bytes
-    assert r.stats["overlap_dropped"] == 1 and len(r) == 0 and r.held_bytes == 0
-
-
-@pytest.mark.parametrize(
-    "sequence",
-    [
-        [(0, 16, True), (8, 16, False)],  # overlap into the middle
-        [(8, 8, True), (0, 24, False)],  # a later piece covers an earlier one
-        [(0, 8, True), (16, 8, False), (8, 8, False)],  # two different ends
-        [(16, 8, False), (0, 8, True), (24, 8, True)],  # a piece past the known end
-        [(0, 8, True), (24, 8, True), (16, 8, False)],  # the end arrives below a stored piece
-    ],
-    ids=["middle", "covering", "two_ends", "past_end", "end_below_stored"],
-)
-def test_reassembler_overlaps_and_inconsistent_ends_dropped(sequence):
-    r = ipv4.Reassembler()
-    results = [r.add(frag(off, b"\x11" * size, mf), 0) for off, size, mf in sequence]
-    assert results == [None] * len(sequence)
-    assert r.stats["overlap_dropped"] == 1
-    assert r.stats["reassembled"] == 0
-    assert len(r) == 0 and r.held_bytes == 0
-
-
-def test_reassembler_unaligned_middle_fragment_dropped():
-    r = ipv4.Reassembler()
-    assert r.add(frag(0, b"a" * 12, True), 0) is None
-    assert r.stats["overlap_dropped"] == 1 and len(r) == 0
-
-
-def test_reassembler_too_big_dropped():
-    r = ipv4.Reassembler()
-    assert r.add(frag(65512, b"a" * 16, False), 0) is None
-    assert r.stats["too_big_dropped"] == 1 and len(r) == 0
-
-
-def test_reassembler_timeout_and_deadline():
-    r = ipv4.Reassembler(timeout=30.0)
-    assert r.next_deadline() is None
-    r.add(frag(0, b"a" * 8, True, ident=1), 10.0)
-    r.add(frag(0, b"a" * 8, True, ident=2), 20.0)
-    assert r.next_deadline() == 40.0
-    assert r.expire(39.99) == 0
-    held = 8 + ipv4.FRAGMENT_OVERHEAD + ipv4.PARTIAL_OVERHEAD  # every piece and partial costs
-    assert r.expire(40.0) == 1 and len(r) == 1 and r.held_bytes == held
-    assert r.next_deadline() == 50.0
-    assert r.expire(1000.0) == 1
-    assert r.stats["timeout_dropped"] == 2 and r.held_bytes == 0
-
-
-def test_reassembler_memory_bound_evicts_oldest():
-    o, p = ipv4.FRAGMENT_OVERHEAD, ipv4.PARTIAL_OVERHEAD  # charged beyond the data
-    limit = 2 * (p + o + 40) + o + 8
-    r = ipv4.Reassembler(max_bytes=limit)
-    for ident in range(1, 6):
-        r.add(frag(0, b"x" * 40, True, ident=ident), float(ident))
-        assert r.held_bytes <= limit
-    assert len(r) == 2  # the two newest
-    assert r.stats["memory_dropped"] == 3
-    assert r.add(frag(40, b"y" * 8, False, ident=5), 9.0).payload == b"x" * 40 + b"y" * 8
-    # One datagram alone over the limit is dropped, not held.
-    r2 = ipv4.Reassembler(max_bytes=p + 2 * o + 64)
-    r2.add(frag(0, b"a" * 48, True), 0)
-    assert r2.add(frag(48, b"b" * 48, True), 0) is None
-    assert len(r2) == 0 and r2.held_bytes == 0 and r2.stats["memory_dropped"] == 1
-    assert r2.add(frag(0, b"c" * (o + 72), True, ident=9), 0) is None  # bigger than budget
-    assert len(r2) == 0 and r2.held_bytes == 0
-
-
-def test_fragment_fits_in_one_packet():
-    (p,) = ipv4.fragment(SRC, DST, 99, b"x" * 1480, 1500, 7)
-    pkt = IP(p)
-    assert pkt.len == 1500 and pkt.flags == 0 and pkt.frag == 0 and pkt.id == 7
-    assert_valid_ip(pkt)
-
-
-@pytest.mark.parametrize(("size", "mtu"), [(1481, 1500), (3000, 1500), (65000, 9000), (100, 28)])
-def test_fragment_splits_on_8_byte_boundaries(size, mtu):
-    data = random.Random(size).randbytes(size)
-    packets = ipv4.fragment(SRC, DST, 17, data, mtu, 0xBEEF, ttl=33, tos=0x10)
-    parsed = [IP(p) for p in packets]
-    assert all(len(p) <= mtu for p in packets)
-    offsets = [p.frag * 8 for p in parsed]
-    assert offsets == sorted(offsets) and offsets[0] == 0
-    for p in parsed:
-        assert p.id == 0xBEEF and p.ttl == 33 and p.tos == 0x10
-        assert_valid_ip(p)
-    assert all(p.flags.MF for p in parsed[:-1]) and not parsed[-1].flags.MF
-    assert all(len(bytes(p.payload)) % 8 == 0 for p in parsed[:-1])
-    (whole,) = defragment(parsed)
-    assert bytes(IP(bytes(whole)).payload) == data
-
-
-def test_fragment_mtu_too_small():
-    with pytest.raises(ValueError, match="too small"):
-        ipv4.fragment(SRC, DST, 17, b"x" * 100, 27, 1)
-
-
-def test_build_and_parse_ipv4_against_scapy():
-    raw = ipv4.build_ipv4(SRC, DST, 99, b"abc", ident=5, ttl=9, tos=4)
-    p = IP(raw)
-    assert (p.src, p.dst, p.proto, p.id, p.ttl, p.tos, p.len) == (
-        GUEST_IP,
-        HOST_IP,
-        99,
-        5,
-        9,
-        4,
-        23,
-    )
-    assert_valid_ip(p)
-    s = bytes(IP(src=GUEST_IP, dst=HOST_IP, options=b"\x94\x04\x00\x00") / b"data") + b"pad"
-    pkt = ipv4.parse_ipv4(s)
-    assert len(pkt.header) == 24 and pkt.payload == b"data"  # options kept, padding trimmed
-
-
-# ---- icmp, udp, arp, ethernet, checksum modules ------------------------------------------
-
-
-def test_icmp_build_and_parse():
-    msg = icmp.build_echo_reply(0x1234, 0x5678, b"hello")
-    p = ICMP(msg)
-    assert p.type == 0 and p.id == 0x1234 and p.seq == 0x5678 and bytes(p.payload) == b"hello"
-    assert scapy_checksum(msg) == 0
-    parsed = icmp.parse_icmp(msg)
-    assert (parsed.type, parsed.code, parsed.ident, parsed.seq, parsed.payload) == (
-        0,
-        0,
-        0x1234,
-        0x5678,
-        b"hello",
-    )
-    with pytest.raises(icmp.IcmpError, match="icmp_bad_checksum"):
-        icmp.parse_icmp(msg[:-1] + b"X")
-    with pytest.raises(icmp.IcmpError, match="icmp_truncated"):
-        icmp.parse_icmp(msg[:7])
-
-
-def test_icmp_error_quotes_header_with_options_and_8_bytes():
-    orig = bytes(IP(src=GUEST_IP, dst=REMOTE_IP, options=b"\x01" * 8) / UDP() / (b"x" * 100))
-    err = icmp.build_error(icmp.TIME_EXCEEDED, 0, orig)
-    assert err[8:] == orig[: 28 + 8]
-    assert err[4:8] == b"\0\0\0\0"
-    assert scapy_checksum(err) == 0
-    short = icmp.build_error(icmp.DEST_UNREACHABLE, 3, orig[:24])
-    assert short[8:] == orig[:24]
-
-
-def test_udp_build_and_parse():
-    seg = udp.build_udp(SRC, DST, 1234, 53, b"query")
-    pkt = IP(bytes(IP(src=GUEST_IP, dst=HOST_IP, proto=17) / Raw(seg)))
-    assert in4_chksum(17, pkt, seg) == 0
-    assert UDP(seg).sport == 1234 and UDP(seg).len == 13
-    assert udp.parse_udp(SRC, DST, seg + b"trailing") == (1234, 53, b"query")
-    with pytest.raises(udp.UdpError, match="udp_bad_checksum"):
-        udp.parse_udp(SRC, b(GW_IP), seg)  # a different pseudo header
-    with pytest.raises(udp.UdpError, match="udp_truncated"):
-        udp.parse_udp(SRC, DST, seg[:7])
-    with pytest.raises(udp.UdpError, match="udp_bad_length"):
-        udp.parse_udp(SRC, DST, seg[:10])
-
-
-def test_udp_checksum_zero_is_sent_as_ffff():
-    # Find a payload whose checksum computes to 0: RFC 768 says send 0xFFFF.
-    for i in range(200000):
-        payload = i.to_bytes(4, "big")
-        seg = udp.build_udp(SRC, DST, 1, 2, payload)
-        if seg[6:8] == b"\xff\xff":
-            pkt = IP(src=GUEST_IP, dst=HOST_IP, proto=17)
-            assert in4_chksum(17, pkt, seg) == 0
-            assert udp.parse_udp(SRC, DST, seg)[2] == payload
-            return
-    pytest.fail("no payload with a zero checksum found")
-
-
-def test_arp_codec_against_scapy():
-    raw = arp.build_arp(arp.OP_REPLY, m(GW_MAC), b(GW_IP), m(MAC1), b(GUEST_IP))
-    p = ARP(raw)
-    assert (p.op, p.hwsrc, p.psrc, p.hwdst, p.pdst) == (2, GW_MAC, GW_IP, MAC1, GUEST_IP)
-    parsed = arp.parse_arp(bytes(ARP(op=1, hwsrc=MAC2, psrc=GUEST2_IP, pdst=GW_IP)))
-    assert parsed.op == 1 and parsed.sender_mac == m(MAC2) and parsed.target_ip == b(GW_IP)
-    with pytest.raises(arp.ArpError):
-        arp.parse_arp(raw[:27])
-
-
-def test_neighbour_table_bounded_and_ignores_zero():
-    t = arp.NeighbourTable(max_entries=2)
-    t.learn(b"\0\0\0\0", m(MAC1))
-    t.learn(b(GUEST_IP), m(MAC1))
-    t.learn(b(GUEST2_IP), m(MAC2))
-    t.learn(b("192.168.127.4"), m(MAC3))
-    assert t.lookup(b("192.168.127.4")) is None and len(t.items()) == 2
-    t.learn(b(GUEST_IP), m(MAC3))  # an update is always allowed
-    assert t.lookup(b(GUEST_IP)) == m(MAC3)
-    t.forget_macs([m(MAC3)])
-    assert t.lookup(b(GUEST_IP)) is None and t.lookup(b(GUEST2_IP)) == m(MAC2)
-
-
-def test_cam_table_bounded_moves_and_forgets():
-    cam = ethernet.CamTable(max_entries=2)  # learn(): may the frame pass
-    assert cam.learn(m(MAC1), 1) is True
-    assert cam.learn(m(MAC1), 1) is True and cam.stats["mac_learned"] == 1
-    assert cam.learn(m(MAC2), 1) is True
-    assert cam.learn(m(MAC3), 2) is False and cam.lookup(m(MAC3)) is None
-    assert cam.stats["cam_full_dropped"] == 1
-    assert cam.learn(m(MAC2), 2) is True and cam.lookup(m(MAC2)) == 2  # not secure: moves
-    assert sorted(cam.macs(1)) == [m(MAC1)]
-    assert cam.forget_port(2) == [m(MAC2)] and len(cam) == 1
-
-
-def test_parse_mac():
-    assert ethernet.parse_mac("5A-94-EF-E4-0C-EE") == bytes.fromhex("5a94efe40cee")
-    assert ethernet.mac_to_str(bytes.fromhex("5a94efe40cee")) == MAC1
-    for bad in ["5a:94:ef:e4:0c", "5a:94:ef:e4:0c:zz", "5a94efe40cee", ""]:
-        with pytest.raises(ValueError, match="bad MAC"):
-            ethernet.parse_mac(bad)
-
-
-def test_checksum_module_agrees_with_scapy():
-    rng = random.Random(11)
-    for n in [0, 1, 2, 3, 19, 20, 21, 64, 1499, 1500]:
-        data = rng.randbytes(n)
-        assert cs.checksum(data) == scapy_checksum(data), n
-    for n in [8, 9, 100, 1473]:
-        seg = bytearray(udp.build_udp(SRC, DST, 5, 6, rng.randbytes(n)))
-        pkt = IP(src=GUEST_IP, dst=HOST_IP, proto=17)
-        assert cs.verify_transport_v4(SRC, DST, 17, bytes(seg))
-        seg[6:8] = b"\0\0"
-        assert cs.transport_checksum_v4(SRC, DST, 17, seg) == in4_chksum(17, pkt, bytes(seg))
-
-
-# ---- pcap --------------------------------------------------------------------------------
-
-
-def test_pcap_writer_read_back_with_scapy(tmp_path):
-    path = tmp_path / "cap.pcap"
-    frames = [
-        bytes(Ether(src=MAC1, dst=GW_MAC) / GOOD_PING),
-        bytes(Ether(src=MAC1, dst=BCAST) / ARP(hwsrc=MAC1, psrc=GUEST_IP, pdst=GW_IP)),
-        bytes(Ether(src=GW_MAC, dst=MAC1) / IP(src=GW_IP, dst=GUEST_IP) / UDP() / (b"u" * 2000)),
-    ]
-    w = PcapWriter.open(str(path))
-    w.write(frames[:2], ts=1700000000.25)
-    w.write(frames[2:], ts=1700000001.5)
-    w.flush()
-    w.close()
-    assert w.frames == 3
-    pkts = rdpcap(str(path))
-    assert [bytes(p) for p in pkts] == frames
-    assert [float(p.time) for p in pkts] == pytest.approx(
-        [1700000000.25, 1700000000.25, 1700000001.5], abs=1e-6
-    )
-    assert pkts[0][ICMP].id == 1
-    assert path.read_bytes()[20:24] == (1).to_bytes(4, "little")  # LINKTYPE_ETHERNET
-
-
-def test_pcap_snaplen_truncates_but_keeps_original_length(tmp_path):
-    buf = io.BytesIO()
-    w = PcapWriter(buf, snaplen=64)
-    frame = bytes(Ether(src=MAC1, dst=GW_MAC) / IP() / (b"x" * 200))
-    w.write([frame], ts=5.000001)
-    path = tmp_path / "snap.pcap"
-    path.write_bytes(buf.getvalue())
-    (p,) = rdpcap(str(path))
-    assert bytes(p) == frame[:64]
-    assert p.wirelen == len(frame)
-    assert float(p.time) == pytest.approx(5.000001, abs=1e-6)
-
-
-def test_pcap_header_and_record_layout():
-    hdr = pcap_header()
-    assert len(hdr) == 24 and hdr[:4] == bytes.fromhex("d4c3b2a1")  # little-endian magic
-    rec = pcap_record(b"abc", 1.5)
-    assert struct.unpack("<IIII", rec[:16]) == (1, 500000, 3, 3) and rec[16:] == b"abc"

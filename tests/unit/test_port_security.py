@@ -92,7 +92,8 @@ def test_binding_by_first_use_and_by_lease():
     assert ps.source_allowed(1, m(MAC1), b(GUEST_IP))  # a static guest binds by first use
     assert not ps.source_allowed(2, m(MAC2), b(GUEST_IP))
     assert not ps.arp_allowed(2, m(MAC2), b(GUEST_IP))
-    assert ps.stats["ip_theft_dropped"] == 1 and ps.stats["arp_theft_dropped"] == 1
+    assert ps.stats["ipv4_source_conflict_dropped"] == 1
+    assert ps.stats["arp_address_theft_dropped"] == 1
     assert ps.arp_allowed(2, m(MAC2), b"\0\0\0\0")  # a probe claims nothing
     ps.bind(2, m(MAC2), b(GUEST_IP))  # a DHCP lease is authoritative
     assert ps.source_allowed(2, m(MAC2), b(GUEST_IP))
@@ -131,11 +132,11 @@ def test_gratuitous_arp_for_a_guest_neither_flooded_nor_learned():
     grat = Ether(src=MAC2, dst=BCAST) / ARP(op=2, hwsrc=MAC2, psrc=GUEST_IP, pdst=GUEST_IP)
     assert feed(net, grat, ATTACKER) == {}  # not flooded to the victim or the third guest
     assert net.neighbours.lookup(b(GUEST_IP)) == m(MAC1)
-    assert net.stats["arp_theft_dropped"] == 1
+    assert net.stats["arp_address_theft_dropped"] == 1
     # IPv4 with the victim's source from the attacker's port is dropped too.
     spoof = to_gw(IP(src=GUEST_IP, dst=REMOTE_IP) / UDP(sport=1, dport=2) / b"x", MAC2)
     feed(net, spoof, ATTACKER)
-    assert not net.events and net.stats["ip_theft_dropped"] == 1
+    assert not net.events and net.stats["ipv4_source_conflict_dropped"] == 1
     assert net.neighbours.lookup(b(GUEST_IP)) == m(MAC1)
 
 
@@ -186,7 +187,7 @@ def test_lease_binds_address_to_its_port():
     assert net.port_security.owner(b(ip)) == (m("5a:94:ef:e4:0c:77"), THIRD)
     grat = Ether(src=MAC2, dst=BCAST) / ARP(op=2, hwsrc=MAC2, psrc=ip, pdst=ip)
     assert feed(net, grat, ATTACKER) == {}
-    assert net.stats["arp_theft_dropped"] == 1
+    assert net.stats["arp_address_theft_dropped"] == 1
     net.remove_port(THIRD)
     assert net.port_security.owner(b(ip)) is None
 
@@ -205,7 +206,7 @@ def test_flow_path_checks_the_source_too():
         IP(src=GUEST_IP, dst=REMOTE_IP) / TCP(sport=1000, dport=80, flags="R", seq=2), MAC2
     )
     net.receive_frames(ATTACKER, [inject], 1.0)
-    assert net.stats["ip_theft_dropped"] == 1
+    assert net.stats["ipv4_source_conflict_dropped"] == 1
     assert net.stats["tcp_segments_in"] == segments_in
     assert dial.conn.state is state
 

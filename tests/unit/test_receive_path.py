@@ -1,7 +1,8 @@
-"""The flow path frame by frame: segments of open TCP connections and datagrams of UDP
-flows the NAT opened skip the generic layers (and, for UDP, the event objects); everything
-that is not the plainest valid form still takes the full path, where it is checked, counted
-and dropped or turned into an event as before."""
+"""The one receive path frame by frame: every frame is validated once; segments of open TCP
+connections go straight to them and datagrams of UDP flows the NAT opened to
+`udp_flow_datagrams` (no event objects), whatever valid form they take (IP options,
+fragments, broadcast MAC); everything else goes to the slower handlers, where it is
+checked, counted and dropped or turned into an event."""
 
 from __future__ import annotations
 
@@ -79,23 +80,58 @@ def test_padded_frame_gives_the_datagram_without_padding(vnet):
         datagram(dport=5002),  # another flow: none open
         datagram(sport=40001),
         datagram(src="192.168.127.3"),
-        datagram(ttl=1),  # time exceeded is the full path's answer
-        datagram(flags="MF"),  # a fragment: reassembly first
-        datagram(frag=100),
-        datagram(options=b"\x01\x01\x01\x01"),  # IP options: header longer than 20
-        bytes(Ether(src=GUEST_MAC, dst="ff:ff:ff:ff:ff:ff"))[:14] + datagram()[14:],
     ],
-    ids=["other-port", "other-sport", "other-src", "ttl1", "mf", "offset", "options", "bcast"],
+    ids=["other-port", "other-sport", "other-src"],
 )
 @pytest.mark.parametrize("vnet", [False, True])
-def test_anything_but_the_plain_form_takes_the_full_path(frame, vnet):
+def test_datagrams_of_no_open_flow_become_events(frame, vnet):
     net, port = net_with_flow(vnet)
     feed(net, port, [frame], vnet)
     assert net.udp_flow_datagrams == []
-    assert net.stats["frames_in"] == 1  # counted once, by the full path
+    assert [type(ev) for ev in net.events] == [UdpOutbound]
+    assert net.stats["frames_in"] == 1  # counted once
 
 
-def test_plain_port_bad_udp_checksum_dropped_by_the_full_path():
+@pytest.mark.parametrize(
+    "frame",
+    [
+        datagram(ttl=1),  # to .254, the host's loopback: TTL is not checked (no hop)
+        datagram(options=b"\x01\x01\x01\x01"),  # IP options: header longer than 20
+        bytes(Ether(src=GUEST_MAC, dst="ff:ff:ff:ff:ff:ff", type=0x800))[:14] + datagram()[14:],
+    ],
+    ids=["ttl1", "options", "bcast"],
+)
+@pytest.mark.parametrize("vnet", [False, True])
+def test_datagrams_of_an_open_flow_in_any_valid_form_reach_it(frame, vnet):
+    net, port = net_with_flow(vnet)
+    feed(net, port, [frame], vnet)
+    assert net.take_udp_flow_datagrams() == [(FLOW, b"payload")]
+    assert not net.events
+    assert net.stats["frames_in"] == 1 and net.stats["udp_in"] == 1  # counted once
+
+
+@pytest.mark.parametrize(
+    "frame", [datagram(b"8 bytes!", flags="MF"), datagram(frag=100)], ids=["mf", "offset"]
+)
+@pytest.mark.parametrize("vnet", [False, True])
+def test_a_lone_fragment_of_a_flow_waits_for_reassembly(frame, vnet):
+    net, port = net_with_flow(vnet)
+    feed(net, port, [frame], vnet)
+    assert net.udp_flow_datagrams == [] and not net.events
+    assert len(net.reassembler) == 1
+    assert net.stats["frames_in"] == 1
+
+
+def test_ttl_exceeded_for_a_flow_to_the_outside():
+    net = Network(NetworkConfig())
+    port = net.add_port()
+    net.udp_flows[udp_flow_key(b(GUEST_IP), 40000, b("10.9.8.7"), 5001)] = FLOW
+    feed(net, port, [datagram(dst="10.9.8.7", ttl=1)], False)
+    assert net.udp_flow_datagrams == [] and not net.events
+    assert net.stats["ttl_exceeded"] == 1
+
+
+def test_plain_port_bad_udp_checksum_dropped():
     net, port = net_with_flow(False)
     raw = bytearray(datagram(b"data"))
     raw[-1] ^= 0xFF  # payload changed, checksum not
@@ -104,7 +140,7 @@ def test_plain_port_bad_udp_checksum_dropped_by_the_full_path():
     assert net.stats["udp_bad_checksum"] == 1
 
 
-def test_plain_port_bad_header_checksum_dropped_by_the_full_path():
+def test_plain_port_bad_header_checksum_dropped():
     net, port = net_with_flow(False)
     raw = bytearray(datagram())
     raw[24] ^= 0x01  # header checksum byte
@@ -122,7 +158,7 @@ def test_plain_port_zero_udp_checksum_accepted():
 
 
 @pytest.mark.parametrize("bad", ["udp_length", "ip_length", "truncated"])
-def test_inconsistent_lengths_take_the_full_path(bad):
+def test_inconsistent_lengths_dropped(bad):
     net, port = net_with_flow(True)
     raw = bytearray(datagram(b"abcdef"))
     if bad == "udp_length":
@@ -136,11 +172,12 @@ def test_inconsistent_lengths_take_the_full_path(bad):
     assert not any(isinstance(ev, UdpOutbound) for ev in net.events)
 
 
-def test_gso_frame_on_offload_port_takes_the_full_path():
+def test_gso_frame_on_offload_port_reaches_its_flow_whole():
     net, port = net_with_flow(True)
     frame = VNET_HDR.pack(0, 5, 0, 1400, 0, 0) + datagram()  # gso_type UDP_L4
     net.receive_frames(port, [frame], 0.0)
-    assert net.udp_flow_datagrams == []
+    assert net.take_udp_flow_datagrams() == [(FLOW, b"payload")]
+    assert not net.events
 
 
 def test_without_flows_every_datagram_is_an_event_in_order():
@@ -150,13 +187,13 @@ def test_without_flows_every_datagram_is_an_event_in_order():
     assert [ev.payload for ev in net.events] == [bytes([i]) for i in range(5)]
 
 
-def test_mixed_batch_keeps_its_order():
-    """After the first frame that needs the full path, the rest of the batch takes it too,
-    so the flow's third datagram cannot overtake the second flow's."""
+def test_mixed_batch_keeps_each_flows_order():
+    """A batch is handled frame by frame in order: the open flow's datagrams stay in order
+    around another flow's first datagram (an event)."""
     net, port = net_with_flow(True)
     feed(net, port, [datagram(b"1"), datagram(b"2", dport=53), datagram(b"3")], True)
-    assert net.take_udp_flow_datagrams() == [(FLOW, b"1")]
-    assert [(ev.dst_port, ev.payload) for ev in net.events] == [(53, b"2"), (5001, b"3")]
+    assert net.take_udp_flow_datagrams() == [(FLOW, b"1"), (FLOW, b"3")]
+    assert [(ev.dst_port, ev.payload) for ev in net.events] == [(53, b"2")]
 
 
 def test_fragmented_datagram_is_not_overtaken_by_a_later_small_one():
@@ -164,8 +201,8 @@ def test_fragmented_datagram_is_not_overtaken_by_a_later_small_one():
     big = IP(src=GUEST_IP, dst=HOST_IP) / UDP(sport=40000, dport=5001) / (b"b" * 3000)
     frags = [bytes(Ether(src=GUEST_MAC, dst=GW_MAC) / f) for f in fragment(big, 1480)]
     feed(net, port, [*frags, datagram(b"small")], False)
-    assert net.udp_flow_datagrams == []
-    assert [ev.payload for ev in net.events] == [b"b" * 3000, b"small"]
+    assert not net.events
+    assert net.take_udp_flow_datagrams() == [(FLOW, b"b" * 3000), (FLOW, b"small")]
 
 
 # --------------------------------------------------------------------------- TCP
@@ -199,17 +236,18 @@ def established(vnet: bool) -> tuple[Network, int, tcp.TcpConnection, int]:
     return net, port, dial.conn, our_seq
 
 
-def no_full_path(net: Network) -> None:
+def no_slow_handler(net: Network) -> None:
     def fail(*_args):
-        raise AssertionError("took the full path")
+        raise AssertionError("took a slower handler")
 
-    net._ipv4 = fail  # type: ignore[method-assign]
+    net.transport.tcp_segment = fail  # type: ignore[method-assign]
+    net._ipv4_unusual = fail  # type: ignore[method-assign]
 
 
 @pytest.mark.parametrize("vnet", [False, True])
 def test_established_segments_go_straight_to_their_connection(vnet):
     net, port, conn, ack = established(vnet)
-    no_full_path(net)
+    no_slow_handler(net)
     feed(
         net,
         port,
@@ -228,16 +266,16 @@ def test_established_segments_go_straight_to_their_connection(vnet):
 
 
 @pytest.mark.parametrize("vnet", [False, True])
-def test_fin_and_rst_take_the_flow_path_too(vnet):
+def test_fin_and_rst_go_straight_to_their_connection_too(vnet):
     net, port, conn, ack = established(vnet)
-    no_full_path(net)
+    no_slow_handler(net)
     feed(net, port, [segment("FA", ack=ack)], vnet)
     assert conn.state is tcp.TcpState.CLOSE_WAIT
     feed(net, port, [segment("R", seq=1002)], vnet)
     assert conn.state is tcp.TcpState.CLOSED
 
 
-def test_plain_port_bad_tcp_checksum_dropped_by_the_full_path():
+def test_plain_port_bad_tcp_checksum_dropped():
     net, port, conn, ack = established(False)
     raw = bytearray(segment("PA", ack=ack, payload=b"data"))
     raw[-1] ^= 0xFF
@@ -246,25 +284,38 @@ def test_plain_port_bad_tcp_checksum_dropped_by_the_full_path():
     assert net.stats["tcp_bad_checksum"] == 1
 
 
-@pytest.mark.parametrize(
-    "frame",
-    [
-        segment("S", seq=5000),  # a SYN: new connection or TIME_WAIT reuse, full path
-        segment("PA", payload=b"x", options=b"\x01\x01\x01\x01"),  # IP options
-        segment("PA", payload=b"x", frag=3),  # a fragment (offset 24)
-    ],
-    ids=["syn", "ip-options", "fragment"],
-)
-def test_odd_tcp_frames_take_the_full_path(frame):
-    net, port, _conn, _ack = established(True)
+def test_syn_on_an_open_connection_goes_to_the_transports_handler():
+    net, port, conn, _ack = established(True)
     seen = []
-    full_path = net._ipv4
-    net._ipv4 = lambda *a: (seen.append(1), full_path(*a))  # type: ignore[method-assign]
-    feed(net, port, [frame], True)
+    handler = net.transport.tcp_segment
+    net.transport.tcp_segment = lambda *a: (seen.append(1), handler(*a))  # type: ignore[method-assign]
+    feed(net, port, [segment("S", seq=5000)], True)
     assert seen == [1]
+    assert conn.state is tcp.TcpState.ESTABLISHED  # answered with a challenge ACK
 
 
-def test_segment_for_a_pending_dial_takes_the_full_path():
+def test_segment_with_ip_options_reaches_its_connection():
+    net, port, conn, ack = established(True)
+    feed(net, port, [segment("PA", ack=ack, payload=b"x", options=b"\x01\x01\x01\x01")], True)
+    assert conn.read() == b"x"
+    assert net.stats["tcp_segments_in"] == 1
+
+
+def test_fragmented_segment_reaches_its_connection_once_whole():
+    net, port, conn, ack = established(False)
+    whole = IP(src=GUEST_IP, dst=HOST_IP) / TCP(
+        sport=40000, dport=80, flags="PA", seq=1001, ack=ack, window=65535
+    )
+    frags = [
+        bytes(Ether(src=GUEST_MAC, dst=GW_MAC) / f) for f in fragment(whole / (b"f" * 3000), 1480)
+    ]
+    feed(net, port, frags[:1], False)
+    assert conn.readable() == 0 and len(net.reassembler) == 1
+    feed(net, port, frags[1:], False)
+    assert conn.read() == b"f" * 3000
+
+
+def test_retransmitted_syn_for_a_pending_dial_is_ignored():
     net = Network(NetworkConfig())
     port = net.add_port(vnet=True)
     feed(net, port, [segment("S", seq=1000)], True)
@@ -314,3 +365,44 @@ def test_mutated_frames_of_open_flows_never_raise(vnet):
         net.frames_to_send(float(i))
         net.events.clear()
     assert net.stats["frames_in"] == 3000
+
+
+# --------------------------------------------------------------------------- neighbour rules
+
+
+@pytest.mark.parametrize("vnet", [False, True])
+def test_every_segment_of_an_open_connection_keeps_its_neighbour_entry_true(vnet):
+    """An ARP claim from the same port (a bridge behind it) may move the entry, but the
+    guest's next segment on its open connection, delivered straight to the connection,
+    moves it back: the source rule applies to every frame."""
+    from scapy.layers.l2 import ARP
+
+    net, port, conn, ack = established(vnet)
+    other = "5a:94:ef:e4:0c:99"
+    claim = Ether(src=other, dst="ff:ff:ff:ff:ff:ff") / ARP(
+        op=2, hwsrc=other, psrc=GUEST_IP, pdst=GUEST_IP
+    )
+    feed(net, port, [bytes(claim)], vnet)
+    assert net.neighbours.lookup(b(GUEST_IP)) == bytes.fromhex(other.replace(":", ""))
+    feed(net, port, [segment("PA", ack=ack, payload=b"hi")], vnet)
+    assert conn.read() == b"hi"
+    assert net.neighbours.lookup(b(GUEST_IP)) == bytes.fromhex(GUEST_MAC.replace(":", ""))
+
+
+@pytest.mark.parametrize("vnet", [False, True])
+def test_a_claim_from_another_port_never_steers_an_open_connection(vnet):
+    from scapy.layers.l2 import ARP
+
+    net, port, conn, _ack = established(vnet)
+    attacker_port = net.add_port()
+    thief = "5a:94:ef:e4:0c:66"
+    claim = Ether(src=thief, dst="ff:ff:ff:ff:ff:ff") / ARP(
+        op=2, hwsrc=thief, psrc=GUEST_IP, pdst=GUEST_IP
+    )
+    net.receive_frames(attacker_port, [bytes(claim)], 0.0)
+    assert net.frames_to_send(0.0) == {}  # not flooded to the victim either
+    assert net.stats["arp_address_theft_dropped"] == 1
+    conn.send(b"for the guest only")
+    net.tcp_touch(conn)
+    out = net.frames_to_send(0.0)
+    assert set(out) == {port}
