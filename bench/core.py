@@ -20,8 +20,8 @@ import time
 from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
 
-from hostd.config import NetworkConfig
-from hostd.stack.network import VNET_LEN, VNET_NONE, Network, TcpDial
+from netferry.hostd.config import NetworkConfig
+from netferry.hostd.stack.network import VNET_LEN, VNET_NONE, Network, TcpDial
 
 GW_MAC = "5a:94:ef:e4:0c:dd"
 GUEST_MAC = "5a:94:ef:e4:0c:ee"

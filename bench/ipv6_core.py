@@ -15,8 +15,8 @@ import time
 from collections.abc import Callable
 from ipaddress import IPv6Address
 
-from hostd.services.dhcpv6 import Dhcpv6Config, Dhcpv6Server
-from hostd.stack import icmpv6, ipv4, ipv6, ndp
+from netferry.hostd.services.dhcpv6 import Dhcpv6Config, Dhcpv6Server
+from netferry.hostd.stack import icmpv6, ipv4, ipv6, ndp
 
 SRC = IPv6Address("fd00:192:168:127::2").packed
 DST = IPv6Address("fd00:192:168:127::1").packed

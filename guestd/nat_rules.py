@@ -21,7 +21,7 @@ The rules (Rancher Desktop's historic vm-switch rules, in their own table):
 Replies need nothing: conntrack reverses both translations. The rules name interfaces,
 never addresses learnt by DHCP, so they survive vm-switch re-creating `eth0`.
 
-`python -m guestd.nat_rules apply|remove --netns NAME` does the same from a shell.
+`python -m netferry.guestd.nat_rules apply|remove --netns NAME` does the same from a shell.
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def exists(netns: str | None) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m guestd.nat_rules", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m netferry.guestd.nat_rules", description=__doc__)
     p.add_argument("action", choices=["apply", "remove", "show"])
     p.add_argument("--netns", help="named namespace (ip netns); default: the current one")
     p.add_argument("--tap", default="eth0")

@@ -62,9 +62,9 @@ from importlib import metadata
 import grpc
 import structlog
 
-from guestd import nat_rules
-from guestd.wsl_proxy import UnixGrpcServer
 from netferry.goflags import parse_args as parse_go_flags
+from netferry.guestd import nat_rules
+from netferry.guestd.wsl_proxy import UnixGrpcServer
 from netferry.log import add_logging_arguments, configure_logging
 from netferry.streams import splice
 from netferry.uri import LinkUri, parse_link_uri

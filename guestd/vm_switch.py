@@ -1,7 +1,7 @@
 """`vm-switch`: the guest end of the frame stream, run inside the guest's network namespace.
 
 It owns tap `eth0`: frames the guest kernel sends on it go to hostd over the link, frames
-from hostd are written to it. The tap survives link drops: vm-switch redials with
+from netferry.hostd are written to it. The tap survives link drops: vm-switch redials with
 backoff and the guest's sockets see a pause, not a dead interface. Once the link is up the
 first time it gets an address by DHCP (pyroute2's client, or udhcpc), sets the default
 route and MTU from the lease, and writes a resolv.conf only to the path it is given.
@@ -40,11 +40,11 @@ from itertools import islice
 
 import structlog
 
-from guestd.tap import TapError, configure_link, open_tap, set_mtu, set_tap_offload
 from netferry import linkcaps
 from netferry.framing import FramingError, StreamDeframer, get_framing
 from netferry.goflags import Alias
 from netferry.goflags import parse_args as parse_go_flags
+from netferry.guestd.tap import TapError, configure_link, open_tap, set_mtu, set_tap_offload
 from netferry.log import add_logging_arguments, configure_logging
 from netferry.uri import LinkUri, parse_link_uri
 
@@ -397,7 +397,7 @@ class DhcpRunner:
         if exe is None:
             log.error("dhcp.udhcpc_missing", fix="apt-get install udhcpc")
             return
-        script = script_path or resources.files("guestd").joinpath("udhcpc.script")
+        script = script_path or resources.files("netferry.guestd").joinpath("udhcpc.script")
         watcher = None
         if script_path:  # a script of the user's own prints no lease line: watch the address
             watcher = asyncio.get_running_loop().create_task(self._watch_address())

@@ -14,8 +14,9 @@ from collections.abc import Callable
 
 import structlog
 
-from hostd.api.http import parse_http_api_uri
-from hostd.config import (
+from netferry.goflags import parse_args as parse_go_flags
+from netferry.hostd.api.http import parse_http_api_uri
+from netferry.hostd.config import (
     DEFAULT_SUBNET,
     MAX_MTU,
     MIN_MTU,
@@ -24,11 +25,14 @@ from hostd.config import (
     parse_dhcp_range,
     parse_subnet,
 )
-from hostd.errors import ControlError
-from hostd.services.dhcp import parse_static_lease
-from hostd.services.dns import parse_record_spec, parse_upstream, upstreams_from_resolv_conf
-from hostd.stack.ethernet import parse_mac
-from netferry.goflags import parse_args as parse_go_flags
+from netferry.hostd.errors import ControlError
+from netferry.hostd.services.dhcp import parse_static_lease
+from netferry.hostd.services.dns import (
+    parse_record_spec,
+    parse_upstream,
+    upstreams_from_resolv_conf,
+)
+from netferry.hostd.stack.ethernet import parse_mac
 from netferry.log import add_logging_arguments, configure_logging
 from netferry.uri import parse_link_uri
 
@@ -441,12 +445,12 @@ def parse_port_forward(spec: str) -> tuple[str, str, str]:
 
 
 async def run(args: argparse.Namespace, config: NetworkConfig, state: dict | None = None) -> int:
-    from hostd.api.http import HttpApiServer, serve_gateway_http
-    from hostd.api.server import ApiServer, default_api_path
-    from hostd.control import Control
-    from hostd.policy import parse_rule
-    from hostd.state import StateError, StateStore, dns_snapshot
-    from hostd.switch import HostSwitch
+    from netferry.hostd.api.http import HttpApiServer, serve_gateway_http
+    from netferry.hostd.api.server import ApiServer, default_api_path
+    from netferry.hostd.control import Control
+    from netferry.hostd.policy import parse_rule
+    from netferry.hostd.state import StateError, StateStore, dns_snapshot
+    from netferry.hostd.switch import HostSwitch
 
     switch = HostSwitch(config, pcap_path=args.pcap)
     control = Control(switch)
@@ -508,12 +512,12 @@ async def run(args: argparse.Namespace, config: NetworkConfig, state: dict | Non
                 HttpApiServer(control, uri, token=token, insecure_tcp=args.insecure_tcp_api)
             )
             await http_apis[-1].start()
-        from hostd.guests import GuestManager
+        from netferry.hostd.guests import GuestManager
 
         guests = GuestManager.from_args(switch, args)
         if guests is not None:
             guests.start()
-        from hostd.privileges import drop_privileges
+        from netferry.hostd.privileges import drop_privileges
 
         drop_privileges(sandbox=args.sandbox)
     except (OSError, ControlError, StateError) as e:
@@ -585,7 +589,7 @@ def read_token(path: str) -> str:
 def load_state(args: argparse.Namespace) -> dict | None:
     """The state file's content before the loop starts; a file that cannot be used ends
     hostd with one line naming it, or with --state-reset-on-error is moved aside."""
-    from hostd.state import StateError, StateStore
+    from netferry.hostd.state import StateError, StateStore
 
     store = StateStore(None, args.state_file)  # type: ignore[arg-type]
     try:
@@ -620,8 +624,8 @@ def main(argv: list[str] | None = None) -> int:
             parse_dns_default(spec)
         for uri in args.http_api:
             parse_http_api_uri(uri)
-        from hostd.guests import validate_args
-        from hostd.policy import parse_rule
+        from netferry.hostd.guests import validate_args
+        from netferry.hostd.policy import parse_rule
 
         validate_args(args)
         for action, text in args.policy:
@@ -645,13 +649,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--api-token-file: {e.strerror or e}: {e.filename}")
     except ValueError as e:
         parser.error(str(e))
-    from hostd.privileges import raise_nofile_limit
+    from netferry.hostd.privileges import raise_nofile_limit
 
     # Before privileges are dropped; the descriptor budget is derived from it.
     args.nofile_limit = raise_nofile_limit()
     state = None
     if args.state_file:
-        from hostd.state import StateError
+        from netferry.hostd.state import StateError
 
         try:
             state = load_state(args)

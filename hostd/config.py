@@ -13,8 +13,8 @@ import ipaddress
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
-from hostd.stack.ethernet import parse_mac
-from hostd.stack.ipv6 import link_local_from_mac
+from netferry.hostd.stack.ethernet import parse_mac
+from netferry.hostd.stack.ipv6 import link_local_from_mac
 
 DEFAULT_SUBNET = "192.168.127.0/24"
 DEFAULT_GATEWAY_MAC = "5a:94:ef:e4:0c:dd"

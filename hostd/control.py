@@ -23,17 +23,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
-from hostd.errors import ControlError
-from hostd.forwards import Forward, Forwards
-from hostd.nat.tcp import HostSide
-from hostd.policy import FlowVerdict, PolicyError, Rule, parse_rule
-from hostd.services.dhcp import Lease
-from hostd.services.dns import DnsRecord, _name_error, normalize_name
-from hostd.stack import tcp
 from netferry.address import AddressError, HostPort, parse_remote
+from netferry.hostd.errors import ControlError
+from netferry.hostd.forwards import Forward, Forwards
+from netferry.hostd.nat.tcp import HostSide
+from netferry.hostd.policy import FlowVerdict, PolicyError, Rule, parse_rule
+from netferry.hostd.services.dhcp import Lease
+from netferry.hostd.services.dns import DnsRecord, _name_error, normalize_name
+from netferry.hostd.stack import tcp
 
 if TYPE_CHECKING:
-    from hostd.switch import HostSwitch
+    from netferry.hostd.switch import HostSwitch
 
 LIST_CHUNK = 2048  # entries an API listing builds per turn of the loop
 

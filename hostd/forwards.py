@@ -35,19 +35,19 @@ from typing import TYPE_CHECKING, Protocol
 
 import structlog
 
-from hostd.errors import ControlError
-from hostd.nat.budget import BudgetExceeded
-from hostd.nat.flows import FlowTable
-from hostd.nat.tcp import HostSide
-from hostd.stack import tcp
 from netferry.address import AddressError, HostPort, parse_host_port, parse_remote, parse_unix_path
+from netferry.hostd.errors import ControlError
+from netferry.hostd.nat.budget import BudgetExceeded
+from netferry.hostd.nat.flows import FlowTable
+from netferry.hostd.nat.tcp import HostSide
+from netferry.hostd.stack import tcp
 
 if TYPE_CHECKING:
     import asyncio as _asyncio
 
-    from hostd.config import NetworkConfig
-    from hostd.nat.tcp import TcpNat
-    from hostd.stack.network import Network
+    from netferry.hostd.config import NetworkConfig
+    from netferry.hostd.nat.tcp import TcpNat
+    from netferry.hostd.stack.network import Network
 
 
 class SwitchSide(Protocol):

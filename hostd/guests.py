@@ -43,7 +43,7 @@ from netferry.v1 import guest_pb2 as pb
 from netferry.v1 import guest_pb2_grpc as pb_grpc
 
 if TYPE_CHECKING:
-    from hostd.switch import HostSwitch
+    from netferry.hostd.switch import HostSwitch
 
 log = structlog.get_logger("hostd.guests")
 

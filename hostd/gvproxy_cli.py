@@ -41,8 +41,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 
-from hostd.config import DEFAULT_SUBNET
 from netferry.goflags import GoFlagError, normalize
+from netferry.hostd.config import DEFAULT_SUBNET
 
 DEFAULT_SSH_PORT = 2222
 # `-services URI`: the HTTP API without /connect (the interface agreed with host-switch).
@@ -515,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     for w in t.warnings:
         print(f"netferry-gvproxy: warning: {w}", file=sys.stderr)
-    from hostd import cli
+    from netferry.hostd import cli
 
     if t.pid_file:
         try:

@@ -145,7 +145,7 @@ def raise_nofile_limit() -> tuple[int, int]:
     (hostd/nat/budget.py) is derived from it. Raising the soft limit needs no privilege,
     but it is done before `drop_privileges` all the same, so the order never matters.
     Returns (before, after); `hostd.ready` logs them."""
-    from hostd.nat.budget import raise_nofile_limit as raise_limit
+    from netferry.hostd.nat.budget import raise_nofile_limit as raise_limit
 
     return raise_limit()
 

@@ -28,12 +28,12 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from hostd.errors import ControlError
-from hostd.policy import PolicyError, parse_rule
-from hostd.services.dns import DnsRecord
+from netferry.hostd.errors import ControlError
+from netferry.hostd.policy import PolicyError, parse_rule
+from netferry.hostd.services.dns import DnsRecord
 
 if TYPE_CHECKING:
-    from hostd.control import Control
+    from netferry.hostd.control import Control
 
 log = structlog.get_logger("hostd.state")
 

@@ -21,17 +21,17 @@ from collections.abc import Callable
 
 import structlog
 
-from hostd.capture import PcapWriter
-from hostd.config import NetworkConfig
-from hostd.forwards import Forwards
-from hostd.links import Endpoint, Link, open_endpoint
-from hostd.nat.budget import DescriptorBudget, default_max_connections, nofile_limit
-from hostd.nat.dns import DnsForwarder, DnsTcpSession
-from hostd.nat.icmp import IcmpNat, ping_sockets_allowed
-from hostd.nat.tcp import TcpNat
-from hostd.nat.udp import UdpNat
-from hostd.policy import host_addresses
-from hostd.stack.network import (
+from netferry.hostd.capture import PcapWriter
+from netferry.hostd.config import NetworkConfig
+from netferry.hostd.forwards import Forwards
+from netferry.hostd.links import Endpoint, Link, open_endpoint
+from netferry.hostd.nat.budget import DescriptorBudget, default_max_connections, nofile_limit
+from netferry.hostd.nat.dns import DnsForwarder, DnsTcpSession
+from netferry.hostd.nat.icmp import IcmpNat, ping_sockets_allowed
+from netferry.hostd.nat.tcp import TcpNat
+from netferry.hostd.nat.udp import UdpNat
+from netferry.hostd.policy import host_addresses
+from netferry.hostd.stack.network import (
     DNS_PORT,
     VNET_LEN,
     DnsQueryOutbound,

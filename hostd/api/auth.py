@@ -27,7 +27,7 @@ import struct
 import grpc
 import structlog
 
-from hostd.links.stream import bind_unix_socket, remove_socket_file
+from netferry.hostd.links.stream import bind_unix_socket, remove_socket_file
 
 log = structlog.get_logger("hostd.api.auth")
 

@@ -41,13 +41,13 @@ from urllib.parse import parse_qs, urlsplit
 import h11
 import structlog
 
-from hostd.api.auth import bearer_ok, owner_may_connect, peer_uid, refusal
-from hostd.control import Control, DnsRecordSpec, StatsSnapshot
-from hostd.errors import ControlError
-from hostd.forwards import Forward
-from hostd.links.stream import StreamLink, bind_unix_socket, remove_socket_file
-from hostd.stack import tcp
 from netferry.framing import MAX_FRAME
+from netferry.hostd.api.auth import bearer_ok, owner_may_connect, peer_uid, refusal
+from netferry.hostd.control import Control, DnsRecordSpec, StatsSnapshot
+from netferry.hostd.errors import ControlError
+from netferry.hostd.forwards import Forward
+from netferry.hostd.links.stream import StreamLink, bind_unix_socket, remove_socket_file
+from netferry.hostd.stack import tcp
 
 log = structlog.get_logger("hostd.api.http")
 

@@ -28,20 +28,20 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from hostd.api.auth import (
+from netferry import reflection
+from netferry.hostd.api.auth import (
     RefusingInterceptor,
     TokenInterceptor,
     UnixPeerGate,
     owner_only_message,
 )
-from hostd.capture import SNAPLEN, CaptureBuffer, CaptureFilter, pcap_header, pcap_record
-from hostd.control import LIST_CHUNK, Control, DnsRecordSpec, StatsSnapshot
-from hostd.errors import ControlError, shorten
-from hostd.forwards import Forward
-from hostd.policy import Rule
-from hostd.services.dns import DnsRecord
-from hostd.stack import tcp
-from netferry import reflection
+from netferry.hostd.capture import SNAPLEN, CaptureBuffer, CaptureFilter, pcap_header, pcap_record
+from netferry.hostd.control import LIST_CHUNK, Control, DnsRecordSpec, StatsSnapshot
+from netferry.hostd.errors import ControlError, shorten
+from netferry.hostd.forwards import Forward
+from netferry.hostd.policy import Rule
+from netferry.hostd.services.dns import DnsRecord
+from netferry.hostd.stack import tcp
 from netferry.unixsock import clear_stale_socket
 from netferry.v1 import host_pb2 as pb
 from netferry.v1 import host_pb2_grpc as pb_grpc

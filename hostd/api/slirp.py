@@ -33,11 +33,11 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from hostd.errors import ControlError
+from netferry.hostd.errors import ControlError
 
 if TYPE_CHECKING:
-    from hostd.control import Control
-    from hostd.forwards import Forward
+    from netferry.hostd.control import Control
+    from netferry.hostd.forwards import Forward
 
 log = structlog.get_logger("hostd.api.slirp")
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import socket
 from typing import Protocol
 
-from hostd.links.base import Link, LinkSink
-from hostd.links.packet import PacketLink, SeqpacketListener, TapLink, unixgram_link
-from hostd.links.stream import StreamListener, connect_stdio, connect_stream_fd
+from netferry.hostd.links.base import Link, LinkSink
+from netferry.hostd.links.packet import PacketLink, SeqpacketListener, TapLink, unixgram_link
+from netferry.hostd.links.stream import StreamListener, connect_stdio, connect_stream_fd
 from netferry.uri import LinkUri
 
 __all__ = ["Endpoint", "Link", "LinkSink", "open_endpoint"]

@@ -21,8 +21,8 @@ from collections import deque
 
 import structlog
 
-from hostd.links.base import Link, LinkSink
-from hostd.links.stream import bind_unix_socket, remove_socket_file
+from netferry.hostd.links.base import Link, LinkSink
+from netferry.hostd.links.stream import bind_unix_socket, remove_socket_file
 from netferry.uri import LinkUri
 
 log = structlog.get_logger("hostd.links")

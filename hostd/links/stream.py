@@ -29,9 +29,9 @@ from itertools import islice
 
 import structlog
 
-from hostd.links.base import Link, LinkSink
 from netferry import linkcaps
 from netferry.framing import FramingError, StreamDeframer, get_framing
+from netferry.hostd.links.base import Link, LinkSink
 from netferry.unixsock import clear_stale_socket
 from netferry.uri import VMADDR_CID_ANY, LinkUri
 

@@ -40,13 +40,13 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from hostd.services.dns import (
+from netferry.hostd.services.dns import (
     DnsResolver,
     ForwardQuery,
     _question_bytes,
     servfail_response,
 )
-from hostd.stack import tcp
+from netferry.hostd.stack import tcp
 
 __all__ = ["DnsForwarder", "DnsTcpSession", "ForwarderStats"]
 

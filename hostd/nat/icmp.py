@@ -30,10 +30,10 @@ from dataclasses import dataclass
 
 import structlog
 
-from hostd.nat.budget import BudgetExceeded, DescriptorBudget
-from hostd.nat.flows import FlowTable
-from hostd.stack import icmp
-from hostd.stack.network import IcmpEchoOutbound, Network
+from netferry.hostd.nat.budget import BudgetExceeded, DescriptorBudget
+from netferry.hostd.nat.flows import FlowTable
+from netferry.hostd.stack import icmp
+from netferry.hostd.stack.network import IcmpEchoOutbound, Network
 
 log = structlog.get_logger("hostd.nat.icmp")
 

@@ -38,9 +38,9 @@ from collections.abc import Callable
 
 import structlog
 
-from hostd.nat.budget import BudgetExceeded, DescriptorBudget
-from hostd.stack import icmp, tcp
-from hostd.stack.network import Network, TcpConnEvent, TcpDial
+from netferry.hostd.nat.budget import BudgetExceeded, DescriptorBudget
+from netferry.hostd.stack import icmp, tcp
+from netferry.hostd.stack.network import Network, TcpConnEvent, TcpDial
 
 log = structlog.get_logger("hostd.nat.tcp")
 

@@ -28,10 +28,10 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from hostd.nat.budget import BudgetExceeded, DescriptorBudget
-from hostd.nat.flows import FlowTable
-from hostd.stack import icmp
-from hostd.stack.network import Network, UdpOutbound, udp_flow_key
+from netferry.hostd.nat.budget import BudgetExceeded, DescriptorBudget
+from netferry.hostd.nat.flows import FlowTable
+from netferry.hostd.stack import icmp
+from netferry.hostd.stack.network import Network, UdpOutbound, udp_flow_key
 
 log = structlog.get_logger("hostd.nat.udp")
 

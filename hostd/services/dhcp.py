@@ -93,9 +93,9 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 
-from hostd.config import DEFAULT_GUEST_MAC, DEFAULT_SUBNET
-from hostd.corelog import core_logger
-from hostd.stack.ethernet import mac_to_str, parse_mac
+from netferry.hostd.config import DEFAULT_GUEST_MAC, DEFAULT_SUBNET
+from netferry.hostd.corelog import core_logger
+from netferry.hostd.stack.ethernet import mac_to_str, parse_mac
 
 __all__ = [
     "DEFAULT_STATIC_MAC",

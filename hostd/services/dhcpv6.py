@@ -44,8 +44,8 @@ from collections import OrderedDict, deque
 from dataclasses import asdict, dataclass, field
 from ipaddress import IPv6Address, IPv6Network
 
-from hostd.corelog import core_logger
-from hostd.services.dhcp import DEFAULT_STATIC_MAC, encode_domain_search, normalize_mac
+from netferry.hostd.corelog import core_logger
+from netferry.hostd.services.dhcp import DEFAULT_STATIC_MAC, encode_domain_search, normalize_mac
 
 __all__ = [
     "Dhcpv6Config",

@@ -12,7 +12,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from hostd.stack.checksum import checksum, ones_sum
+from netferry.hostd.stack.checksum import checksum, ones_sum
 
 HEADER = struct.Struct("!BBHHH")  # type, code, checksum, id, seq (or unused/mtu for errors)
 

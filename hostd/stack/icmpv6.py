@@ -25,8 +25,8 @@ import errno
 import struct
 from dataclasses import dataclass
 
-from hostd.stack.checksum import pseudo_header_sum_v6, transport_checksum_v6, verify
-from hostd.stack.ipv6 import (
+from netferry.hostd.stack.checksum import pseudo_header_sum_v6, transport_checksum_v6, verify
+from netferry.hostd.stack.ipv6 import (
     EXTENSION_HEADERS,
     HEADER,
     HEADER_LEN,

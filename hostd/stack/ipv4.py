@@ -20,7 +20,7 @@ import heapq
 import struct
 from dataclasses import dataclass, field
 
-from hostd.stack.checksum import checksum, ones_sum
+from netferry.hostd.stack.checksum import checksum, ones_sum
 
 HEADER = struct.Struct("!BBHHHBBH4s4s")
 HEADER_LEN = 20

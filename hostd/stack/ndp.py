@@ -37,8 +37,8 @@ import struct
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from hostd.services.dhcp import encode_domain_search
-from hostd.stack.icmpv6 import (
+from netferry.hostd.services.dhcp import encode_domain_search
+from netferry.hostd.stack.icmpv6 import (
     NEIGHBOR_ADVERTISEMENT,
     NEIGHBOR_SOLICITATION,
     ROUTER_ADVERTISEMENT,
@@ -47,7 +47,7 @@ from hostd.stack.icmpv6 import (
     build_icmpv6,
     parse_icmpv6,
 )
-from hostd.stack.ipv6 import (
+from netferry.hostd.stack.ipv6 import (
     ALL_NODES,
     UNSPECIFIED,
     is_link_local,

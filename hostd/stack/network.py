@@ -47,15 +47,15 @@ import struct
 from collections import Counter, deque
 from dataclasses import dataclass
 
-from hostd.config import NetworkConfig
-from hostd.policy import FlowVerdict, Policy
-from hostd.services.dhcp import DhcpConfig, DhcpServer, LeaseGranted
-from hostd.services.dns import DnsResolver, DnsZones, ForwardQuery, default_zones
-from hostd.stack import arp, ethernet, icmp, ipv4, tcp, udp
-from hostd.stack import checksum as checksum_mod
-from hostd.stack.ethernet import BROADCAST, ETHERTYPE_ARP, ETHERTYPE_IPV4
-from hostd.stack.port_security import PortSecurity
-from hostd.stack.transport import (
+from netferry.hostd.config import NetworkConfig
+from netferry.hostd.policy import FlowVerdict, Policy
+from netferry.hostd.services.dhcp import DhcpConfig, DhcpServer, LeaseGranted
+from netferry.hostd.services.dns import DnsResolver, DnsZones, ForwardQuery, default_zones
+from netferry.hostd.stack import arp, ethernet, icmp, ipv4, tcp, udp
+from netferry.hostd.stack import checksum as checksum_mod
+from netferry.hostd.stack.ethernet import BROADCAST, ETHERTYPE_ARP, ETHERTYPE_IPV4
+from netferry.hostd.stack.port_security import PortSecurity
+from netferry.hostd.stack.transport import (
     TcpConnEvent,
     TcpDial,
     TcpKey,

@@ -33,8 +33,8 @@ from __future__ import annotations
 
 from collections import Counter
 
-from hostd.corelog import core_logger
-from hostd.stack.ethernet import CamTable, mac_to_str
+from netferry.hostd.corelog import core_logger
+from netferry.hostd.stack.ethernet import CamTable, mac_to_str
 
 log = core_logger("hostd.port_security")
 

@@ -69,7 +69,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Protocol
 
-from hostd.stack.checksum import checksum, ones_sum, verify_transport_v4
+from netferry.hostd.stack.checksum import checksum, ones_sum, verify_transport_v4
 
 __all__ = [
     "ACK",

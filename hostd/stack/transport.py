@@ -43,7 +43,7 @@ from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Protocol
 
-from hostd.stack import icmp, tcp
+from netferry.hostd.stack import icmp, tcp
 
 TcpKey = tuple[bytes, int, bytes, int]  # guest ip, guest port, destination ip, port
 GSO_MAX = 65535 - 20 - 60  # the largest TCP segment that still fits an IPv4 total length

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import struct
 
-from hostd.stack.checksum import checksum, pseudo_header_sum_v4, verify
+from netferry.hostd.stack.checksum import checksum, pseudo_header_sum_v4, verify
 
 HEADER = struct.Struct("!HHHH")
 HEADER_LEN = 8

@@ -19,7 +19,7 @@ import sys
 
 import pytest
 
-from hostd.nat.budget import default_max_connections
+from netferry.hostd.nat.budget import default_max_connections
 from tests.conftest import STARTED
 
 pytestmark = pytest.mark.e2e

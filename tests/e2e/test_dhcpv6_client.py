@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from hostd.services.dhcpv6 import ALL_DHCP_SERVERS, Dhcpv6Config, Dhcpv6Server
+from netferry.hostd.services.dhcpv6 import ALL_DHCP_SERVERS, Dhcpv6Config, Dhcpv6Server
 from tests.conftest import Netns, wait_for
 from tests.e2e.netns_socket import socket_in_netns
 

@@ -16,9 +16,9 @@ from ipaddress import IPv6Address
 
 import pytest
 
-from hostd.config import NetworkConfig
-from hostd.stack import ethernet, icmpv6, ipv6, ndp
-from hostd.stack.checksum import transport_checksum_v6, verify_transport_v6
+from netferry.hostd.config import NetworkConfig
+from netferry.hostd.stack import ethernet, icmpv6, ipv6, ndp
+from netferry.hostd.stack.checksum import transport_checksum_v6, verify_transport_v6
 from tests.conftest import Netns, wait_for
 from tests.e2e.netns_socket import socket_in_netns
 

@@ -189,7 +189,7 @@ FORBIDDEN_PROBE = r"""
 import ctypes, errno, os, sys
 libc = ctypes.CDLL(None, use_errno=True)
 if sys.argv[1] == "sandbox":
-    from hostd.privileges import apply_sandbox
+    from netferry.hostd.privileges import apply_sandbox
     apply_sandbox()
 CLONE_NEWNS, PTRACE_TRACEME = 0x00020000, 0
 results = {}

@@ -129,7 +129,7 @@ def test_offload_follows_the_guests_mac_to_a_plain_port(hostd, guest, http_serve
     from scapy.layers.inet import IP, TCP
     from scapy.layers.l2 import ARP, Ether
 
-    from hostd.stack.checksum import verify_transport_v4
+    from netferry.hostd.stack.checksum import verify_transport_v4
     from tests.conftest import wait_for
 
     plain = str(short_tmp / "plain.sock")

@@ -125,7 +125,7 @@ def test_guest_connected_event_and_handshake_cause(hostd, stack, short_tmp: Path
 def test_bridge_dial_failure_is_the_cause(tmp_path: Path) -> None:
     """Over vsock, gRPC sees only "Socket closed" when the bridge cannot dial: the bridge's
     own error is the cause on the log line (the dial is faked: no vsock is touched)."""
-    from hostd.guests import VsockDialBridge, handshake_failure_cause
+    from netferry.hostd.guests import VsockDialBridge, handshake_failure_cause
     from netferry.v1 import guest_pb2 as gpb
     from netferry.v1 import guest_pb2_grpc as gpb_grpc
 

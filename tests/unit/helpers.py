@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from scapy.layers.l2 import ARP, Ether
 
 if TYPE_CHECKING:
-    from hostd.switch import HostSwitch
+    from netferry.hostd.switch import HostSwitch
 
 GW_MAC = "5a:94:ef:e4:0c:dd"
 GUEST_MAC = "5a:94:ef:e4:0c:ee"

@@ -10,9 +10,9 @@ from scapy.layers.dhcp import BOOTP, DHCP
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.l2 import ARP, Ether
 
-from hostd.cli import build_parser, config_from_args
-from hostd.config import NetworkConfig, parse_dhcp_range
-from hostd.stack.network import DnsQueryOutbound, Network, TcpDial, UdpOutbound
+from netferry.hostd.cli import build_parser, config_from_args
+from netferry.hostd.config import NetworkConfig, parse_dhcp_range
+from netferry.hostd.stack.network import DnsQueryOutbound, Network, TcpDial, UdpOutbound
 
 GW_MAC = "5a:94:ef:e4:0c:dd"
 GUEST_MAC = "02:00:00:00:00:64"

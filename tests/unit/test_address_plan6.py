@@ -6,14 +6,14 @@ from ipaddress import IPv4Network, IPv6Address, IPv6Network
 
 import pytest
 
-from hostd.config import (
+from netferry import slirp4netns as s4n
+from netferry.hostd.config import (
     DEFAULT_GUEST_MAC,
     NetworkConfig,
     parse_address6,
     parse_subnet6,
     slirp4netns_plan6,
 )
-from netferry import slirp4netns as s4n
 
 A = IPv6Address
 

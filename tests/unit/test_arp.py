@@ -8,7 +8,7 @@ import ipaddress
 import pytest
 from scapy.layers.l2 import ARP
 
-from hostd.stack import arp, ethernet
+from netferry.hostd.stack import arp, ethernet
 
 GW_MAC = "5a:94:ef:e4:0c:dd"
 MAC1 = "5a:94:ef:e4:0c:ee"

@@ -10,11 +10,11 @@ from scapy.layers.inet import ICMP, IP, UDP
 from scapy.layers.l2 import ARP, Ether
 from scapy.utils import rdpcap
 
-from hostd.capture import PcapWriter, pcap_header, pcap_record
+from netferry.hostd.capture import PcapWriter, pcap_header, pcap_record
 
 
 def test_capture_buffer_bounds_bytes_and_messages():
-    from hostd.capture import CaptureBuffer
+    from netferry.hostd.capture import CaptureBuffer
 
     buf = CaptureBuffer(max_bytes=10_000, max_message=4_000)
     for _ in range(12):

@@ -5,8 +5,8 @@ import random
 from scapy.layers.inet import IP, in4_chksum
 from scapy.utils import checksum as scapy_checksum
 
-from hostd.stack import checksum as cs
-from hostd.stack import udp
+from netferry.hostd.stack import checksum as cs
+from netferry.hostd.stack import udp
 
 
 def loop_checksum(data: bytes) -> int:

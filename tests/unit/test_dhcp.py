@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from scapy.layers.dhcp import BOOTP, DHCP
 
-from hostd.services.dhcp import (
+from netferry.hostd.services.dhcp import (
     DhcpConfig,
     DhcpReply,
     DhcpServer,
@@ -813,7 +813,7 @@ def test_custom_pool_and_reserved() -> None:
 
 def test_expiry_from_a_deadline_heap_stays_bounded_under_renewals():
     """Expiry costs what expired, and renewals (stale deadlines) do not pile up."""
-    from hostd.services.dhcp import DhcpConfig, DhcpServer
+    from netferry.hostd.services.dhcp import DhcpConfig, DhcpServer
 
     server = DhcpServer(DhcpConfig(lease_time=100))
     for i in range(50):

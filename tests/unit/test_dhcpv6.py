@@ -11,8 +11,8 @@ import scapy.layers.dhcp6 as d6
 from scapy.layers.inet import UDP
 from scapy.packet import Raw
 
-from hostd.services import dhcpv6
-from hostd.services.dhcpv6 import Dhcpv6Config, Dhcpv6Server
+from netferry.hostd.services import dhcpv6
+from netferry.hostd.services.dhcpv6 import Dhcpv6Config, Dhcpv6Server
 
 PREFIX = IPv6Network("fd00:192:168:127::/64")
 GUEST_MAC = "5a:94:ef:e4:0c:ee"
@@ -346,7 +346,7 @@ def test_restore_lease_from_an_earlier_run():
 
 
 def test_config_from_the_network_plan():
-    from hostd.config import NetworkConfig, slirp4netns_plan6
+    from netferry.hostd.config import NetworkConfig, slirp4netns_plan6
 
     c = dhcpv6.dhcpv6_config_for(NetworkConfig(dns_search=["corp.example"]))
     assert c.prefix == PREFIX and c.dns_servers == [PREFIX[1]]

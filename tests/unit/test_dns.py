@@ -9,7 +9,7 @@ import struct
 import pytest
 from dnslib import EDNS0, QTYPE, A, DNSRecord
 
-from hostd.services.dns import (
+from netferry.hostd.services.dns import (
     RCODE_NOERROR,
     RCODE_NXDOMAIN,
     DnsRecord,

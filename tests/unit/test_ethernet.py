@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from hostd.stack import ethernet
+from netferry.hostd.stack import ethernet
 
 MAC1 = "5a:94:ef:e4:0c:ee"
 MAC2 = "5a:94:ef:e4:0c:ef"

@@ -20,12 +20,12 @@ import structlog
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import Ether
 
-from hostd import forwards as forwards_mod
-from hostd.config import NetworkConfig
-from hostd.errors import ControlError
-from hostd.forwards import canonical_local
-from hostd.switch import HostSwitch
 from netferry.address import HostPort
+from netferry.hostd import forwards as forwards_mod
+from netferry.hostd.config import NetworkConfig
+from netferry.hostd.errors import ControlError
+from netferry.hostd.forwards import canonical_local
+from netferry.hostd.switch import HostSwitch
 from tests.unit.helpers import GUEST_IP, guest_link
 
 GUEST = GUEST_IP

@@ -23,9 +23,9 @@ from scapy.layers.dhcp import BOOTP, DHCP
 from scapy.layers.inet import ICMP, IP, TCP, UDP, fragment
 from scapy.layers.l2 import ARP, Ether
 
-from hostd.config import NetworkConfig
-from hostd.stack import network as network_mod
-from hostd.stack.network import Network, TcpDial, udp_flow_key
+from netferry.hostd.config import NetworkConfig
+from netferry.hostd.stack import network as network_mod
+from netferry.hostd.stack.network import Network, TcpDial, udp_flow_key
 
 FUZZ_FRAMES = int(os.environ.get("NETFERRY_FUZZ_FRAMES", "50000"))
 FUZZ_SEED = int(os.environ.get("NETFERRY_FUZZ_SEED", "1"))

@@ -144,7 +144,7 @@ def test_parse_bool() -> None:
 
 
 def test_rancher_desktop_network_setup_argv() -> None:
-    from guestd import network_setup
+    from netferry.guestd import network_setup
 
     a = parse_args(
         network_setup.build_parser(),
@@ -161,7 +161,7 @@ def test_rancher_desktop_network_setup_argv() -> None:
 
 
 def test_rancher_desktop_vm_switch_argv() -> None:
-    from guestd import vm_switch
+    from netferry.guestd import vm_switch
 
     argv = ["-tap-interface", "eth0", "-subnet", "192.168.127.0/24", "-tap-mac-address",
             "5a:94:ef:e4:0c:ee", "-dhcp-script", "", "-logfile", "/l/vs.log", "-debug"]  # fmt: skip
@@ -177,7 +177,7 @@ def test_rancher_desktop_vm_switch_argv() -> None:
 
 
 def test_rancher_desktop_wsl_proxy_argv() -> None:
-    from guestd import wsl_proxy
+    from netferry.guestd import wsl_proxy
 
     a = parse_args(
         wsl_proxy.build_parser(),
@@ -190,7 +190,7 @@ def test_rancher_desktop_wsl_proxy_argv() -> None:
 
 
 def test_rancher_desktop_host_switch_argv() -> None:
-    from hostd import cli
+    from netferry.hostd import cli
 
     a = parse_args(
         cli.build_parser(),

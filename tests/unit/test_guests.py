@@ -10,8 +10,8 @@ import tempfile
 
 import pytest
 
-from guestd import network_setup as ns
-from hostd import guests
+from netferry.guestd import network_setup as ns
+from netferry.hostd import guests
 from netferry.uri import parse_link_uri
 from tests.unit.helpers import unix_echo
 

@@ -7,8 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from hostd import cli as hostd_cli
-from hostd.gvproxy_cli import GvproxyError, main, remove_pid_file, translate, write_pid_file
+from netferry.hostd import cli as hostd_cli
+from netferry.hostd.gvproxy_cli import (
+    GvproxyError,
+    main,
+    remove_pid_file,
+    translate,
+    write_pid_file,
+)
 
 BASE_TAIL = ["--api", "none"]
 

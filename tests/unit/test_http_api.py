@@ -8,7 +8,7 @@ import asyncio
 
 import pytest
 
-from hostd.api.http import (
+from netferry.hostd.api.http import (
     BadRequest,
     GvproxyApi,
     Hijack,

@@ -6,7 +6,7 @@ import pytest
 from scapy.layers.inet import ICMP, IP, UDP
 from scapy.utils import checksum as scapy_checksum
 
-from hostd.stack import icmp
+from netferry.hostd.stack import icmp
 
 GUEST_IP = "192.168.127.2"
 REMOTE_IP = "192.0.2.7"

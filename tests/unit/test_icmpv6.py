@@ -21,7 +21,7 @@ from scapy.layers.inet6 import (
     UDPerror,
 )
 
-from hostd.stack import icmpv6, ipv6
+from netferry.hostd.stack import icmpv6, ipv6
 
 GUEST = "fd00:192:168:127::2"
 GW = "fd00:192:168:127::1"

@@ -9,7 +9,7 @@ import random
 import pytest
 from scapy.layers.inet import IP, defragment
 
-from hostd.stack import ipv4
+from netferry.hostd.stack import ipv4
 from tests.unit.test_network import assert_valid_ip
 
 GUEST_IP = "192.168.127.2"

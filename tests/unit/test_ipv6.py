@@ -19,8 +19,8 @@ from scapy.layers.inet6 import (
     fragment6,
 )
 
-from hostd.stack import checksum as cs
-from hostd.stack import ipv6
+from netferry.hostd.stack import checksum as cs
+from netferry.hostd.stack import ipv6
 
 SRC = "fd00:192:168:127::2"
 DST = "fd00:192:168:127::1"

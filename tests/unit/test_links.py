@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from hostd.links import open_endpoint
-from hostd.links.base import Link
-from hostd.links.stream import vsock_listen_socket
 from netferry import linkcaps
+from netferry.hostd.links import open_endpoint
+from netferry.hostd.links.base import Link
+from netferry.hostd.links.stream import vsock_listen_socket
 from netferry.uri import VMADDR_CID_ANY, parse_link_uri
 
 TIMEOUT = 5.0

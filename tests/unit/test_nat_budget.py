@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from hostd.nat.budget import (
+from netferry.hostd.nat.budget import (
     RESERVE_MIN,
     BudgetExceeded,
     DescriptorBudget,

@@ -18,8 +18,8 @@ import pytest
 from dnslib import AAAA, EDNS0, MX, QTYPE, RR, SRV, TXT, A, DNSRecord
 from dnslib.server import DNSHandler, DNSLogger, DNSServer
 
-from hostd.nat.dns import DnsForwarder
-from hostd.services.dns import (
+from netferry.hostd.nat.dns import DnsForwarder
+from netferry.hostd.services.dns import (
     DnsResolver,
     ForwardQuery,
     default_zones,

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from hostd.nat.flows import FlowTable
+from netferry.hostd.nat.flows import FlowTable
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from guestd import nat_rules
+from netferry.guestd import nat_rules
 
 
 def test_nat_ruleset() -> None:

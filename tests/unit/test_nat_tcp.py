@@ -11,9 +11,9 @@ import structlog
 from scapy.layers.inet import ICMP, IP, TCP
 from scapy.layers.l2 import ARP, Ether
 
-from hostd.config import NetworkConfig
-from hostd.nat import tcp as nat_tcp
-from hostd.switch import HostSwitch
+from netferry.hostd.config import NetworkConfig
+from netferry.hostd.nat import tcp as nat_tcp
+from netferry.hostd.switch import HostSwitch
 from tests.unit.helpers import GUEST_IP, GUEST_MAC, GW_MAC, CollectLink
 
 

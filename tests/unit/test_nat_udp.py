@@ -15,8 +15,8 @@ import pytest
 from scapy.layers.inet import ICMP, IP, UDP
 from scapy.layers.l2 import Ether
 
-from hostd.config import NetworkConfig
-from hostd.switch import HostSwitch
+from netferry.hostd.config import NetworkConfig
+from netferry.hostd.switch import HostSwitch
 from tests.unit.helpers import GUEST_IP, GUEST_MAC, GW_MAC, guest_link
 
 HOST_IP = "192.168.127.254"

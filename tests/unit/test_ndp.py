@@ -23,7 +23,7 @@ from scapy.layers.inet6 import (
     IPv6,
 )
 
-from hostd.stack import ipv6, ndp
+from netferry.hostd.stack import ipv6, ndp
 
 GW_MAC = bytes.fromhex("5a94efe40cdd")
 GUEST_MAC = bytes.fromhex("5a94efe40cee")
@@ -155,7 +155,7 @@ def _ns_raw(**kw) -> tuple[bytes, bytes, int, bytearray]:
 
 
 def _recsum(src: bytes, dst: bytes, msg: bytearray) -> bytes:
-    from hostd.stack.checksum import transport_checksum_v6
+    from netferry.hostd.stack.checksum import transport_checksum_v6
 
     msg[2:4] = b"\x00\x00"
     msg[2:4] = transport_checksum_v6(src, dst, 58, bytes(msg)).to_bytes(2, "big")
@@ -307,7 +307,7 @@ def test_router_solicitation_shorter_than_8_bytes_is_invalid():
 
 
 def _responder(now: float = 0.0) -> ndp.NdpResponder:
-    from hostd.config import NetworkConfig
+    from netferry.hostd.config import NetworkConfig
 
     cfg = NetworkConfig(dns_search=["netferry.internal"])
     own = frozenset(a.packed for a in cfg.virtual_addresses6)

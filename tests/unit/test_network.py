@@ -22,10 +22,10 @@ from scapy.layers.l2 import ARP, Ether
 from scapy.packet import Raw
 from scapy.utils import checksum as scapy_checksum
 
-from hostd.config import NetworkConfig
-from hostd.stack import checksum as cs
-from hostd.stack import ethernet, icmp, ipv4
-from hostd.stack.network import (
+from netferry.hostd.config import NetworkConfig
+from netferry.hostd.stack import checksum as cs
+from netferry.hostd.stack import ethernet, icmp, ipv4
+from netferry.hostd.stack.network import (
     DnsQueryOutbound,
     IcmpEchoOutbound,
     LeaseEvent,

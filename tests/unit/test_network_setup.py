@@ -10,7 +10,7 @@ import tempfile
 
 import pytest
 
-from guestd import network_setup as ns
+from netferry.guestd import network_setup as ns
 from netferry.uri import parse_link_uri
 from tests.unit.helpers import unix_echo
 

@@ -9,10 +9,10 @@ import struct
 from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
 
-from hostd.config import NetworkConfig
-from hostd.stack import tcp
-from hostd.stack.checksum import checksum, pseudo_header_sum_v4
-from hostd.stack.network import (
+from netferry.hostd.config import NetworkConfig
+from netferry.hostd.stack import tcp
+from netferry.hostd.stack.checksum import checksum, pseudo_header_sum_v4
+from netferry.hostd.stack.network import (
     VNET_F_NEEDS_CSUM,
     VNET_GSO_TCPV4,
     VNET_HDR,

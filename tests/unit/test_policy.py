@@ -9,8 +9,8 @@ import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.l2 import Ether
 
-from hostd.policy import Policy, PolicyError, parse_rule
-from hostd.stack.network import FlowDenied, IcmpEchoOutbound, TcpDial, UdpOutbound
+from netferry.hostd.policy import Policy, PolicyError, parse_rule
+from netferry.hostd.stack.network import FlowDenied, IcmpEchoOutbound, TcpDial, UdpOutbound
 from tests.unit.test_network import GUEST_IP, HOST_IP, REMOTE_IP, feed, learn_guest, make_net, to_gw
 from tests.unit.test_network import b as packed
 
@@ -129,7 +129,7 @@ def test_no_rules_no_verdicts_recorded():
 
 
 def test_host_group_covers_the_hosts_addresses():
-    from hostd.policy import host_addresses
+    from netferry.hostd.policy import host_addresses
 
     found = host_addresses()
     assert ipaddress.IPv4Address("127.0.0.1").packed in found

@@ -12,8 +12,8 @@ from scapy.layers.dhcp import BOOTP, DHCP
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import ARP, Ether
 
-from hostd.stack.ethernet import CamTable
-from hostd.stack.port_security import PortSecurity
+from netferry.hostd.stack.ethernet import CamTable
+from netferry.hostd.stack.port_security import PortSecurity
 from tests.unit.test_network import (
     BCAST,
     GUEST2_IP,
@@ -223,7 +223,7 @@ def test_port_security_off_lets_a_mac_and_an_address_move():
 def test_flags():
     import pytest
 
-    from hostd.cli import build_parser, config_from_args
+    from netferry.hostd.cli import build_parser, config_from_args
 
     base = ["--listen=stdio://", "--dns-upstream=127.0.0.1"]
     config = config_from_args(build_parser().parse_args(base))

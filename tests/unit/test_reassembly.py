@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import random
 
-from hostd.stack import ipv4
-from hostd.stack.ipv4 import FLAG_MF, FRAGMENT_OVERHEAD, PARTIAL_OVERHEAD, Ipv4Packet, Reassembler
+from netferry.hostd.stack import ipv4
+from netferry.hostd.stack.ipv4 import (
+    FLAG_MF,
+    FRAGMENT_OVERHEAD,
+    PARTIAL_OVERHEAD,
+    Ipv4Packet,
+    Reassembler,
+)
 
 SRC = b"\xc0\xa8\x7f\x02"
 DST = b"\xc0\xa8\x7f\xfe"

@@ -12,9 +12,9 @@ import pytest
 from scapy.layers.inet import IP, TCP, UDP, fragment
 from scapy.layers.l2 import Ether
 
-from hostd.config import NetworkConfig
-from hostd.stack import tcp
-from hostd.stack.network import (
+from netferry.hostd.config import NetworkConfig
+from netferry.hostd.stack import tcp
+from netferry.hostd.stack.network import (
     VNET_HDR,
     VNET_NONE,
     Network,

@@ -8,13 +8,13 @@ import json
 import os
 from pathlib import Path
 
-from hostd.config import NetworkConfig
-from hostd.control import Control, DnsRecordSpec
-from hostd.state import StateStore, dns_snapshot
+from netferry.hostd.config import NetworkConfig
+from netferry.hostd.control import Control, DnsRecordSpec
+from netferry.hostd.state import StateStore, dns_snapshot
 
 
 async def _switch_and_control():  # type: ignore[no-untyped-def]
-    from hostd.switch import HostSwitch
+    from netferry.hostd.switch import HostSwitch
 
     switch = HostSwitch(NetworkConfig(dns_upstreams=[]))
     return switch, Control(switch)
@@ -88,7 +88,7 @@ def test_released_lease_is_an_event_so_the_state_file_forgets_it() -> None:
     from scapy.layers.inet import IP, UDP
     from scapy.layers.l2 import Ether
 
-    from hostd.stack.network import LeaseEvent
+    from netferry.hostd.stack.network import LeaseEvent
     from tests.unit.test_network import GW_IP, dhcp_frame, feed, make_net
 
     mac, ip = "5a:94:ef:e4:0c:42", "192.168.127.3"

@@ -9,8 +9,8 @@ import structlog
 from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import ARP, Ether
 
-from hostd.config import NetworkConfig
-from hostd.switch import HostSwitch
+from netferry.hostd.config import NetworkConfig
+from netferry.hostd.switch import HostSwitch
 from tests.unit.helpers import GUEST_IP, GUEST_MAC, GW_MAC, CollectLink, guest_link
 
 

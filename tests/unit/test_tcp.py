@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 import pytest
 from scapy.layers.inet import IP, TCP
 
-from hostd.stack.checksum import verify_transport_v4
-from hostd.stack.tcp import (
+from netferry.hostd.stack.checksum import verify_transport_v4
+from netferry.hostd.stack.tcp import (
     ACK,
     FIN,
     PSH,

@@ -8,11 +8,11 @@ import ipaddress
 from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
 
-from hostd.config import NetworkConfig
-from hostd.stack import tcp
-from hostd.stack.checksum import verify_transport_v4
-from hostd.stack.network import VNET_HDR, VNET_LEN, VNET_NONE, Network, TcpDial
-from hostd.stack.transport import TcpRoute
+from netferry.hostd.config import NetworkConfig
+from netferry.hostd.stack import tcp
+from netferry.hostd.stack.checksum import verify_transport_v4
+from netferry.hostd.stack.network import VNET_HDR, VNET_LEN, VNET_NONE, Network, TcpDial
+from netferry.hostd.stack.transport import TcpRoute
 
 GW_MAC = "5a:94:ef:e4:0c:dd"
 MAC1 = "5a:94:ef:e4:0c:ee"

@@ -8,7 +8,7 @@ import pytest
 from scapy.layers.inet import IP, UDP, in4_chksum
 from scapy.packet import Raw
 
-from hostd.stack import udp
+from netferry.hostd.stack import udp
 
 GW_IP = "192.168.127.1"
 GUEST_IP = "192.168.127.2"

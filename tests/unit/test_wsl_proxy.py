@@ -11,7 +11,7 @@ import tempfile
 
 import pytest
 
-from guestd.wsl_proxy import Key, MappingFault, MappingTable, PortProxyService, key_from_pb
+from netferry.guestd.wsl_proxy import Key, MappingFault, MappingTable, PortProxyService, key_from_pb
 from netferry.v1 import proxy_pb2 as pb
 
 
@@ -165,7 +165,7 @@ def test_service_resync_sweeps_only_that_agents_unrepeated_mappings() -> None:
 
 
 def test_rancher_desktop_port_mapping_parsing() -> None:
-    from guestd.wsl_proxy import JsonRequestError, parse_port_mapping
+    from netferry.guestd.wsl_proxy import JsonRequestError, parse_port_mapping
 
     remove, items = parse_port_mapping(
         {"remove": True, "connectAddrs": None,
@@ -192,7 +192,7 @@ def test_rancher_desktop_port_mapping_parsing() -> None:
 def test_front_listener_tells_grpc_from_json_and_pipes_exactly() -> None:
     """The HTTP/2 preface, even split across writes, goes to the gRPC socket byte for byte;
     other first bytes get an error line; a connection closed at once costs nothing."""
-    from guestd.wsl_proxy import H2_PREFACE, FrontListener, JsonPortMappings
+    from netferry.guestd.wsl_proxy import H2_PREFACE, FrontListener, JsonPortMappings
 
     async def main() -> None:
         d = tempfile.mkdtemp(prefix="nf-front-")

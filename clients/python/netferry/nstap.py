@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() == 1:
         return 1
-    from guestd.tap import TapError, open_tap
+    from netferry.guestd.tap import TapError, open_tap
 
     offload = args.offload
     try:

@@ -165,8 +165,8 @@ def parse_cidr(text: str) -> ipaddress.IPv4Network:
 
 
 def network_config(args: argparse.Namespace, mtu: int):  # -> hostd.config.NetworkConfig
-    from hostd.config import NetworkConfig, slirp4netns_plan6
-    from hostd.services.dns import parse_upstream, upstreams_from_resolv_conf
+    from netferry.hostd.config import NetworkConfig, slirp4netns_plan6
+    from netferry.hostd.services.dns import parse_upstream, upstreams_from_resolv_conf
 
     net = parse_cidr(args.cidr)
     base = net.network_address
@@ -217,7 +217,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.macaddress and not args.configure:
         raise Slirp4netnsError("--macaddress needs --configure")
     if args.macaddress:
-        from hostd.stack.ethernet import parse_mac
+        from netferry.hostd.stack.ethernet import parse_mac
 
         try:
             parse_mac(args.macaddress)
@@ -326,9 +326,9 @@ def acquire_tap(args: argparse.Namespace, config, mtu: int) -> tuple[int, bool]:
 
 
 async def serve(args: argparse.Namespace, config, link_uri: str) -> int:
-    from hostd.api.slirp import SlirpApi, SlirpApiError
-    from hostd.control import Control
-    from hostd.switch import HostSwitch
+    from netferry.hostd.api.slirp import SlirpApi, SlirpApiError
+    from netferry.hostd.control import Control
+    from netferry.hostd.switch import HostSwitch
     from netferry.uri import parse_link_uri
 
     loop = asyncio.get_running_loop()
@@ -350,7 +350,7 @@ async def serve(args: argparse.Namespace, config, link_uri: str) -> int:
             api = SlirpApi(control, args.api_socket)
             await api.start()
         if args.api:
-            from hostd.api.server import ApiServer
+            from netferry.hostd.api.server import ApiServer
 
             grpc_api = ApiServer(control, args.api)
             await grpc_api.start()
@@ -384,7 +384,7 @@ async def serve(args: argparse.Namespace, config, link_uri: str) -> int:
 
         loop.add_reader(args.exit_fd, on_exit_fd)
     if args.enable_sandbox or args.enable_seccomp:
-        from hostd.privileges import drop_privileges
+        from netferry.hostd.privileges import drop_privileges
 
         try:  # after the tap, the sockets and the namespaces' helper: nothing needs them now
             drop_privileges(sandbox=args.enable_seccomp)
