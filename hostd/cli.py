@@ -125,6 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
     lim = p.add_argument_group("limits")
     lim.add_argument("--udp-idle-timeout", type=float, default=90.0, metavar="SECONDS")
     lim.add_argument("--udp-max-flows", type=int, default=4096)
+    lim.add_argument(
+        "--flow-guest-share",
+        type=float,
+        default=0.5,
+        metavar="FRACTION",
+        help="the part of a full UDP or ICMP flow table beyond which a guest's new flow "
+        "evicts its own least recently used flow, not another guest's",
+    )
     lim.add_argument("--icmp-idle-timeout", type=float, default=30.0, metavar="SECONDS")
     lim.add_argument("--icmp-max-flows", type=int, default=1024)
     lim.add_argument(
@@ -390,6 +398,7 @@ def config_from_args(args: argparse.Namespace) -> NetworkConfig:
         dns_search=list(args.dns_search),
         udp_idle_timeout=args.udp_idle_timeout,
         udp_max_flows=args.udp_max_flows,
+        flow_guest_share=args.flow_guest_share,
         icmp_idle_timeout=args.icmp_idle_timeout,
         icmp_max_flows=args.icmp_max_flows,
         lease_time=args.lease_time,

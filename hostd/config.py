@@ -70,6 +70,9 @@ class NetworkConfig:
     tcp_max_half_open: int = 4096
     tcp_max_connections: int = 65536
     tcp_port_share: float = 0.5
+    # The part of a full UDP or ICMP flow table beyond which a guest's new flow evicts its
+    # own oldest (not another guest's): a guest opening flows without end evicts its own.
+    flow_guest_share: float = 0.5
     tcp_buffer: int = 4 << 20
     tcp_time_wait: float = 60.0
     tcp_ack_delay: float = 0.002  # a reply from a loopback server usually comes sooner
@@ -130,6 +133,8 @@ class NetworkConfig:
                 raise ValueError(f"DHCP range {first}-{last} is not a range of hosts of {net}")
         if not 0 < self.tcp_port_share <= 1:
             raise ValueError(f"TCP port share {self.tcp_port_share} out of range (0, 1]")
+        if not 0 < self.flow_guest_share <= 1:
+            raise ValueError(f"flow guest share {self.flow_guest_share} out of range (0, 1]")
         if self.tcp_max_half_open < 1 or self.tcp_max_connections < 1:
             raise ValueError("TCP connection limits must be positive")
         if not 0 <= self.tcp_ack_delay <= 0.2:

@@ -80,6 +80,7 @@ class HostSwitch:
             idle_timeout=config.udp_idle_timeout,
             max_flows=config.udp_max_flows,
             budget=self.budget,
+            guest_share=config.flow_guest_share,
         )
         self.icmp_nat = IcmpNat(
             self.network,
@@ -87,6 +88,7 @@ class HostSwitch:
             idle_timeout=config.icmp_idle_timeout,
             max_flows=config.icmp_max_flows,
             budget=self.budget,
+            guest_share=config.flow_guest_share,
         )
         self.dns_forwarder = (
             # At most two sockets per query in flight: a quarter of the reserve.

@@ -4,7 +4,11 @@ UDP NAT flows (`hostd/nat/udp.py`), ICMP echo flows (`hostd/nat/icmp.py`) and UD
 sessions (`hostd/forwards.py`) are kept the same way: an ordered map from the flow's key
 to the flow, most recently used last. `touch` moves a flow to the end; `make_room` evicts
 from the front until one more fits under `max_flows` (call it before opening the new
-flow's socket, so an evicted flow's descriptor is free again first); a sweep every
+flow's socket, so an evicted flow's descriptor is free again first). With an `owner` (the
+guest address a flow belongs to), a full table makes room at the new flow's owner's own
+oldest flow once that owner holds `share` of the table, else at the busiest owner's oldest:
+a guest alone may use the whole table, and one guest flooding new flows evicts its own,
+never another guest's flows below the share; a sweep every
 `idle_timeout / 4` (0.2 .. 5 s) closes flows idle for `idle_timeout` (the gvproxy #622
 lesson: one socket per DNS query held for 90 s starves a host of descriptors). What a
 flow holds is released by the owner's `close` callback, which every removal calls once.
@@ -38,13 +42,18 @@ class FlowTable(Generic[K, F]):
         max_flows: int,
         idle_timeout: float,
         close: Callable[[F], None],
+        owner: Callable[[K], Hashable] | None = None,
+        share: float = 1.0,
     ) -> None:
         self.name = name  # in the sweep's log event: "<name>.flows_reaped"
         self.max_flows = max_flows
         self.idle_timeout = idle_timeout
         self._close = close
         self.flows: OrderedDict[K, F] = OrderedDict()
-        self.stats = {"opened": 0, "evicted": 0, "reaped": 0}
+        self._owner = owner
+        self.share = share
+        self._counts: dict[Hashable, int] = {}  # owner → flows it holds
+        self.stats = {"opened": 0, "evicted": 0, "reaped": 0, "share_evicted": 0}
         self._sweeper: asyncio.Task[None] | None = None
 
     def __len__(self) -> int:
@@ -70,35 +79,73 @@ class FlowTable(Generic[K, F]):
         flow.last_active = now
         self.flows.move_to_end(key)
 
-    def make_room(self) -> int:
-        """Evict least recently used flows until one more fits; returns how many."""
+    def make_room(self, key: K | None = None) -> int:
+        """Evict least recently used flows until one more fits (for the new flow `key`,
+        whose owner gives way first once it holds its share); returns how many."""
         n = 0
+        owner = self._owner
+        mine = owner(key) if owner is not None and key is not None else None
+        limit = max(1, int(self.max_flows * self.share))
         while self.flows and len(self.flows) >= self.max_flows:
-            _, old = self.flows.popitem(last=False)
-            self._close(old)
+            if owner is None:
+                self._evict(next(iter(self.flows)))
+            elif mine is not None and self._counts.get(mine, 0) >= limit:
+                self._evict(self._oldest_of(mine))  # over its share: its own flow goes
+                self.stats["share_evicted"] += 1
+            else:
+                busiest = max(self._counts, key=self._counts.__getitem__)
+                self._evict(self._oldest_of(busiest))
             n += 1
         self.stats["evicted"] += n
         return n
 
+    def _oldest_of(self, owner: Hashable) -> K:
+        """The least recently used flow of `owner` (it holds at least one)."""
+        of = self._owner
+        assert of is not None
+        return next(k for k in self.flows if of(k) == owner)
+
+    def _evict(self, key: K) -> None:
+        self._close(self._pop(key))
+
+    def _pop(self, key: K) -> F:
+        flow = self.flows.pop(key)
+        if self._owner is not None:
+            who = self._owner(key)
+            left = self._counts[who] - 1
+            if left:
+                self._counts[who] = left
+            else:
+                del self._counts[who]
+        return flow
+
     def add(self, key: K, flow: F) -> None:
         """A new flow (after `make_room`), most recently used."""
+        if self._owner is not None and key not in self.flows:
+            who = self._owner(key)
+            self._counts[who] = self._counts.get(who, 0) + 1
         self.flows[key] = flow
         self.flows.move_to_end(key)
         self.stats["opened"] += 1
 
     def remove(self, key: K) -> F | None:
         """Close and forget the flow under `key`, if any."""
-        flow = self.flows.pop(key, None)
-        if flow is not None:
-            self._close(flow)
+        if key not in self.flows:
+            return None
+        flow = self._pop(key)
+        self._close(flow)
         return flow
+
+    def owners(self) -> dict[Hashable, int]:
+        """Flows held per owner (empty without an owner function)."""
+        return dict(self._counts)
 
     def reap(self, now: float) -> int:
         """Close flows idle for `idle_timeout` or longer; returns how many."""
         timeout = self.idle_timeout
         idle = [k for k, f in self.flows.items() if now - f.last_active >= timeout]
         for key in idle:
-            self._close(self.flows.pop(key))
+            self._close(self._pop(key))
         self.stats["reaped"] += len(idle)
         return len(idle)
 
@@ -119,5 +166,6 @@ class FlowTable(Generic[K, F]):
             self._sweeper.cancel()
             self._sweeper = None
         flows, self.flows = self.flows, OrderedDict()
+        self._counts.clear()
         for flow in flows.values():
             self._close(flow)

@@ -40,6 +40,10 @@ log = structlog.get_logger("hostd.nat.icmp")
 FlowKey = tuple[bytes, bytes, int]
 
 
+def _guest_of(key: FlowKey) -> bytes:
+    return key[0]  # the guest's address
+
+
 def ping_sockets_allowed() -> tuple[bool, str]:
     """Whether this process may open ping sockets, and the sysctl value that decides it."""
     try:
@@ -82,12 +86,18 @@ class IcmpNat:
         idle_timeout: float,
         max_flows: int,
         budget: DescriptorBudget | None = None,
+        guest_share: float = 1.0,
     ) -> None:
         self.network = network
         self.flush = flush
         self.budget = budget if budget is not None else DescriptorBudget(1 << 20)
         self.flows: FlowTable[FlowKey, EchoFlow] = FlowTable(
-            "nat.icmp", max_flows=max_flows, idle_timeout=idle_timeout, close=self._close
+            "nat.icmp",
+            max_flows=max_flows,
+            idle_timeout=idle_timeout,
+            close=self._close,
+            owner=_guest_of,  # one guest's share of the table: it evicts its own flows
+            share=guest_share,
         )
         self.loop = asyncio.get_running_loop()
         self._stats = {"echo_out": 0, "echo_in": 0, "denied": 0, "errors": 0, "budget_refused": 0}
@@ -132,7 +142,7 @@ class IcmpNat:
         self._stats["echo_out"] += 1
 
     def _open(self, key: FlowKey, target_ip: str, now: float) -> EchoFlow | None:
-        self.flows.make_room()
+        self.flows.make_room(key)
         v6 = ipaddress.ip_address(target_ip).version == 6
         if self.raw is not None and not v6:
             target = ipaddress.IPv4Address(target_ip).packed

@@ -36,6 +36,12 @@ from netferry.hostd.stack.network import Network, UdpOutbound, udp_flow_key
 log = structlog.get_logger("hostd.nat.udp")
 
 FlowKey = tuple[bytes, int, bytes, int]
+
+
+def _guest_of(key: FlowKey) -> bytes:
+    return key[0]  # the guest's address
+
+
 READ_BATCH = 64
 RECV_SIZE = 65535
 
@@ -59,12 +65,18 @@ class UdpNat:
         idle_timeout: float,
         max_flows: int,
         budget: DescriptorBudget | None = None,
+        guest_share: float = 1.0,
     ) -> None:
         self.network = network
         self.flush = flush
         self.budget = budget if budget is not None else DescriptorBudget(1 << 20)
         self.flows: FlowTable[FlowKey, UdpFlow] = FlowTable(
-            "nat.udp", max_flows=max_flows, idle_timeout=idle_timeout, close=self._close
+            "nat.udp",
+            max_flows=max_flows,
+            idle_timeout=idle_timeout,
+            close=self._close,
+            owner=_guest_of,  # one guest's share of the table: it evicts its own flows
+            share=guest_share,
         )
         self.loop = asyncio.get_running_loop()
         self._stats = {
@@ -160,7 +172,7 @@ class UdpNat:
         """A connected socket for a new flow, or the ICMP unreachable code to answer with
         (counted): administratively prohibited over the descriptor budget (a hard error
         for the guest's socket), host unreachable when socket() or connect() fail."""
-        self.flows.make_room()  # an evicted flow's descriptor is free before we open
+        self.flows.make_room(key)  # an evicted flow's descriptor is free before we open
         family = socket.AF_INET6 if ipaddress.ip_address(target_ip).version == 6 else socket.AF_INET
         try:
             sock = self.budget.open(family, socket.SOCK_DGRAM, guest=key[0], what="udp flow")

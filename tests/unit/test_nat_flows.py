@@ -34,7 +34,41 @@ def test_make_room_evicts_the_least_recently_used() -> None:
     assert closed == ["b"]
     t.add("d", Flow("d", 6.0))
     assert list(t) == ["c", "a", "d"]
-    assert t.stats == {"opened": 4, "evicted": 1, "reaped": 0}
+    assert t.stats == {"opened": 4, "evicted": 1, "reaped": 0, "share_evicted": 0}
+
+
+def test_one_owner_evicts_its_own_flows_never_another_owners() -> None:
+    """Keys "A1", "B7": the owner is the first letter (the guest). A floods new flows: once
+    the table is full and A holds its share, A gives way at its own oldest; B's flows,
+    older still, all stay."""
+    closed: list[str] = []
+    t: FlowTable[str, Flow] = FlowTable(
+        "test", max_flows=8, idle_timeout=10.0, close=lambda f: closed.append(f.name),
+        owner=lambda k: k[0], share=0.5,
+    )  # fmt: skip
+    for i in range(3):
+        t.make_room(f"B{i}")
+        t.add(f"B{i}", Flow(f"B{i}", 0.0))
+    for i in range(100):
+        t.make_room(f"A{i}")
+        t.add(f"A{i}", Flow(f"A{i}", 1.0 + i))
+    assert {k for k in t if k[0] == "B"} == {"B0", "B1", "B2"}
+    assert t.owners() == {"B": 3, "A": 5} and len(t) == 8
+    assert closed == [f"A{i}" for i in range(95)]  # oldest first
+    assert t.stats["share_evicted"] == 95
+    # A full table without anyone over the share gives way at the busiest owner's oldest.
+    closed2: list[str] = []
+    t2: FlowTable[str, Flow] = FlowTable(
+        "t2", max_flows=4, idle_timeout=10.0, close=lambda f: closed2.append(f.name),
+        owner=lambda k: k[0], share=1.0,
+    )  # fmt: skip
+    for k in ("B0", "A0", "A1", "A2"):
+        t2.make_room(k)
+        t2.add(k, Flow(k, 0.0))
+    assert t2.make_room("C0") == 1 and closed2 == ["A0"]  # not B0, the oldest of all
+    t2.remove("A1")
+    t2.reap(100.0)
+    assert t2.owners() == {} and closed2 == ["A0", "A1", "B0", "A2"]
 
 
 def test_reap_closes_only_flows_idle_for_the_timeout() -> None:
