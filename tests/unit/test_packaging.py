@@ -3,13 +3,15 @@
 hostd/ and guestd/ stay top-level folders in the repository (DESIGN.md's layout); setup.py
 maps them to `netferry.hostd` and `netferry.guestd`, so no generic `hostd` collides with
 another project's. The wheel is built here from the working tree, offline (the venv's own
-setuptools, no build isolation), and read back.
+setuptools, no build isolation) from a copy of the tree, so setuptools' build/ and
+egg-info land in the test's directory, not in the repository; and read back.
 """
 
 from __future__ import annotations
 
 import email
 import pathlib
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -18,9 +20,17 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def test_wheel_installs_everything_under_netferry(tmp_path: pathlib.Path) -> None:
+    src = tmp_path / "src"
+    shutil.copytree(
+        ROOT,
+        src,
+        ignore=shutil.ignore_patterns(
+            ".venv", ".git", "build", "dist", "*.egg-info", "__pycache__", "results", ".*cache"
+        ),
+    )
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-         "-w", str(tmp_path), str(ROOT)],
+         "-w", str(tmp_path), str(src)],
         check=True, capture_output=True, cwd=tmp_path,
     )  # fmt: skip
     (wheel,) = tmp_path.glob("netferry-*.whl")
