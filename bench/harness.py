@@ -4,6 +4,7 @@ namespace helpers shared by contenders and measurements."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import platform
@@ -35,6 +36,12 @@ class BenchError(Exception):
 # ---- cleanup: everything we start is registered here and removed in finally ------------
 
 
+def _die_with_us() -> None:
+    """In the child before exec: SIGKILL when the benchmark dies, even by SIGKILL, so no
+    contender outlives a killed run (its namespaces go at the next run's start)."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 class Reaper:
     """Processes, namespaces and directories to remove; `cleanup()` is idempotent."""
 
@@ -46,6 +53,7 @@ class Reaper:
     def popen(self, args: list[str], **kw) -> subprocess.Popen:
         kw.setdefault("stdin", subprocess.DEVNULL)
         kw.setdefault("start_new_session", True)  # Ctrl-C reaches us only; we tear down
+        kw.setdefault("preexec_fn", _die_with_us)
         p = subprocess.Popen(args, **kw)
         self.procs.append(p)
         return p
