@@ -301,6 +301,82 @@ def test_fragment_floods_stay_within_the_reassembly_budget(hostd, guest, http_se
     assert h.proc.poll() is None
 
 
+# ---- the SYN flood (issue 16.2) ---------------------------------------------------------------
+
+# SYNs to the gateway's DNS-over-TCP port from distinct source ports, never acknowledged: each
+# one accepted would sit in SYN_RECEIVED (20,000 made 20,000 connections, +188 MiB, before
+# the half-open cap). Paced lightly so the tap does not drop what hostd should see.
+SYNS = r"""
+import socket, struct, sys, time, json
+me = bytes.fromhex(sys.argv[1].replace(":", ""))
+gw = bytes.fromhex("5a94efe40cdd")
+src, dst = socket.inet_aton(sys.argv[2]), socket.inet_aton("192.168.127.1")
+n = int(sys.argv[3])
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+s.bind(("eth0", 0))
+def fold(t):
+    t = (t >> 16) + (t & 0xFFFF); t += t >> 16
+    return (~t) & 0xFFFF
+def syn(sport, seq):
+    tcp = struct.pack("!HHIIBBHHH", sport, 53, seq, 0, 5 << 4, 0x02, 65535, 0, 0)
+    pseudo = src + dst + struct.pack("!BBH", 0, 6, len(tcp))
+    c = fold(sum(struct.unpack("!%dH" % ((len(pseudo) + len(tcp)) // 2), pseudo + tcp)))
+    tcp = tcp[:16] + struct.pack("!H", c) + tcp[18:]
+    h = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), sport, 0x4000, 64, 6, 0, src, dst)
+    h = h[:10] + struct.pack("!H", fold(sum(struct.unpack("!10H", h)))) + h[12:]
+    return gw + me + b"\x08\x00" + h + tcp
+# The attacker's kernel would answer the gateway's SYN-ACKs with RST (no socket): drop them.
+sent = 0
+for i in range(n):
+    s.send(syn(10000 + i % 50000, i * 7919))
+    sent += 1
+    if i % 200 == 199:
+        time.sleep(0.002)
+print(json.dumps({"syns": sent}), flush=True)
+"""
+
+# What the half-open cap lets one guest hold (--tcp-max-half-open 4096 times --tcp-port-share
+# 0.5 = 2,048 connections) at about 12 KiB each (measured: +24.8 MiB for the flood), plus the
+# same interpreter allowance as above.
+HALF_OPEN_BUDGET_MIB = 25
+
+
+def test_syn_flood_stays_within_the_half_open_cap(hostd, guest, http_server):
+    """Issue 16, acceptance 2 (the 20,000-SYN flood): the attacker's SYNs beyond its share of
+    the half-open cap are refused with RST and counted, hostd's RSS stays within the cap's
+    budget, and the other guest's download stays sha256-exact."""
+    h = hostd()
+    victim = guest(h)
+    attacker = guest(h, mac=ATTACKER_MAC)
+    attacker.ns.run("ip", "link", "set", "eth0", "txqueuelen", "10000")
+    attacker.ns.run(
+        "iptables", "-A", "INPUT", "-p", "tcp", "--sport", "53", "-j", "DROP", check=False
+    )
+    url = f"http://192.168.127.254:{http_server.port}"
+    warm = start_download(victim, url, 16)
+    warm.communicate(timeout=220)
+    rss_before = vm_rss_kib(h.proc.pid)
+    download = start_download(victim, url, 64)
+    try:
+        r = attacker.ns.python(SYNS, ATTACKER_MAC, attacker.ip, "20000", timeout=300)
+        sent = json.loads(r.stdout.strip().splitlines()[-1])
+        down, err = download.communicate(timeout=220)
+    finally:
+        stop_process(download)
+    rss_after = vm_rss_kib(h.proc.pid)
+    assert down.split() and down.split()[0] == blob_sha256(http_server, 64), err
+    net = h.stats()["network"]
+    grown_mib = (rss_after - rss_before) / 1024
+    refused = net.get("tcp_half_open_port_refused", 0) + net.get("tcp_half_open_refused", 0)
+    print(
+        f"hostd VmRSS {rss_before / 1024:.1f} MiB before, {rss_after / 1024:.1f} MiB after "
+        f"{sent['syns']} SYNs (+{grown_mib:.1f} MiB); half-open refused {refused}"
+    )
+    assert refused >= (sent["syns"] - 2048) * 0.9  # all but the share (the tap may lose some)
+    assert grown_mib <= HALF_OPEN_BUDGET_MIB + INTERPRETER_ALLOWANCE_MIB
+    assert h.proc.poll() is None
+
+
 # ---- listings that never stall the data plane (issue 16.4) -------------------------------
 
 LEASES = 20_000
