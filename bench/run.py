@@ -92,6 +92,9 @@ def tear_down(
 
 
 VM_SERVERS: list[Servers] = []
+# Rows whose guest is missing here (UML's kernel, QEMU's cached image): left out of the table,
+# with a note saying why, instead of a row of empty cells that reads as failed measurements.
+SKIPPED_ROWS: set[str] = set()
 
 
 def measure_vm_links(
@@ -118,8 +121,11 @@ def measure_vm_links(
             NOTES.append(f"UML rows skipped: {e}")
     except ImportError as e:
         NOTES.append(f"UML rows skipped: {e}")
+    if uml is None:
+        SKIPPED_ROWS.update({"uml_fetch", "uml_upload", "uml_connrate"})
     image = qemu_image()
     if image is None and "qemu_fetch" in want:
+        SKIPPED_ROWS.add("qemu_fetch")
         NOTES.append("QEMU row skipped: no cached guest image (run tests/interop/test_qemu.py)")
     for c in contenders:
         for kind, ok, fn in (
@@ -191,7 +197,8 @@ def run_bench(args: argparse.Namespace) -> int:
             measure_vm_links(results, names, r, args.quick, rows_filter)
     elapsed = time.monotonic() - started
     summary = results.summary()
-    table = markdown_table(summary, names, rows_filter)
+    shown = (set(rows_filter) if rows_filter is not None else set(ROW_INFO)) - SKIPPED_ROWS
+    table = markdown_table(summary, names, shown)
     meta = {
         "timestamp": stamp,
         "rounds": rounds,
@@ -230,13 +237,13 @@ def run_bench(args: argparse.Namespace) -> int:
     # A contender that came up must have a figure in every row of its phase: a cell left
     # "—" is a failed measurement, and the run fails (the CI smoke run with it).
     for key, _label, _unit, _better, mtu in ROWS:
-        if rows_filter is not None and key not in rows_filter:
+        if (rows_filter is not None and key not in rows_filter) or key in SKIPPED_ROWS:
             continue
         for c in names:
             due = (c, mtu) in results.came_up if mtu else (c, key) in results.came_up
             if due and not results.values[key][c]:
                 results.errors.append(f"{c} came up at MTU {mtu} but has no figure for {key}")
-    notes = extra_lines + [f"- {n}" for n in NOTES]
+    notes = extra_lines + [f"- {n}" for n in dict.fromkeys(NOTES)]  # once, not per round
     for c, per in drops.items():
         if per:
             notes.append(
