@@ -53,6 +53,9 @@ class PacketLink(Link):
         self._queue: deque[bytes] = deque()
         self._queued_bytes = 0
         self._writer = False
+        # Times the socket was full and frames waited for writability (the peer's receive
+        # queue, bounded by our SO_SNDBUF, was the limit); logged when the link closes.
+        self.write_deferred = 0
         self._loop = asyncio.get_running_loop()
         sock.setblocking(False)
         self._loop.add_reader(sock.fileno(), self._readable)
@@ -136,6 +139,7 @@ class PacketLink(Link):
         self._queued_bytes += len(frame)
         if not self._writer:
             self._writer = True
+            self.write_deferred += 1
             self._loop.add_writer(self.sock.fileno(), self._writable)
 
     def _writable(self) -> None:
@@ -158,6 +162,8 @@ class PacketLink(Link):
         self._writer = False
 
     def _close_transport(self) -> None:
+        if self.write_deferred:
+            log.info("link.write_deferred", link=self.name, times=self.write_deferred)
         fd = self.sock.fileno()
         if fd >= 0:
             self._loop.remove_reader(fd)
