@@ -574,6 +574,7 @@ class Network:
         trusted = vnet  # our vm-switch leaves layer-4 checksums to us: not re-verified
         gateway_mac = self.gateway_mac
         admit_mac = self.port_security.admit_mac
+        admitted = None  # the batch's last admitted MAC: same port, same time, same verdict
         secure = self.port_security.enabled
         source_allowed = self.port_security.source_allowed
         neighbour = self.neighbours.lookup
@@ -591,8 +592,10 @@ class Network:
             if src_mac[0] & 1 or src_mac == ethernet.ZERO_MAC:
                 stats["malformed_ethernet"] += 1
                 continue
-            if not admit_mac(port, src_mac, now):
-                continue  # a MAC over the port's limit or another port's: counted there
+            if src_mac != admitted:
+                if not admit_mac(port, src_mac, now):
+                    continue  # a MAC over the port's limit or another port's: counted there
+                admitted = src_mac
             ethertype = frame[ip - 2 : ip]
             if ethertype == _ETH_ARP:
                 self._arp_frame(port, frame, off, dst_mac, src_mac)
