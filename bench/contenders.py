@@ -71,6 +71,20 @@ class Contender:
     def rss_pids(self) -> dict[str, int]:
         return {k: p.pid for k, p in self.procs.items()}
 
+    def wait_for_lease(self, address: str, what: str) -> None:
+        """Until eth0 in the guest namespace has `address` ("" for any IPv4 address)."""
+
+        def leased() -> bool:
+            self.check_alive()
+            out = subprocess.run(
+                ns_cmd(self.ns, "ip", "-4", "-o", "addr", "show", "dev", "eth0"),
+                capture_output=True,
+                text=True,
+            ).stdout
+            return f"inet {address}/" in out if address else "inet " in out
+
+        wait_for(leased, 30, f"the {what} guest's DHCP lease", step=0.1)
+
     def check_alive(self) -> None:
         for k, p in self.procs.items():
             if p.poll() is not None:
@@ -147,16 +161,7 @@ class Netferry(Contender):
             ],
         )
 
-        def leased() -> bool:
-            self.check_alive()
-            out = subprocess.run(
-                ns_cmd(self.ns, "ip", "-4", "-o", "addr", "show", "dev", "eth0"),
-                capture_output=True,
-                text=True,
-            ).stdout
-            return f"inet {self.GUEST_IP}/" in out
-
-        wait_for(leased, 30, "the netferry guest's DHCP lease", step=0.1)
+        self.wait_for_lease(self.GUEST_IP, "netferry")
         self.target = "192.168.127.254"
         cmd = [
             str(VENV_BIN / "netferry"),
@@ -244,16 +249,7 @@ class NetferryVm(Contender):
                    "--log-format", "json", "--log-file", str(self.dir / "vm-switch.json")),
         )  # fmt: skip
 
-        def leased() -> bool:
-            self.check_alive()
-            out = subprocess.run(
-                ns_cmd(self.ns, "ip", "-4", "-o", "addr", "show", "dev", "eth0"),
-                capture_output=True,
-                text=True,
-            ).stdout
-            return f"inet {self.GUEST_IP}/" in out
-
-        wait_for(leased, 30, "the netferry-vm guest's DHCP lease", step=0.1)
+        self.wait_for_lease(self.GUEST_IP, "netferry-vm")
         self.target = "192.168.127.254"
         cmd = [str(VENV_BIN / "netferry"), "--api", self.api, "expose",
                f"127.0.0.1:{self.fwd_port}", f"{self.GUEST_IP}:{GUEST_IPERF_PORT}"]  # fmt: skip
@@ -332,16 +328,7 @@ class Gvproxy(Contender):
                    "-stop-if-exist", "", "-mtu", str(self.mtu)),
         )  # fmt: skip
 
-        def leased() -> bool:
-            self.check_alive()
-            out = subprocess.run(
-                ns_cmd(self.ns, "ip", "-4", "-o", "addr", "show", "dev", "eth0"),
-                capture_output=True,
-                text=True,
-            ).stdout
-            return "inet " in out
-
-        wait_for(leased, 30, "the gvforwarder guest's DHCP lease", step=0.1)
+        self.wait_for_lease("", "gvforwarder")
         self.target = "192.168.127.254"
         body = json.dumps({"local": f"127.0.0.1:{self.fwd_port}",
                            "remote": f"{self.GUEST_IP}:{GUEST_IPERF_PORT}"})  # fmt: skip

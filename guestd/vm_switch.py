@@ -1,7 +1,7 @@
 """`vm-switch`: the guest end of the frame stream, run inside the guest's network namespace.
 
 It owns tap `eth0`: frames the guest kernel sends on it go to hostd over the link, frames
-from netferry.hostd are written to it. The tap survives link drops: vm-switch redials with
+from hostd are written to it. The tap survives link drops: vm-switch redials with
 backoff and the guest's sockets see a pause, not a dead interface. Once the link is up the
 first time it gets an address by DHCP (pyroute2's client, or udhcpc), sets the default
 route and MTU from the lease, and writes a resolv.conf only to the path it is given.
@@ -36,7 +36,6 @@ import sys
 import tempfile
 from collections import deque
 from importlib import resources
-from itertools import islice
 
 import structlog
 
@@ -46,6 +45,7 @@ from netferry.goflags import Alias
 from netferry.goflags import parse_args as parse_go_flags
 from netferry.guestd.tap import TapError, configure_link, open_tap, set_mtu, set_tap_offload
 from netferry.log import add_logging_arguments, configure_logging
+from netferry.streams import send_queued
 from netferry.uri import LinkUri, parse_link_uri
 
 log = structlog.get_logger("vm-switch")
@@ -53,7 +53,6 @@ log = structlog.get_logger("vm-switch")
 TAP_READ_BATCH = 128
 TAP_READ_SIZE = 65536 + 14 + 10  # a 64 KiB TSO segment, Ethernet and virtio-net headers
 HIGH_WATER = 4 << 20
-IOV_MAX = 1024
 VNET_LEN = 10
 VNET_NONE = bytes(VNET_LEN)  # a virtio-net header that asks for nothing
 CAPS_ETHERTYPE = linkcaps.ETHERTYPE.to_bytes(2, "big")
@@ -309,24 +308,11 @@ class Pump:
     def _flush(self) -> None:
         """Send the queued pieces with sendmsg (gathered, no joining copy)."""
         q = self._out
-        sendmsg = self.sock.sendmsg
-        while q:
-            try:
-                n = sendmsg(list(islice(q, IOV_MAX)))
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError as e:
-                self._fail(f"write error: {e}")
-                return
-            self._out_size -= n
-            while n:
-                head = q[0]
-                if n >= len(head):
-                    n -= len(head)
-                    q.popleft()
-                else:
-                    q[0] = memoryview(head)[n:]
-                    n = 0
+        try:
+            self._out_size -= send_queued(self.sock, q)
+        except OSError as e:
+            self._fail(f"write error: {e}")
+            return
         if q:
             if not self._writing:
                 self._writing = True

@@ -25,13 +25,13 @@ import socket
 import stat
 from collections import deque
 from collections.abc import Callable
-from itertools import islice
 
 import structlog
 
 from netferry import linkcaps
 from netferry.framing import FramingError, StreamDeframer, get_framing
 from netferry.hostd.links.base import Link, LinkSink
+from netferry.streams import send_queued
 from netferry.unixsock import clear_stale_socket
 from netferry.uri import VMADDR_CID_ANY, LinkUri
 
@@ -43,9 +43,6 @@ VNET_NONE = bytes(10)  # a virtio-net header that asks for nothing
 CONNECT_REQUEST_LINE = b"POST /connect HTTP/1.1\r\n"
 CONNECT_FRAMING = "len16le"
 CONNECT_MAX_HEADER = 8192
-
-
-IOV_MAX = 1024
 
 
 class GatherWriter:
@@ -70,25 +67,12 @@ class GatherWriter:
 
     def _send(self) -> None:
         q = self.queue
-        sendmsg = self.sock.sendmsg
-        while q:
-            try:
-                n = sendmsg(list(islice(q, IOV_MAX)))
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError as e:
-                self.close()
-                self._on_error(e)
-                return
-            self.size -= n
-            while n:
-                head = q[0]
-                if n >= len(head):
-                    n -= len(head)
-                    q.popleft()
-                else:
-                    q[0] = memoryview(head)[n:]
-                    n = 0
+        try:
+            self.size -= send_queued(self.sock, q)
+        except OSError as e:
+            self.close()
+            self._on_error(e)
+            return
         if q and not self._waiting:
             self._waiting = True
             self.loop.add_writer(self.sock.fileno(), self._send)

@@ -8,13 +8,44 @@ sees the end while the other direction carries on; each chunk is drained before 
 read, so a slow reader slows the writer instead of filling memory. A reset or broken pipe
 ends that direction quietly: the other direction ends with it, or the caller closes both.
 `splice` runs both directions and closes both writers when both are done (or cancelled).
+
+`send_queued` is the frame links' writer (hostd's stream links and vm-switch's link): a
+queue of pieces sent gathered with sendmsg, no joining copy, as much as the socket takes
+without blocking; what is left waits for the caller's writability callback.
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
+from collections import deque
+from itertools import islice
 
 CHUNK = 1 << 16
+IOV_MAX = 1024  # Linux's limit on pieces per sendmsg
+
+
+def send_queued(sock: socket.socket, queue: deque[bytes | memoryview]) -> int:
+    """Send from the head of `queue` until it is empty or the socket would block; returns the
+    bytes sent. A piece sent in part stays at the head as a view of its rest. Errors other
+    than would-block are raised (the pieces not sent stay queued)."""
+    sent = 0
+    sendmsg = sock.sendmsg
+    while queue:
+        try:
+            n = sendmsg(list(islice(queue, IOV_MAX)))
+        except (BlockingIOError, InterruptedError):
+            break
+        sent += n
+        while n:
+            head = queue[0]
+            if n >= len(head):
+                n -= len(head)
+                queue.popleft()
+            else:
+                queue[0] = memoryview(head)[n:]
+                n = 0
+    return sent
 
 
 async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> int:
