@@ -573,6 +573,7 @@ class Network:
         ip = off + ethernet.HEADER_LEN  # where IPv4 starts
         trusted = vnet  # our vm-switch leaves layer-4 checksums to us: not re-verified
         gateway_mac = self.gateway_mac
+        self.port_security.now = now
         admit_mac = self.port_security.admit_mac
         admitted = None  # the batch's last admitted MAC: same port, same time, same verdict
         secure = self.port_security.enabled
@@ -830,8 +831,7 @@ class Network:
         if pkt.sender_ip in self.virtual_ips:
             # A claim to be the gateway (or DNS, .254): never reaches another guest.
             self.stats["arp_spoof_dropped"] += 1
-            self.stats["arp_gateway_claim_dropped"] += 1
-            return False
+            return self.port_security.refuse("arp_gateway_claim_dropped", pkt.sender_ip)
         if pkt.sender_ip == ANY_V4:
             return True
         return self._address_may_move(port, pkt.sender_ip, src_mac, "arp")
@@ -846,8 +846,7 @@ class Network:
             return self.port_security.claim(port, mac, ip, theft, kind + "_limit_dropped")
         if self._neighbour_may_move(port, ip, mac):
             return True
-        self.stats[theft] += 1
-        return False
+        return self.port_security.refuse(theft, ip)  # counted and logged as with it on
 
     # ---- layer 2 --------------------------------------------------------------------
 

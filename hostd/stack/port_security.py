@@ -59,7 +59,7 @@ class PortSecurity:
         self._port_ips: dict[int, set[bytes]] = {}
         self.stats: Counter[str] = Counter() if stats is None else stats  # may be the switch's
         self._logged: dict[str, tuple[float, int]] = {}  # reason → (when, count then)
-        self._now = 0.0
+        self.now = 0.0  # the latest batch's time (the receive path sets it): log pacing
         # (network, mask) as integers: only addresses inside are bound by first use; others
         # pass unbound (the stack drops them as martians at the gateway).
         self._subnet = subnet
@@ -108,8 +108,8 @@ class PortSecurity:
         MAC limit and not another live port's. False: drop it (counted, logged)."""
         if self.cam.learn(src_mac, port, now):
             return True
-        self._now = now
-        return self._refuse(self.cam.last_refusal, b"", src_mac)
+        self.now = now
+        return self.refuse(self.cam.last_refusal, b"", src_mac)
 
     # ---- checks --------------------------------------------------------------------------
 
@@ -132,7 +132,7 @@ class PortSecurity:
         owner = self._owner.get(ip)
         if owner is not None:
             if owner[1] != port:
-                return self._refuse(theft_reason, ip)
+                return self.refuse(theft_reason, ip)
             if owner[0] != mac:
                 self._rebind_mac(ip, mac, port)
             return True
@@ -154,13 +154,13 @@ class PortSecurity:
         if ips is None:
             ips = self._port_ips[port] = set()
         if len(ips) >= self.max_addresses_per_port:
-            return self._refuse(limit_reason, ip)
+            return self.refuse(limit_reason, ip)
         ips.add(ip)
         self._owner[ip] = (mac, port)
         self.stats["port_security_learned"] += 1
         return True
 
-    def _refuse(self, reason: str, ip: bytes, mac: bytes | None = None) -> bool:
+    def refuse(self, reason: str, ip: bytes, mac: bytes | None = None) -> bool:
         """Count the drop (CAM refusals are counted by the CAM table); log it at most once
         per `log_interval` per reason, with how many went since the last line."""
         stats = self.stats
@@ -169,7 +169,7 @@ class PortSecurity:
         if not cam_reason:
             stats[reason] = count
         last = self._logged.get(reason)
-        if last is None or self._now - last[0] >= self.log_interval:
+        if last is None or self.now - last[0] >= self.log_interval:
             fields: dict[str, object] = {"reason": reason}
             if cam_reason:
                 fields["mac"] = mac_to_str(mac)
@@ -187,5 +187,5 @@ class PortSecurity:
                 dropped_since_last_log=count - (last[1] if last else 0),
                 **fields,
             )
-            self._logged[reason] = (self._now, count)
+            self._logged[reason] = (self.now, count)
         return False

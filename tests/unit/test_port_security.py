@@ -241,3 +241,24 @@ def test_flags():
     )
     with pytest.raises(ValueError, match="port-max-macs"):
         config_from_args(build_parser().parse_args([*base, "--port-max-macs=-1"]))
+
+
+def test_refusals_are_logged_at_most_every_five_seconds_with_the_count():
+    """A flood of refusals gives one log line per reason per 5 s of the batches' time,
+    carrying how many were dropped since the last line; gateway claims are logged too."""
+    from structlog.testing import capture_logs
+
+    net = three_guests()
+    grat = Ether(src=MAC2, dst=BCAST) / ARP(op=2, hwsrc=MAC2, psrc=GUEST_IP, pdst=GUEST_IP)
+    claim = Ether(src=MAC2, dst=BCAST) / ARP(op=2, hwsrc=MAC2, psrc="192.168.127.1")
+    with capture_logs() as logs:
+        for i in range(10):
+            feed(net, grat, ATTACKER, now=float(i))  # t = 0 .. 9
+            feed(net, claim, ATTACKER, now=float(i))
+    lines = [(e["reason"], e["dropped_since_last_log"]) for e in logs]
+    assert lines.count(("arp_address_theft_dropped", 1)) == 1  # t = 0
+    assert ("arp_address_theft_dropped", 5) in lines  # t = 5: the five since
+    assert [r for r, _ in lines].count("arp_address_theft_dropped") == 2
+    assert [r for r, _ in lines].count("arp_gateway_claim_dropped") == 2
+    assert net.stats["arp_address_theft_dropped"] == 10
+    assert net.stats["arp_gateway_claim_dropped"] == 10
