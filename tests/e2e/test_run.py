@@ -90,6 +90,15 @@ def leftovers(user: str) -> list[str]:
     return [line for line in procs.splitlines() if line.strip()] + dirs
 
 
+def assert_nothing_remains(user: str, timeout: float = 10) -> None:
+    """Within `timeout`, no process of `user` and no run directory is left; on failure
+    the message names what was."""
+    deadline = time.monotonic() + timeout
+    while (left := leftovers(user)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert left == [], f"left after the run ended: {left}"
+
+
 @pytest.fixture
 def page_server() -> Iterator[tuple[int, bytes]]:
     body = b"netferry run says hello " + os.urandom(8).hex().encode()
@@ -151,7 +160,7 @@ def test_publish_and_runtime_forward(unprivileged_user, dns_upstream, short_tmp)
         p.send_signal(signal.SIGTERM)
         p.wait(30)
     assert not os.path.exists(api)
-    wait_for(lambda: leftovers(unprivileged_user) == [], 10, "nothing of the run to remain")
+    assert_nothing_remains(unprivileged_user)
 
 
 def test_sigint_reaches_command_and_second_sigint_tears_down(unprivileged_user):
@@ -169,7 +178,7 @@ def test_sigint_reaches_command_and_second_sigint_tears_down(unprivileged_user):
     os.kill(netferry_pid, signal.SIGINT)
     p.wait(20)
     assert p.returncode == 130
-    wait_for(lambda: leftovers(unprivileged_user) == [], 10, "nothing of the run to remain")
+    assert_nothing_remains(unprivileged_user)
 
 
 def _netferry_pid(user: str) -> int | None:
@@ -197,7 +206,7 @@ def test_ready_fd_and_exit_fd(unprivileged_user):
     p.wait(30)
     print(f"ready after {time.monotonic() - t0:.2f}s")
     assert p.returncode == 128 + signal.SIGTERM
-    wait_for(lambda: leftovers(unprivileged_user) == [], 10, "nothing of the run to remain")
+    assert_nothing_remains(unprivileged_user)
 
 
 def test_user_namespaces_refused_names_cause_and_fix():
