@@ -49,6 +49,13 @@ MALFORMED_PREFIXES = (
     "icmp_truncated",
     "tcp_bad",
     "tcp_malformed",
+    # IPv6 (hostd/stack/ipv6.py, icmpv6.py, ndp.py name their malformed input so)
+    "ipv6_bad",
+    "ipv6_truncated",
+    "icmpv6_bad",
+    "icmpv6_truncated",
+    "ndp_bad",
+    "ndp_truncated",
 )
 RECORD_TYPES = ("A", "AAAA", "CNAME")
 
