@@ -252,3 +252,89 @@ def test_tcp_to_host_loopback6_sha256_both_ways(guest6, offload):
         assert server.received == [server.sha256]
     finally:
         server.close()
+
+
+# ---- DNS on the gateway's IPv6 address (UDP and TCP) ------------------------------------
+
+
+def dig6(g, *args: str) -> str:
+    r = g.ns.run("dig", "+time=6", "+tries=1", f"@{GATEWAY6}", *args, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout
+
+
+def answer_lines(out: str) -> list[str]:
+    lines, on = [], False
+    for line in out.splitlines():
+        if line.startswith(";; ANSWER SECTION"):
+            on = True
+            continue
+        if on:
+            if not line.strip():
+                break
+            parts = line.split()
+            lines.append(" ".join([parts[0], parts[3], *parts[4:]]))
+    return lines
+
+
+def test_dns_over_ipv6_local_and_forwarded(guest6, dns_upstream):
+    _h, g = guest6(dhcp6=False)
+    assert answer_lines(dig6(g, "host.containers.internal", "A")) == [
+        "host.containers.internal. A 192.168.127.254"
+    ]
+    for tcp in ("+notcp", "+tcp"):
+        out = dig6(g, tcp, "www.example.test", "AAAA")
+        assert answer_lines(out) == ["www.example.test. AAAA 2001:db8::10"], out
+        assert f"SERVER: {GATEWAY6}#53" in out
+    assert answer_lines(dig6(g, "www.example.test", "A")) == ["www.example.test. A 192.0.2.10"]
+    assert ("www.example.test.", "AAAA", "udp") in dns_upstream.queries
+
+
+# ---- UDP through the NAT to a [::1] echo server ------------------------------------------
+
+UDP_CLIENT = r"""
+import socket, sys
+host, port = sys.argv[1], int(sys.argv[2])
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+s.settimeout(5)
+ok = 0
+for size in (1, 1000, 1400, 3000, 8000):  # the last two are fragmented both ways
+    data = bytes([size % 251]) * size
+    for _ in range(3):  # UDP: a lost datagram is retried, a wrong one fails
+        s.sendto(data, (host, port))
+        try:
+            got, _ = s.recvfrom(65535)
+        except TimeoutError:
+            continue
+        assert got == data, (size, len(got))
+        ok += 1
+        break
+print(ok)
+"""
+
+
+def test_udp_to_host_loopback6_echoed_fragmented_too(guest6):
+    _h, g = guest6(dhcp6=False)
+    srv = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    srv.bind(("::1", 0))
+    port = srv.getsockname()[1]
+    stop = threading.Event()
+
+    def echo() -> None:
+        srv.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                data, addr = srv.recvfrom(65535)
+            except TimeoutError:
+                continue
+            srv.sendto(data, addr)
+
+    t = threading.Thread(target=echo, daemon=True)
+    t.start()
+    try:
+        r = g.ns.python(UDP_CLIENT, HOST6, str(port))
+        assert r.stdout.split() == ["5"], r.stdout + r.stderr
+    finally:
+        stop.set()
+        t.join(5)
+        srv.close()
