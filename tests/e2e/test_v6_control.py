@@ -6,6 +6,7 @@ the gateway's local zones. netferry-slirp4netns's --enable-ipv6: tests/e2e/test_
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import subprocess
 from pathlib import Path
@@ -116,7 +117,8 @@ def test_dig_aaaa_over_ipv6_from_a_slaac_guest(hostd, guest):
     gateway6 = f"{PREFIX}1"
 
     def slaac() -> bool:
-        return any(a.startswith(PREFIX) for a in global_addresses(g.ns))
+        prefix = ipaddress.IPv6Network(f"{PREFIX}/64")
+        return any(ipaddress.IPv6Interface(a).ip in prefix for a in global_addresses(g.ns))
 
     wait_for(slaac, 30, "a SLAAC address in the guest", step=0.2)
     route = g.ns.run("ip", "-6", "route", "show", "default").stdout
