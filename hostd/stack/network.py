@@ -402,8 +402,10 @@ class Network(Ipv6Layer):
         if tcp_next is not None and (best is None or tcp_next < best):
             best = tcp_next
         if self.ipv6_enabled:
-            v6 = self._ipv6_timer()
-            if v6 is not None and (best is None or v6 < best):
+            v6 = self._v6_deadline
+            if v6 is None:  # recomputed only after IPv6 input or timers moved it
+                v6 = self._v6_deadline = self._ipv6_timer()
+            if best is None or v6 < best:
                 best = v6
         return best
 

@@ -137,6 +137,7 @@ class Ipv6Layer:
         self._pending_ndp: dict[bytes, list[bytes]] = {}
         self._ns_sent: dict[bytes, float] = {}
         self._ident6 = 0
+        self._v6_deadline: float | None = None  # the IPv6 timers' earliest, None: recompute
         if not self.ipv6_enabled:
             if config.ipv6:
                 self.stats["ipv6_off_mtu_below_1280"] = 1
@@ -205,6 +206,7 @@ class Ipv6Layer:
         """Every IPv6 frame of the batch (IPv6 on): see the module docstring."""
         stats = self.stats
         ip = off + ethernet.HEADER_LEN
+        self._v6_deadline = None  # NDP, fragments or DHCPv6 may move the IPv6 timers
         if dst_mac != self.gateway_mac:
             if not self._ipv6_may_leave(port, frame, ip, src_mac):
                 return
@@ -731,7 +733,7 @@ class Ipv6Layer:
 
     # ---- timers --------------------------------------------------------------------------
 
-    def _ipv6_timer(self) -> float | None:
+    def _ipv6_timer(self) -> float:
         best = self.ndp.next_deadline()
         for t in (self.reassembler6.next_deadline(), self._dhcp6_sweep):
             if t is not None and t < best:
@@ -739,6 +741,7 @@ class Ipv6Layer:
         return best
 
     def _ipv6_handle_timer(self, now: float) -> None:
+        self._v6_deadline = None
         for first in self.reassembler6.expire(now):
             # RFC 8200 4.5: time exceeded (reassembly) about the first fragment, to its source
             if len(first) >= ipv6.HEADER_LEN and self._on_link6(first[8:24]):
