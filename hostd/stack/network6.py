@@ -439,6 +439,14 @@ class Ipv6Layer:
             if pkt.fragment is not None or len(pkt.header) > ipv6.HEADER_LEN:
                 stats["ndp_with_extension_dropped"] += 1  # RFC 6980: never fragmented
                 return
+            if kind == icmpv6.NEIGHBOR_ADVERTISEMENT and len(data) >= 24:
+                # An advertisement for another port's address is a theft, as in ARP.
+                port = self.cam.lookup(src_mac)
+                target = bytes(data[8:24])
+                if port is not None and not self._ipv6_address_may_move(
+                    port, target, src_mac, True
+                ):
+                    return
             for reply in self.ndp.handle(src_mac, pkt.src, pkt.dst, pkt.hop_limit, data, now):
                 packet = ipv6.build_ipv6(reply.src, reply.dst, 58, reply.message, reply.hop_limit)
                 self._emit_from_gateway(reply.dst_mac or src_mac, ETHERTYPE_IPV6, packet)

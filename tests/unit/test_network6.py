@@ -494,3 +494,15 @@ def test_offload_port_gets_tcpv6_gso_with_partial_checksum():
     assert gso_size == 1440 and hdr_len == 54 + 20
     frame = Ether(out[0][VNET_LEN:])
     assert frame[IPv6].plen == len(bytes(frame[IPv6].payload)) > 1440
+
+
+def test_na_for_another_ports_address_refused():
+    net = make_net(ports=2)
+    learn6(net, port=1, mac=MAC1, ip=GUEST6)
+    na = IPv6(src=GUEST2_6, dst=GW6, hlim=255) / ICMPv6ND_NA(tgt=GUEST6, S=0, O=1)
+    na /= ICMPv6NDOptDstLLAddr(lladdr=MAC2)
+    assert feed(net, to_gw(na, MAC2), port=2) == {}
+    assert net.stats["ndp_address_theft_dropped"] == 1
+    assert net.ndp.cache.lookup(a6(GUEST6)) == ethernet.parse_mac(MAC1)
+    # flooded to all nodes: not passed on to the victim's port either
+    assert feed(net, Ether(src=MAC2, dst="33:33:00:00:00:01") / na.copy(), port=2) == {}
