@@ -57,6 +57,7 @@ from netferry.hostd.stack.transport import TcpRoute
 ALL_NODES = ipv6.ALL_NODES
 UNSPECIFIED = ipv6.UNSPECIFIED
 LOOPBACK_V6 = IPv6Address("::1").packed
+ALL_MLDV2_ROUTERS = IPv6Address("ff02::16").packed
 PENDING_NDP_MAX = 64  # packets held per unresolved guest address
 PENDING_NDP_ADDRESSES = 256  # unresolved guest addresses with packets held
 NS_RETRY = 1.0  # seconds between solicitations for one address while packets wait
@@ -212,8 +213,12 @@ class Ipv6Layer:
                 return
             if not self._switch(port, frame, dst_mac):
                 return  # to another guest only
-            if len(frame) < ip + ipv6.HEADER_LEN or frame[ip + 24 : ip + 40] not in self._groups6:
-                stats["ipv6_multicast_ignored"] += 1  # MLD reports, mDNS...: not ours
+            group = frame[ip + 24 : ip + 40]
+            if group not in self._groups6:
+                # not a group of ours: MLDv2 reports (ff02::16, counted apart), mDNS...
+                stats[
+                    "mld_ignored" if group == ALL_MLDV2_ROUTERS else "ipv6_multicast_ignored"
+                ] += 1
                 return
         try:
             pkt = ipv6.parse_ipv6(memoryview(frame)[ip:])
