@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -68,7 +69,21 @@ def test_dhcpv6_lease_in_every_lease_api_and_kept_over_a_restart(hostd, guest, s
     h = hostd("--state-file", str(state), "--http-api", f"unix://{http}")
     g1 = guest(h, mac=MAC1)
     first = f"{PREFIX}1000"  # the pool's first address: MAC1 is not the default MAC
+    granted: list = []
+    events = h.client()
+
+    def watch() -> None:  # WatchEvents: the DHCPv6 lease as a lease_granted event
+        for ev in events.events():
+            if ev.WhichOneof("kind") == "lease_granted" and ":" in ev.lease_granted.ip:
+                granted.append(ev.lease_granted)
+                return
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
     dhcpv6_lease(g1.ns, short_tmp / "dhclient1", first)
+    wait_for(lambda: granted, 30, "a lease_granted event for the DHCPv6 lease")
+    assert (granted[0].ip, granted[0].mac) == (first, MAC1)
+    events.close()
 
     # grpcurl (reflection, no proto files)
     by_ip = {x["ip"]: x for x in grpcurl_leases(h.api_path)}
