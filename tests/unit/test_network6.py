@@ -506,3 +506,61 @@ def test_na_for_another_ports_address_refused():
     assert net.ndp.cache.lookup(a6(GUEST6)) == ethernet.parse_mac(MAC1)
     # flooded to all nodes: not passed on to the victim's port either
     assert feed(net, Ether(src=MAC2, dst="33:33:00:00:00:01") / na.copy(), port=2) == {}
+
+
+def test_slirp4netns_plan_gateway_is_the_host():
+    from netferry.hostd.config import slirp4netns_plan6
+
+    net = make_net(**slirp4netns_plan6())
+    learn6(net, ip="fd00::100")
+    req = IPv6(src="fd00::100", dst="fd00::2") / ICMPv6EchoRequest(id=1, seq=1)
+    (reply,) = frames(feed(net, to_gw(req)))
+    assert reply[IPv6].src == "fd00::2" and ICMPv6EchoReply in reply
+    syn = IPv6(src="fd00::100", dst="fd00::2") / TCP(sport=40000, dport=8080, flags="S")
+    feed(net, to_gw(syn))
+    (dial,) = net.events
+    assert dial.target_ip == "::1"
+    net.events.clear()
+    from scapy.layers.dns import DNS, DNSQR
+
+    q = DNS(id=1, rd=1, qd=DNSQR(qname="example.test", qtype="AAAA"))
+    feed(net, to_gw(IPv6(src="fd00::100", dst="fd00::3") / UDP(sport=5353, dport=53) / q))
+    (ev,) = net.events
+    assert ev.server_ip == a6("fd00::3")
+
+
+@pytest.mark.parametrize(
+    ("type_", "code", "want"),
+    [
+        (icmp.DEST_UNREACHABLE, icmp.HOST_UNREACHABLE, (1, 3)),
+        (icmp.DEST_UNREACHABLE, icmp.NET_UNREACHABLE, (1, 0)),
+        (icmp.DEST_UNREACHABLE, icmp.ADMIN_PROHIBITED, (1, 1)),
+        (icmp.TIME_EXCEEDED, 0, (3, 0)),
+    ],
+)
+def test_icmpv4_codes_mapped_for_ipv6_guests(type_, code, want):
+    net = make_net()
+    learn6(net)
+    quote = bytes(IPv6(src=GUEST6, dst=REMOTE6) / UDP(sport=1, dport=2))
+    net.send_icmp_error(a6(REMOTE6), a6(GUEST6), type_, code, quote)
+    (err,) = frames(net.frames_to_send())
+    assert (err[IPv6].payload.type, err[IPv6].payload.code) == want
+    assert_checksum_ok(err)
+
+
+def test_tcp_syn_with_hop_limit_one_answered_time_exceeded_no_dial():
+    net = make_net()
+    learn6(net)
+    syn = IPv6(src=GUEST6, dst=REMOTE6, hlim=1) / TCP(sport=40000, dport=443, flags="S")
+    (err,) = frames(feed(net, to_gw(syn)))
+    assert err[ICMPv6TimeExceeded].code == 0 and not net.events
+
+
+def test_icmpv6_errors_rate_limited():
+    net = make_net()
+    learn6(net)
+    sent = 0
+    for i in range(200):
+        out = feed(net, to_gw(IPv6(src=GUEST6, dst=GW6) / UDP(sport=i + 1, dport=9)), now=5.0)
+        sent += len(out.get(1, []))
+    assert 0 < sent < 200 and net.stats["icmpv6_error_rate_limited"] == 200 - sent
