@@ -564,3 +564,64 @@ def test_icmpv6_errors_rate_limited():
         out = feed(net, to_gw(IPv6(src=GUEST6, dst=GW6) / UDP(sport=i + 1, dport=9)), now=5.0)
         sent += len(out.get(1, []))
     assert 0 < sent < 200 and net.stats["icmpv6_error_rate_limited"] == 200 - sent
+
+
+def _corpus6() -> list[bytes]:
+    base = IPv6(src=GUEST6, dst=GW6)
+    pkts = [
+        base / ICMPv6EchoRequest(data=b"abc"),
+        IPv6(src=GUEST_LL, dst="ff02::1:ff00:1", hlim=255) / ICMPv6ND_NS(tgt=GW6),
+        IPv6(src=GUEST_LL, dst="ff02::2", hlim=255) / ICMPv6ND_RS(),
+        IPv6(src=GUEST_LL, dst="ff02::1", hlim=255) / ICMPv6ND_NA(tgt=GUEST6),
+        base / UDP(sport=5, dport=53) / (b"\x00\x01\x01\x00\x00\x01" + bytes(6)),
+        IPv6(src=GUEST_LL, dst="ff02::1:2") / UDP(sport=546, dport=547) / DHCP6_Solicit(),
+        IPv6(src=GUEST6, dst=HOST6) / TCP(sport=1, dport=80, flags="S"),
+        IPv6(src=GUEST6, dst=REMOTE6) / UDP(sport=1, dport=2) / (b"u" * 40),
+        base / IPv6ExtHdrDestOpt() / ICMPv6EchoRequest(),
+    ]
+    out = [to_gw(p) for p in pkts]
+    big = (
+        IPv6(src=GUEST6, dst=HOST6)
+        / IPv6ExtHdrFragment(id=3)
+        / UDP(sport=1, dport=2)
+        / (b"f" * 3000)
+    )
+    out += [to_gw(f) for f in fragment6(big, 1280)]
+    return out
+
+
+def test_fuzz_ipv6_never_raises_and_keeps_working():
+    import random
+
+    rng = random.Random(20261130)
+    net = make_net(ports=2, reassembly_timeout=2.0)
+    corpus = _corpus6()
+    now = 1.0
+    for i in range(3000):
+        frame = bytearray(rng.choice(corpus))
+        if i % 3 == 0:
+            for _ in range(rng.randrange(1, 6)):
+                pos = rng.randrange(14, len(frame))
+                frame[pos] = rng.randrange(256)
+        elif i % 3 == 1:
+            frame = frame[: rng.randrange(14, len(frame) + 1)]
+        if rng.random() < 0.2:
+            frame[0:6] = bytes.fromhex("333300000001")
+        now += 0.01
+        net.receive_frame(rng.choice([1, 2]), bytes(frame), now)
+        if i % 50 == 0:
+            net.handle_timer(now)
+        net.frames_to_send(now)
+        net.events.clear()
+    stats = net.stats
+    assert stats["ipv6_in"] > 100 and net.reassembler6.stats["fragments"] > 0
+    assert stats["ipv6_truncated"] + stats["ipv6_bad_payload_length"] > 0
+    assert stats["icmpv6_bad_checksum"] + stats["ndp_bad_hop_limit"] + stats["udp_bad_checksum"] > 0
+    net.handle_timer(now + 100)
+    net.frames_to_send()
+    assert len(net.reassembler6) == 0
+    learn6(net, port=1)
+    (reply,) = frames(
+        feed(net, to_gw(IPv6(src=GUEST6, dst=GW6) / ICMPv6EchoRequest()), now=now + 100)
+    )
+    assert ICMPv6EchoReply in reply
