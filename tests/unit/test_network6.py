@@ -625,3 +625,19 @@ def test_fuzz_ipv6_never_raises_and_keeps_working():
         feed(net, to_gw(IPv6(src=GUEST6, dst=GW6) / ICMPv6EchoRequest()), now=now + 100)
     )
     assert ICMPv6EchoReply in reply
+
+
+def test_port_forward_active_open_to_a_v6_guest():
+    net = make_net()
+    learn6(net)
+    conn = net.tcp_connect(a6(GUEST6), 80, a6(GW6), 40001, 1.0)
+    assert conn is not None
+    (syn,) = frames(net.frames_to_send(1.0))
+    assert syn[IPv6].src == GW6 and syn[IPv6].dst == GUEST6 and syn[TCP].flags == "S"
+    assert dict(syn[TCP].options)["MSS"] == 1440
+    assert_checksum_ok(syn)
+    synack = IPv6(src=GUEST6, dst=GW6) / TCP(
+        sport=80, dport=40001, flags="SA", seq=500, ack=syn[TCP].seq + 1, window=65535
+    )
+    (ack,) = frames(feed(net, to_gw(synack), now=1.1))
+    assert ack[TCP].flags == "A" and ack[TCP].ack == 501
