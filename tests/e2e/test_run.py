@@ -331,3 +331,45 @@ def test_sigkill_of_enter_leaves_nothing(netns):
             p.wait()
         target.kill()
         target.wait()
+
+
+PREFIX6 = "fd00:192:168:127:"
+GATEWAY6 = "fd00:192:168:127::1"
+
+
+@pytest.mark.parametrize("dhcpv6", [False, True], ids=["slaac", "dhcpv6"])
+def test_unprivileged_run_ipv6_slaac_resolv_conf_and_ping(unprivileged_user, dns_upstream, dhcpv6):
+    """Issue 15: the namespace's eth0 gets its SLAAC address (and ::2 by DHCPv6 with
+    --dhcpv6) and a default route from the RA, the resolv.conf inside names the v6 DNS
+    server beside the v4 one, and `ping -6` reaches the gateway; all before COMMAND runs."""
+    script = (
+        "ip -6 -o addr show dev eth0 scope global; ip -6 route show default; "
+        "cat /etc/resolv.conf; ping -6 -c 2 -W 5 " + GATEWAY6
+    )
+    extra = ["--dhcpv6"] if dhcpv6 else []
+    p = as_user(
+        unprivileged_user,
+        netferry_run("--dns-upstream", dns_upstream.spec, *extra, "--", "sh", "-c", script),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0, out + err
+    assert f"inet6 {PREFIX6}5894:efff:fee4:cee/64 scope global" in out, out  # EUI-64 SLAAC
+    assert (f"inet6 {PREFIX6}:2/128" in out) == dhcpv6, out
+    assert "default via fe80::" in out, out
+    assert "nameserver 192.168.127.1" in out and f"nameserver {GATEWAY6}" in out, out
+    assert "2 received" in out or "2 packets received" in out, out
+    assert_nothing_remains(unprivileged_user)
+
+
+def test_run_no_ipv6_has_none(unprivileged_user, dns_upstream):
+    script = "cat /proc/sys/net/ipv6/conf/eth0/disable_ipv6; ip -6 -o addr show dev eth0"
+    p = as_user(
+        unprivileged_user,
+        netferry_run("--no-ipv6", "--dns-upstream", dns_upstream.spec, "--", "sh", "-c", script),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    out, err = p.communicate(timeout=90)
+    assert p.returncode == 0, out + err
+    assert out.split() == ["1"], out
+    assert_nothing_remains(unprivileged_user)
