@@ -77,3 +77,58 @@ def test_no_ipv6_disables_it_on_the_tap(netns):
     assert ns.run("cat", "/proc/sys/net/ipv6/conf/eth0/disable_ipv6").stdout.strip() == "1"
     ns.run("ip", "link", "set", "eth0", "up")
     assert ns.run("ip", "-6", "-o", "addr", "show", "dev", "eth0").stdout.strip() == ""
+
+
+DHCP6_SIDE = """
+import asyncio, os, sys
+from netferry.guestd.ipv6_setup import Dhcpv6Client
+
+async def main():
+    got = asyncio.Event()
+    seen = []
+    def on_lease(ip, servers, search):
+        seen.append((ip, servers, search))
+        got.set()
+    client = Dhcpv6Client("eth0", on_lease)
+    client.start()
+    await asyncio.wait_for(got.wait(), 60)
+    proc = await asyncio.create_subprocess_exec(
+        "ip", "-6", "-o", "addr", "show", "dev", "eth0", "scope", "global",
+        stdout=asyncio.subprocess.PIPE)
+    out = (await proc.communicate())[0].decode()
+    print("applied", "inet6 fd00:192:168:127::2/128" in out)
+    tmp = client.tmp
+    await client.stop()
+    print("lease", *seen[0][0:1], ",".join(seen[0][1]), ",".join(seen[0][2]), os.path.exists(tmp))
+
+asyncio.run(main())
+"""
+
+
+def test_dhcpv6_client_applies_the_address_and_reports_dns(netns):
+    from ipaddress import IPv6Address
+
+    from netferry.hostd.services.dhcpv6 import Dhcpv6Config, Dhcpv6Server
+    from tests.e2e.test_dhcpv6_client import UdpAdapter, link
+
+    server = Dhcpv6Server(
+        Dhcpv6Config(
+            dns_servers=[IPv6Address("fd00:192:168:127::1")], domain_search=["netferry.internal"]
+        )
+    )
+    with link(netns, GUEST_MAC) as (srv, cli):
+        adapter = UdpAdapter(srv, "eth0", server)
+        try:
+            r = cli.python(DHCP6_SIDE, timeout=90)
+            assert "applied True" in r.stdout, r.stdout + r.stderr
+            last = r.stdout.splitlines()[-1].split()
+            assert last == [
+                "lease",
+                "fd00:192:168:127::2",
+                "fd00:192:168:127::1",
+                "netferry.internal.",
+                "False",  # its temp dir is gone
+            ], r.stdout + r.stderr
+        finally:
+            adapter.close()
+        assert not adapter.errors
