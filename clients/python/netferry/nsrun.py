@@ -3,9 +3,9 @@
 Started by `netferry run` through `unshare` (or `nsenter`). It starts vm-switch on the link
 fd it inherited, waits for the lease (IPv4, and IPv6 unless --no-ipv6: vm-switch's ready
 waits for the SLAAC address and route too), puts the lease's resolv.conf (both families'
-DNS servers) over /etc/resolv.conf in
-this mount namespace only (the mounts were made private first, so nothing reaches the
-host), tells the outside it is ready, runs COMMAND, and exits with COMMAND's status.
+DNS servers) over /etc/resolv.conf in this mount namespace only (the mounts were made
+private first, so nothing reaches the host), tells the outside it is ready, runs COMMAND,
+and exits with COMMAND's status.
 SIGINT and SIGTERM are passed on to COMMAND.
 """
 
