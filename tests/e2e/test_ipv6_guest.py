@@ -66,11 +66,16 @@ def test_vm_switch_dhcpv6_gets_its_static_address(hostd, netns, short_tmp):
         def up() -> bool:
             if proc.poll() is not None:
                 pytest.fail(f"vm-switch exited {proc.returncode}:\n{log.read_text()}")
-            out = ns.run("ip", "-6", "-o", "addr", "show", "dev", "eth0", "scope", "global")
-            return f"inet6 {PREFIX6}:2/128" in out.stdout and f"inet6 {SLAAC6}/64" in out.stdout
+            out = ns.run("ip", "-6", "-o", "addr", "show", "dev", "eth0", "scope", "global",
+                         check=False)  # fmt: skip
+            return (
+                f"inet6 {PREFIX6}:2/128" in out.stdout
+                and f"inet6 {SLAAC6}/64" in out.stdout
+                and "tentative" not in out.stdout
+            )
 
         wait_for(up, 60, "::2 by DHCPv6 and the SLAAC address", step=0.2)
-        assert '"dhcpv6.bound"' in log.read_text()
+        wait_for(lambda: '"dhcpv6.bound"' in log.read_text(), 10, "vm-switch to see the lease")
         wait_for(lambda: GATEWAY6 in resolv.read_text(), 30, "the v6 DNS server")
         r = ns.run("ping", "-6", "-c", "1", "-W", "5", "-I", f"{PREFIX6}:2", GATEWAY6, check=False)
         assert r.returncode == 0, r.stdout + r.stderr
@@ -107,7 +112,8 @@ def test_capture_carries_ipv6_with_tshark(hostd, guest, short_tmp):
     assert sum(x[:3] == [SLAAC6, GATEWAY6, "128"] for x in lines) == 3, out
     assert sum(x[:3] == [GATEWAY6, SLAAC6, "129"] for x in lines) == 3, out
     assert all(x[3] == "" and GATEWAY6 in x[:2] for x in lines), out  # the filter held
-    # the --pcap file of the whole switch has them too
+    # the --pcap file of the whole switch has them too (complete once hostd has stopped)
+    h.stop()
     out = subprocess.run(
         ["tshark", "-r", h.pcap_path, "-Y", "icmpv6.type == 129", "-T", "fields",
          "-e", "ipv6.src"],
