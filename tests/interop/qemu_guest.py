@@ -46,7 +46,7 @@ MODULES = (
 # Bump when the layout of the built initramfs changes, to invalidate old caches.
 BUILD_FORMAT = "1"
 DEFAULT_MAC = "5a:94:ef:e4:0c:ee"
-MARKER_RE = re.compile(r"^NETFERRY-([A-Z]+)(?: (.*))?$")
+MARKER_RE = re.compile(r"^NETFERRY-([A-Z][A-Z0-9]*)(?: (.*))?$")
 STEP_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 
 

@@ -17,7 +17,7 @@ $bb mount -t tmpfs -o size=4m tmpfs /run
 $bb mkdir -p /run/nf/bin
 $bb cp "$here/qemu_udhcpc.sh" /run/nf/udhcpc.sh
 $bb chmod 755 /run/nf/udhcpc.sh
-for applet in awk cat cut dd grep ip nc ping ping6 poweroff sha256sum sleep sync timeout tr udhcpc wget; do
+for applet in awk cat cut dd grep insmod ip nc ping ping6 poweroff sha256sum sleep sync timeout tr udhcpc wget; do
     $bb ln -s $bb "/run/nf/bin/$applet"
 done
 $bb mount -t tmpfs -o size=4m tmpfs /tmp
@@ -50,6 +50,15 @@ now_cs() {
 }
 
 ip link set lo up
+# Debian's UML has IPv6 as a module (it needs crc-ccitt), on the host's filesystem: load
+# both before the NIC comes up when a step needs them
+if [ -n "$(arg slaac6)" ]; then
+    read -r _ _ release _ </proc/version
+    mods=/usr/lib/uml/modules/$release/kernel
+    for m in lib/crc-ccitt net/ipv6/ipv6; do
+        insmod "$mods/$m.ko" || echo "NETFERRY-MODULE fail $m"
+    done
+fi
 if ! ip link set vec0 up; then
     echo "NETFERRY-NIC fail"
     finish
