@@ -373,3 +373,32 @@ def test_run_no_ipv6_has_none(unprivileged_user, dns_upstream):
     assert p.returncode == 0, out + err
     assert out.split() == ["1"], out
     assert_nothing_remains(unprivileged_user)
+
+
+@pytest.mark.parametrize("offload", [True, False], ids=["offload", "plain"])
+def test_unprivileged_run_tcp_over_ipv6_to_host_loopback_sha256(
+    unprivileged_user, dns_upstream, offload
+):
+    """16 MiB each way between the namespace and a [::1] server through the v6 host-loopback
+    address, over the tap hostd owns (`tapfd://`, MTU 65520: TSO6 super-frames with offload,
+    plain frames without), sha256-exact."""
+    from tests.e2e.test_ipv6 import GUEST_CLIENT, Sha256Server
+
+    server = Sha256Server(16 << 20)
+    try:
+        cmd = ["python3", "-c", GUEST_CLIENT, "fd00:192:168:127::254", str(server.port),
+               str(len(server.data))]  # fmt: skip
+        extra = [] if offload else ["--no-offload"]
+        p = as_user(
+            unprivileged_user,
+            netferry_run("--dns-upstream", dns_upstream.spec, *extra, "--", *cmd),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        out, err = p.communicate(timeout=180)
+        assert p.returncode == 0, out + err
+        assert out.split() == [str(len(server.data)), server.sha256], out + err
+        wait_for(lambda: server.received, 30, "the server to read the upload")
+        assert server.received == [server.sha256]
+    finally:
+        server.close()
+    assert_nothing_remains(unprivileged_user)
