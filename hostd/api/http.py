@@ -398,7 +398,21 @@ def gvproxy_stats(snap: StatsSnapshot) -> dict[str, object]:
                     "Echo": n("network.icmp_in") - n("network.icmp_non_echo_dropped")
                 },
                 "PacketsSent": {"EchoReply": n("network.icmp_echo_replies")},
-            }
+            },
+            # gVisor has the V6 group too (zero in gvproxy, which serves no IPv6)
+            "V6": {
+                "PacketsReceived": {
+                    "Echo": n("network.icmpv6_in") - n("network.icmpv6_non_echo_dropped"),
+                    "RouterSolicit": n("network.ndp_rs_in"),
+                    "NeighborSolicit": n("network.ndp_ns_in"),
+                    "NeighborAdvert": n("network.ndp_na_in"),
+                },
+                "PacketsSent": {
+                    "RouterAdvert": n("network.ndp_ra_out"),
+                    "NeighborSolicit": n("network.ndp_ns_out"),
+                    "NeighborAdvert": n("network.ndp_na_out"),
+                },
+            },
         },
         "IGMP": {},
         "IP": {

@@ -6,6 +6,7 @@ the gateway's local zones. netferry-slirp4netns's --enable-ipv6: tests/e2e/test_
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import subprocess
 from pathlib import Path
@@ -94,6 +95,17 @@ def test_dhcpv6_lease_in_every_lease_api_and_kept_over_a_restart(hostd, guest, s
         capture_output=True, text=True, timeout=30,
     )  # fmt: skip
     assert r.returncode == 0 and json.loads(r.stdout)[first] == MAC1
+    # the IPv6 counters in every stats output: gRPC's raw counters, gvproxy's /stats
+    counters = h.client().stats().counters
+    assert counters["dhcp6.requests"] + counters["dhcp6.rapid_commits"] >= 1
+    assert counters["network.ndp_ra_out"] >= 1
+    r = subprocess.run(
+        ["curl", "-sf", "--unix-socket", str(http), "http://x/stats"],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    stats = json.loads(r.stdout)
+    assert stats["ICMP"]["V6"]["PacketsSent"]["RouterAdvert"] >= 1
+    assert stats["Netferry"]["counters"]["dhcp6.replies"] >= 1
 
     # A restart: the state file (written at exit) brings the binding back before the guest
     # says anything, so a client that comes later gets another address...
@@ -112,11 +124,18 @@ def test_dhcpv6_lease_in_every_lease_api_and_kept_over_a_restart(hostd, guest, s
 
 def test_dig_aaaa_over_ipv6_from_a_slaac_guest(hostd, guest):
     h = hostd()
+    (ready,) = [e for e in h.log_events() if e.get("event") == "hostd.ready"]
+    assert (ready["subnet6"], ready["gateway6"], ready["host_loopback6"]) == (
+        f"{PREFIX}/64",
+        f"{PREFIX}1",
+        f"{PREFIX}254",
+    )
     g = guest(h)
     gateway6 = f"{PREFIX}1"
 
     def slaac() -> bool:
-        return any(a.startswith(PREFIX) for a in global_addresses(g.ns))
+        prefix = ipaddress.IPv6Network(f"{PREFIX}/64")
+        return any(ipaddress.IPv6Interface(a).ip in prefix for a in global_addresses(g.ns))
 
     wait_for(slaac, 30, "a SLAAC address in the guest", step=0.2)
     route = g.ns.run("ip", "-6", "route", "show", "default").stdout

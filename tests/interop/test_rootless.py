@@ -303,6 +303,18 @@ def test_podman_runs_netferry_slirp4netns(rootless_user):
         want = hashlib.sha256(page).hexdigest()
         assert wait_for(lambda: fetch_sha(f"http://127.0.0.1:{port}/page") == want, 60,
                         "the container's page through the published port")  # fmt: skip
+
+        # podman passes --enable-ipv6: the container takes fd00::/64 by SLAAC, and DNS ::3
+        # answers over IPv6 (ping needs NET_RAW, which podman's containers do not have)
+        def slaac() -> bool:
+            out = podman("exec", "nfweb", "/bin/busybox", "ip", "-6", "addr").stdout
+            return "inet6 fd00::" in out and "tentative" not in out
+
+        wait_for(slaac, 30, "a SLAAC address in fd00::/64 in the container")
+        r = podman(
+            "exec", "nfweb", "/bin/busybox", "nslookup", "host.containers.internal", "fd00::3"
+        )
+        assert r.returncode == 0 and "Address: fd00::2" in r.stdout, r.stdout + r.stderr
         argv = (record / "argv").read_text()
         assert "--help" in argv  # podman checked the flags first
         run_line = argv.splitlines()[-1]

@@ -311,9 +311,12 @@ def test_ipv6_is_off_as_gvproxy_unless_asked_for() -> None:
     base = ["-listen-qemu", "unix:///q"]
     off = argv_of(*base)
     assert "--no-ipv6" in off and "--subnet6" not in off
-    assert hostd_cli.config_from_args(
-        hostd_cli.build_parser().parse_args([*off, "--dns-upstream", "127.0.0.1"])
-    ).ipv6 is False
+    assert (
+        hostd_cli.config_from_args(
+            hostd_cli.build_parser().parse_args([*off, "--dns-upstream", "127.0.0.1"])
+        ).ipv6
+        is False
+    )
     on = argv_of(*base, "-ipv6")
     assert "--no-ipv6" not in on
     config = hostd_cli.config_from_args(

@@ -16,11 +16,12 @@ AutoHCK start slirp4netns as an external program; pointed at this one they get n
    fd00::/64 announced in router advertisements (guests configure themselves by SLAAC, as
    with slirp4netns `-c`), gateway and host loopback ::2 (→ ::1 unless
    `--disable-host-loopback`), DNS ::3; DHCPv6 besides (::100 for the default MAC). Where
-   this differs from libslirp's IPv6 (README, "slirp4netns drop-in"): the RA's M and O flags
-   are set because DHCPv6 serves addresses (libslirp: neither, information requests
-   only), RDNSS names ::3 always (libslirp: only when the host has an IPv6 resolver), and
-   the API's `add_hostfwd` stays IPv4-only, as slirp4netns 1.2.0's (an IPv6 `host_addr` is
-   `bad arguments.host_addr`); IPv6 forwards go through `--api` (gRPC).
+   this differs from libslirp's IPv6 (README, "netferry-slirp4netns"): the RA comes from
+   the gateway's EUI-64 link-local (libslirp: fe80::2) with M and O set because DHCPv6
+   serves addresses (libslirp: neither, information requests only), RDNSS names ::3 always
+   (libslirp: only when the host has an IPv6 resolver); the API's `add_hostfwd` stays
+   IPv4-only, as slirp4netns 1.2.0's (an IPv6 `host_addr` is `bad arguments.host_addr`);
+   IPv6 forwards go through `--api` (gRPC).
 3. `1` on the ready fd once all that serves; it ends with exit 0 when the exit fd closes, on
    SIGTERM or SIGINT (or if the tap fails), removing the API socket. As with slirp4netns,
    the tap fd keeps the namespace alive: callers end us (rootlesskit with SIGKILL, podman
