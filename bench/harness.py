@@ -231,13 +231,13 @@ def make_netns(name: str) -> None:
     REAPER.add_netns(name)
     for cmd in (
         ["ip", "link", "set", "lo", "up"],
-        # IPv4 only (no router solicitations etc. towards the contender), and let the
+        # IPv6 on (the IPv6 rows; a contender run with -4 ignores it), and let the
         # connection-rate client reuse ports in TIME_WAIT (its peer is not loopback).
         [
             "sysctl",
             "-qw",
-            "net.ipv6.conf.all.disable_ipv6=1",
-            "net.ipv6.conf.default.disable_ipv6=1",
+            "net.ipv6.conf.all.disable_ipv6=0",
+            "net.ipv6.conf.default.disable_ipv6=0",
             "net.ipv4.tcp_tw_reuse=1",
         ],
     ):

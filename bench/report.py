@@ -22,6 +22,7 @@ class Results:
         self.extra: dict[str, dict[str, list[float]]] = {}
         self.errors: list[str] = []
         self.came_up: set[tuple[str, int]] = set()  # (contender, MTU) that started
+        self.no_v6: set[str] = set()  # came up without IPv6: "n/a" in the IPv6 rows
 
     def add(self, row: str, contender: str, value: float) -> None:
         self.values[row][contender].append(value)
@@ -33,6 +34,8 @@ class Results:
         out = {}
         for key, label, unit, better, _mtu in ROWS:
             row = {"label": label, "unit": unit, "better": better, "contenders": {}}
+            if key.startswith("tcp6_"):
+                row["left_out"] = sorted(c for c in self.no_v6 if not self.values[key].get(c))
             for c, vals in self.values[key].items():
                 row["contenders"][c] = {
                     "values": vals,
@@ -70,6 +73,10 @@ def fmt(v: float | None) -> str:
     return f"{v:.3f}"
 
 
+def fmt_ratio(r: float | None) -> str:
+    return "—" if r is None else f"{r:.2f}{TIMES}"
+
+
 def markdown_table(summary: dict, contenders: list[str], keys: set[str] | None = None) -> str:
     others = [c for c in contenders if c != "netferry"]
     head = ["row", "unit"] + [f"{c} median (min{DASH}max)" for c in contenders]
@@ -83,9 +90,14 @@ def markdown_table(summary: dict, contenders: list[str], keys: set[str] | None =
             continue
         row = summary[key]
         cells = [row["label"], row["unit"] + (" ↑" if row["better"] == "higher" else " ↓")]
+        left_out = set(row.get("left_out", ()))
+
+        def na(c: str, key: str = key, left_out: set[str] = left_out) -> bool:
+            return not applies(key, c) or c in left_out
+
         for c in contenders:
             s = row["contenders"][c]
-            if not applies(key, c):
+            if na(c):
                 cells.append("n/a")
             elif s["median"] is None:
                 cells.append("—")
@@ -96,12 +108,10 @@ def markdown_table(summary: dict, contenders: list[str], keys: set[str] | None =
         if "netferry" in contenders:
             for c in others:
                 r = row["netferry_ratio"].get(c)
-                na = not (applies(key, c) and applies(key, "netferry"))
-                cells.append("n/a" if na else "—" if r is None else f"{r:.2f}{TIMES}")
+                cells.append("n/a" if na(c) or na("netferry") else fmt_ratio(r))
         for pair in pairs:
             r = row["pair_ratio"].get(pair)
-            na = not all(applies(key, c) for c in pair.split(" ÷ "))
-            cells.append("n/a" if na else "—" if r is None else f"{r:.2f}{TIMES}")
+            cells.append("n/a" if any(na(c) for c in pair.split(" ÷ ")) else fmt_ratio(r))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -66,6 +66,10 @@ def bring_up(
         try:
             c.setup(mtu, round_no * 10 + i)
             results.came_up.add((name, mtu))
+            if c.target6:
+                results.came_up.add((name, "ipv6"))  # type: ignore[arg-type]
+            else:
+                results.no_v6.add(name)
             up.append(c)
             commands.setdefault(f"{name} (MTU {mtu})", c.commands)
         except (BenchError, subprocess.SubprocessError, OSError) as e:
@@ -241,6 +245,8 @@ def run_bench(args: argparse.Namespace) -> int:
             continue
         for c in names:
             due = (c, mtu) in results.came_up if mtu else (c, key) in results.came_up
+            if key.startswith("tcp6_"):  # only where the contender had IPv6
+                due = (c, "ipv6") in results.came_up
             if due and not results.values[key][c]:
                 results.errors.append(f"{c} came up at MTU {mtu} but has no figure for {key}")
     notes = extra_lines + [f"- {n}" for n in dict.fromkeys(NOTES)]  # once, not per round

@@ -18,7 +18,8 @@ both versions) does, in this order:
    connections to the namespace's own addresses from the tap or the veth, masquerade from
    the veth out through eth0, route_localnet and ip_forward);
 4. vm-switch inside the namespace (`nsenter --net`) with the data connection dup'ed to its
-   fd 3 (`--connect fd://3`);
+   fd 3 (`--connect fd://3`); it brings IPv6 up on the tap too (SLAAC and the RA's DNS
+   servers, `--dhcpv6` for a DHCPv6 client as well, `--no-ipv6` for none);
 5. the init: `unshare --pid --fork --mount-proc --kill-child UNSHARE_ARGS...` inside the
    namespace, so the init is pid 1 of a new pid namespace with its own /proc; its pid (as
    seen from here) is written to `--pid-file`, so `nsenter -t $(cat PIDFILE) -n -p -m`
@@ -406,6 +407,10 @@ class Guest:
             argv += ["--subnet", a.subnet]
         if a.dhcp_script:
             argv += ["--dhcp-script", a.dhcp_script]
+        if a.no_ipv6:
+            argv.append("--no-ipv6")
+        elif a.dhcpv6:
+            argv.append("--dhcpv6")
         self.vm_switch.start(argv, {3: sock.fileno()})
         self._watch(self._watch_vm_switch(self.vm_switch.exited))
 
@@ -654,6 +659,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mtu", type=int, help="tap MTU (default: what the handshake says)")
     p.add_argument("--dhcp-client", choices=["pyroute2", "udhcpc", "none"], default="pyroute2")
     p.add_argument("--resolv-conf", metavar="PATH", help="passed to vm-switch")
+    p.add_argument(
+        "--no-ipv6",
+        action="store_true",
+        help="no IPv6 on the tap (passed to vm-switch; match host-switch --no-ipv6)",
+    )
+    p.add_argument(
+        "--dhcpv6",
+        action="store_true",
+        help="vm-switch also runs a DHCPv6 client (default: SLAAC and the RA's DNS servers)",
+    )
     p.add_argument("--vm-switch-path", default=_default_vm_switch())
     p.add_argument("--vm-switch-log-file", metavar="PATH")
     p.add_argument(

@@ -6,6 +6,12 @@ backoff and the guest's sockets see a pause, not a dead interface. Once the link
 first time it gets an address by DHCP (pyroute2's client, or udhcpc), sets the default
 route and MTU from the lease, and writes a resolv.conf only to the path it is given.
 
+IPv6 (guestd/ipv6_setup.py): before the tap comes up its sysctls let the kernel take hostd's
+router advertisements (SLAAC address, default route, MTU); the RA's DNS servers (RDNSS) are
+read from netlink and written to the resolv.conf beside the IPv4 lease's; `--dhcpv6` adds
+a DHCPv6 client for the stateful address; `--no-ipv6` disables IPv6 on the tap. `--ready-fd`
+waits for the IPv6 address and route too (at most `--ipv6-timeout` seconds).
+
 With `--give-tap FD` it does not pump at all: it opens the tap, passes the fd to hostd over
 the unix socket FD (SCM_RIGHTS) and keeps only the DHCP client; hostd then reads and writes
 the tap itself (`tapfd://`), which is how `netferry run` works.
@@ -43,6 +49,7 @@ from netferry import linkcaps
 from netferry.framing import FramingError, StreamDeframer, get_framing
 from netferry.goflags import Alias
 from netferry.goflags import parse_args as parse_go_flags
+from netferry.guestd.ipv6_setup import Ipv6Guest, ResolvConf, configure_sysctls
 from netferry.guestd.tap import TapError, configure_link, open_tap, set_mtu, set_tap_offload
 from netferry.log import add_logging_arguments, configure_logging
 from netferry.streams import send_queued
@@ -345,8 +352,9 @@ class Pump:
 class DhcpRunner:
     """Gets and keeps a lease on the tap: pyroute2's client, or udhcpc when asked."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: argparse.Namespace, resolv: ResolvConf | None = None) -> None:
         self.args = args
+        self.resolv = resolv or ResolvConf(None)
         self.proc: asyncio.subprocess.Process | None = None
         self.task: asyncio.Task[None] | None = None
         self.bound = asyncio.Event()
@@ -396,7 +404,7 @@ class DhcpRunner:
     async def _run_udhcpc(self, exe: str, script: str) -> None:
         env = dict(os.environ)
         env.pop("NETFERRY_RESOLV_CONF", None)
-        if self.args.resolv_conf:
+        if self.args.resolv_conf and self.args.dhcp_script:  # a script of the user's own
             env["NETFERRY_RESOLV_CONF"] = self.args.resolv_conf
         cmd = [exe] if exe.endswith("udhcpc") else [exe, "udhcpc"]
         cmd += ["-f", "-i", self.args.tap_interface, "-s", script, "-t", "20", "-T", "1"]
@@ -410,6 +418,10 @@ class DhcpRunner:
             if line.startswith("NETFERRY-LEASE"):
                 fields = dict(kv.split("=", 1) for kv in line.split()[1:] if "=" in kv)
                 log.info("dhcp.bound", client="udhcpc", **fields)
+                self.resolv.set_v4(
+                    [d for d in fields.get("dns", "").split(",") if d],
+                    [d for d in fields.get("search", "").split(",") if d],
+                )
                 self.check_lease(fields.get("ip", ""))
                 self.bound.set()
             elif line:
@@ -454,11 +466,10 @@ class DhcpRunner:
             servers: list[str] = []
             with contextlib.suppress(Exception):
                 servers = list(lease.name_servers)
-            if args.resolv_conf:
-                search: list[str] = []
-                with contextlib.suppress(Exception):
-                    search = list(lease.domain_search)
-                write_resolv_conf(args.resolv_conf, servers, search)
+            search: list[str] = []
+            with contextlib.suppress(Exception):
+                search = list(lease.domain_search)
+            self.resolv.set_v4(servers, search)
             mtu = None
             with contextlib.suppress(Exception):
                 mtu = lease.mtu
@@ -510,23 +521,20 @@ class DhcpRunner:
                 await asyncio.wait_for(self.task, 1)
 
 
-async def signal_ready(dhcp: DhcpRunner, fd: int, client: str) -> None:
+async def signal_ready(
+    dhcp: DhcpRunner, fd: int, client: str, v6: Ipv6Guest | None = None, v6_timeout: float = 0
+) -> None:
     if client != "none":
         await dhcp.bound.wait()
+    if v6 is not None:
+        try:
+            await asyncio.wait_for(v6.ready.wait(), v6_timeout)
+        except TimeoutError:  # hostd without IPv6 (its --no-ipv6): ready with IPv4 alone
+            log.warning("ipv6.not_up", waited=v6_timeout, hint="hostd offers no IPv6? "
+                        "start vm-switch with --no-ipv6 to match")  # fmt: skip
     with contextlib.suppress(OSError):
         os.write(fd, b"ready\n")
         os.close(fd)
-
-
-def write_resolv_conf(path: str, servers: list[str], search: list[str]) -> None:
-    lines = []
-    if search:
-        lines.append("search " + " ".join(search))
-    lines += [f"nameserver {s}" for s in servers]
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(tmp, path)
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -543,8 +551,12 @@ async def run(args: argparse.Namespace) -> int:
         return await run_give_tap(args)
     uri = parse_link_uri(args.connect)
     tap_vnet = uri.vnet or negotiates(uri)
-    tap_fd = await create_tap(args, tap_vnet, offload=uri.vnet)
+    resolv = ResolvConf(args.resolv_conf)
+    v6 = make_ipv6(args, resolv)
+    tap_fd = await create_tap(args, tap_vnet, offload=uri.vnet, v6=v6)
     if tap_fd is None:
+        if v6 is not None:
+            await v6.stop()
         return 1
     mac = bytes.fromhex((args.tap_mac_address or "02:00:00:00:00:01").replace(":", ""))
     loop = asyncio.get_running_loop()
@@ -558,7 +570,7 @@ async def run(args: argparse.Namespace) -> int:
             log.info("vm-switch.stats", **pump.counters())
 
     loop.add_signal_handler(signal.SIGUSR1, log_counters)
-    dhcp = DhcpRunner(args)
+    dhcp = DhcpRunner(args, resolv)
     backoff = 0.1
     started_dhcp = False
     ready_task: asyncio.Task[None] | None = None
@@ -584,9 +596,11 @@ async def run(args: argparse.Namespace) -> int:
             if not started_dhcp:
                 started_dhcp = True
                 dhcp.start()
+                if v6 is not None:
+                    v6.start()
                 if args.ready_fd is not None:
                     ready_task = loop.create_task(
-                        signal_ready(dhcp, args.ready_fd, args.dhcp_client)
+                        signal_ready(dhcp, args.ready_fd, args.dhcp_client, v6, args.ipv6_timeout)
                     )
             stopper = loop.create_task(stop.wait())
             failed = loop.create_task(dhcp.failed.wait())
@@ -607,15 +621,25 @@ async def run(args: argparse.Namespace) -> int:
         if ready_task is not None:
             ready_task.cancel()
         await dhcp.stop()
+        if v6 is not None:
+            await v6.stop()
         os.close(tap_fd)
         log.info("vm-switch.stopped", **(pump.counters() if pump is not None else {}))
     return rc
 
 
-async def create_tap(args: argparse.Namespace, vnet: bool, offload: bool = True) -> int | None:
-    """Open and configure the tap; None (logged) when that fails."""
+async def create_tap(
+    args: argparse.Namespace, vnet: bool, offload: bool = True, v6: Ipv6Guest | None = None
+) -> int | None:
+    """Open and configure the tap; None (logged) when that fails. The IPv6 sysctls and the
+    RA options' watcher come before the link is up: the kernel solicits at once."""
     try:
         tap_fd = open_tap(args.tap_interface, vnet_hdr=vnet, offload=offload)
+        why = configure_sysctls(args.tap_interface, enabled=not args.no_ipv6)
+        if why:
+            log.warning("ipv6.sysctl_failed", error=why, ipv6=not args.no_ipv6)
+        if v6 is not None:
+            v6.open()
         await configure_link(args.tap_interface, args.tap_mac_address, args.mtu)
     except TapError as e:
         log.error("tap.failed", error=str(e))
@@ -623,12 +647,20 @@ async def create_tap(args: argparse.Namespace, vnet: bool, offload: bool = True)
     return tap_fd
 
 
+def make_ipv6(args: argparse.Namespace, resolv: ResolvConf) -> Ipv6Guest | None:
+    return None if args.no_ipv6 else Ipv6Guest(args.tap_interface, resolv, args.dhcpv6)
+
+
 async def run_give_tap(args: argparse.Namespace) -> int:
     """Hand the tap itself to hostd (SCM_RIGHTS over the unix socket `--give-tap FD`) and
     keep only the DHCP client and resolv.conf here: frames then go kernel → hostd → kernel
     without this process in between (what `netferry run` does)."""
-    tap_fd = await create_tap(args, args.offload)
+    resolv = ResolvConf(args.resolv_conf)
+    v6 = make_ipv6(args, resolv)
+    tap_fd = await create_tap(args, args.offload, v6=v6)
     if tap_fd is None:
+        if v6 is not None:
+            await v6.stop()
         return 1
     loop = asyncio.get_running_loop()
     try:
@@ -639,20 +671,28 @@ async def run_give_tap(args: argparse.Namespace) -> int:
     except OSError as e:
         log.error("tap.handoff_failed", error=str(e))
         os.close(tap_fd)
+        if v6 is not None:
+            await v6.stop()
         return 1
     os.close(tap_fd)  # hostd holds the device now; it lives as long as hostd's fd
     if go != b"g":
         log.error("tap.handoff_failed", error="hostd did not start")
+        if v6 is not None:
+            await v6.stop()
         return 1
     log.info("tap.handed_over", interface=args.tap_interface, offload=args.offload)
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    dhcp = DhcpRunner(args)
+    dhcp = DhcpRunner(args, resolv)
     dhcp.start()
+    if v6 is not None:
+        v6.start()
     ready_task = None
     if args.ready_fd is not None:
-        ready_task = loop.create_task(signal_ready(dhcp, args.ready_fd, args.dhcp_client))
+        ready_task = loop.create_task(
+            signal_ready(dhcp, args.ready_fd, args.dhcp_client, v6, args.ipv6_timeout)
+        )
     stopper = loop.create_task(stop.wait())
     failed = loop.create_task(dhcp.failed.wait())
     try:
@@ -663,6 +703,8 @@ async def run_give_tap(args: argparse.Namespace) -> int:
         if ready_task is not None:
             ready_task.cancel()
         await dhcp.stop()
+        if v6 is not None:
+            await v6.stop()
         log.info("vm-switch.stopped")
     return 1 if dhcp.failed.is_set() else 0
 
@@ -694,7 +736,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--resolv-conf",
         metavar="PATH",
-        help="write the lease's DNS servers here (never /etc/resolv.conf unless allowed)",
+        help="write the lease's DNS servers here, IPv4 and IPv6 (never /etc/resolv.conf "
+        "unless allowed)",
+    )
+    p.add_argument(
+        "--no-ipv6",
+        action="store_true",
+        help="disable IPv6 on the tap (match host-switch --no-ipv6)",
+    )
+    p.add_argument(
+        "--dhcpv6",
+        action="store_true",
+        help="also run a DHCPv6 client (dhclient -6) for the stateful address; without it the "
+        "tap gets SLAAC and the RA's DNS servers",
+    )
+    p.add_argument(
+        "--ipv6-timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="with --ready-fd: how long to wait for the IPv6 address and route (default "
+        "%(default)s; then ready with IPv4 alone)",
     )
     p.add_argument("--allow-etc-resolv-conf", action="store_true", help=argparse.SUPPRESS)
     p.add_argument(

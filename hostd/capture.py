@@ -56,13 +56,22 @@ class PcapWriter:
 
 class CaptureFilter:
     """The simple BPF-like filter of live captures: protocol ("tcp", "udp", "icmp", "arp" or
-    None), host (IPv4 text or "") and port (0: any). Unset fields match everything."""
+    None), host (IPv4 or IPv6 text, or "") and port (0: any). Unset fields match everything.
 
-    PROTOCOL_NUMBERS = {"tcp": 6, "udp": 17, "icmp": 1}
+    IPv6 frames are matched the same way: "icmp" means ICMP and ICMPv6 (so NDP too), the
+    transport is found by walking the extension headers (bounded), and a host matches the
+    source or destination address of either family; ARP frames carry only IPv4 addresses."""
+
+    PROTOCOL_NUMBERS = {"tcp": (6,), "udp": (17,), "icmp": (1, 58)}
+    # IPv6 extension headers walked to the transport (hop-by-hop, routing, destination
+    # options; fragment handled apart); at most this many, as a malformed chain may loop
+    EXTENSIONS = frozenset({0, 43, 60})
+    MAX_EXTENSIONS = 8
 
     def __init__(self, protocol: str | None, host: str, port: int) -> None:
         self.proto = protocol
-        self.host = ipaddress.IPv4Address(host).packed if host else None  # ValueError: bad host
+        # ValueError: bad host
+        self.host = ipaddress.ip_address(host).packed if host else None
         self.port = port
 
     def match(self, frame: bytes) -> bool:
@@ -73,25 +82,46 @@ class CaptureFilter:
             if self.proto not in (None, "arp") or self.port:
                 return False
             return self.host is None or self.host in (frame[28:32], frame[38:42])
+        if ethertype == 0x86DD:
+            return self._match_v6(frame)
         if ethertype != 0x0800 or len(frame) < 34:
             return self.proto is None and not self.host and not self.port
         if self.proto == "arp":
             return False
         proto = frame[23]
-        if self.proto is not None and proto != self.PROTOCOL_NUMBERS[self.proto]:
+        if self.proto is not None and proto not in self.PROTOCOL_NUMBERS[self.proto]:
             return False
         if self.host is not None and self.host not in (frame[26:30], frame[30:34]):
             return False
-        if self.port:
-            if proto not in (6, 17):
-                return False
-            off = 14 + (frame[14] & 0x0F) * 4
-            if len(frame) < off + 4:
-                return False
-            sport, dport = struct.unpack_from("!HH", frame, off)
-            if self.port not in (sport, dport):
-                return False
-        return True
+        return self._match_port(frame, proto, 14 + (frame[14] & 0x0F) * 4, True)
+
+    def _match_port(self, frame: bytes, proto: int, off: int, first: bool) -> bool:
+        if not self.port:
+            return True
+        if proto not in (6, 17) or not first or len(frame) < off + 4:
+            return False
+        sport, dport = struct.unpack_from("!HH", frame, off)
+        return self.port in (sport, dport)
+
+    def _match_v6(self, frame: bytes) -> bool:
+        if len(frame) < 54:
+            return self.proto is None and not self.host and not self.port
+        if self.proto == "arp":
+            return False
+        if self.host is not None and self.host not in (frame[22:38], frame[38:54]):
+            return False
+        proto, off, first = frame[20], 54, True
+        for _ in range(self.MAX_EXTENSIONS):
+            if proto == 44 and len(frame) >= off + 8:  # fragment: only the first has ports
+                first = first and int.from_bytes(frame[off + 2 : off + 4], "big") >> 3 == 0
+                proto, off = frame[off], off + 8
+            elif proto in self.EXTENSIONS and len(frame) >= off + 2:
+                proto, off = frame[off], off + (frame[off + 1] + 1) * 8
+            else:
+                break
+        if self.proto is not None and proto not in self.PROTOCOL_NUMBERS[self.proto]:
+            return False
+        return self._match_port(frame, proto, off, first)
 
 
 class CaptureBuffer:

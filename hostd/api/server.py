@@ -252,7 +252,7 @@ class HostSwitchService(pb_grpc.HostSwitchServicer):
         except ValueError:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                shorten(f"filter.host: {request.filter.host!r} is not an IPv4 address"),
+                shorten(f"filter.host: {request.filter.host!r} is not an IP address"),
             )
         if request.filter.port > 65535:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "filter.port: above 65535")

@@ -662,3 +662,36 @@ def test_vm_switch_subnet_mismatch_and_missing_fd(hostd, netns, short_tmp: Path)
     r = subprocess.run([_bin("vm-switch"), "-tap-interface", "eth0"], capture_output=True,
                        text=True, timeout=30)  # fmt: skip
     assert r.returncode == 2 and "pass the connection as fd 3" in r.stderr
+
+
+def test_network_setup_brings_ipv6_up_in_b(stack) -> None:
+    """Issue 15: vm-switch under network-setup brings IPv6 up on B's tap: SLAAC (EUI-64 of
+    the tap's MAC) and ::2 by DHCPv6 (--dhcpv6), the default route from the RA, the v6 DNS
+    server in the resolv.conf beside the v4 one, and B pings the gateway over IPv6."""
+    resolv = Path(f"/tmp/nf-v6-resolv-{os.getpid()}.conf")
+    try:
+        st = stack(setup_extra=("--dhcpv6", "--resolv-conf", str(resolv)))
+        st.wait_leased()
+
+        def v6_up() -> bool:
+            out = subprocess.run(
+                ["ip", "-n", st.b, "-6", "-o", "addr", "show", "dev", "eth0", "scope", "global"],
+                capture_output=True, text=True,
+            ).stdout  # fmt: skip
+            return (
+                "fd00:192:168:127:5894:efff:fee4:cee/64" in out
+                and "fd00:192:168:127::2/128" in out
+                and "tentative" not in out
+            )
+
+        wait_for(v6_up, 60, "SLAAC and DHCPv6 addresses in B", step=0.2)
+        route = subprocess.run(["ip", "-n", st.b, "-6", "route", "show", "default"],
+                               capture_output=True, text=True).stdout  # fmt: skip
+        assert "default via fe80::" in route and "dev eth0" in route, route
+        wait_for(lambda: "fd00:192:168:127::1" in resolv.read_text(), 30, "the v6 DNS server")
+        assert "nameserver 192.168.127.1" in resolv.read_text()
+        r = subprocess.run(st.in_b("ping", "-6", "-c", "2", "-W", "5", "fd00:192:168:127::1"),
+                           capture_output=True, text=True, timeout=30)  # fmt: skip
+        assert r.returncode == 0, r.stdout + r.stderr
+    finally:
+        resolv.unlink(missing_ok=True)

@@ -109,7 +109,8 @@ def page_server() -> Iterator[tuple[int, bytes]]:
 def test_unprivileged_run_lease_dns_and_fetch(unprivileged_user, page_server, dns_upstream):
     port, body = page_server
     script = (
-        "ip -4 addr show eth0; getent ahostsv4 host.containers.internal | head -n 1; "
+        "ip -4 addr show eth0; getent ahostsv4 host.containers.internal | head -1; "
+        "getent hosts host.containers.internal; "
         f"curl -s http://192.168.127.254:{port}/; echo; exit 7"
     )
     p = as_user(
@@ -120,7 +121,9 @@ def test_unprivileged_run_lease_dns_and_fetch(unprivileged_user, page_server, dn
     out, err = p.communicate(timeout=90)
     assert p.returncode == 7, (out, err)
     assert "inet 192.168.127.2/24" in out
-    assert "192.168.127.254 STREAM host.containers.internal" in out  # (it has AAAA too)
+    # the A record; with IPv6 up in the namespace, `getent hosts` prefers the AAAA
+    assert "192.168.127.254 STREAM host.containers.internal" in out.replace("  ", " "), out
+    assert "fd00:192:168:127::254 host.containers.internal" in out, out
     assert body.decode() in out
     assert leftovers(unprivileged_user) == []
 
@@ -331,3 +334,74 @@ def test_sigkill_of_enter_leaves_nothing(netns):
             p.wait()
         target.kill()
         target.wait()
+
+
+PREFIX6 = "fd00:192:168:127:"
+GATEWAY6 = "fd00:192:168:127::1"
+
+
+@pytest.mark.parametrize("dhcpv6", [False, True], ids=["slaac", "dhcpv6"])
+def test_unprivileged_run_ipv6_slaac_resolv_conf_and_ping(unprivileged_user, dns_upstream, dhcpv6):
+    """Issue 15: the namespace's eth0 gets its SLAAC address (and ::2 by DHCPv6 with
+    --dhcpv6) and a default route from the RA, the resolv.conf inside names the v6 DNS
+    server beside the v4 one, and `ping -6` reaches the gateway; all before COMMAND runs."""
+    script = (
+        "ip -6 -o addr show dev eth0 scope global; ip -6 route show default; "
+        "cat /etc/resolv.conf; ping -6 -c 2 -W 5 " + GATEWAY6
+    )
+    extra = ["--dhcpv6"] if dhcpv6 else []
+    p = as_user(
+        unprivileged_user,
+        netferry_run("--dns-upstream", dns_upstream.spec, *extra, "--", "sh", "-c", script),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0, out + err
+    assert f"inet6 {PREFIX6}5894:efff:fee4:cee/64 scope global" in out, out  # EUI-64 SLAAC
+    assert (f"inet6 {PREFIX6}:2/128" in out) == dhcpv6, out
+    assert "default via fe80::" in out, out
+    assert "nameserver 192.168.127.1" in out and f"nameserver {GATEWAY6}" in out, out
+    assert "2 received" in out or "2 packets received" in out, out
+    assert_nothing_remains(unprivileged_user)
+
+
+def test_run_no_ipv6_has_none(unprivileged_user, dns_upstream):
+    script = "cat /proc/sys/net/ipv6/conf/eth0/disable_ipv6; ip -6 -o addr show dev eth0"
+    p = as_user(
+        unprivileged_user,
+        netferry_run("--no-ipv6", "--dns-upstream", dns_upstream.spec, "--", "sh", "-c", script),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    out, err = p.communicate(timeout=90)
+    assert p.returncode == 0, out + err
+    assert out.split() == ["1"], out
+    assert_nothing_remains(unprivileged_user)
+
+
+@pytest.mark.parametrize("offload", [True, False], ids=["offload", "plain"])
+def test_unprivileged_run_tcp_over_ipv6_to_host_loopback_sha256(
+    unprivileged_user, dns_upstream, offload
+):
+    """16 MiB each way between the namespace and a [::1] server through the v6 host-loopback
+    address, over the tap hostd owns (`tapfd://`, MTU 65520: TSO6 super-frames with offload,
+    plain frames without), sha256-exact."""
+    from tests.e2e.test_ipv6 import GUEST_CLIENT, Sha256Server
+
+    server = Sha256Server(16 << 20)
+    try:
+        cmd = ["python3", "-c", GUEST_CLIENT, "fd00:192:168:127::254", str(server.port),
+               str(len(server.data))]  # fmt: skip
+        extra = [] if offload else ["--no-offload"]
+        p = as_user(
+            unprivileged_user,
+            netferry_run("--dns-upstream", dns_upstream.spec, *extra, "--", *cmd),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        out, err = p.communicate(timeout=180)
+        assert p.returncode == 0, out + err
+        assert out.split() == [str(len(server.data)), server.sha256], out + err
+        wait_for(lambda: server.received, 30, "the server to read the upload")
+        assert server.received == [server.sha256]
+    finally:
+        server.close()
+    assert_nothing_remains(unprivileged_user)

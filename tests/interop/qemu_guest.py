@@ -46,7 +46,7 @@ MODULES = (
 # Bump when the layout of the built initramfs changes, to invalidate old caches.
 BUILD_FORMAT = "1"
 DEFAULT_MAC = "5a:94:ef:e4:0c:ee"
-MARKER_RE = re.compile(r"^NETFERRY-([A-Z]+)(?: (.*))?$")
+MARKER_RE = re.compile(r"^NETFERRY-([A-Z][A-Z0-9]*)(?: (.*))?$")
 STEP_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
@@ -315,9 +315,14 @@ def check_step(key: str, value: str) -> None:
 
 
 def qemu_command(
-    image: GuestImage, socket_path: str, steps: dict[str, str], mac: str = DEFAULT_MAC
+    image: GuestImage,
+    socket_path: str,
+    steps: dict[str, str],
+    mac: str = DEFAULT_MAC,
+    ipv6: bool = False,
 ) -> list[str]:
-    """The QEMU argv: TCG (KVM here is PVM and cannot boot a normal kernel), NIC to the socket."""
+    """The QEMU argv: TCG (KVM here is PVM and cannot boot a normal kernel), NIC to the socket.
+    Without `ipv6` the guest kernel has IPv6 disabled (it would send multicast otherwise)."""
     qemu = shutil.which("qemu-system-x86_64")
     if qemu is None:
         raise FileNotFoundError(
@@ -327,7 +332,7 @@ def qemu_command(
         raise ValueError(f"socket path {socket_path!r} must not contain ','")
     for key, value in steps.items():
         check_step(key, value)
-    append = ["console=ttyS0", "panic=-1", "quiet", "ipv6.disable=1"]
+    append = ["console=ttyS0", "panic=-1", "quiet", *([] if ipv6 else ["ipv6.disable=1"])]
     append += [f"nf.{k}={v}" for k, v in steps.items()]
     return [
         qemu,
@@ -369,6 +374,7 @@ def run_guest(
     steps: dict[str, str],
     timeout: float = 120.0,
     mac: str = DEFAULT_MAC,
+    ipv6: bool = False,
 ) -> GuestResult:
     """Boot the guest against ``socket_path`` (already listening!) and wait for it to power off.
 
@@ -376,7 +382,7 @@ def run_guest(
     silently dead NIC. On timeout QEMU is killed and the partial console is returned with
     ``timed_out=True`` so the assertion message can show how far the guest got.
     """
-    cmd = qemu_command(image, socket_path, steps, mac)
+    cmd = qemu_command(image, socket_path, steps, mac, ipv6)
     proc = subprocess.Popen(
         cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )

@@ -76,6 +76,35 @@ for word in $(cat /proc/cmdline); do
             echo "NETFERRY-DNS fail"
         fi
         ;;
+    slaac6)
+        # SLAAC from hostd's router advertisement: a global address in prefix $val that has
+        # passed DAD, and the default route the RA gave (via the gateway's link-local)
+        n=0
+        addr=
+        while [ $n -lt 200 ]; do
+            addr=$(ip -6 addr show dev eth0 scope global | grep -v tentative |
+                awk -v p="$val" '$1 == "inet6" && index($2, p) == 1 { print $2; exit }')
+            route=$(ip -6 route show default | awk '/via/ { print $3; exit }')
+            [ -n "$addr" ] && [ -n "$route" ] && break
+            sleep 0.1
+            n=$((n + 1))
+        done
+        if [ -n "$addr" ] && [ -n "$route" ]; then
+            echo "NETFERRY-SLAAC6 addr=$addr router=$route"
+        else
+            ip -6 addr show dev eth0
+            ip -6 route
+            echo "NETFERRY-SLAAC6 fail"
+        fi
+        ;;
+    ping6)
+        if ping6 -c 2 -W 3 "$val" >/tmp/ping6.out 2>&1; then
+            echo "NETFERRY-PING6 ok"
+        else
+            cat /tmp/ping6.out
+            echo "NETFERRY-PING6 fail"
+        fi
+        ;;
     *)
         echo "NETFERRY-UNKNOWN $key"
         ;;

@@ -120,3 +120,25 @@ def test_fetch_from_host_loopback(
         f"fetch of {url} failed or corrupted\n{_diagnose(result, h)}"
     )
     assert result.done, f"/init did not finish\n{_diagnose(result, h)}"
+
+
+PREFIX6 = "fd00:192:168:127:"  # hostd's default IPv6 prefix (fd00:192:168:127::/64)
+GATEWAY6 = "fd00:192:168:127::1"
+
+
+def test_slaac_address_and_ping6_gateway(
+    hostd: Callable[..., Any], guest_image: GuestImage
+) -> None:
+    """Acceptance 9 of issue 15: a real kernel under QEMU configures its SLAAC address in the
+    prefix from hostd's RA (EUI-64 of its MAC), with the default route via the gateway's
+    link-local address, and the gateway answers its ICMPv6 echo."""
+    h = hostd()
+    steps = {"slaac6": PREFIX6, "ping6": GATEWAY6}
+    result = run_guest(guest_image, h.link_path, steps, timeout=GUEST_TIMEOUT, ipv6=True)
+    _assert_lease(result, h)
+    slaac = result.results.get("slaac6", "")
+    assert slaac.startswith(f"addr={PREFIX6}5894:efff:fee4:cee/64 router=fe80::"), (
+        f"no SLAAC address\n{_diagnose(result, h)}"
+    )
+    assert result.results.get("ping6") == "ok", f"ping6 failed\n{_diagnose(result, h)}"
+    assert result.done, f"/init did not finish\n{_diagnose(result, h)}"

@@ -106,3 +106,25 @@ def test_uml_over_bess_lease_ping_and_16mib_fetch(
         ("dhcp.lease", (DEFAULT_MAC, GUEST_CIDR.split("/")[0])),
     ], f"hostd's link and lease events: {sequence}\n{why}"
     assert ("link.down", link) in sequence, f"UML's link never went down: {sequence}\n{why}"
+
+
+def test_uml_slaac_and_ping6_gateway(hostd: Callable[..., Hostd], short_tmp: Path) -> None:
+    """Issue 15 on a second real kernel: UML configures its SLAAC address (EUI-64 of its
+    MAC) from hostd's RA over bess and pings the gateway over IPv6."""
+    try:
+        find_uml()
+    except UmlMissing as e:
+        pytest.fail(str(e))
+    bess_socket = short_tmp / "bess.sock"
+    h = hostd("--listen", f"unixpacket://{bess_socket}")
+    run = start_uml(
+        str(bess_socket), {"slaac6": "fd00:192:168:127:", "ping6": "fd00:192:168:127::1"}
+    )
+    STARTED.append(run.proc)
+    result = run.wait(UML_TIMEOUT)
+    why = _diagnose(result, h)
+    assert not result.timed_out, f"UML did not power off within {UML_TIMEOUT}s\n{why}"
+    slaac = result.results.get("slaac6", "")
+    assert slaac.startswith("addr=fd00:192:168:127:5894:efff:fee4:cee/64 router=fe80::"), why
+    assert result.results.get("ping6") == "ok", f"ping6 failed\n{why}"
+    assert result.done, f"uml_init.sh did not finish\n{why}"

@@ -17,7 +17,7 @@ $bb mount -t tmpfs -o size=4m tmpfs /run
 $bb mkdir -p /run/nf/bin
 $bb cp "$here/qemu_udhcpc.sh" /run/nf/udhcpc.sh
 $bb chmod 755 /run/nf/udhcpc.sh
-for applet in cat cut dd ip nc ping poweroff sha256sum sleep sync timeout tr udhcpc wget; do
+for applet in awk cat cut dd grep insmod ip nc ping ping6 poweroff sha256sum sleep sync timeout tr udhcpc wget; do
     $bb ln -s $bb "/run/nf/bin/$applet"
 done
 $bb mount -t tmpfs -o size=4m tmpfs /tmp
@@ -50,6 +50,15 @@ now_cs() {
 }
 
 ip link set lo up
+# Debian's UML has IPv6 as a module (it needs crc-ccitt), on the host's filesystem: load
+# both before the NIC comes up when a step needs them
+if [ -n "$(arg slaac6)" ]; then
+    read -r _ _ release _ </proc/version
+    mods=/usr/lib/uml/modules/$release/kernel
+    for m in lib/crc-ccitt net/ipv6/ipv6; do
+        insmod "$mods/$m.ko" || echo "NETFERRY-MODULE fail $m"
+    done
+fi
 if ! ip link set vec0 up; then
     echo "NETFERRY-NIC fail"
     finish
@@ -131,6 +140,33 @@ for word in $(cat /proc/cmdline); do
             i=$((i + 1))
         done
         echo "NETFERRY-CONNRATE cs=$(($(now_cs) - start)) n=$n fails=$fails"
+        ;;
+    slaac6)
+        # SLAAC from hostd's RA: a global address in prefix $val past DAD and a default route
+        n=0
+        addr=
+        while [ $n -lt 200 ]; do
+            addr=$(ip -6 addr show dev vec0 scope global | grep -v tentative |
+                awk -v p="$val" '$1 == "inet6" && index($2, p) == 1 { print $2; exit }')
+            route=$(ip -6 route show default | awk '/via/ { print $3; exit }')
+            [ -n "$addr" ] && [ -n "$route" ] && break
+            sleep 0.1
+            n=$((n + 1))
+        done
+        if [ -n "$addr" ] && [ -n "$route" ]; then
+            echo "NETFERRY-SLAAC6 addr=$addr router=$route"
+        else
+            ip -6 addr show dev vec0
+            echo "NETFERRY-SLAAC6 fail"
+        fi
+        ;;
+    ping6)
+        if ping6 -c 2 -W 3 "$val" >/tmp/ping6.out 2>&1; then
+            echo "NETFERRY-PING6 ok"
+        else
+            cat /tmp/ping6.out
+            echo "NETFERRY-PING6 fail"
+        fi
         ;;
     *)
         echo "NETFERRY-UNKNOWN $key"

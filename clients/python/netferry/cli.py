@@ -286,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("connections", help="recent new flows with the policy's verdict")
     c = sub.add_parser("capture", help="live pcap to stdout (netferry capture | tshark -r -)")
     c.add_argument("--protocol", choices=sorted(CAPTURE_PROTOCOLS))
-    c.add_argument("--host", help="IPv4 address (source or destination)")
+    c.add_argument("--host", help="IPv4 or IPv6 address (source or destination)")
     c.add_argument("--port", type=int, default=0)
     c.add_argument("-c", "--count", type=int, default=0, help="stop after N frames")
     c.add_argument("--duration", type=float, help="stop after S seconds")

@@ -1,10 +1,10 @@
 """`netferry demo`: `netferry run` a guest and show its network working.
 
 Everything it talks to is local: a web server and a DNS resolver it starts on 127.0.0.1, and
-the guest that `netferry run` puts in namespaces of its own. The guest shows its lease,
-resolves names, pings and fetches through .254 (the host's loopback) and serves a page that
-the host fetches through a published port; hostd's counters come from the gRPC API. All of
-it is removed on exit, Ctrl-C included.
+the guest that `netferry run` puts in namespaces of its own. The guest shows its lease and
+its IPv6 address (pinging the IPv6 gateway), resolves names, pings and fetches through .254
+(the host's loopback) and serves a page that the host fetches through a published port;
+hostd's counters come from the gRPC API. All of it is removed on exit, Ctrl-C included.
 """
 
 from __future__ import annotations
@@ -84,6 +84,9 @@ say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 say "Inside: the lease vm-switch got from hostd's DHCP"
 ip -4 addr show dev eth0; ip route
 echo "resolv.conf (this mount namespace only):"; cat /etc/resolv.conf
+say "IPv6 beside it: SLAAC from hostd's router advertisement, the gateway over ICMPv6"
+ip -6 addr show dev eth0 scope global; ip -6 route show default
+ping -6 -c 2 -i 0.3 fd00:192:168:127::1
 say "DNS: a local zone name, then a name forwarded to the demo's loopback resolver"
 getent hosts host.containers.internal; getent hosts www.example.test
 say "ICMP and TCP to the host's loopback through .254"

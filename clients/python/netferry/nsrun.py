@@ -1,9 +1,11 @@
 """The inside half of `netferry run`: runs as root of fresh user, net and mount namespaces.
 
 Started by `netferry run` through `unshare` (or `nsenter`). It starts vm-switch on the link
-fd it inherited, waits for the lease, puts the lease's resolv.conf over /etc/resolv.conf in
-this mount namespace only (the mounts were made private first, so nothing reaches the
-host), tells the outside it is ready, runs COMMAND, and exits with COMMAND's status.
+fd it inherited, waits for the lease (IPv4, and IPv6 unless --no-ipv6: vm-switch's ready
+waits for the SLAAC address and route too), puts the lease's resolv.conf (both families'
+DNS servers) over /etc/resolv.conf in this mount namespace only (the mounts were made
+private first, so nothing reaches the host), tells the outside it is ready, runs COMMAND,
+and exits with COMMAND's status.
 SIGINT and SIGTERM are passed on to COMMAND.
 """
 
@@ -56,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dhcp-client", default="pyroute2")
     p.add_argument("--no-resolv-conf", action="store_true")
     p.add_argument("--no-offload", action="store_true")
+    p.add_argument("--no-ipv6", action="store_true")
+    p.add_argument("--dhcpv6", action="store_true")
     p.add_argument("--wait", action="store_true", help="no command: run until signalled")
     p.add_argument("command", nargs=argparse.REMAINDER)
     args = p.parse_args(argv)
@@ -74,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             "--give-tap",
             str(args.link_fd),
             *([] if args.no_offload else ["--offload"]),
+            *(["--no-ipv6"] if args.no_ipv6 else ["--dhcpv6"] if args.dhcpv6 else []),
             "--mtu",
             str(args.mtu),
             "--dhcp-client",

@@ -2,8 +2,10 @@
 
 The better slirp4netns: works without root (user namespace mapped to root inside), gives
 the namespace DHCP, DNS, ICMP, TCP/UDP NAT and published ports from a hostd that runs
-outside as the calling user, replaces /etc/resolv.conf inside only, and leaves nothing
-behind: no process, socket file or temp directory, also on Ctrl-C and on failure.
+outside as the calling user, IPv6 beside IPv4 (SLAAC and the RA's DNS server in the
+resolv.conf; `--dhcpv6` for a DHCPv6 lease too, `--no-ipv6` for none), replaces
+/etc/resolv.conf inside only, and leaves nothing behind: no process, socket file or temp
+directory, also on Ctrl-C and on failure.
 
     outside (calling user)                  inside (unshare --user --net --mount)
     netferry run ── host-switch ◄─socketpair─► netferry.nsrun ── vm-switch (tap eth0)
@@ -175,6 +177,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dhcp-client", choices=["pyroute2", "udhcpc"], default="pyroute2")
     p.add_argument(
+        "--no-ipv6",
+        action="store_true",
+        help="IPv4 only: the switch offers no IPv6 and the namespace's eth0 has none",
+    )
+    p.add_argument(
+        "--dhcpv6",
+        action="store_true",
+        help="also run a DHCPv6 client in the namespace (the default MAC gets the ::2 of "
+        "the IPv6 prefix); without it eth0 gets SLAAC and the RA's DNS server",
+    )
+    p.add_argument(
         "--no-offload",
         action="store_true",
         help="plain frames between vm-switch and hostd (no TSO/checksum offload)",
@@ -225,6 +238,8 @@ class Run:
             cmd += ["--dns-upstream", u]
         if a.no_host_loopback:
             cmd.append("--no-host-loopback")
+        if a.no_ipv6:
+            cmd.append("--no-ipv6")
         if a.pcap:
             cmd += ["--pcap", a.pcap]
         for spec in a.publish:
@@ -280,6 +295,10 @@ class Run:
         ]
         if a.no_offload:
             inner.append("--no-offload")
+        if a.no_ipv6:
+            inner.append("--no-ipv6")
+        elif a.dhcpv6:
+            inner.append("--dhcpv6")
         if a.enter is not None:
             wrapper = ["nsenter", "--target", str(a.enter), "--net", "--mount"]
             if self._has_own_userns(a.enter):
