@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import socket
 import subprocess
 import threading
@@ -484,3 +485,81 @@ def sys_python() -> str:
     import sys
 
     return sys.executable
+
+
+# ---- errors of the path: packet too big, hop limit exceeded ---------------------------
+
+PATH_ERRORS = r"""
+import json, socket, struct, sys, time
+IPV6_RECVERR = 25
+EE = struct.Struct("=IBBBBII")
+out = {}
+for name, host, size in (("too_big", sys.argv[1], 1400), ("hop_limit", sys.argv[2], 100)):
+    s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    s.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVERR, 1)
+    s.connect((host, 9))
+    got = []
+    deadline = time.monotonic() + 20
+    while not got and time.monotonic() < deadline:
+        try:
+            s.send(b"x" * size)
+        except OSError:
+            pass  # the error of an earlier send; its details are queued
+        time.sleep(0.5)
+        while True:
+            try:
+                _, anc, _, _ = s.recvmsg(0, 512, socket.MSG_ERRQUEUE | socket.MSG_DONTWAIT)
+            except OSError:
+                break
+            for level, kind, data in anc:
+                if level == socket.IPPROTO_IPV6 and kind == IPV6_RECVERR:
+                    err, origin, type_, code, _, info, _ = EE.unpack_from(data)
+                    got.append([origin, type_, code, info])
+    out[name] = got
+print(json.dumps(out))
+"""
+
+
+def test_packet_too_big_and_hop_limit_exceeded_reach_the_guest(hostd, guest, netns):
+    """Beyond hostd's namespace a router namespace forwards to a far one over a link of MTU
+    1280 (so a 1400-byte datagram meets "packet too big") and routes a second prefix back
+    and forth (so a datagram there loops until its hop limit runs out). hostd's host
+    socket hears both as ICMPv6 errors; the guest must hear them too, with the MTU."""
+    host_ns, router, far = netns(), netns(), netns()
+    tag = f"{os.getpid() % 100000}"
+    for a, b, one, two in ((host_ns, router, f"nf{tag}h", f"nf{tag}r"),
+                           (router, far, f"nf{tag}s", f"nf{tag}f")):  # fmt: skip
+        subprocess.run(["ip", "link", "add", one, "type", "veth", "peer", "name", two], check=True)
+        try:
+            subprocess.run(["ip", "link", "set", one, "netns", a.name], check=True)
+            subprocess.run(["ip", "link", "set", two, "netns", b.name], check=True)
+        except subprocess.CalledProcessError:
+            subprocess.run(["ip", "link", "del", one], check=False)
+            raise
+    host_ns.run("ip", "addr", "add", "fd16:1::1/64", "dev", f"nf{tag}h", "nodad")
+    router.run("ip", "addr", "add", "fd16:1::2/64", "dev", f"nf{tag}r", "nodad")
+    router.run("ip", "addr", "add", "fd16:2::1/64", "dev", f"nf{tag}s", "nodad")
+    far.run("ip", "addr", "add", "fd16:2::2/64", "dev", f"nf{tag}f", "nodad")
+    for ns, dev in ((host_ns, "h"), (router, "r"), (router, "s"), (far, "f")):
+        ns.run("ip", "link", "set", f"nf{tag}{dev}", "up")
+    router.run("ip", "link", "set", f"nf{tag}s", "mtu", "1280")
+    far.run("ip", "link", "set", f"nf{tag}f", "mtu", "1280")
+    for ns in (host_ns, router):
+        ns.run("sysctl", "-q", "-w", "net.ipv6.conf.all.forwarding=1")
+    host_ns.run("ip", "-6", "route", "add", "fd16:2::/64", "via", "fd16:1::2")
+    host_ns.run("ip", "-6", "route", "add", "fd16:3::/64", "via", "fd16:1::2")
+    router.run("ip", "-6", "route", "add", "fd16:3::/64", "via", "fd16:1::1")  # a loop
+    host_ns.run("sysctl", "-q", "-w", "net.ipv4.ping_group_range=0 2147483647")
+
+    h = hostd(name="hostd-path", wrapper=("ip", "netns", "exec", host_ns.name))
+    g = guest(h)
+    wait_v6(g)
+    r = g.ns.python(PATH_ERRORS, "fd16:2::2", "fd16:3::1", timeout=90)
+    got = json.loads(r.stdout)
+    ORIGIN_ICMP6 = 3
+    assert [ORIGIN_ICMP6, 2, 0, 1280] in got["too_big"], got  # packet too big, MTU 1280
+    assert [ORIGIN_ICMP6, 3, 0, 0] in got["hop_limit"], got  # hop limit exceeded in transit
+    # The guest's kernel took the path MTU.
+    route = g.ns.run("ip", "-6", "route", "get", "fd16:2::2").stdout
+    assert "mtu 1280" in route, route
+    assert h.stats()["udp_nat"]["icmp_errors"] >= 2
