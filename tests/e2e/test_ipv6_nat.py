@@ -563,3 +563,16 @@ def test_packet_too_big_and_hop_limit_exceeded_reach_the_guest(hostd, guest, net
     route = g.ns.run("ip", "-6", "route", "get", "fd16:2::2").stdout
     assert "mtu 1280" in route, route
     assert h.stats()["udp_nat"]["icmp_errors"] >= 2
+
+
+def test_ipv4_to_an_address_the_host_cannot_reach_fails_at_once_too(routeless_hostd, guest):
+    """The same for IPv4 (the NAT code is one for both): ping and connect() end with
+    "network unreachable" at once."""
+    h, ns = routeless_hostd()
+    assert ns.run("ip", "-4", "route", "show").stdout.strip() == ""
+    g = guest(h)
+    r = g.ns.run("ping", "-c", "1", "-W", "30", "192.0.2.15", check=False, timeout=60)
+    assert r.returncode != 0
+    assert "Destination Net Unreachable" in r.stdout, r.stdout + r.stderr
+    tcp = g.ns.python(CONNECT6.replace("AF_INET6", "AF_INET"), "192.0.2.15", "443", "30")
+    assert tcp.stdout.split()[0] == "ENETUNREACH", tcp.stdout
