@@ -24,6 +24,7 @@ PROTOCOLS = ("tcp", "udp", "icmp")
 HOST_GROUP = "host"
 RECENT_FLOWS = 256  # the connections view: this many recent verdicts are kept
 MAX_RULES = 1024
+_LOOPBACK_V6 = ipaddress.IPv6Address("::1").packed
 
 
 class PolicyError(ValueError):
@@ -150,9 +151,11 @@ class Policy:
         if ports is not None and (proto == "icmp" or not ports[0] <= port <= ports[1]):
             return False
         if rule.network is None:
-            return dst in self.host_addresses or dst[0] == 127
-        addr = int.from_bytes(dst, "big")
+            return dst in self.host_addresses or dst[0] == 127 or dst == _LOOPBACK_V6
         net = rule.network
+        if len(dst) != len(net.network_address.packed):
+            return False  # an IPv4 rule never matches an IPv6 destination, nor the reverse
+        addr = int.from_bytes(dst, "big")
         return addr & int(net.netmask) == int(net.network_address)
 
     def decide(self, proto: str, dst: bytes, port: int) -> Rule | None:
@@ -175,8 +178,8 @@ class Policy:
         self.counters["allowed" if allowed else "denied"] += 1
         if not allowed:
             self.counters[f"denied_{proto}"] += 1
-        s = ipaddress.IPv4Address(src)
-        d = ipaddress.IPv4Address(dst)
+        s = ipaddress.ip_address(src)
+        d = ipaddress.ip_address(dst)
         verdict = FlowVerdict(
             now,
             proto,

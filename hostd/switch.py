@@ -303,17 +303,18 @@ class HostSwitch:
         self.dns_forwarder._preferred = 0
 
     def _forward_dns(self, ev: DnsQueryOutbound) -> None:
+        server = ev.server_ip or self.network.dns_ip  # the address the guest asked (v4 or v6)
         if self.dns_forwarder is not None and not self.dns_forwarder.upstreams:
             self.network.stats["policy_dns_refused"] += 1
         if self.dns_forwarder is None:
             reply = self.network.dns.servfail(ev.query)
-            self.network.send_udp(self.network.dns_ip, DNS_PORT, ev.guest_ip, ev.guest_port, reply)
+            self.network.send_udp(server, DNS_PORT, ev.guest_ip, ev.guest_port, reply)
             return
 
         async def run() -> None:
             assert self.dns_forwarder is not None
             answer = await self.dns_forwarder.forward(ev.query)
-            self.network.send_udp(self.network.dns_ip, DNS_PORT, ev.guest_ip, ev.guest_port, answer)
+            self.network.send_udp(server, DNS_PORT, ev.guest_ip, ev.guest_port, answer)
             self.flush()
 
         task = self.loop.create_task(run())
@@ -350,6 +351,10 @@ class HostSwitch:
             "network": dict(self.network.stats),
             "reassembly": dict(self.network.reassembler.stats),
             "dhcp": self.network.dhcp.stats.as_dict(),
+            "dhcp6": self.network.dhcp6.stats.as_dict() if self.network.dhcp6 else {},
+            "reassembly6": (
+                dict(self.network.reassembler6.stats) if self.network.reassembler6 else {}
+            ),
             "dns": dataclasses.asdict(self.network.dns.stats),
             "dns_forwarder": (
                 dataclasses.asdict(self.dns_forwarder.stats) if self.dns_forwarder else {}

@@ -40,6 +40,7 @@ FRAGMENT_HEADER = struct.Struct("!BBHI")  # next header, reserved, offset|res|M,
 FRAGMENT_HEADER_LEN = 8
 MIN_MTU = 1280  # RFC 8200 5: every IPv6 link carries at least this
 MAX_PAYLOAD = 65535
+MAX_ERROR_QUOTE = MIN_MTU - HEADER_LEN - 8  # an ICMPv6 error's quote within 1280 bytes
 
 # Next header values.
 NH_HOP_BY_HOP = 0
@@ -112,6 +113,17 @@ class Ipv6Packet:
     @property
     def is_fragment(self) -> bool:
         return self.fragment is not None
+
+    @property
+    def ttl(self) -> int:
+        """The hop limit, under the name the transport layer reads for either family."""
+        return self.hop_limit
+
+    @property
+    def quote(self) -> bytes:
+        """What an ICMPv6 error about this packet quotes: as much of it as fits 1280 bytes
+        (RFC 4443 2.4(c)), the header chain and the transport ports included."""
+        return bytes(self.raw[:MAX_ERROR_QUOTE])
 
 
 def is_multicast(addr: bytes) -> bool:

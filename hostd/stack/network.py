@@ -43,17 +43,32 @@ It does no I/O and reads no clock: `now` comes in with every call.
 from __future__ import annotations
 
 import ipaddress
-import struct
 from collections import Counter, deque
-from dataclasses import dataclass
 
 from netferry.hostd.config import NetworkConfig
-from netferry.hostd.policy import FlowVerdict, Policy
+from netferry.hostd.policy import Policy
 from netferry.hostd.services.dhcp import DhcpConfig, DhcpServer, LeaseGranted
 from netferry.hostd.services.dns import DnsResolver, DnsZones, ForwardQuery, default_zones
-from netferry.hostd.stack import arp, ethernet, icmp, ipv4, tcp, udp
+from netferry.hostd.stack import arp, ethernet, icmp, icmpv6, ipv4, tcp, udp
 from netferry.hostd.stack import checksum as checksum_mod
 from netferry.hostd.stack.ethernet import BROADCAST, ETHERTYPE_ARP, ETHERTYPE_IPV4
+from netferry.hostd.stack.events import (
+    DnsQueryOutbound,
+    FlowDenied,
+    IcmpEchoOutbound,
+    LeaseEvent,
+)
+from netferry.hostd.stack.network6 import (
+    ANSWERED,
+    SILENT,
+    VNET_F_NEEDS_CSUM,
+    VNET_GSO_NONE,
+    VNET_GSO_TCPV4,
+    VNET_HDR,
+    VNET_LEN,
+    VNET_NONE,
+    Ipv6Layer,
+)
 from netferry.hostd.stack.port_security import PortSecurity
 from netferry.hostd.stack.transport import (
     TcpConnEvent,
@@ -96,13 +111,7 @@ PENDING_ARP_ADDRESSES = 256  # unresolved guest addresses with packets held
 PROTO_NAMES = {ipv4.PROTO_TCP: "tcp", ipv4.PROTO_UDP: "udp", ipv4.PROTO_ICMP: "icmp"}
 
 # virtio-net header (legacy, 10 bytes, little-endian as tun uses on x86) on offload links:
-# flags, gso_type, hdr_len, gso_size, csum_start, csum_offset.
-VNET_HDR = struct.Struct("<BBHHHH")
-VNET_LEN = VNET_HDR.size
-VNET_NONE = bytes(VNET_LEN)
-VNET_F_NEEDS_CSUM = 1
-VNET_GSO_NONE = 0
-VNET_GSO_TCPV4 = 1
+# flags, gso_type, hdr_len, gso_size, csum_start, csum_offset (defined in network6.py).
 TCP_FRAME_HEADERS = 14 + 20  # Ethernet + IPv4 without options: where TCP starts in our frames
 
 _IPV4 = ipv4.HEADER  # version/IHL, TOS, total, ident, flags/offset, TTL, proto, csum, src, dst
@@ -110,44 +119,10 @@ _ETH_IPV4 = b"\x08\x00"
 _ETH_ARP = b"\x08\x06"
 _ETH_IPV6 = b"\x86\xdd"
 _UDP = udp.HEADER  # ports, length, checksum
-_ANSWERED = object()  # a refusal the guest was told about (ICMP error)
-_SILENT = object()  # a refusal without an answer (TCP answers it with RST)
+_ANSWERED = ANSWERED  # a refusal the guest was told about (ICMP error)
+_SILENT = SILENT  # a refusal without an answer (TCP answers it with RST)
 _SYN = tcp.SYN
 _LISTEN = tcp.TcpState.LISTEN
-
-
-@dataclass(slots=True)
-class IcmpEchoOutbound:
-    guest_ip: bytes
-    dst_ip: bytes
-    target_ip: str
-    ident: int
-    seq: int
-    payload: bytes
-
-
-@dataclass(slots=True)
-class DnsQueryOutbound:
-    """A query the local zones do not answer: forward it upstream, reply from the gateway."""
-
-    guest_ip: bytes
-    guest_port: int
-    query: bytes
-
-
-@dataclass(slots=True)
-class LeaseEvent:
-    mac: str
-    ip: str
-    hostname: str | None
-    released: bool = False  # released, declined or expired (else granted or renewed)
-
-
-@dataclass(slots=True)
-class FlowDenied:
-    """A new flow the outbound policy refused (already answered with RST or ICMP)."""
-
-    verdict: FlowVerdict
 
 
 Event = (
@@ -170,7 +145,7 @@ def ip_str(raw: bytes) -> str:
     return str(ipaddress.IPv4Address(raw))
 
 
-class Network:
+class Network(Ipv6Layer):
     def __init__(self, config: NetworkConfig, zones: DnsZones | None = None) -> None:
         self.config = config
         self.gateway_ip = config.gateway_ip.packed
@@ -264,6 +239,7 @@ class Network:
         self.tcp_pending = self.transport.tcp_pending
         self.udp_sessions = self.transport.udp_sessions
         self.udp_flows = self.transport.udp_flows
+        self._init_ipv6(config)  # network6.py: NDP, DHCPv6, reassembly, when IPv6 is on
 
     # ---- ports -------------------------------------------------------------------------
 
@@ -288,6 +264,7 @@ class Network:
         macs = self.cam.forget_port(port)
         self.port_security.forget_port(port)
         self.neighbours.forget_macs(macs)
+        self._forget_port6(macs)
         self._outbox.pop(port, None)
 
     @property
@@ -351,6 +328,9 @@ class Network:
 
     def send_ip(self, src: bytes, dst: bytes, proto: int, payload: bytes, ttl: int = 64) -> None:
         """Send a datagram from the gateway side to guest address `dst`, fragmenting to the MTU."""
+        if len(dst) == 16:
+            self._send_ip6(src, dst, proto, payload, ttl)
+            return
         packets = ipv4.fragment(src, dst, proto, payload, self.mtu, self._next_ident(), ttl)
         name = PROTO_NAMES.get(proto, "other")
         self.stats[name + "_packets_out"] += len(packets)
@@ -364,18 +344,30 @@ class Network:
 
     def send_udp(self, src: bytes, sport: int, dst: bytes, dport: int, payload: bytes) -> None:
         self.stats["udp_out"] += 1
+        if len(dst) == 16:
+            self._send_ip6(src, dst, 17, self._udp6_datagram(src, dst, sport, dport, payload))
+            return
         self.send_ip(src, dst, ipv4.PROTO_UDP, udp.build_udp(src, dst, sport, dport, payload))
 
     def send_icmp_echo_reply(
         self, src: bytes, dst: bytes, ident: int, seq: int, payload: bytes
     ) -> None:
         self.stats["icmp_echo_replies"] += 1
+        if len(dst) == 16:
+            src = src if len(src) == 16 else self._own_source6(b"", dst)
+            reply = icmpv6.build_echo_reply(src, dst, ident, seq, payload)
+            self._send_ip6(src, dst, 58, reply)
+            return
         self.send_ip(src, dst, ipv4.PROTO_ICMP, icmp.build_echo_reply(ident, seq, payload))
 
     def send_icmp_error(
         self, src: bytes, dst: bytes, type_: int, code: int, quote: bytes, mtu: int = 0
     ) -> None:
-        """An ICMP error to guest `dst` about the packet quoted in `quote`."""
+        """An ICMP error to guest `dst` about the packet quoted in `quote`. ICMPv4's type and
+        code always: for an IPv6 guest they are mapped to ICMPv6's (network6.py)."""
+        if len(dst) == 16:
+            self._send_icmp_error6(src, dst, type_, code, quote, mtu)
+            return
         self.stats["icmp_errors_out"] += 1
         self.send_ip(src, dst, ipv4.PROTO_ICMP, icmp.build_error(type_, code, quote, mtu))
 
@@ -409,12 +401,18 @@ class Network:
         tcp_next = self.transport.get_timer()
         if tcp_next is not None and (best is None or tcp_next < best):
             best = tcp_next
+        if self.ipv6_enabled:
+            v6 = self._ipv6_timer()
+            if v6 is not None and (best is None or v6 < best):
+                best = v6
         return best
 
     def handle_timer(self, now: float) -> None:
         self._now = now
         self.reassembler.expire(now)
         self.transport.handle_timer(now)
+        if self.ipv6_enabled:
+            self._ipv6_handle_timer(now)
 
     # ---- the transport's application side, for the NAT and port forwards -------------
 
@@ -437,19 +435,21 @@ class Network:
 
     def port_of(self, ip: bytes) -> int | None:
         """The switch port guest address `ip` sits on now, if known."""
-        mac = self.neighbours.lookup(ip)
+        mac = self.neighbours.lookup(ip) if len(ip) == 4 else self._ndp_lookup(ip)
         return None if mac is None else self.cam.lookup(mac)
 
     def offload_port(self, ip: bytes) -> bool:
         """Whether what goes to guest address `ip` now leaves by an offload port."""
         if not self._vnet_ports:
             return False
-        mac = self.neighbours.lookup(ip)
+        mac = self.neighbours.lookup(ip) if len(ip) == 4 else self._ndp_lookup(ip)
         return mac is not None and self.cam.lookup(mac) in self._vnet_ports
 
     def route_tcp_syn(self, pkt: ipv4.Ipv4Packet, sport: int, dport: int) -> TcpRoute:
         """Where a guest's new TCP connection goes: a gateway service, the host, or nowhere."""
         dst = pkt.dst
+        if len(dst) == 16:
+            return self._route_tcp_syn6(pkt, sport, dport)
         if dst == self.dns_ip and dport == DNS_PORT:
             return TcpRoute(service="dns")
         if dst == self.gateway_ip and dport in self.gateway_tcp_services:
@@ -471,6 +471,9 @@ class Network:
         """Where a new flow to `pkt.dst` goes on the host, or None when it must not leave
         (answered with an ICMP error where the guest expects one). `proto` "" skips the
         outbound policy (a flow already decided)."""
+        if len(pkt.dst) == 16:
+            target = self._nat_route6(pkt, proto, sport, dport)
+            return target if isinstance(target, str) else None
         target = self._nat_route(pkt, proto, sport, dport)
         return target if isinstance(target, str) else None
 
@@ -520,6 +523,9 @@ class Network:
         """A connection's segments to its guest, in the format of the port it sits on now."""
         key = conn.key
         src, dst = key[2], key[0]
+        if len(dst) == 16:
+            self._send_tcp6(conn, segments)
+            return
         stats = self.stats
         stats["tcp_segments_out"] += len(segments)
         stats["tcp_packets_out"] += len(segments)
@@ -598,25 +604,18 @@ class Network:
                     continue  # a MAC over the port's limit or another port's: counted there
                 admitted = src_mac
             ethertype = frame[ip - 2 : ip]
-            if ethertype == _ETH_ARP:
-                self._arp_frame(port, frame, off, dst_mac, src_mac)
+            if ethertype != _ETH_IPV4:
+                self._not_ipv4(port, frame, off, ethertype, dst_mac, src_mac, now)
                 continue
             if dst_mac != gateway_mac:
                 if (
                     secure
-                    and ethertype == _ETH_IPV4
                     and len(frame) >= ip + 20
                     and not source_allowed(port, src_mac, frame[ip + 12 : ip + 16])
                 ):
                     continue  # another port's address, to another guest or flooded: counted
                 if not self._switch(port, frame, dst_mac):
                     continue  # switched to another guest only, or dropped
-            if ethertype != _ETH_IPV4:
-                if ethertype == _ETH_IPV6:
-                    stats["ipv6_dropped"] += 1
-                else:
-                    stats["unknown_ethertype_dropped"] += 1
-                continue
             # -- layer 3, from one struct; anything unusual to the slow parser
             if len(frame) < ip + 20:
                 stats["ipv4_truncated"] += 1
@@ -653,6 +652,31 @@ class Network:
         if n_udp:
             stats["udp_packets_in"] += n_udp
             stats["udp_bytes_in"] += udp_bytes
+
+    def _not_ipv4(
+        self,
+        port: int,
+        frame: bytes,
+        off: int,
+        ethertype: bytes,
+        dst_mac: bytes,
+        src_mac: bytes,
+        now: float,
+    ) -> None:
+        """Every frame of the batch that is not IPv4: ARP, IPv6 (network6.py when it is on),
+        or anything else (switched between guests only)."""
+        if ethertype == _ETH_ARP:
+            self._arp_frame(port, frame, off, dst_mac, src_mac)
+            return
+        if ethertype == _ETH_IPV6 and self.ipv6_enabled:
+            self._ipv6_frame(port, frame, off, dst_mac, src_mac, now)
+            return
+        if dst_mac != self.gateway_mac and not self._switch(port, frame, dst_mac):
+            return  # switched to another guest only, or dropped
+        self.stats["ipv6_dropped" if ethertype == _ETH_IPV6 else "unknown_ethertype_dropped"] += 1
+
+    def _ndp_lookup(self, ip: bytes) -> bytes | None:
+        return self.ndp.cache.lookup(ip) if self.ndp is not None else None
 
     def _count_proto(self, proto: int, total: int) -> None:
         name = PROTO_NAMES.get(proto, "other")
@@ -948,7 +972,7 @@ class Network:
                 self._dhcp(src_mac, bytes(payload), now)
                 return
             if dport == DNS_PORT and dst == self.dns_ip:
-                self._dns(pkt.src, sport, bytes(payload))
+                self._dns(pkt.src, sport, bytes(payload), dst)
                 return
             if dst == self.host_ip:
                 pass  # the gateway is the host's loopback too: NAT below
@@ -988,12 +1012,14 @@ class Network:
         )
         self._emit_from_gateway(reply.dst_mac, ETHERTYPE_IPV4, packet)
 
-    def _dns(self, guest_ip: bytes, guest_port: int, query: bytes) -> None:
+    def _dns(self, guest_ip: bytes, guest_port: int, query: bytes, server_ip: bytes) -> None:
+        """A query to the DNS address `server_ip` (IPv4's or `dns6`): answered from the local
+        zones, or forwarded upstream (the reply then comes from `server_ip` too)."""
         result = self.dns.handle_query(query)
         if isinstance(result, ForwardQuery):
-            self.events.append(DnsQueryOutbound(guest_ip, guest_port, result.data))
+            self.events.append(DnsQueryOutbound(guest_ip, guest_port, result.data, server_ip))
         elif result:
-            self.send_udp(self.dns_ip, DNS_PORT, guest_ip, guest_port, result)
+            self.send_udp(server_ip, DNS_PORT, guest_ip, guest_port, result)
 
     def _icmp(self, pkt: ipv4.Ipv4Packet) -> None:
         try:

@@ -16,7 +16,7 @@ with the same `now` values produce the same bytes.
 
 How data moves.
 
-* Guest -> host: the adapter parses an IPv4 packet, verifies the TCP checksum
+* Guest -> host: the adapter parses an IPv4 or IPv6 packet, verifies the TCP checksum
   (`verify_segment_checksum`), `TcpSegment.parse`s it and calls `receive_segment`. In-order
   payload is appended to the receive buffer (copied; the caller's memoryview is not kept),
   out-of-order payload goes to a bounded store of merged runs and is spliced in when the
@@ -323,7 +323,9 @@ def build_segment(
     urgent: int = 0,
 ) -> bytes:
     """A full TCP segment (header, options zero-padded to 4 bytes, payload) whose checksum
-    covers the IPv4 pseudo header for `src_ip` -> `dst_ip` (4-byte addresses)."""
+    covers the pseudo header for `src_ip` -> `dst_ip`: IPv4 (4-byte addresses) or IPv6
+    (16-byte ones; RFC 8200 8.1's pseudo header sums to the same words: the addresses, the
+    length and the protocol)."""
     if len(options) & 3:
         options = bytes(options) + b"\x00" * (4 - (len(options) & 3))
     if len(options) > 40:
@@ -584,8 +586,8 @@ class TcpConnection:
         gso_max: int = 0,
         ack_delay: float = 0.0,
     ) -> None:
-        if len(local_ip) != 4 or len(remote_ip) != 4:
-            raise ValueError("IPv4 addresses must be 4 bytes")
+        if len(local_ip) not in (4, 16) or len(remote_ip) != len(local_ip):
+            raise ValueError("addresses must be both IPv4 (4 bytes) or both IPv6 (16 bytes)")
         if recv_buffer < 1 or send_buffer < 1:
             raise ValueError("buffers must be positive")
         self.local_ip = bytes(local_ip)
@@ -599,6 +601,8 @@ class TcpConnection:
         self.key: tuple[bytes, int, bytes, int] = (remote_ip, remote_port, local_ip, local_port)
         self.app: TcpApplication | None = None
         self.syn_quote = b""
+        # The pseudo header's constant words (the length is added per segment); the same for
+        # IPv6, whose 32-bit length and next header sum to the same words as IPv4's.
         self._pseudo = ones_sum(self.local_ip + self.remote_ip) + PROTO_TCP
         self._mss = max(_MIN_MSS, min(mss, 0xFFFF))
         self._recv_buffer = recv_buffer

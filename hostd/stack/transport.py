@@ -5,7 +5,7 @@ conversation: TCP connections by 4-tuple (`tcp_conns`), the ones still waiting f
 dial (`tcp_pending`), UDP NAT flows and port-forward sessions, the set of connections
 touched since the last output (`_dirty`) and a heap of their timer deadlines. It sits on
 the L3 | L4 seam as gVisor's transport demuxer does: the network layer below
-(`hostd/stack/network.py`, IPv4) validates frames and packets, applies its address rules
+(`hostd/stack/network.py`, IPv4 and IPv6) validates frames and packets, applies its address rules
 and then hands over
 
 * `tcp_segment(pkt, seg, now)`: a checksummed, parsed segment with no live connection or one
@@ -16,14 +16,16 @@ and then hands over
 Segments of an open connection never come here per packet: the network layer looks the
 4-tuple up in `tcp_conns` itself and calls `receive_segment` (then `mark`), so the hot
 path costs one dict lookup. A packet (`pkt`) is whatever the network layer parsed; all this
-module reads of it is `src`, `dst`, `ttl` and `quote` (the header and 8 bytes of payload
-that an ICMP error quotes), so an IPv6 packet class can come in beside IPv4's.
+module reads of it is `src`, `dst`, `ttl` and `quote` (what an ICMP error about it
+quotes), so IPv4's and IPv6's packet classes come in alike. Addresses are `bytes` of 4 or
+16: the family is their length, and connections to IPv6 guests get `tcp_options6` (the MSS
+of the larger header) and `GSO_MAX6`.
 
 What it asks of the layer below is the `NetworkLayer` protocol: send a datagram, send
 an "unreachable" answer quoting a packet, say where a new flow may go (`route_tcp_syn`,
 `nat_target`), whether the port a guest address sits on takes offload, and emit a
 connection's segments. Its codes for "unreachable" are ICMPv4's (`hostd/stack/icmp.py`),
-which an IPv6 layer maps to ICMPv6's.
+which the network layer maps to ICMPv6's for an IPv6 guest.
 
 Bounds. Connections in SYN_RECEIVED (dialling, or a gateway service handshaking) and
 established NAT connections are capped globally (`max_half_open`, `max_connections`) and
@@ -47,6 +49,7 @@ from netferry.hostd.stack import icmp, tcp
 
 TcpKey = tuple[bytes, int, bytes, int]  # guest ip, guest port, destination ip, port
 GSO_MAX = 65535 - 20 - 60  # the largest TCP segment that still fits an IPv4 total length
+GSO_MAX6 = 65535 - 60  # the same in an IPv6 payload length (the fixed header is not in it)
 
 
 class Packet(Protocol):
@@ -73,7 +76,7 @@ class TcpRoute:
 
 
 class NetworkLayer(Protocol):
-    """What the transport needs from the layer below (IPv4 today)."""
+    """What the transport needs from the layer below (one object for IPv4 and IPv6)."""
 
     def send_ip(self, src: bytes, dst: bytes, proto: int, payload: bytes) -> None: ...
 
@@ -154,6 +157,7 @@ class Transport:
         *,
         tcp_options: dict,
         max_pending: int,
+        tcp_options6: dict | None = None,
         max_half_open: int = 4096,
         max_connections: int = 65536,
         per_port_share: float = 0.5,
@@ -162,6 +166,8 @@ class Transport:
         self.stats = stats
         self.events = events
         self.tcp_options = tcp_options
+        # Connections to IPv6 guests (their MSS is smaller by the larger header).
+        self.tcp_options6 = tcp_options if tcp_options6 is None else tcp_options6
         self.tcp_conns: dict[TcpKey, tcp.TcpConnection] = {}
         self.tcp_pending: dict[TcpKey, tcp.TcpConnection] = {}  # dialling, insertion ordered
         self.max_pending = max_pending
@@ -239,9 +245,11 @@ class Transport:
         self._leave_caps(conn)
 
     def _options_to(self, guest_ip: bytes) -> dict:
+        v6 = len(guest_ip) == 16
+        options = self.tcp_options6 if v6 else self.tcp_options
         if self.l3.offload_port(guest_ip):
-            return dict(self.tcp_options, partial_checksum=True, gso_max=GSO_MAX)
-        return self.tcp_options
+            return dict(options, partial_checksum=True, gso_max=GSO_MAX6 if v6 else GSO_MAX)
+        return options
 
     # ---- caps --------------------------------------------------------------------------
 
@@ -426,7 +434,8 @@ class Transport:
         for conn in dirty:
             offload = l3.offload_port(conn.remote_ip)
             if offload != conn.offload:
-                conn.set_offload(offload, GSO_MAX if offload else 0)
+                gso = (GSO_MAX6 if len(conn.remote_ip) == 16 else GSO_MAX) if offload else 0
+                conn.set_offload(offload, gso)
             segments = conn.segments_to_send(now)
             if segments:
                 l3.send_tcp(conn, segments)

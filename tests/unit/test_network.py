@@ -18,6 +18,7 @@ import pytest
 from dnslib import QTYPE, DNSRecord
 from scapy.layers.dhcp import BOOTP, DHCP
 from scapy.layers.inet import ICMP, IP, UDP, defragment, fragment, in4_chksum
+from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import ARP, Ether
 from scapy.packet import Raw
 from scapy.utils import checksum as scapy_checksum
@@ -294,7 +295,7 @@ def test_broadcast_flooded_to_other_ports_not_back_to_sender():
 
 
 def test_multicast_flooded_like_broadcast():
-    net = make_net(ports=2)
+    net = make_net(ports=2, ipv6=False)  # with IPv6 off its frames are only switched
     frame = bytes(Ether(src=MAC1, dst="33:33:00:00:00:01", type=0x86DD) / (b"\x60" + b"\0" * 39))
     out = feed(net, frame, port=1)
     assert out == {2: [frame]}
@@ -671,7 +672,7 @@ def big_udp(n: int = 3000, ident: int = 777, seed: int = 1):
 
 @pytest.mark.parametrize("order", ["in_order", "reversed", "shuffled", "last_first"])
 def test_fragments_reassembled_into_one_outbound(order):
-    net = make_net()
+    net = make_net(ipv6=False)  # no router advertisement timer
     pkt, payload = big_udp()
     frags = [to_gw(f) for f in fragment(pkt, fragsize=1000)]
     assert len(frags) == 4
@@ -747,7 +748,7 @@ def test_fragments_with_a_hole_and_a_piece_past_the_end_not_reassembled():
 
 
 def test_reassembly_timeout_via_handle_timer():
-    net = make_net(reassembly_timeout=5.0)
+    net = make_net(reassembly_timeout=5.0, ipv6=False)  # no router advertisement timer
     pkt, _ = big_udp()
     frags = fragment(pkt, fragsize=1000)
     feed(net, to_gw(frags[0]), now=100.0)
@@ -915,7 +916,7 @@ def test_dns_other_name_becomes_forward_event():
     net = make_net()
     _, data, pkt = dns_query("www.example.test", port=5353)
     assert feed(net, to_gw(pkt)) == {}
-    assert list(net.events) == [DnsQueryOutbound(b(GUEST_IP), 5353, data)]
+    assert list(net.events) == [DnsQueryOutbound(b(GUEST_IP), 5353, data, net.dns_ip)]
 
 
 def test_dns_garbage_to_gateway_dropped_silently():
@@ -1012,7 +1013,11 @@ def _garbage():
         ("arp_truncated", ETH_ARP + bytes(ARP(psrc=GUEST_IP, hwsrc=MAC1))[:20], "malformed_arp"),
         ("arp_not_ethernet", ETH_ARP + bytes(ARP(hwtype=6, hwsrc=MAC1)), "malformed_arp"),
         ("arp_bad_opcode", ETH_ARP + bytes(ARP(op=9, hwsrc=MAC1)), "malformed_arp"),
-        ("ipv6", bytes(Ether(src=MAC1, dst=GW_MAC, type=0x86DD)) + b"\x60" * 40, "ipv6_dropped"),
+        (
+            "ipv6_bad_payload_length",
+            bytes(Ether(src=MAC1, dst=GW_MAC, type=0x86DD)) + b"\x60" * 40,
+            "ipv6_bad_payload_length",
+        ),
         (
             "vlan",
             bytes(Ether(src=MAC1, dst=GW_MAC, type=0x8100)) + b"\0" * 46,
@@ -1146,11 +1151,14 @@ def test_fuzz_never_raises_counts_everything_and_keeps_working():
         assert frame.src == GW_MAC
         if frame.type == 0x0800:
             assert_valid_ip(frame)
+        elif frame.type == 0x86DD:  # router advertisements, ICMPv6 errors, NDP
+            assert frame[IPv6].plen == len(bytes(frame[IPv6].payload))
         else:
             assert frame.type == 0x0806 and frame[ARP].hwsrc == GW_MAC
 
     # And the gateway still works.
     net.handle_timer(now + 10)
+    net.frames_to_send()  # the router advertisements due by now
     assert len(net.reassembler) == 0 and net.reassembler.held_bytes == 0
     (reply,) = only_frames(feed(net, to_gw(GOOD_PING), now=now + 10))
     assert reply[ICMP].type == 0
