@@ -245,6 +245,8 @@ except OSError as e:
 UDP_ERROR6 = r"""
 import errno, socket, sys
 s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+# "No route" is a soft error (RFC 1122): a UDP socket hears it only with IPV6_RECVERR.
+s.setsockopt(socket.IPPROTO_IPV6, 25, 1)
 s.settimeout(float(sys.argv[3]))
 s.connect((sys.argv[1], int(sys.argv[2])))
 try:
