@@ -18,12 +18,14 @@ from netferry.goflags import parse_args as parse_go_flags
 from netferry.hostd.api.http import parse_http_api_uri
 from netferry.hostd.config import (
     DEFAULT_SUBNET,
+    DEFAULT_SUBNET6,
     MAX_MTU,
     MIN_MTU,
     NetworkConfig,
     parse_address,
     parse_dhcp_range,
     parse_subnet,
+    parse_subnet6,
 )
 from netferry.hostd.errors import ControlError
 from netferry.hostd.services.dhcp import parse_static_lease
@@ -88,7 +90,24 @@ def build_parser() -> argparse.ArgumentParser:
     net.add_argument(
         "--no-host-loopback",
         action="store_true",
-        help="refuse traffic to the host-loopback address (.254 → 127.0.0.1)",
+        help="refuse traffic to the host-loopback addresses (.254 → 127.0.0.1, and "
+        "IPv6 ::254 → ::1)",
+    )
+    net6 = p.add_argument_group("IPv6")
+    net6.add_argument(
+        "--subnet6",
+        default=DEFAULT_SUBNET6,
+        metavar="PREFIX",
+        help="IPv6 prefix, a /64 (SLAAC needs 64-bit interface identifiers; default "
+        "%(default)s). The plan: gateway ::1 (and its EUI-64 link-local, the source of "
+        "router advertisements), host loopback ::254 → the host's ::1, DNS on the gateway, "
+        "::2 by DHCPv6 for the default MAC, a DHCPv6 pool ::1000-::1fff, any address by SLAAC",
+    )
+    net6.add_argument(
+        "--no-ipv6",
+        action="store_true",
+        help="serve no IPv6: no router advertisements, NDP or DHCPv6; IPv6 frames are "
+        "dropped and counted (network.ipv6_dropped)",
     )
     dns = p.add_argument_group("dns")
     dns.add_argument(
@@ -374,6 +393,7 @@ def port_security_config(config: NetworkConfig, args: argparse.Namespace) -> Net
 
 def config_from_args(args: argparse.Namespace) -> NetworkConfig:
     subnet = parse_subnet(args.subnet)
+    subnet6 = parse_subnet6_flag(args.subnet6)
     static = dict(parse_static_lease(s) for s in args.static_lease)
     if args.dns_upstream:
         upstreams = [parse_upstream(u) for u in args.dns_upstream]
@@ -393,6 +413,8 @@ def config_from_args(args: argparse.Namespace) -> NetworkConfig:
         gateway_mac=parse_mac(args.gateway_mac),
         mtu=args.mtu,
         host_loopback=not args.no_host_loopback,
+        ipv6=not args.no_ipv6,
+        subnet6=subnet6,
         static_leases=static,
         dns_upstreams=upstreams,
         dns_search=list(args.dns_search),
@@ -413,6 +435,36 @@ def config_from_args(args: argparse.Namespace) -> NetworkConfig:
         max_connections_per_guest=args.max_connections_per_guest,
     )
     return port_security_config(config, args)
+
+
+def parse_subnet6_flag(text: str) -> ipaddress.IPv6Network:
+    """--subnet6: an IPv6 network of exactly 64 bits (SLAAC's interface identifiers)."""
+    try:
+        net = parse_subnet6(text)
+    except ValueError as e:
+        raise ValueError(f"--subnet6: {e}") from None
+    if net.prefixlen != 64:
+        example = ipaddress.IPv6Network((net.network_address, 64), strict=False)
+        raise ValueError(
+            f"--subnet6 {text}: must be a /64 (SLAAC forms 64-bit interface identifiers), "
+            f"e.g. {example}"
+        )
+    return net
+
+
+def address_plan6(config: NetworkConfig) -> dict[str, object]:
+    """The IPv6 plan as the startup log shows it."""
+    if not config.ipv6:
+        return {"ipv6": "off"}
+    return {
+        "subnet6": str(config.subnet6),
+        "gateway6": str(config.gateway6),
+        "gateway6_link_local": str(config.gateway6_link_local),
+        "host_loopback6": str(config.host6) if config.host_loopback else "refused",
+        "dns6": str(config.dns6),
+        "guest6": str(config.guest6),
+        "dhcp6_pool": "-".join(str(a) for a in config.dhcp6_range or ()),
+    }
 
 
 def parse_dns_regexp(spec: str) -> tuple[str, str, str]:
@@ -554,6 +606,7 @@ async def run(args: argparse.Namespace, config: NetworkConfig, state: dict | Non
         gateway=str(config.gateway_ip),
         host_loopback=str(config.host_ip) if config.host_loopback else "refused",
         dns=str(config.dns_ip),
+        **address_plan6(config),
         mtu=config.mtu,
         dns_upstreams=[f"{h}:{p}" for h, p in config.dns_upstreams],
         policy_rules=len(policy.all_rules()),

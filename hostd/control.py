@@ -49,6 +49,13 @@ MALFORMED_PREFIXES = (
     "icmp_truncated",
     "tcp_bad",
     "tcp_malformed",
+    # IPv6 (hostd/stack/ipv6.py, icmpv6.py, ndp.py name their malformed input so)
+    "ipv6_bad",
+    "ipv6_truncated",
+    "icmpv6_bad",
+    "icmpv6_truncated",
+    "ndp_bad",
+    "ndp_truncated",
 )
 RECORD_TYPES = ("A", "AAAA", "CNAME")
 
@@ -181,17 +188,29 @@ class Control:
     # ---- leases and the switch table ------------------------------------------------
 
     def leases(self) -> list[Lease]:
-        """Active leases, expiry in wall-clock seconds."""
+        """Active leases, DHCP's then DHCPv6's (its `ip` an IPv6Address, its `mac` empty
+        when the client's is not known), expiry in wall-clock seconds."""
         now = self.switch.loop.time()
         offset = time.time() - now
-        return [
+        out = [
             Lease(lease.mac, lease.ip, lease.expires + offset, lease.hostname, lease.static)
             for lease in self.switch.network.dhcp.leases(now)
+        ]
+        return out + self._leases6(now, offset)
+
+    def _leases6(self, now: float, offset: float) -> list[Lease]:
+        dhcp6 = getattr(self.switch.network, "dhcp6", None)  # None: IPv6 is off
+        if dhcp6 is None:
+            return []
+        return [
+            Lease(lease.mac, lease.ip, lease.expires + offset, lease.hostname, lease.static)
+            for lease in dhcp6.leases(now)  # sorted by address
         ]
 
     async def leases_async(self, chunk: int = LIST_CHUNK) -> list[Lease]:
         """`leases()` for the API: built `chunk` at a time with a turn of the loop between,
-        so listing 20,000 leases never holds the data plane for long. O(n) plus a sort."""
+        so listing 20,000 leases never holds the data plane for long. O(n) plus a sort.
+        DHCPv6's (at most its --max-leases, already sorted) follow the IPv4 ones."""
         now = self.switch.loop.time()
         offset = time.time() - now
         items = self.switch.network.dhcp.lease_items(now)
@@ -204,6 +223,9 @@ class Control:
             if start + chunk < len(items):
                 await asyncio.sleep(0)
         out.sort(key=lambda lease: lease.ip)
+        if getattr(self.switch.network, "dhcp6", None) is not None:
+            await asyncio.sleep(0)
+            out += self._leases6(self.switch.loop.time(), offset)
         return out
 
     def switch_table(self) -> dict[str, int]:
@@ -411,8 +433,9 @@ class Control:
             or key.endswith("_dropped")
             or key.endswith("_refused")
         }
-        for group in ("reassembly", "dhcp"):  # dhcp: port_limit_dropped (port security)
-            for key, value in raw[group].items():  # type: ignore[union-attr]
+        # dhcp: port_limit_dropped (port security); the IPv6 groups exist when IPv6 is on
+        for group in ("reassembly", "dhcp", "reassembly6", "dhcp6", "ndp"):
+            for key, value in raw.get(group, {}).items():  # type: ignore[union-attr]
                 if key.endswith("_dropped"):
                     drops[group + "_" + key] = value
         malformed = sum(v for k, v in drops.items() if k.startswith(MALFORMED_PREFIXES))

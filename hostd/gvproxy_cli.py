@@ -27,7 +27,12 @@ The translation (also the README's table):
   `-forward-sock/-forward-dest/-forward-user/-forward-identity`, `-ec2-metadata-access`,
   `-notification`.
 netferry's own additions: `-api URI` (host-switch's gRPC API; default none, so two
-gvproxies never race for one default path) and `-dns-upstream ADDR` (repeatable).
+gvproxies never race for one default path), `-dns-upstream ADDR` (repeatable) and
+`-ipv6` / `-subnet6 PREFIX`. gvproxy serves no IPv6 (its guests see no router
+advertisement, and AAAA questions about its zones get empty answers), so the drop-in keeps
+IPv6 off (`--no-ipv6`) unless `-ipv6` asks for host-switch's IPv6 plan (default prefix
+fd00:192:168:127::/64, or `-subnet6`; gateway ::1, host loopback ::254 → ::1, ::2 by
+DHCPv6 for the device's MAC).
 """
 
 from __future__ import annotations
@@ -110,6 +115,16 @@ def build_parser() -> argparse.ArgumentParser:
     # netferry's own
     add("--api", default="none", metavar="URI", help="host-switch's gRPC API (default none)")
     add("--dns-upstream", action="append", default=[], metavar="ADDR[:PORT]")
+    add(
+        "--ipv6",
+        action="store_true",
+        help="serve IPv6 (host-switch's plan): gvproxy serves none, so off by default",
+    )
+    add(
+        "--subnet6",
+        metavar="PREFIX",
+        help="the IPv6 /64 with -ipv6 (default fd00:192:168:127::/64)",
+    )
     return p
 
 
@@ -456,6 +471,13 @@ def merge(args: argparse.Namespace, config: dict | None) -> Translation:
     if s.log_file:
         argv += ["--log-file", s.log_file]
     argv += ["--api", args.api]
+    if args.subnet6 and not args.ipv6:
+        raise GvproxyError("-subnet6 needs -ipv6 (gvproxy serves no IPv6: it is off by default)")
+    if args.ipv6:
+        if args.subnet6:
+            argv += ["--subnet6", args.subnet6]
+    else:
+        argv.append("--no-ipv6")
     for upstream in args.dns_upstream:
         argv += ["--dns-upstream", upstream]
     t.pid_file = s.pid_file or None

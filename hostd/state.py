@@ -1,9 +1,11 @@
 """The state file: what users changed at run time survives a hostd restart.
 
 What is kept: forwards added through an API, DNS changes (records, zones, gvproxy's regexp
-records and DefaultIP) as a difference from what the flags made, dynamic DHCP leases, and
-outbound policy rules added at run time. Flags are not copied in: they are the source of
-truth for themselves, so a changed flag takes effect on the next start.
+records and DefaultIP) as a difference from what the flags made, dynamic DHCP leases, dynamic
+DHCPv6 leases (`leases6`, with the client's DUID and IAID, so that a returning client's
+RENEW finds its binding; the server's own DUID is the gateway MAC's DUID-LL, the same on
+every start), and outbound policy rules added at run time. Flags are not copied in: they
+are the source of truth for themselves, so a changed flag takes effect on the next start.
 
 Writes: every change marks the state dirty; one write is scheduled on the loop (changes in
 the same turn share it) and the JSON goes to disk in a worker thread (tmp file in the same
@@ -118,7 +120,13 @@ class StateStore:
             raise StateError(
                 f"state file {self.path}: not a netferry state file (version {VERSION} expected)"
             )
-        for key, kind in (("forwards", list), ("leases", list), ("policy", list), ("dns", dict)):
+        for key, kind in (
+            ("forwards", list),
+            ("leases", list),
+            ("leases6", list),
+            ("policy", list),
+            ("dns", dict),
+        ):
             if not isinstance(data.get(key, kind()), kind):
                 raise StateError(f"state file {self.path}: {key}: expected a {kind.__name__}")
         return data
@@ -142,6 +150,7 @@ class StateStore:
                     raise StateError(f"state file {self.path}: policy[{i}]: {e}") from None
             c.switch.apply_policy()
             self._restore_leases(data.get("leases", []))
+            self._restore_leases6(data.get("leases6", []))
         except (KeyError, TypeError, ValueError) as e:
             raise StateError(f"state file {self.path}: {type(e).__name__}: {e}") from None
         for item in data.get("forwards", []):
@@ -160,6 +169,7 @@ class StateStore:
             path=self.path,
             forwards=len(c.forwards.table) - len(c.static_forwards),
             leases=len(data.get("leases", [])),
+            leases6=len(data.get("leases6", [])),
             policy_rules=len(data.get("policy", [])),
             dns_zones=len(data.get("dns", {}).get("zones", [])),
         )
@@ -206,6 +216,50 @@ class StateStore:
             ):
                 log.info("state.lease_not_restored", mac=item["mac"], ip=str(ip))
 
+    def _restore_leases6(self, leases: list[dict[str, Any]]) -> None:
+        from netferry.hostd.services.dhcpv6 import Lease as Lease6
+
+        sw = self.control.switch
+        dhcp6 = getattr(sw.network, "dhcp6", None)
+        if dhcp6 is None:
+            if leases:
+                log.info("state.leases6_not_restored", leases=len(leases), reason="IPv6 is off")
+            return
+        now = sw.loop.time()
+        offset = time.time() - now
+        for item in leases:
+            lease = Lease6(
+                mac=str(item.get("mac", "")),
+                ip=ipaddress.IPv6Address(item["ip"]),
+                expires=float(item["expires"]) - offset,
+                hostname=item.get("hostname") or None,
+                static=False,
+                duid=str(item["duid"]),
+                iaid=int(item["iaid"]),
+            )
+            if not dhcp6.restore_lease(lease, now):
+                log.info("state.lease6_not_restored", duid=lease.duid, ip=str(lease.ip))
+
+    def _leases6_snapshot(self) -> list[dict[str, Any]]:
+        sw = self.control.switch
+        dhcp6 = getattr(sw.network, "dhcp6", None)
+        if dhcp6 is None:
+            return []
+        now = sw.loop.time()
+        offset = time.time() - now
+        return [
+            {
+                "duid": lease.duid,
+                "iaid": lease.iaid,
+                "mac": lease.mac,
+                "ip": str(lease.ip),
+                "expires": round(lease.expires + offset, 3),
+                "hostname": lease.hostname or "",
+            }
+            for lease in dhcp6.leases(now)
+            if not lease.static
+        ]
+
     # ---- save ---------------------------------------------------------------------------
 
     def snapshot(self) -> bytes:
@@ -223,7 +277,7 @@ class StateStore:
                 "hostname": lease.hostname or "",
             }
             for lease in c.leases()
-            if not lease.static
+            if not lease.static and lease.ip.version == 4  # DHCPv6's: leases6
         ]
         policy = [{"action": r.action, "rule": r.target} for r in c.switch.network.policy.rules]
         data = {
@@ -231,6 +285,7 @@ class StateStore:
             "forwards": forwards,
             "dns": dns_diff(self.dns_base, dns_snapshot(c)),
             "leases": leases,
+            "leases6": self._leases6_snapshot(),
             "policy": policy,
         }
         return json.dumps(data, indent=1, sort_keys=True).encode() + b"\n"

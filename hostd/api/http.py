@@ -268,6 +268,8 @@ class GvproxyApi:
                 f"{b:02x}" for b in network.gateway_mac
             )
         }
+        # DHCPv6 leases too (IPv6 address → MAC, "" when the client's MAC is not known);
+        # gvproxy serves no IPv6, so its clients never see one unless IPv6 is turned on.
         for lease in await self.control.leases_async():  # built in slices, yielding
             table[str(lease.ip)] = lease.mac
         return dict(sorted(table.items()))

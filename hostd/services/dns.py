@@ -19,7 +19,8 @@ length-delimited TCP message) to :class:`DnsResolver`. The module is split in tw
 
   Local data lives in :class:`DnsZones`: a set of zones for which the gateway is
   *authoritative*. Defaults (:func:`default_zones`) are ``containers.internal.`` and
-  ``docker.internal.``, each holding ``gateway`` (the gateway IP) and ``host`` (the host IP).
+  ``docker.internal.``, each holding ``gateway`` (the gateway IP) and ``host`` (the host IP),
+  with AAAA records (the gateway's and the host loopback's IPv6 addresses) when IPv6 is on.
   A name inside one of our zones is never forwarded: unknown names get NXDOMAIN, known names
   asked for a type they don't have get NOERROR/NODATA (both with a synthetic SOA in the
   authority section whose TTL and MINIMUM are 0, so guests do not cache negative answers
@@ -439,14 +440,19 @@ def _check_address(address: str) -> None:
         raise ValueError(f"address {address!r} is not an IPv4 or IPv6 address") from None
 
 
-def default_zones(gateway: str, host: str) -> DnsZones:
-    """containers.internal. and docker.internal., each with gateway and host A records."""
+def default_zones(
+    gateway: str, host: str, *, gateway6: str | None = None, host6: str | None = None
+) -> DnsZones:
+    """containers.internal. and docker.internal., each with gateway and host A records, and
+    AAAA records beside them when IPv6 is served (`gateway6`, `host6` given)."""
     zones = DnsZones()
     for zone in DEFAULT_ZONE_NAMES:
-        zones.add_records(
-            zone,
-            [DnsRecord(f"gateway.{zone}", "A", gateway), DnsRecord(f"host.{zone}", "A", host)],
-        )
+        records = [DnsRecord(f"gateway.{zone}", "A", gateway), DnsRecord(f"host.{zone}", "A", host)]
+        if gateway6 is not None:
+            records.append(DnsRecord(f"gateway.{zone}", "AAAA", gateway6))
+        if host6 is not None:
+            records.append(DnsRecord(f"host.{zone}", "AAAA", host6))
+        zones.add_records(zone, records)
     return zones
 
 

@@ -198,7 +198,12 @@ class Network(Ipv6Layer):
                 max_leases_per_port=config.port_max_leases,
             )
         )
-        self.zones = zones or default_zones(str(config.gateway_ip), str(config.host_ip))
+        self.zones = zones or default_zones(
+            str(config.gateway_ip),
+            str(config.host_ip),
+            gateway6=str(config.gateway6) if config.ipv6 else None,
+            host6=str(config.host6) if config.ipv6 else None,
+        )
         self.dns = DnsResolver(self.zones)
         self.events: deque[Event] = deque()
         self._outbox: dict[int, list[bytes]] = {}

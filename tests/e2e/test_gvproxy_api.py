@@ -144,6 +144,9 @@ def test_dns_endpoints_answer_the_guest(hostd, guest, short_tmp) -> None:
         "Records": [
             {"Name": "gateway", "IP": "192.168.127.1", "Regexp": None},
             {"Name": "host", "IP": "192.168.127.254", "Regexp": None},
+            # host-switch serves IPv6 by default (netferry-gvproxy does not, as gvproxy)
+            {"Name": "gateway", "IP": "fd00:192:168:127::1", "Regexp": None},
+            {"Name": "host", "IP": "fd00:192:168:127::254", "Regexp": None},
         ],
         "DefaultIP": "",
     }

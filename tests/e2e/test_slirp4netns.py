@@ -227,6 +227,63 @@ def test_dhcp_pool_is_15_to_30(netns, slirp):
     assert "lease of 10.0.2.15 obtained" in out
 
 
+def global_v6(ns, dev: str = "tap0") -> list[str]:
+    out = ns.run("ip", "-6", "-o", "addr", "show", "dev", dev, "scope", "global").stdout
+    return [line.split()[3] for line in out.splitlines() if "tentative" not in line]
+
+
+def test_enable_ipv6_serves_slirp4netns_plan_slaac_ping_2_dns_3(netns, slirp):
+    """podman's form (--enable-ipv6 -c): the kernel takes the router advertisement of
+    fd00::/64 (SLAAC, as slirp4netns's "IPv6 gets a random address"), a default route via
+    the gateway's link-local, and reaches the gateway ::2 and DNS ::3, whose local zones
+    answer AAAA with the plan's addresses."""
+    ns = netns()
+    t = target(ns)
+    s = slirp("--enable-ipv6", "-c", "--disable-host-loopback", str(t.pid), "tap0")
+    wait_for(
+        lambda: any(a.startswith("fd00::") and a.endswith("/64") for a in global_v6(ns)),
+        30,
+        "a SLAAC address in fd00::/64",
+        step=0.2,
+    )
+    assert ns.run("ip", "-6", "route", "show", "default").stdout.startswith("default via fe80::")
+    for ip in ("fd00::2", "fd00::3"):
+        ns.run("ping", "-6", "-c", "1", "-W", "5", ip)
+    out = ns.run("dig", "+short", "+time=5", "AAAA", "host.containers.internal", "@fd00::3")
+    assert out.stdout.split() == ["fd00::2"]
+    out = ns.run("dig", "+short", "+time=5", "A", "host.containers.internal", "@fd00::3")
+    assert out.stdout.split() == ["10.0.2.2"]
+    assert "WARNING" not in s.log_text() and "ipv6_not_served" not in s.log_text()
+    # The API's add_hostfwd stays IPv4-only, as slirp4netns 1.2.0's.
+    reply = api_call(
+        s.api,
+        b'{"execute":"add_hostfwd","arguments":{"proto":"tcp","host_addr":"::1",'
+        b'"host_port":18099,"guest_port":80}}',
+    )
+    assert reply == b'{"error":{"desc":"bad request: add_hostfwd: bad arguments.host_addr"}}'
+
+
+def test_without_enable_ipv6_no_ipv6_is_served(netns, slirp, short_tmp):
+    """As slirp4netns without -6: the guest's router solicitations are dropped (counted),
+    no prefix is announced, DNS has no AAAA for the plan."""
+    from netferry.client import HostSwitchClient
+
+    ns = netns()
+    t = target(ns)
+    api = short_tmp / "grpc.sock"
+    slirp("-c", "--api", f"unix://{api}", str(t.pid), "tap0")
+    client = HostSwitchClient(f"unix://{api}")
+    wait_for(
+        lambda: client.stats().counters.get("network.ipv6_dropped", 0) > 0,
+        30,
+        "the kernel's router solicitation, dropped",
+        step=0.2,
+    )
+    assert global_v6(ns) == []
+    out = ns.run("dig", "+short", "+time=5", "AAAA", "host.containers.internal", "@10.0.2.3")
+    assert out.stdout.strip() == ""
+
+
 def test_target_type_bess_serves_a_seqpacket_socket(slirp, short_tmp):
     """--target-type=bess PATH: a User-Mode-Linux vector (bess) peer sends frames as
     SOCK_SEQPACKET messages; an ARP request for the gateway .2 is answered."""

@@ -16,7 +16,7 @@ from netferry.hostd.gvproxy_cli import (
     write_pid_file,
 )
 
-BASE_TAIL = ["--api", "none"]
+BASE_TAIL = ["--api", "none", "--no-ipv6"]  # gvproxy serves no IPv6
 
 
 def argv_of(*gvproxy: str) -> list[str]:
@@ -305,3 +305,29 @@ def test_regexp_records_and_default_ip_pass_through(tmp_path: Path) -> None:
 def test_tcp_listen_is_served_without_a_token_as_gvproxy() -> None:
     assert "--insecure-tcp-api" in translate(["-listen", "tcp://127.0.0.1:7777"]).argv
     assert "--insecure-tcp-api" not in translate(["-listen", "unix:///n.sock"]).argv
+
+
+def test_ipv6_is_off_as_gvproxy_unless_asked_for() -> None:
+    base = ["-listen-qemu", "unix:///q"]
+    off = argv_of(*base)
+    assert "--no-ipv6" in off and "--subnet6" not in off
+    assert (
+        hostd_cli.config_from_args(
+            hostd_cli.build_parser().parse_args([*off, "--dns-upstream", "127.0.0.1"])
+        ).ipv6
+        is False
+    )
+    on = argv_of(*base, "-ipv6")
+    assert "--no-ipv6" not in on
+    config = hostd_cli.config_from_args(
+        hostd_cli.build_parser().parse_args([*on, "--dns-upstream", "127.0.0.1"])
+    )
+    assert config.ipv6 is True and str(config.subnet6) == "fd00:192:168:127::/64"
+    moved = argv_of(*base, "-ipv6=true", "-subnet6", "fd00:1:2:3::/64")
+    assert moved[moved.index("--subnet6") + 1] == "fd00:1:2:3::/64"
+    assert "--no-ipv6" in argv_of(*base, "-ipv6=false")
+
+
+def test_subnet6_without_ipv6_is_refused() -> None:
+    with pytest.raises(GvproxyError, match="-subnet6 needs -ipv6"):
+        translate(["-listen-qemu", "unix:///q", "-subnet6", "fd00:1::/64"])

@@ -43,7 +43,10 @@ def test_dns_difference_round_trip(tmp_path: Path) -> None:
     saved = json.loads(path.read_text())
     assert json.loads(data) == saved and os.stat(path).st_mode & 0o777 == 0o600
     containers = next(z for z in saved["dns"]["zones"] if z["name"] == "containers.internal.")
-    assert containers["removed"] == [["gateway.containers.internal.", "A", "192.168.127.1", 0]]
+    assert containers["removed"] == [  # every record of the name: its AAAA too
+        ["gateway.containers.internal.", "A", "192.168.127.1", 0],
+        ["gateway.containers.internal.", "AAAA", "fd00:192:168:127::1", 0],
+    ]
     assert saved["policy"] == [{"action": "deny", "rule": "10.0.0.0/8:22/tcp"}]
 
     async def second() -> tuple[list, list, list, tuple]:

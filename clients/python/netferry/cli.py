@@ -261,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("stats", help="counters")
     s.add_argument("--watch", action="store_true", help="stream until Ctrl-C")
     s.add_argument("--interval", type=float, default=1.0)
-    sub.add_parser("leases", help="DHCP leases")
+    sub.add_parser("leases", help="DHCP and DHCPv6 leases")
     d = sub.add_parser("dns", help="local DNS records")
     dsub = d.add_subparsers(dest="dns_command", required=True, metavar="add|rm|ls")
     da = dsub.add_parser("add")

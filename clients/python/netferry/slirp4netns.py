@@ -12,6 +12,16 @@ AutoHCK start slirp4netns as an external program; pointed at this one they get n
    offload when the kernel allows it) with slirp4netns's plan: guest .100, gateway and host
    loopback .2 (→ 127.0.0.1 unless `--disable-host-loopback`), DNS .3, DHCP .15-.30, of
    10.0.2.0/24 or `--cidr`; and the JSON API on `--api-socket` (`hostd.api.slirp`).
+   With `--enable-ipv6` (only then, as slirp4netns) IPv6 too, with slirp4netns's plan:
+   fd00::/64 announced in router advertisements (guests configure themselves by SLAAC, as
+   with slirp4netns `-c`), gateway and host loopback ::2 (→ ::1 unless
+   `--disable-host-loopback`), DNS ::3; DHCPv6 besides (::100 for the default MAC). Where
+   this differs from libslirp's IPv6 (README, "netferry-slirp4netns"): the RA comes from
+   the gateway's EUI-64 link-local (libslirp: fe80::2) with M and O set because DHCPv6
+   serves addresses (libslirp: neither, information requests only), RDNSS names ::3 always
+   (libslirp: only when the host has an IPv6 resolver); the API's `add_hostfwd` stays
+   IPv4-only, as slirp4netns 1.2.0's (an IPv6 `host_addr` is `bad arguments.host_addr`);
+   IPv6 forwards go through `--api` (gRPC).
 3. `1` on the ready fd once all that serves; it ends with exit 0 when the exit fd closes, on
    SIGTERM or SIGINT (or if the tap fails), removing the API socket. As with slirp4netns,
    the tap fd keeps the namespace alive: callers end us (rootlesskit with SIGKILL, podman
@@ -103,7 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="accepted; not honoured: outbound sockets are not bound (warning)",
     )
     o("--outbound-addr6", metavar="IPv6|IFNAME", help="accepted; not honoured (warning)")
-    o("-6", "--enable-ipv6", action="store_true", help="accepted; IPv6 is not served (warning)")
+    o(
+        "-6",
+        "--enable-ipv6",
+        action="store_true",
+        help="serve IPv6: fd00::/64 by router advertisements (SLAAC), gateway and host ::2, "
+        "DNS ::3",
+    )
     o(
         "--target-type",
         choices=("netns", "bess"),
@@ -239,8 +255,6 @@ def warn_unhonoured(args: argparse.Namespace) -> None:
             note="netferry's: no new privileges and capabilities dropped once serving; no "
             "private mount namespace (slirp4netns's pivot_root) yet",
         )
-    if args.enable_ipv6:
-        log.warning("slirp4netns.ipv6_not_served", note="IPv6 frames are dropped")
     if args.outbound_addr or args.outbound_addr6:
         log.warning("slirp4netns.outbound_addr_not_honoured", note="outbound sockets unbound")
 
@@ -403,6 +417,16 @@ async def serve(args: argparse.Namespace, config, link_uri: str) -> int:
         gateway=str(config.gateway_ip),
         dns=str(config.dns_ip),
         guest=str(config.guest_ip),
+        ipv6=(
+            {
+                "prefix": str(config.subnet6),
+                "gateway": str(config.gateway6),
+                "dns": str(config.dns6),
+                "guest": str(config.guest6),
+            }
+            if config.ipv6
+            else "off"
+        ),
         host_loopback=config.host_loopback,
         mtu=config.mtu,
         api_socket=args.api_socket,

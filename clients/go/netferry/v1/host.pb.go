@@ -1240,7 +1240,9 @@ type Lease struct {
 	sizeCache     protoimpl.SizeCache
 	unknownFields protoimpl.UnknownFields
 
-	Mac      string                 `protobuf:"bytes,1,opt,name=mac,proto3" json:"mac,omitempty"`
+	// Empty for a DHCPv6 client whose MAC is not known (neither the frame's nor in its DUID).
+	Mac string `protobuf:"bytes,1,opt,name=mac,proto3" json:"mac,omitempty"`
+	// An IPv4 address (DHCP) or an IPv6 address (DHCPv6, contains ':').
 	Ip       string                 `protobuf:"bytes,2,opt,name=ip,proto3" json:"ip,omitempty"`
 	Hostname string                 `protobuf:"bytes,3,opt,name=hostname,proto3" json:"hostname,omitempty"`
 	Static   bool                   `protobuf:"varint,4,opt,name=static,proto3" json:"static,omitempty"`
@@ -3347,7 +3349,8 @@ type LeaseGranted struct {
 	sizeCache     protoimpl.SizeCache
 	unknownFields protoimpl.UnknownFields
 
-	Mac      string `protobuf:"bytes,1,opt,name=mac,proto3" json:"mac,omitempty"`
+	Mac string `protobuf:"bytes,1,opt,name=mac,proto3" json:"mac,omitempty"`
+	// IPv4 (DHCP) or IPv6 (DHCPv6).
 	Ip       string `protobuf:"bytes,2,opt,name=ip,proto3" json:"ip,omitempty"`
 	Hostname string `protobuf:"bytes,3,opt,name=hostname,proto3" json:"hostname,omitempty"`
 }

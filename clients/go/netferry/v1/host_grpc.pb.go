@@ -27,7 +27,7 @@ type HostSwitchClient interface {
 	GetStats(ctx context.Context, in *GetStatsRequest, opts ...grpc.CallOption) (*GetStatsResponse, error)
 	// Counters every `interval` until the client cancels.
 	WatchStats(ctx context.Context, in *WatchStatsRequest, opts ...grpc.CallOption) (HostSwitch_WatchStatsClient, error)
-	// Active DHCP leases.
+	// Active DHCP leases, then DHCPv6 leases (IPv4 addresses sorted, then IPv6 sorted).
 	ListLeases(ctx context.Context, in *ListLeasesRequest, opts ...grpc.CallOption) (*ListLeasesResponse, error)
 	// Add A, AAAA or CNAME records to a zone (created if missing).
 	AddDnsRecords(ctx context.Context, in *AddDnsRecordsRequest, opts ...grpc.CallOption) (*AddDnsRecordsResponse, error)
@@ -309,7 +309,7 @@ type HostSwitchServer interface {
 	GetStats(context.Context, *GetStatsRequest) (*GetStatsResponse, error)
 	// Counters every `interval` until the client cancels.
 	WatchStats(*WatchStatsRequest, HostSwitch_WatchStatsServer) error
-	// Active DHCP leases.
+	// Active DHCP leases, then DHCPv6 leases (IPv4 addresses sorted, then IPv6 sorted).
 	ListLeases(context.Context, *ListLeasesRequest) (*ListLeasesResponse, error)
 	// Add A, AAAA or CNAME records to a zone (created if missing).
 	AddDnsRecords(context.Context, *AddDnsRecordsRequest) (*AddDnsRecordsResponse, error)

@@ -159,7 +159,7 @@ class HostSwitchServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListLeases(self, request, context):
-        """Active DHCP leases.
+        """Active DHCP leases, then DHCPv6 leases (IPv4 addresses sorted, then IPv6 sorted).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
