@@ -428,6 +428,14 @@ def test_dns_over_v6_forwards_a_and_aaaa_unchanged_udp_and_tcp(hostd, guest, dns
     out = dig6(g, "AAAA", "www.example.test")
     assert "www.example.test.\t60\tIN\tAAAA\t2001:db8::10" in out.replace(" ", "\t"), out
     assert "NXDOMAIN" in dig6(g, "nothing.example.test")
+    # The local zone (not forwarded) has both families for the host.
+    for transport in ("+notcp", "+tcp"):
+        assert answers(dig6(g, transport, "AAAA", "host.containers.internal")) == [
+            f"host.containers.internal. AAAA {HOST6}"
+        ]
+        assert answers(dig6(g, transport, "A", "host.containers.internal")) == [
+            "host.containers.internal. A 192.168.127.254"
+        ]
 
 
 # ---- acceptance 7: two guests ----------------------------------------------------------
