@@ -731,7 +731,7 @@ class GatewayHttpSession:
     ) -> None:
         self.conn = conn
         self.touch = touch
-        caller = str(ipaddress.IPv4Address(conn.key[0]))
+        caller = str(ipaddress.ip_address(conn.key[0]))  # a v4 or a v6 guest
         self.exchange = HttpExchange(api, caller, connect=False)
         self.busy = False
         self.task: asyncio.Task[None] | None = None

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import free_tcp_port
-from tests.e2e.test_ipv6_nat import HOST6, wait_v6
+from tests.e2e.test_ipv6_nat import GW6, HOST6, wait_v6
 
 pytestmark = pytest.mark.e2e
 
@@ -44,6 +44,30 @@ class Server(ThreadingHTTPServer):
 server = Server(("::", 80), Handler)
 print("listening", flush=True)
 server.serve_forever()
+"""
+
+
+GUEST_UDP = r"""
+import socket
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+s.bind(("::", 5353))
+print("listening", flush=True)
+while True:
+    data, peer = s.recvfrom(65535)
+    s.sendto(peer[0].encode() + b" " + data, peer)
+"""
+
+UDP_CLIENT = r"""
+import socket, sys
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+s.settimeout(2)
+for _ in range(10):  # UDP: a lost datagram is sent again (bounded)
+    s.sendto(sys.argv[3].encode(), (sys.argv[1], int(sys.argv[2])))
+    try:
+        print(s.recv(65535).decode())
+        break
+    except TimeoutError:
+        continue
 """
 
 
@@ -109,8 +133,27 @@ def test_v6_forward_16mib_exact_by_address_and_by_mac_and_the_client_address_is_
         assert big.stdout.split()[0] == digest
         with h.client() as api:
             counters = {f.local: f for f in api.forwards()}
+            # A gRPC tunnel into the v6 guest comes from the gateway's v6 address.
+            reply = b"".join(api.tunnel(f"[{guest6}]:80", [b"GET /peer HTTP/1.0\r\n\r\n"]))
+        assert reply.startswith(b"HTTP/1.") and reply.endswith(GW6.encode()), reply
         assert counters[f"[::1]:{by_address}"].total == 2  # /blob and /peer
         assert counters[f":{by_mac}"].total == 2
+        # UDP the same way: by address from loopback, by MAC from the client namespace.
+        udp_server = g.ns.popen(sys.executable, "-c", GUEST_UDP, stdout=subprocess.PIPE,
+                                text=True)  # fmt: skip
+        try:
+            assert udp_server.stdout is not None
+            assert udp_server.stdout.readline().strip() == "listening"
+            with h.client() as api:
+                api.expose("udp", f"[::1]:{by_address}", f"[{guest6}]:5353")
+                api.expose("udp", f":{by_mac}", f"[{GUEST_MAC}]:5353")
+            out = host_ns.python(UDP_CLIENT, "::1", str(by_address), "hello").stdout.strip()
+            assert out == f"{HOST6} hello", out
+            out = client_ns.python(UDP_CLIENT, f"{CLIENT_NET}1", str(by_mac), "hi").stdout.strip()
+            assert out == f"{CLIENT_NET}2 hi", out
+        finally:
+            udp_server.kill()
+            udp_server.wait()
     finally:
         server.kill()
         server.wait()
