@@ -267,3 +267,32 @@ def test_error_queue_of_a_real_v6_socket():
 def test_log_text_of_v4_and_v6_endpoints():
     assert endpoint_text(b"\xc0\xa8\x7f\x02", 80) == "192.168.127.2:80"
     assert endpoint_text(GUEST6, 443) == "[fd00:192:168:127::2]:443"
+
+
+def test_the_raw_icmpv6_socket_tells_the_guest_an_error_about_its_echo(monkeypatch):
+    """An error the raw socket sees is matched by the echo it quotes (destination, host-side
+    id) and told to the guest about the guest's own echo; others' errors are ignored."""
+    monkeypatch.setattr(nat_icmp, "ping_sockets_allowed", lambda: (False, "1 0"))
+    loopback = bytes(15) + b"\x01"
+    echo = IcmpEchoOutbound(GUEST6, HOST6, "::1", 0x4242, 9, b"payload")
+
+    async def test(net: Recorder) -> list[tuple]:
+        inat = IcmpNat(net, lambda: None, idle_timeout=30, max_flows=8)  # type: ignore[arg-type]
+        try:
+            assert inat.raw6 is not None, "no raw ICMPv6 socket (not root?)"
+            inat.send(echo)
+            (flow,) = inat.flows.values()
+
+            def error_about(ident: int) -> bytes:
+                inner = IPV6 + icmp.HEADER.pack(128, 0, 0, ident, 9) + b"payload"
+                return icmp.HEADER.pack(1, 3, 0, 0, 0) + inner  # address unreachable
+
+            IPV6 = nat_icmp.IPV6_HEADER.pack(0x60000000, 15, 58, 64, loopback, loopback)
+            assert not inat._raw_error(error_about(flow.host_ident ^ 1), 0, True, 1, 3)
+            assert inat._raw_error(error_about(flow.host_ident), 0, True, 1, 3)
+            return [c for c in net.calls if c[0] == "icmp6_error"]
+        finally:
+            inat.close()
+
+    calls = run(test)
+    assert calls == [("icmp6_error", HOST6, GUEST6, 1, 3, echo_quote(echo), 0)]
