@@ -586,3 +586,45 @@ def test_ipv4_to_an_address_the_host_cannot_reach_fails_at_once_too(routeless_ho
     assert "Destination Net Unreachable" in r.stdout, r.stdout + r.stderr
     tcp = g.ns.python(CONNECT6.replace("AF_INET6", "AF_INET"), "192.0.2.15", "443", "30")
     assert tcp.stdout.split()[0] == "ENETUNREACH", tcp.stdout
+
+
+HELLO_SERVER = r"""
+from http.server import BaseHTTPRequestHandler, HTTPServer
+class Handler(BaseHTTPRequestHandler):
+    def log_message(self, *a):
+        pass
+    def do_GET(self):
+        body = b"reached over IPv4"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+server = HTTPServer(("127.0.0.1", 0), Handler)
+print(server.server_address[1], flush=True)
+server.serve_forever()
+"""
+
+
+def test_happy_eyeballs_falls_back_to_ipv4_on_the_error_not_a_timer(routeless_hostd, guest):
+    """A dual-stack name whose AAAA the host cannot reach: curl tries IPv6 first and, told
+    "network unreachable" at once, goes on to IPv4. Its happy-eyeballs timer is set far
+    beyond --max-time, so only that error (not the timer) can start the IPv4 attempt."""
+    h, ns = routeless_hostd()
+    server = ns.popen(sys_python(), "-c", HELLO_SERVER, stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout is not None
+        port = int(server.stdout.readline())
+        g = guest(h)
+        wait_v6(g)
+        r = g.ns.run(
+            "curl", "-v", "-sS", "--max-time", "30", "--happy-eyeballs-timeout-ms", "600000",
+            "--resolve", f"dual.test:{port}:[{UNREACHABLE6}],192.168.127.254",
+            "-w", "\n%{remote_ip}", f"http://dual.test:{port}/", check=False, timeout=60,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert r.stdout.splitlines() == ["reached over IPv4", "192.168.127.254"], r.stdout
+        assert f"Trying [{UNREACHABLE6}]:{port}" in r.stderr, r.stderr
+        assert "Network is unreachable" in r.stderr, r.stderr
+    finally:
+        server.kill()
+        server.wait()
