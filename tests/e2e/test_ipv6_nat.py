@@ -17,6 +17,7 @@ import os
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -303,17 +304,22 @@ def test_curl6_64mib_download_and_upload_byte_exact(
     wait_v6(g)
     assert [v["offload"] for v in h.stats()["links"].values()] == [offload]
     url = f"http://[{HOST6}]:{http6_server.port}"
+    t0 = time.monotonic()
     down = g.ns.run(
         "sh", "-c", f"curl -6 -g -sS --fail --max-time 240 '{url}/blob?mib=64' | sha256sum",
         timeout=260,
     )  # fmt: skip
     assert down.stdout.split()[0] == digest
+    t1 = time.monotonic()
     up = g.ns.run(
         "curl", "-6", "-g", "-sS", "--fail", "--max-time", "240", "-T", str(path),
         f"{url}/upload", timeout=260,
     )  # fmt: skip
     assert up.stdout.strip() == digest
+    t2 = time.monotonic()
     assert http6_server.uploads[-1] == (MIB64, digest)
+    print(f"v6 MTU {mtu} offload={offload}: down {64 / (t1 - t0):.0f} MiB/s, "
+          f"up {64 / (t2 - t1):.0f} MiB/s")  # fmt: skip
     network = h.stats()["network"]
     assert network.get("tcp_bad_checksum", 0) == 0
 
