@@ -351,9 +351,11 @@ class HostSwitch:
             "network": dict(self.network.stats),
             "reassembly": dict(self.network.reassembler.stats),
             "dhcp": self.network.dhcp.stats.as_dict(),
-            "dhcp6": self.network.dhcp6.stats.as_dict() if self.network.dhcp6 else {},
+            "dhcp6": (self.network.dhcp6.stats.as_dict() if self.network.dhcp6 is not None else {}),
             "reassembly6": (
-                dict(self.network.reassembler6.stats) if self.network.reassembler6 else {}
+                dict(self.network.reassembler6.stats)
+                if self.network.reassembler6 is not None
+                else {}
             ),
             "dns": dataclasses.asdict(self.network.dns.stats),
             "dns_forwarder": (

@@ -1,13 +1,19 @@
-"""The virtual network: switch ports, the gateway's IPv4 layer, and the events for the NAT.
+"""The virtual network: switch ports, the gateway's IPv4 and IPv6 layers, events for the NAT.
 
 Theory of operation. `Network` is the layer-2 switch and the gateway's network layer: it
 owns the ports (plain or virtio-net), the CAM table, the neighbour table, fragment
-reassembly and the gateway's own services (ARP, DHCP, DNS, echo). Above it sits the
-transport layer (`hostd/stack/transport.py`: TCP connections, UDP flows, timers, output),
-reached through an address-family-neutral seam: the transport sees packets with `src`,
-`dst`, `ttl` and `quote`, and asks this layer for routes, offload and emission through
-the `NetworkLayer` methods below (`send_ip`, `send_unreachable`, `route_tcp_syn`,
-`nat_target`, `port_of`, `offload_port`, `send_tcp`). An IPv6 layer plugs in beside this one.
+reassembly and the gateway's own services (ARP, DHCP, DNS, echo). Its IPv6 half lives in
+`network6.py` (`Ipv6Layer`, mixed into `Network`: NDP and router advertisements, DHCPv6,
+IPv6 reassembly, ICMPv6; see its docstring), so that one object answers for both
+families. Above it sits the transport layer (`hostd/stack/transport.py`: TCP connections,
+UDP flows, timers, output), reached through an address-family-neutral seam: the transport
+sees packets with `src`, `dst`, `ttl` and `quote`, and asks this layer for routes, offload
+and emission through the `NetworkLayer` methods below (`send_ip`, `send_unreachable`,
+`route_tcp_syn`, `nat_target`, `port_of`, `offload_port`, `send_tcp`). An address is
+`bytes` of 4 or 16 everywhere (packets, events, the transport's keys): each of those
+methods, and `send_udp`, `send_icmp_echo_reply` and `send_icmp_error` (which always takes
+ICMPv4's type and code and maps them for an IPv6 guest), dispatches on the length, once per
+call, to this file's IPv4 code or network6.py's IPv6 code.
 
 The asyncio side (hostd/switch.py) feeds batches of frames per link with
 `receive_frames(port, frames, now)` and then drains `frames_to_send()` (frames per port),
@@ -17,7 +23,10 @@ back through `send_udp`, `send_icmp_echo_reply` and `send_icmp_error`.
 
 One receive path. Every frame of a batch goes through one classifier, in order, as passt's
 tap handler does: layer 2 once (length, source MAC, CAM learning; unicast between guests is
-switched without looking further, except ARP, whose sender is checked on every frame);
+switched without looking further, except ARP, whose sender is checked on every frame, and
+IPv6, whose source and NDP claims are checked on every frame: `_not_ipv4` takes every
+frame that is not IPv4 out of the IPv4 path with one comparison, and hands IPv6 to
+`network6._ipv6_frame` when IPv6 is on, else counts it as `ipv6_dropped`);
 for the gateway (its MAC or a broadcast) layer 3 once from one precompiled struct (version,
 header length, lengths, header checksum on plain ports, reserved flag), then the source
 rules (`_ipv4_source_allowed`: martian sources, and the neighbour table moved only from the
@@ -34,7 +43,14 @@ frame leaves by a plain port.
 Port rules (one place each, where port security hooks in): `_arp_sender_allowed` for every
 ARP frame (the sender MAC is the frame's; nobody claims the gateway's or a virtual address,
 and such a claim is dropped before any flooding; nobody claims an address whose neighbour
-entry lives on another port), `_ipv4_source_allowed` for every IPv4 frame to the gateway.
+entry lives on another port), `_ipv4_source_allowed` for every IPv4 frame to the gateway;
+for IPv6, network6.py's `_ipv6_may_leave` (every frame to another guest: sources, RA guard,
+neighbour advertisements for the gateway's or another port's address) and
+`_ipv6_source_allowed` (every IPv6 packet to the gateway).
+
+Timers: IPv4 reassembly, the transport's, and (IPv6 on) IPv6 reassembly, router
+advertisements and DHCPv6 expiry, whose earliest deadline is cached until IPv6 input or a
+timer moves it (`get_timer` runs per flush).
 
 It must never raise on guest input: every malformed frame ends as a named counter.
 It does no I/O and reads no clock: `now` comes in with every call.
@@ -407,8 +423,10 @@ class Network(Ipv6Layer):
         if tcp_next is not None and (best is None or tcp_next < best):
             best = tcp_next
         if self.ipv6_enabled:
-            v6 = self._ipv6_timer()
-            if v6 is not None and (best is None or v6 < best):
+            v6 = self._v6_deadline
+            if v6 is None:  # recomputed only after IPv6 input or timers moved it
+                v6 = self._v6_deadline = self._ipv6_timer()
+            if best is None or v6 < best:
                 best = v6
         return best
 

@@ -57,6 +57,7 @@ from netferry.hostd.stack.transport import TcpRoute
 ALL_NODES = ipv6.ALL_NODES
 UNSPECIFIED = ipv6.UNSPECIFIED
 LOOPBACK_V6 = IPv6Address("::1").packed
+ALL_MLDV2_ROUTERS = IPv6Address("ff02::16").packed
 PENDING_NDP_MAX = 64  # packets held per unresolved guest address
 PENDING_NDP_ADDRESSES = 256  # unresolved guest addresses with packets held
 NS_RETRY = 1.0  # seconds between solicitations for one address while packets wait
@@ -137,6 +138,7 @@ class Ipv6Layer:
         self._pending_ndp: dict[bytes, list[bytes]] = {}
         self._ns_sent: dict[bytes, float] = {}
         self._ident6 = 0
+        self._v6_deadline: float | None = None  # the IPv6 timers' earliest, None: recompute
         if not self.ipv6_enabled:
             if config.ipv6:
                 self.stats["ipv6_off_mtu_below_1280"] = 1
@@ -205,13 +207,18 @@ class Ipv6Layer:
         """Every IPv6 frame of the batch (IPv6 on): see the module docstring."""
         stats = self.stats
         ip = off + ethernet.HEADER_LEN
+        self._v6_deadline = None  # NDP, fragments or DHCPv6 may move the IPv6 timers
         if dst_mac != self.gateway_mac:
             if not self._ipv6_may_leave(port, frame, ip, src_mac):
                 return
             if not self._switch(port, frame, dst_mac):
                 return  # to another guest only
-            if len(frame) < ip + ipv6.HEADER_LEN or frame[ip + 24 : ip + 40] not in self._groups6:
-                stats["ipv6_multicast_ignored"] += 1  # MLD reports, mDNS...: not ours
+            group = frame[ip + 24 : ip + 40]
+            if group not in self._groups6:
+                # not a group of ours: MLDv2 reports (ff02::16, counted apart), mDNS...
+                stats[
+                    "mld_ignored" if group == ALL_MLDV2_ROUTERS else "ipv6_multicast_ignored"
+                ] += 1
                 return
         try:
             pkt = ipv6.parse_ipv6(memoryview(frame)[ip:])
@@ -437,6 +444,14 @@ class Ipv6Layer:
             if pkt.fragment is not None or len(pkt.header) > ipv6.HEADER_LEN:
                 stats["ndp_with_extension_dropped"] += 1  # RFC 6980: never fragmented
                 return
+            if kind == icmpv6.NEIGHBOR_ADVERTISEMENT and len(data) >= 24:
+                # An advertisement for another port's address is a theft, as in ARP.
+                port = self.cam.lookup(src_mac)
+                target = bytes(data[8:24])
+                if port is not None and not self._ipv6_address_may_move(
+                    port, target, src_mac, True
+                ):
+                    return
             for reply in self.ndp.handle(src_mac, pkt.src, pkt.dst, pkt.hop_limit, data, now):
                 packet = ipv6.build_ipv6(reply.src, reply.dst, 58, reply.message, reply.hop_limit)
                 self._emit_from_gateway(reply.dst_mac or src_mac, ETHERTYPE_IPV6, packet)
@@ -731,7 +746,7 @@ class Ipv6Layer:
 
     # ---- timers --------------------------------------------------------------------------
 
-    def _ipv6_timer(self) -> float | None:
+    def _ipv6_timer(self) -> float:
         best = self.ndp.next_deadline()
         for t in (self.reassembler6.next_deadline(), self._dhcp6_sweep):
             if t is not None and t < best:
@@ -739,6 +754,7 @@ class Ipv6Layer:
         return best
 
     def _ipv6_handle_timer(self, now: float) -> None:
+        self._v6_deadline = None
         for first in self.reassembler6.expire(now):
             # RFC 8200 4.5: time exceeded (reassembly) about the first fragment, to its source
             if len(first) >= ipv6.HEADER_LEN and self._on_link6(first[8:24]):

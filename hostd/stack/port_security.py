@@ -1,4 +1,4 @@
-"""Port security: which IPv4 addresses a switch port may use as a source (sans-IO).
+"""Port security: which addresses a switch port may use as a source (sans-IO).
 
 Theory of operation. One guest must not be able to take another's traffic by claiming its
 address. The binding table maps each guest address to the MAC and port that own it:
@@ -26,11 +26,15 @@ neighbour entry of its MAC.
 Refusals are counted in `stats` by reason and logged at most once per `log_interval` per
 reason, with how many were dropped since. With `enabled` False (setups that bridge other
 hosts through a port) everything is allowed and nothing is bound.
+IPv6 (network6.py) uses the binding table for DHCPv6 leases (`bind`, `unbind`, `owner`)
+and leaves SLAAC addresses to the neighbour cache's rule (an address in use by another live
+port's MAC stays there), so a guest's many SLAAC addresses do not use up its IPv4 limit.
 It does no I/O and reads no clock: `now` comes in where a log line may be due.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from collections import Counter
 
 from netferry.hostd.corelog import core_logger
@@ -178,7 +182,7 @@ class PortSecurity:
                     fields["owner_port"] = owner_port
             else:
                 owner = self._owner.get(ip)
-                fields["address"] = ".".join(map(str, ip))
+                fields["address"] = str(ipaddress.ip_address(ip)) if ip else ""
                 if owner is not None:
                     fields["owner_mac"] = mac_to_str(owner[0])
                     fields["owner_port"] = owner[1]

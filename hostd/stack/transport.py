@@ -144,7 +144,8 @@ _PORTS = struct.Struct("!HH")
 
 def udp_flow_key(guest_ip: bytes, guest_port: int, dst_ip: bytes, dst_port: int) -> bytes:
     """A flow's key in `Transport.udp_flows`: the bytes of its datagrams' source and
-    destination addresses and ports, as they sit in an IPv4 header followed by UDP."""
+    destination addresses and ports, as they sit in an IPv4 header followed by UDP (so the
+    IPv4 receive path slices it out of the frame); the same construction for IPv6."""
     return guest_ip + dst_ip + _PORTS.pack(guest_port, dst_port)
 
 

@@ -338,3 +338,116 @@ def test_udp_to_host_loopback6_echoed_fragmented_too(guest6):
         stop.set()
         t.join(5)
         srv.close()
+
+
+# ---- acceptance 8: malformed and spoofing frames from a guest -----------------------------
+
+HOSTILE_FRAMES = r"""
+import sys
+from scapy.all import Ether, IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, UDP, sendp
+from scapy.layers.inet6 import ICMPv6EchoRequest, ICMPv6ND_NA, ICMPv6ND_RA, ICMPv6NDOptDstLLAddr
+from scapy.layers.inet6 import ICMPv6NDOptPrefixInfo, ICMPv6NDOptSrcLLAddr
+mac, src, gw_mac, gw6, host6 = sys.argv[1:6]
+eth = Ether(src=mac, dst=gw_mac)
+frames = []
+# a destination-options header whose length runs past the packet
+frames.append(eth / IPv6(src=src, dst=gw6, nh=60, plen=4) / b"\x3a\x05\0\0")
+# more extension headers than anyone sends
+chain = IPv6(src=src, dst=gw6)
+for _ in range(10):
+    chain = chain / IPv6ExtHdrDestOpt()
+frames.append(eth / chain / ICMPv6EchoRequest())
+# a payload length beyond the frame
+frames.append(eth / IPv6(src=src, dst=gw6, plen=1400) / ICMPv6EchoRequest())
+# a tiny first fragment: the UDP header is not in it (RFC 7112)
+frames.append(eth / IPv6(src=src, dst=host6) / IPv6ExtHdrFragment(nh=6, m=1, id=78) / (b"\0" * 8))
+# overlapping fragments
+udp = bytes(UDP(sport=1234, dport=9) / (b"O" * 64))
+frames.append(eth / IPv6(src=src, dst=host6) / IPv6ExtHdrFragment(nh=17, offset=0, m=1, id=79) / udp[:48])
+frames.append(eth / IPv6(src=src, dst=host6) / IPv6ExtHdrFragment(nh=17, offset=4, m=0, id=79) / udp[32:])
+# a router advertisement from the guest, and an advertisement claiming the gateway's address
+mc = Ether(src=mac, dst="33:33:00:00:00:01")
+ra = IPv6(src=sys.argv[6], dst="ff02::1", hlim=255) / ICMPv6ND_RA(routerlifetime=1800)
+ra = ra / ICMPv6NDOptSrcLLAddr(lladdr=mac) / ICMPv6NDOptPrefixInfo(prefix="2001:db8:bad::", prefixlen=64)
+frames.append(mc / ra)
+na = IPv6(src=sys.argv[6], dst="ff02::1", hlim=255) / ICMPv6ND_NA(tgt=gw6, R=1, S=0, O=1)
+frames.append(mc / na / ICMPv6NDOptDstLLAddr(lladdr=mac))
+sendp(frames, iface="eth0", verbose=False)
+print(len(frames))
+"""
+
+
+def test_malformed_and_spoofing_frames_counted_and_dropped(hostd, guest, short_tmp):
+    h = hostd()
+    g1 = guest(h)
+    g2 = guest(h, mac="5a:94:ef:e4:0c:ef")
+    for g in (g1, g2):
+        wait_slaac(g)
+        no_tentative(g)
+    ll1 = g1.ns.run("ip", "-6", "-o", "addr", "show", "dev", "eth0", "scope", "link").stdout
+    ll1 = ll1.split()[3].split("/")[0]
+    before = h.stats()["network"]
+    r = g1.ns.python(
+        HOSTILE_FRAMES,
+        GUEST_MAC,
+        global_addrs(g1)[0].split("/")[0],
+        GATEWAY_MAC,
+        GATEWAY6,
+        HOST6,
+        ll1,
+    )
+    assert r.stdout.strip() == "8"
+
+    def counted() -> dict | None:
+        stats = h.stats()
+        net = stats["network"]
+        want = {
+            "ipv6_truncated_extension": 1,
+            "ipv6_too_many_extensions": 1,
+            "ipv6_bad_payload_length": 1,
+            "ipv6_incomplete_chain": 1,
+            "ndp_ra_from_guest_dropped": 1,
+            "ndp_spoof_dropped": 1,
+        }
+        if all(net.get(k, 0) - before.get(k, 0) >= v for k, v in want.items()) and (
+            stats["reassembly6"].get("overlap_dropped", 0) >= 1
+        ):
+            return stats
+        return None
+
+    deadline = time.monotonic() + 10
+    while not counted():
+        if time.monotonic() > deadline:
+            stats = h.stats()
+            diff = {
+                k: v - before.get(k, 0) for k, v in stats["network"].items() if v != before.get(k)
+            }
+            pytest.fail(f"hostd did not count every hostile frame: {diff} {stats['reassembly6']}")
+        time.sleep(0.2)
+    # The other guest took neither the rogue prefix nor the claim to be the gateway.
+    out = g2.ns.run("ip", "-6", "addr", "show", "dev", "eth0").stdout
+    assert "2001:db8:bad" not in out, out
+    route = g2.ns.run("ip", "-6", "route", "show", "default").stdout
+    assert route.count("default") == 1 and GATEWAY_LL in route, route
+    # And both guests keep working.
+    for g in (g1, g2):
+        r = g.ns.run("ping", "-6", "-c", "2", "-i", "0.2", "-W", "2", GATEWAY6, check=False)
+        assert r.returncode == 0 and "2 received" in r.stdout, r.stdout + r.stderr
+    neigh = g2.ns.run("ip", "-6", "neigh", "show", GATEWAY6).stdout
+    assert GUEST_MAC not in neigh, neigh
+    assert h.proc.poll() is None
+
+
+# ---- acceptance 7 (basic): two guests on one switch reach each other over IPv6 -------------
+
+
+def test_two_guests_reach_each_other(hostd, guest):
+    h = hostd()
+    g1 = guest(h)
+    g2 = guest(h, mac="5a:94:ef:e4:0c:ef")
+    for g in (g1, g2):
+        wait_slaac(g)
+        no_tentative(g)
+    a2 = global_addrs(g2)[0].split("/")[0]
+    r = g1.ns.run("ping", "-6", "-c", "3", "-i", "0.2", "-W", "2", a2, check=False)
+    assert r.returncode == 0 and "3 received" in r.stdout, r.stdout + r.stderr
