@@ -243,7 +243,9 @@ class GvproxyApi:
                 f"remote {host}: a guest may only expose its own address ({caller}); "
                 "hostd --guest-expose any allows more"
             )
-        await self.control.expose(protocol, local, f"{host}:{port}")
+        await self.control.expose(
+            protocol, local, f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        )
 
     async def _unexpose(self, body: bytes, caller: str | None) -> None:
         obj = _decode_object(body, "types.UnexposeRequest")

@@ -9,6 +9,7 @@ pair with addresses of a private prefix, and nothing is added to the machine's n
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -95,7 +96,11 @@ def test_v6_forward_16mib_exact_by_address_and_by_mac_and_the_client_address_is_
 ):
     host_ns, client_ns = netns(), netns()
     veth_between(host_ns, client_ns, f"{os.getpid() % 100000}")
-    h = hostd(name="hostd-ns", wrapper=("ip", "netns", "exec", host_ns.name))
+    http_api = short_tmp / "http.sock"
+    h = hostd(
+        "--http-api", f"unix://{http_api}", name="hostd-ns",
+        wrapper=("ip", "netns", "exec", host_ns.name),
+    )  # fmt: skip
     g = guest(h, mac=GUEST_MAC)
     guest6 = wait_v6(g)
 
@@ -131,8 +136,20 @@ def test_v6_forward_16mib_exact_by_address_and_by_mac_and_the_client_address_is_
             timeout=150,
         )  # fmt: skip
         assert big.stdout.split()[0] == digest
+        # The gvproxy-compatible HTTP API takes a v6 remote too (one control core).
+        by_http = free_tcp_port()
+        body = json.dumps({"local": f"[::1]:{by_http}", "remote": f"[{guest6}]:80"})
+        posted = subprocess.run(
+            ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "--unix-socket",
+             str(http_api), "-X", "POST", "-d", body, "http:/unix/services/forwarder/expose"],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert posted.stdout == "200", posted
+        assert curl(host_ns, f"http://[::1]:{by_http}/peer").stdout == HOST6
         with h.client() as api:
             counters = {f.local: f for f in api.forwards()}
+        assert counters[f"[::1]:{by_http}"].remote == f"[{guest6}]:80"
+        with h.client() as api:
             # A gRPC tunnel into the v6 guest comes from the gateway's v6 address.
             reply = b"".join(api.tunnel(f"[{guest6}]:80", [b"GET /peer HTTP/1.0\r\n\r\n"]))
         assert reply.startswith(b"HTTP/1.") and reply.endswith(GW6.encode()), reply
