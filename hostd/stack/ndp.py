@@ -404,6 +404,10 @@ class NeighborCache:
             self._macs.move_to_end(ip)
         return mac
 
+    def peek(self, ip: bytes) -> bytes | None:
+        """`lookup` without counting as a use (the source rules ask before they learn)."""
+        return self._macs.get(ip)
+
     def addresses_of(self, mac: bytes) -> list[bytes]:
         """A guest's IPv6 addresses by MAC (forwards resolve the guest this way)."""
         return [ip for ip, m in self._macs.items() if m == mac]

@@ -314,7 +314,7 @@ class Ipv6Layer:
             owner = self.port_security.owner(ip)
             if owner is not None and owner[1] != port:
                 return self.port_security.refuse(reason, ip)
-        old = self.ndp.cache._macs.get(ip)
+        old = self.ndp.cache.peek(ip)
         if old is None or old == mac:
             return True
         old_port = self.cam.lookup(old)

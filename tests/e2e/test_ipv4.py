@@ -227,7 +227,10 @@ frames = {
     "icmp_bad_checksum": bytes(eth() / ip / ICMP(chksum=0x1111) / b"ping"),
     "unknown_ethertype_dropped": bytes(eth(0x1234) / (b"garbage" * 10)),
     "malformed_arp": bytes(eth(0x0806) / b"\x00\x01\x08\x00\x06"),
-    "ipv6_dropped": bytes(Ether(dst=gw, src=me) / IPv6(dst="fe80::1") / UDP(dport=9)),
+    # (IPv6 is served now: a payload length past the frame's end is its malformed case)
+    "ipv6_bad_payload_length": bytes(
+        Ether(dst=gw, src=me) / IPv6(dst="fe80::1", plen=900) / UDP(dport=9)
+    ),
 }
 # Overlapping fragments: the second overlaps the first; the datagram must be dropped whole.
 f1 = IP(src="192.168.127.2", dst="192.168.127.254", id=777, flags="MF", frag=0, proto=17) / (b"A" * 64)
@@ -267,7 +270,7 @@ def test_malformed_frames_counted_and_dropped(hostd, guest):
         "icmp_bad_checksum",
         "unknown_ethertype_dropped",
         "malformed_arp",
-        "ipv6_dropped",
+        "ipv6_bad_payload_length",
     ):
         assert net.get(counter, 0) >= 3, (counter, net)
     assert stats["reassembly"]["overlap_dropped"] >= 1

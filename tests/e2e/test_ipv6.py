@@ -98,9 +98,11 @@ def guest6(hostd, guest, short_tmp):
     """hostd, a vm-switch guest with its IPv4 lease, its SLAAC address and the ::2 lease."""
     started = []
 
-    def start(*args: str, offload: bool = False, dhcp6: bool = True):
+    def start(*args: str, offload: bool = False, dhcp6: bool = True, mtu: int | None = None):
+        if mtu:
+            args = (*args, "--mtu", str(mtu))
         h = hostd(*args, offload=offload)
-        g = guest(h)
+        g = guest(h, mtu=mtu)
         # The kernel's link-local address needs DAD before it sends a router solicitation.
         wait_slaac(g)
         no_tentative(g)  # dhclient binds to the link-local address: DAD must be done
@@ -174,8 +176,25 @@ def test_ping6_gateway_and_host_loopback(guest6):
     assert r.returncode == 0 and "2 received" in r.stdout, r.stdout + r.stderr
 
 
+CONNECT = r"""
+import errno, socket, sys
+s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+s.settimeout(20)
+try:
+    s.connect((sys.argv[1], 80))
+    print("connected")
+except TimeoutError:
+    print("timeout")
+except OSError as e:
+    print(errno.errorcode[e.errno])
+"""
+
+
 def test_host_loopback6_refused(guest6):
     _h, g = guest6("--no-host-loopback", dhcp6=False)
+    # A TCP connect fails with an error (ICMPv6 administratively prohibited), not a timeout.
+    r = g.ns.python(CONNECT, HOST6)
+    assert r.stdout.strip() in ("EACCES", "EPERM", "ECONNREFUSED", "EHOSTUNREACH"), r.stdout
     r = g.ns.run("ping", "-6", "-c", "2", "-i", "0.2", "-W", "1", HOST6, check=False)
     assert r.returncode != 0 and "0 received" in r.stdout
     # Refused explicitly (ICMPv6 administratively prohibited), not a silent timeout.
@@ -240,9 +259,10 @@ print(got, h.hexdigest())
 """
 
 
+@pytest.mark.parametrize("mtu", [1500, 65520])
 @pytest.mark.parametrize("offload", [False, True], ids=["plain", "offload"])
-def test_tcp_to_host_loopback6_sha256_both_ways(guest6, offload):
-    _h, g = guest6(offload=offload, dhcp6=False)
+def test_tcp_to_host_loopback6_sha256_both_ways(guest6, offload, mtu):
+    _h, g = guest6(offload=offload, dhcp6=False, mtu=mtu)
     server = Sha256Server(4 << 20)
     try:
         r = g.ns.python(GUEST_CLIENT, HOST6, str(server.port), str(len(server.data)))

@@ -506,3 +506,138 @@ def test_na_for_another_ports_address_refused():
     assert net.ndp.cache.lookup(a6(GUEST6)) == ethernet.parse_mac(MAC1)
     # flooded to all nodes: not passed on to the victim's port either
     assert feed(net, Ether(src=MAC2, dst="33:33:00:00:00:01") / na.copy(), port=2) == {}
+
+
+def test_slirp4netns_plan_gateway_is_the_host():
+    from netferry.hostd.config import slirp4netns_plan6
+
+    net = make_net(**slirp4netns_plan6())
+    learn6(net, ip="fd00::100")
+    req = IPv6(src="fd00::100", dst="fd00::2") / ICMPv6EchoRequest(id=1, seq=1)
+    (reply,) = frames(feed(net, to_gw(req)))
+    assert reply[IPv6].src == "fd00::2" and ICMPv6EchoReply in reply
+    syn = IPv6(src="fd00::100", dst="fd00::2") / TCP(sport=40000, dport=8080, flags="S")
+    feed(net, to_gw(syn))
+    (dial,) = net.events
+    assert dial.target_ip == "::1"
+    net.events.clear()
+    from scapy.layers.dns import DNS, DNSQR
+
+    q = DNS(id=1, rd=1, qd=DNSQR(qname="example.test", qtype="AAAA"))
+    feed(net, to_gw(IPv6(src="fd00::100", dst="fd00::3") / UDP(sport=5353, dport=53) / q))
+    (ev,) = net.events
+    assert ev.server_ip == a6("fd00::3")
+
+
+@pytest.mark.parametrize(
+    ("type_", "code", "want"),
+    [
+        (icmp.DEST_UNREACHABLE, icmp.HOST_UNREACHABLE, (1, 3)),
+        (icmp.DEST_UNREACHABLE, icmp.NET_UNREACHABLE, (1, 0)),
+        (icmp.DEST_UNREACHABLE, icmp.ADMIN_PROHIBITED, (1, 1)),
+        (icmp.TIME_EXCEEDED, 0, (3, 0)),
+    ],
+)
+def test_icmpv4_codes_mapped_for_ipv6_guests(type_, code, want):
+    net = make_net()
+    learn6(net)
+    quote = bytes(IPv6(src=GUEST6, dst=REMOTE6) / UDP(sport=1, dport=2))
+    net.send_icmp_error(a6(REMOTE6), a6(GUEST6), type_, code, quote)
+    (err,) = frames(net.frames_to_send())
+    assert (err[IPv6].payload.type, err[IPv6].payload.code) == want
+    assert_checksum_ok(err)
+
+
+def test_tcp_syn_with_hop_limit_one_answered_time_exceeded_no_dial():
+    net = make_net()
+    learn6(net)
+    syn = IPv6(src=GUEST6, dst=REMOTE6, hlim=1) / TCP(sport=40000, dport=443, flags="S")
+    (err,) = frames(feed(net, to_gw(syn)))
+    assert err[ICMPv6TimeExceeded].code == 0 and not net.events
+
+
+def test_icmpv6_errors_rate_limited():
+    net = make_net()
+    learn6(net)
+    sent = 0
+    for i in range(200):
+        out = feed(net, to_gw(IPv6(src=GUEST6, dst=GW6) / UDP(sport=i + 1, dport=9)), now=5.0)
+        sent += len(out.get(1, []))
+    assert 0 < sent < 200 and net.stats["icmpv6_error_rate_limited"] == 200 - sent
+
+
+def _corpus6() -> list[bytes]:
+    base = IPv6(src=GUEST6, dst=GW6)
+    pkts = [
+        base / ICMPv6EchoRequest(data=b"abc"),
+        IPv6(src=GUEST_LL, dst="ff02::1:ff00:1", hlim=255) / ICMPv6ND_NS(tgt=GW6),
+        IPv6(src=GUEST_LL, dst="ff02::2", hlim=255) / ICMPv6ND_RS(),
+        IPv6(src=GUEST_LL, dst="ff02::1", hlim=255) / ICMPv6ND_NA(tgt=GUEST6),
+        base / UDP(sport=5, dport=53) / (b"\x00\x01\x01\x00\x00\x01" + bytes(6)),
+        IPv6(src=GUEST_LL, dst="ff02::1:2") / UDP(sport=546, dport=547) / DHCP6_Solicit(),
+        IPv6(src=GUEST6, dst=HOST6) / TCP(sport=1, dport=80, flags="S"),
+        IPv6(src=GUEST6, dst=REMOTE6) / UDP(sport=1, dport=2) / (b"u" * 40),
+        base / IPv6ExtHdrDestOpt() / ICMPv6EchoRequest(),
+    ]
+    out = [to_gw(p) for p in pkts]
+    big = (
+        IPv6(src=GUEST6, dst=HOST6)
+        / IPv6ExtHdrFragment(id=3)
+        / UDP(sport=1, dport=2)
+        / (b"f" * 3000)
+    )
+    out += [to_gw(f) for f in fragment6(big, 1280)]
+    return out
+
+
+def test_fuzz_ipv6_never_raises_and_keeps_working():
+    import random
+
+    rng = random.Random(20261130)
+    net = make_net(ports=2, reassembly_timeout=2.0)
+    corpus = _corpus6()
+    now = 1.0
+    for i in range(3000):
+        frame = bytearray(rng.choice(corpus))
+        if i % 3 == 0:
+            for _ in range(rng.randrange(1, 6)):
+                pos = rng.randrange(14, len(frame))
+                frame[pos] = rng.randrange(256)
+        elif i % 3 == 1:
+            frame = frame[: rng.randrange(14, len(frame) + 1)]
+        if rng.random() < 0.2:
+            frame[0:6] = bytes.fromhex("333300000001")
+        now += 0.01
+        net.receive_frame(rng.choice([1, 2]), bytes(frame), now)
+        if i % 50 == 0:
+            net.handle_timer(now)
+        net.frames_to_send(now)
+        net.events.clear()
+    stats = net.stats
+    assert stats["ipv6_in"] > 100 and net.reassembler6.stats["fragments"] > 0
+    assert stats["ipv6_truncated"] + stats["ipv6_bad_payload_length"] > 0
+    assert stats["icmpv6_bad_checksum"] + stats["ndp_bad_hop_limit"] + stats["udp_bad_checksum"] > 0
+    net.handle_timer(now + 100)
+    net.frames_to_send()
+    assert len(net.reassembler6) == 0
+    learn6(net, port=1)
+    (reply,) = frames(
+        feed(net, to_gw(IPv6(src=GUEST6, dst=GW6) / ICMPv6EchoRequest()), now=now + 100)
+    )
+    assert ICMPv6EchoReply in reply
+
+
+def test_port_forward_active_open_to_a_v6_guest():
+    net = make_net()
+    learn6(net)
+    conn = net.tcp_connect(a6(GUEST6), 80, a6(GW6), 40001, 1.0)
+    assert conn is not None
+    (syn,) = frames(net.frames_to_send(1.0))
+    assert syn[IPv6].src == GW6 and syn[IPv6].dst == GUEST6 and syn[TCP].flags == "S"
+    assert dict(syn[TCP].options)["MSS"] == 1440
+    assert_checksum_ok(syn)
+    synack = IPv6(src=GUEST6, dst=GW6) / TCP(
+        sport=80, dport=40001, flags="SA", seq=500, ack=syn[TCP].seq + 1, window=65535
+    )
+    (ack,) = frames(feed(net, to_gw(synack), now=1.1))
+    assert ack[TCP].flags == "A" and ack[TCP].ack == 501
