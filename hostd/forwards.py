@@ -1,9 +1,13 @@
 """Port forwards: host listeners whose connections and datagrams go into the guest network.
 
 - TCP: each accepted client becomes an active open through the stack (`Network.tcp_connect`)
-  to the guest address, spliced by the same `HostSide` the outbound NAT uses. The
-  guest sees the client's own address when it is a non-loopback IPv4 address (slirp4netns
-  and pasta keep it; gvproxy and Rancher Desktop hide it), else .254, the host.
+  to the guest address, spliced by the same `HostSide` the outbound NAT uses. The remote is
+  an IPv4 or an IPv6 guest address, or `[MAC]:PORT`: the IPv6 address of the guest with that
+  MAC (`Network.guest_ip6_for_mac`: its DHCPv6 lease, else what NDP learned), looked up per
+  client. Listener and guest families are independent (`[::1]:8080` → a v4 guest works).
+  The guest sees the client's own address when it is a non-loopback address of the guest's
+  family, outside the virtual subnet (slirp4netns and pasta keep it; gvproxy and Rancher
+  Desktop hide it), else the host: .254, or the v6 host-loopback address `::254`.
 - UNIX: a host socket path forwarded to a guest TCP port, from .254. The path is created
   only where nothing exists; it is removed on unexpose only if it is still the socket we made
   (an API must not become a way to delete files: gvproxy's could).
@@ -35,7 +39,14 @@ from typing import TYPE_CHECKING, Protocol
 
 import structlog
 
-from netferry.address import AddressError, HostPort, parse_host_port, parse_remote, parse_unix_path
+from netferry.address import (
+    AddressError,
+    HostPort,
+    is_mac_host,
+    parse_host_port,
+    parse_remote,
+    parse_unix_path,
+)
 from netferry.hostd.errors import ControlError
 from netferry.hostd.nat.budget import BudgetExceeded
 from netferry.hostd.nat.flows import FlowTable
@@ -122,7 +133,8 @@ class ForwardSide(HostSide):
 
     def start(self, sock: socket.socket, peer: object) -> None:
         conn = self.forwards.open_to_guest(self.fwd.remote, peer=peer)
-        if conn is None:
+        if conn is None:  # no free 4-tuple, or no guest has the remote's MAC (yet)
+            self.fwd.counters["refused"] += 1
             sock.close()
             return
         self.conn = conn
@@ -248,7 +260,6 @@ class UdpForwarder(asyncio.DatagramProtocol):
             idle_timeout=config.udp_idle_timeout,
             close=self._session_closed,
         )
-        self.guest_ip = ipaddress.IPv4Address(fwd.remote.host).packed
         self.sessions.start_sweeping(self.loop)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -259,9 +270,15 @@ class UdpForwarder(asyncio.DatagramProtocol):
         session = self.sessions.get(addr)
         now = self.loop.time()
         if session is None:
+            guest_ip = self.forwards.guest_address(self.fwd.remote)
+            if guest_ip is None:  # no guest has the remote's MAC (yet): dropped
+                self.fwd.counters["refused"] += 1
+                return
             self.sessions.make_room()
-            src_ip, src_port = self.forwards.source_for(addr, self.fwd.remote, "udp")
-            key = (self.guest_ip, self.fwd.remote.port, src_ip, src_port)
+            src_ip, src_port = self.forwards.source_for(
+                addr, self.fwd.remote, "udp", guest=guest_ip
+            )
+            key = (guest_ip, self.fwd.remote.port, src_ip, src_port)
             session = UdpSession(self, addr, key, now)
             self.sessions.add(addr, session)
             network.udp_sessions[key] = session
@@ -270,8 +287,8 @@ class UdpForwarder(asyncio.DatagramProtocol):
         else:
             self.sessions.touch(addr, session, now)
         self.fwd.counters["bytes_to_guest"] += len(data)
-        _, gport, src_ip, src_port = session.key
-        network.send_udp(src_ip, src_port, self.guest_ip, gport, data)
+        guest_ip, gport, src_ip, src_port = session.key
+        network.send_udp(src_ip, src_port, guest_ip, gport, data)
         self.forwards.switch.flush()
 
     def error_received(self, exc: Exception) -> None:
@@ -295,55 +312,106 @@ class Forwards:
     def list(self) -> list[Forward]:
         return [self.table[k] for k in sorted(self.table)]
 
+    def guest_address(self, remote: HostPort) -> bytes | None:
+        """The packed guest address of `remote` (4 or 16 bytes); for `[MAC]:PORT` the IPv6
+        address of the guest with that MAC now, None when none is known."""
+        if is_mac_host(remote.host):
+            network = self.switch.network
+            if not getattr(network, "ipv6_enabled", False):
+                return None
+            return network.guest_ip6_for_mac(bytes.fromhex(remote.host.replace(":", "")))
+        return ipaddress.ip_address(remote.host).packed
+
     def open_to_guest(
         self, remote: HostPort, *, peer: object = None, via: bytes | None = None
     ) -> tcp.TcpConnection | None:
         """The one active open into the guest network (TCP forwards, HTTP and gRPC tunnels):
-        picks the source (`source_for`) and sends the SYN; None when no 4-tuple is free."""
-        src_ip, src_port = self.source_for(peer, remote, "tcp", via=via)
+        picks the source (`source_for`) and sends the SYN; None when no 4-tuple is free or
+        no guest has the remote's MAC."""
+        guest = self.guest_address(remote)
+        if guest is None:
+            return None
+        src_ip, src_port = self.source_for(peer, remote, "tcp", via=via, guest=guest)
         return self.switch.network.tcp_connect(
-            ipaddress.IPv4Address(remote.host).packed,
-            remote.port,
-            src_ip,
-            src_port,
-            self.switch.loop.time(),
+            guest, remote.port, src_ip, src_port, self.switch.loop.time()
         )
 
     def source_for(
-        self, peer: object, remote: HostPort, proto: str, via: bytes | None = None
+        self,
+        peer: object,
+        remote: HostPort,
+        proto: str,
+        via: bytes | None = None,
+        guest: bytes | None = None,
     ) -> tuple[bytes, int]:
-        """The source address the guest sees for a client at `peer`: the client's own IPv4
-        address and port when it is not loopback (nor inside the virtual subnet), else `via`
-        (default: the host address .254) with a port free for this guest endpoint."""
+        """The source address the guest sees for a client at `peer`: the client's own
+        address and port when it is of the guest's family and neither loopback, link-local
+        nor inside the virtual subnet, else `via` (default: the host address, .254 or the v6
+        host-loopback address) with a port free for this guest endpoint."""
         network = self.switch.network
-        fallback: bytes = via or network.host_ip
+        if guest is None:
+            guest = self.guest_address(remote)
+        v6 = guest is not None and len(guest) == 16
+        if v6:
+            subnet = self.switch.config.subnet6
+            host: bytes = network.host_ip6
+        else:
+            subnet = network.subnet
+            host = network.host_ip
+        fallback: bytes = via if via is not None and len(via) == len(host) else host
+        if via is not None and len(via) != len(host):
+            # A tunnel from the gateway (control.py passes the v4 one) to a v6 guest.
+            fallback = network.gateway_ip6 if v6 else network.gateway_ip
         ip = fallback
         port = 0
         if isinstance(peer, tuple) and len(peer) >= 2:
             try:
-                addr = ipaddress.ip_address(peer[0])
-            except ValueError:
+                addr = ipaddress.ip_address(peer[0].split("%", 1)[0])
+            except (ValueError, AttributeError):
                 addr = None
             if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
                 addr = addr.ipv4_mapped
-            if isinstance(addr, ipaddress.IPv4Address):
+            if addr is not None:
                 port = int(peer[1])
-                if not addr.is_loopback and not addr.is_unspecified and addr not in network.subnet:
+                if (
+                    addr.version == (6 if v6 else 4)
+                    and not addr.is_loopback
+                    and not addr.is_unspecified
+                    and not addr.is_link_local
+                    and not addr.is_multicast
+                    and addr not in subnet
+                ):
                     ip = addr.packed
-        guest = ipaddress.IPv4Address(remote.host).packed
         table = network.tcp_conns if proto == "tcp" else network.udp_sessions
         while not port or (guest, remote.port, ip, port) in table:
             if ip != fallback:
-                ip = fallback  # the client's own 4-tuple is taken: fall back to .254
+                ip = fallback  # the client's own 4-tuple is taken: fall back to the host
                 continue
             port = random.randint(32768, 60999)
         return ip, port
 
     def check_guest_address(self, remote: HostPort, field: str = "remote") -> None:
-        """ControlError unless `remote` may be a guest: in the subnet, not the gateway,
-        a virtual address, the network or the broadcast address."""
+        """ControlError unless `remote` may be a guest: in the subnet (or the v6 prefix),
+        not the gateway, a virtual address, the network or the broadcast address; a MAC
+        remote needs IPv6 on."""
         net = self.switch.network
-        ip = ipaddress.IPv4Address(remote.host)
+        v6_on = bool(getattr(net, "ipv6_enabled", False))
+        if is_mac_host(remote.host):
+            if not v6_on:
+                raise ControlError(
+                    "invalid_argument", f"{field}: a guest named by MAC needs IPv6 (it is off)"
+                )
+            return
+        ip = ipaddress.ip_address(remote.host)
+        if ip.version == 6:
+            if not v6_on:
+                raise ControlError("invalid_argument", f"{field}: {ip}: IPv6 is off")
+            config = self.switch.config
+            if ip not in config.subnet6:
+                raise ControlError("invalid_argument", f"{field}: {ip} is not in {config.subnet6}")
+            if ip in config.virtual_addresses6 or ip == config.subnet6.network_address:
+                raise ControlError("invalid_argument", f"{field}: {ip} is not a guest address")
+            return
         if ip not in net.subnet:
             raise ControlError("invalid_argument", f"{field}: {ip} is not in {net.subnet}")
         if ip.packed in net.virtual_ips or ip in (

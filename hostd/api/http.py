@@ -243,7 +243,9 @@ class GvproxyApi:
                 f"remote {host}: a guest may only expose its own address ({caller}); "
                 "hostd --guest-expose any allows more"
             )
-        await self.control.expose(protocol, local, f"{host}:{port}")
+        await self.control.expose(
+            protocol, local, f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        )
 
     async def _unexpose(self, body: bytes, caller: str | None) -> None:
         obj = _decode_object(body, "types.UnexposeRequest")
@@ -745,7 +747,7 @@ class GatewayHttpSession:
     ) -> None:
         self.conn = conn
         self.touch = touch
-        caller = str(ipaddress.IPv4Address(conn.key[0]))
+        caller = str(ipaddress.ip_address(conn.key[0]))  # a v4 or a v6 guest
         self.exchange = HttpExchange(api, caller, connect=False)
         self.busy = False
         self.task: asyncio.Task[None] | None = None

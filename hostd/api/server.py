@@ -15,7 +15,6 @@ the token.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import os
 import shutil
 import stat
@@ -39,6 +38,7 @@ from netferry.hostd.capture import SNAPLEN, CaptureBuffer, CaptureFilter, pcap_h
 from netferry.hostd.control import LIST_CHUNK, Control, DnsRecordSpec, StatsSnapshot
 from netferry.hostd.errors import ControlError, shorten
 from netferry.hostd.forwards import Forward
+from netferry.hostd.nat.tcp import endpoint_text
 from netferry.hostd.policy import Rule
 from netferry.hostd.services.dns import DnsRecord
 from netferry.hostd.stack import tcp
@@ -346,7 +346,7 @@ class HostSwitchService(pb_grpc.HostSwitchServicer):
                     reader = asyncio.ensure_future(pump_requests())
                     yield pb.TunnelResponse(
                         connected=pb.TunnelConnected(
-                            local_address=f"{ipaddress.IPv4Address(src_ip)}:{src_port}"
+                            local_address=endpoint_text(src_ip, src_port)  # v4 or [v6]
                         )
                     )
                 elif isinstance(event, tcp.DataReceived):

@@ -1,13 +1,15 @@
 """TCP NAT: each guest connection is spliced to a real host socket.
 
 A guest SYN arrives as a `TcpDial` event. The host connection is dialled first, right there
-in the flush: a non-blocking connect() that to loopback usually completes inside the call,
-so the SYN-ACK leaves in the same batch. Otherwise the socket waits for writability with
+in the flush: a non-blocking connect() of the target's family (IPv4 or IPv6; a connection's
+addresses are 4 or 16 bytes) that to loopback usually completes inside the call, so the
+SYN-ACK leaves in the same batch. Otherwise the socket waits for writability with
 `connect_timeout`: success completes the guest's handshake (`Network.tcp_accept`),
-ECONNREFUSED answers the SYN with RST, a timeout or an unreachable network answers with ICMP
-host/net unreachable so the guest's connect() fails at once. Dials never wait on each other
-(gvisor-tap-vsock #676: ten black-holed dials blocked all outbound TCP); their number is
-bounded in the transport layer (`hostd/stack/transport.py`) by evicting the oldest.
+ECONNREFUSED answers the SYN with RST, a timeout or an unreachable network (a host without an
+IPv6 route: ENETUNREACH, EHOSTUNREACH, EADDRNOTAVAIL at once) answers with ICMP host/net
+unreachable (ICMPv6 for a v6 guest) so the guest's connect() fails at once. Dials never
+wait on each other (gvisor-tap-vsock #676: ten black-holed dials blocked all outbound TCP);
+their number is bounded in the transport layer (`hostd/stack/transport.py`) by evicting the oldest.
 
 Data moves through `HostSide`, which drives the raw socket with loop readers and writers
 (no asyncio transport or task per connection: a transport costs more than the dial itself):
@@ -38,6 +40,7 @@ from collections.abc import Callable
 
 import structlog
 
+from netferry.hostd.nat import host_errors
 from netferry.hostd.nat.budget import BudgetExceeded, DescriptorBudget
 from netferry.hostd.stack import icmp, tcp
 from netferry.hostd.stack.network import Network, TcpConnEvent, TcpDial
@@ -49,6 +52,13 @@ HOST_SOCKET_BUFFER = 4 << 20
 RECV_MAX = 256 << 10  # per read: large enough for throughput, below malloc's mmap threshold
 READ_MAX = 1 << 20  # guest bytes taken from the connection per socket send
 _RESET_ERRNOS = (errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED, errno.ETIMEDOUT)
+UNREACHABLE_CODES = (icmp.NET_UNREACHABLE, icmp.HOST_UNREACHABLE, icmp.ADMIN_PROHIBITED)
+
+
+def endpoint_text(ip: bytes, port: int) -> str:
+    """ "192.168.127.2:80" or "[fd00::2]:80" for a 4- or 16-byte address."""
+    addr = ipaddress.ip_address(ip)
+    return f"[{addr}]:{port}" if addr.version == 6 else f"{addr}:{port}"
 
 
 def host_socket(budget: DescriptorBudget, family: int, guest: bytes) -> socket.socket:
@@ -425,9 +435,15 @@ class TcpNat:
             self._report(ev, "timeout")
             self.network.tcp_refuse(ev.conn, now, unreachable=icmp.HOST_UNREACHABLE)
         else:
+            # No route (ENETUNREACH, EHOSTUNREACH; EADDRNOTAVAIL: no source address of the
+            # family), a firewall's reject, ...: ICMP unreachable, so the guest's connect()
+            # fails at once (happy eyeballs moves on to the other family without waiting).
             self.stats["unreachable"] += 1
             self._report(ev, "unreachable")
-            code = icmp.NET_UNREACHABLE if e.errno == errno.ENETUNREACH else icmp.HOST_UNREACHABLE
+            mapped = host_errors.ERRNO_TO_ICMP.get(e.errno or 0)
+            code = mapped[1] if mapped is not None else icmp.HOST_UNREACHABLE
+            if code not in UNREACHABLE_CODES:
+                code = icmp.HOST_UNREACHABLE
             self.network.tcp_refuse(ev.conn, now, unreachable=code)
 
     def _connected(self, ev: TcpDial, sock: socket.socket) -> None:
@@ -447,8 +463,8 @@ class TcpNat:
             guest_ip, guest_port, dst_ip, dst_port = ev.conn.key
             self.on_error(
                 protocol="tcp",
-                source=f"{ipaddress.IPv4Address(guest_ip)}:{guest_port}",
-                destination=f"{ipaddress.IPv4Address(dst_ip)}:{dst_port}",
+                source=endpoint_text(guest_ip, guest_port),
+                destination=endpoint_text(dst_ip, dst_port),
                 reason=reason,
             )
 

@@ -1,19 +1,23 @@
 """UDP NAT: each guest flow gets its own connected host socket.
 
 A flow is (guest ip, guest port, destination ip, destination port). Its host socket is
-connected to the real target, so the kernel only accepts replies from that target
-(endpoint-dependent filtering, as gvproxy and slirp4netns do) and reports ICMP errors for
-it: an ECONNREFUSED on the socket becomes an ICMP port unreachable to the guest, so a guest
-`send` to a closed port fails with ECONNREFUSED as it would on a real network.
+connected to the real target, of the target's family (IPv4 or IPv6: a flow's addresses are
+4 or 16 bytes, as the guest's packet had them), so the kernel only accepts replies from that
+target (endpoint-dependent filtering, as gvproxy and slirp4netns do) and reports ICMP errors
+for it. Those are read with their details from the socket's error queue and told to the
+guest as the same ICMP/ICMPv6 error (`hostd/nat/host_errors.py`): port unreachable, so a
+guest `send` to a closed port fails with ECONNREFUSED as it would on a real network; host and
+net unreachable, packet too big (with its MTU), hop limit exceeded. A host without a route
+to the target (connect() or send() failing with ENETUNREACH, EHOSTUNREACH, EADDRNOTAVAIL)
+is told at once as ICMP unreachable, never a silent drop.
 
 Bounded by the NAT's flow table (`hostd/nat/flows.py`): flows idle longer than
 `idle_timeout` are reaped by a periodic sweep, and at `max_flows` the least recently used
 flow is evicted before a new one is opened. Each flow's socket is drawn from the descriptor
 budget (`hostd/nat/budget.py`): over it the new flow's datagram is answered with ICMP
 administratively prohibited (a hard error: the guest's socket fails with EHOSTUNREACH at
-once), when socket() itself
-fails with ICMP host unreachable; both are counted, and the failure never leaves
-`send` (it runs inside the switch's flush, on a link's receive path).
+once), when socket() itself fails with ICMP host unreachable; both are counted, and the
+failure never leaves `send` (it runs inside the switch's flush, on a link's receive path).
 Reads drain each socket until it would block; replies go back through `Network.send_udp`.
 """
 
@@ -28,6 +32,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from netferry.hostd.nat import host_errors
 from netferry.hostd.nat.budget import BudgetExceeded, DescriptorBudget
 from netferry.hostd.nat.flows import FlowTable
 from netferry.hostd.stack import icmp
@@ -84,6 +89,7 @@ class UdpNat:
             "datagrams_in": 0,
             "send_errors": 0,
             "refused": 0,
+            "icmp_errors": 0,  # errors of host sockets told to the guest (refused included)
             "budget_refused": 0,
             "socket_errors": 0,
         }
@@ -158,15 +164,11 @@ class UdpNat:
     def _send_failed(self, flow: UdpFlow, e: OSError) -> None:
         if isinstance(e, BlockingIOError | InterruptedError):
             self._stats["send_errors"] += 1  # full socket buffer: a lost datagram, as on a wire
-        elif isinstance(e, ConnectionRefusedError):
-            self._refused(flow)  # an earlier datagram met a closed port: tell the guest
-        else:
+            return
+        if not isinstance(e, ConnectionRefusedError):
             self._stats["send_errors"] += 1
-            if e.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH):
-                guest_ip, _, dst_ip, _ = flow.key
-                self.network.send_icmp_error(
-                    dst_ip, guest_ip, icmp.DEST_UNREACHABLE, icmp.HOST_UNREACHABLE, flow.quote
-                )
+        # An earlier datagram's ICMP error (its details are queued), or no route at all.
+        self._host_errors(flow, e.errno)
 
     def _open(self, key: FlowKey, target_ip: str, port: int, now: float) -> UdpFlow | int:
         """A connected socket for a new flow, or the ICMP unreachable code to answer with
@@ -184,11 +186,16 @@ class UdpNat:
             self.budget.socket_failed(e, "udp flow")
             return icmp.HOST_UNREACHABLE
         try:
+            host_errors.enable_recverr(sock)
             sock.connect((target_ip, port))
         except OSError as e:
+            # No route (a host without IPv6, say): the guest hears at once, as from a router.
             sock.close()
             self._stats["send_errors"] += 1
             log.debug("nat.udp.connect_failed", target=target_ip, port=port, error=str(e))
+            mapped = host_errors.ERRNO_TO_ICMP.get(e.errno or 0)
+            if mapped is not None and mapped[0] == icmp.DEST_UNREACHABLE:
+                return mapped[1]
             return icmp.HOST_UNREACHABLE
         flow = UdpFlow(key, sock, now, b"", udp_flow_key(*key))
         self.flows.add(key, flow)
@@ -204,12 +211,11 @@ class UdpNat:
             try:
                 data = flow.sock.recv(RECV_SIZE)
             except (BlockingIOError, InterruptedError):
+                if not got:  # woken by a queued error (EPOLLERR) with nothing to read
+                    self._host_errors(flow, None)
                 break
-            except ConnectionRefusedError:
-                self._refused(flow)
-                break
-            except OSError:
-                self._stats["send_errors"] += 1
+            except OSError as e:  # a queued ICMP error's errno: its details are queued
+                self._host_errors(flow, e.errno)
                 break
             send_udp(dst_ip, dst_port, guest_ip, guest_port, data)
             got += 1
@@ -219,14 +225,20 @@ class UdpNat:
             self._stats["datagrams_in"] += got
         self.flush()
 
-    def _refused(self, flow: UdpFlow) -> None:
-        """The target sent ICMP port unreachable: tell the guest the same way."""
-        self._stats["refused"] += 1
+    def _host_errors(self, flow: UdpFlow, err: int | None) -> None:
+        """Tell the guest what the flow's socket heard (its error queue), or, when nothing
+        is queued, what `err` (a failed send or recv) means; counted."""
         guest_ip, _, dst_ip, _ = flow.key
-        if flow.quote:
-            self.network.send_icmp_error(
-                dst_ip, guest_ip, icmp.DEST_UNREACHABLE, icmp.PORT_UNREACHABLE, flow.quote
-            )
+        told = 0
+        for error in host_errors.drain(flow.sock):
+            if host_errors.relay(self.network, dst_ip, guest_ip, flow.quote, error):
+                told += 1
+                self._stats["refused"] += error.errno == errno.ECONNREFUSED
+        if not told and err is not None:
+            if host_errors.relay_errno(self.network, dst_ip, guest_ip, flow.quote, err):
+                told = 1
+                self._stats["refused"] += err == errno.ECONNREFUSED
+        self._stats["icmp_errors"] += told
 
     def _close(self, flow: UdpFlow) -> None:
         self.network.udp_flows.pop(flow.frame_key, None)

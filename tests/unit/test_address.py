@@ -10,6 +10,7 @@ import pytest
 from netferry.address import (
     AddressError,
     HostPort,
+    is_mac_host,
     parse_host_port,
     parse_remote,
     parse_unix_path,
@@ -59,10 +60,18 @@ def test_a_host_may_be_required() -> None:
         parse_host_port(":80", "remote", allow_any_host=False)
 
 
-def test_parse_remote_wants_an_ipv4_guest() -> None:
+def test_parse_remote_takes_a_v4_or_v6_guest_or_a_mac() -> None:
     assert parse_remote("192.168.127.2:80") == HostPort("192.168.127.2", 80)
-    with pytest.raises(AddressError, match="remote: ::1 is not an IPv4 address"):
-        parse_remote("[::1]:80")
+    assert parse_remote("[fd00:192:168:127:0::2]:80") == HostPort("fd00:192:168:127::2", 80)
+    assert str(parse_remote("[fd00:192:168:127::2]:80")) == "[fd00:192:168:127::2]:80"
+    mac = parse_remote("[5A-94-EF-E4-0C-EE]:8080")
+    assert mac == HostPort("5a:94:ef:e4:0c:ee", 8080) and is_mac_host(mac.host)
+    assert str(mac) == "[5a:94:ef:e4:0c:ee]:8080"
+    assert not is_mac_host("fd00::2") and not is_mac_host("192.168.127.2")
+    with pytest.raises(AddressError, match="out of range"):
+        parse_remote("[5a:94:ef:e4:0c:ee]:0")
+    with pytest.raises(AddressError, match="is not an IP address"):
+        parse_remote("[5a:94:ef:e4:0c]:80")
     with pytest.raises(AddressError, match="has no host address"):
         parse_remote(":80")
     with pytest.raises(AddressError, match=r"^target: "):

@@ -217,3 +217,86 @@ def test_accept_without_descriptors_pauses_the_listener_then_resumes(monkeypatch
     assert paused_calls == 1
     assert [e["event"] for e in logs] == ["forward.accept_paused"]
     assert counters["total"] == 1
+
+
+# ---- IPv6 remotes ---------------------------------------------------------------------
+
+GUEST6 = "fd00:192:168:127::2"
+
+
+def v6_network(sw: HostSwitch) -> None:
+    """The network's v6 addresses (the IPv6 layer sets them; set here where it has not)."""
+    net, config = sw.network, sw.config
+    for name, value in (
+        ("ipv6_enabled", True),
+        ("gateway_ip6", config.gateway6.packed),
+        ("host_ip6", config.host6.packed),
+        ("dns_ip6", config.dns6.packed),
+    ):
+        if getattr(net, name, None) is None:
+            setattr(net, name, value)
+
+
+def test_v6_remotes_are_checked_against_the_prefix() -> None:
+    async def test(sw: HostSwitch) -> None:
+        v6_network(sw)
+        check = sw.forwards.check_guest_address
+        check(HostPort(GUEST6, 80))
+        check(HostPort("5a:94:ef:e4:0c:ee", 80))  # a guest by MAC
+        for bad, why in (
+            ("fd00:192:168:127::1", "not a guest address"),  # the gateway
+            ("fd00:192:168:127::254", "not a guest address"),  # the host loopback
+            ("fd00:192:168:127::", "not a guest address"),  # subnet-router anycast
+            ("fd00:1::2", "is not in fd00:192:168:127::/64"),
+            ("::1", "is not in"),
+        ):
+            with pytest.raises(ControlError, match=why):
+                check(HostPort(bad, 80))
+        sw.network.ipv6_enabled = False
+        with pytest.raises(ControlError, match="IPv6 is off"):
+            check(HostPort(GUEST6, 80))
+        with pytest.raises(ControlError, match="needs IPv6"):
+            check(HostPort("5a:94:ef:e4:0c:ee", 80))
+
+    run(test)
+
+
+def test_source_for_a_v6_guest_keeps_a_v6_client_and_hides_the_rest() -> None:
+    async def test(sw: HostSwitch) -> None:
+        v6_network(sw)
+        remote = HostPort(GUEST6, 80)
+        host6 = sw.config.host6.packed
+
+        def source(peer: object, via: bytes | None = None) -> tuple[bytes, int]:
+            return sw.forwards.source_for(peer, remote, "tcp", via=via)
+
+        client = ipaddress.IPv6Address("fd15:6:6::2")
+        assert source(("fd15:6:6::2", 5555, 0, 0)) == (client.packed, 5555)
+        for hidden in ("::1", "fe80::1%eth0", "fd00:192:168:127::3", "203.0.113.7"):
+            ip, _port = source((hidden, 5555, 0, 0) if ":" in hidden else (hidden, 5555))
+            assert ip == host6, hidden
+        ip, _ = source(None)
+        assert ip == host6  # a unix client
+        # A tunnel names the v4 gateway as its source: a v6 guest gets the v6 gateway.
+        ip, _ = source(None, via=sw.network.gateway_ip)
+        assert ip == sw.config.gateway6.packed
+        # A v4 guest is unchanged by it all: a v6 client is hidden behind .254.
+        ip, _ = sw.forwards.source_for(("fd15:6:6::2", 1), HostPort(GUEST, 80), "tcp")
+        assert ip == sw.network.host_ip
+
+    run(test)
+
+
+def test_a_mac_remote_is_looked_up_per_client(monkeypatch) -> None:
+    async def test(sw: HostSwitch) -> None:
+        v6_network(sw)
+        known: dict[bytes, bytes] = {}
+        monkeypatch.setattr(sw.network, "guest_ip6_for_mac", known.get, raising=False)
+        remote = HostPort("5a:94:ef:e4:0c:ee", 80)
+        assert sw.forwards.guest_address(remote) is None
+        assert sw.forwards.open_to_guest(remote) is None  # nobody has it: refused
+        known[bytes.fromhex("5a94efe40cee")] = ipaddress.IPv6Address(GUEST6).packed
+        assert sw.forwards.guest_address(remote) == ipaddress.IPv6Address(GUEST6).packed
+        assert sw.forwards.guest_address(HostPort(GUEST, 80)) == ipaddress.IPv4Address(GUEST).packed
+
+    run(test)

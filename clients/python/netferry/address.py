@@ -2,7 +2,9 @@
 
     local (TCP/UDP): "127.0.0.1:8080", ":8080" (every host address), "[::1]:8080"
     local (UNIX):    an absolute socket path
-    remote:          "192.168.127.2:80" (an IPv4 address and a port)
+    remote:          "192.168.127.2:80", "[fd00:192:168:127::2]:80" (a guest address and a
+                     port), "[5a:94:ef:e4:0c:ee]:80" (the IPv6 address of the guest with this
+                     MAC, looked up when a client connects)
 
 Errors are `AddressError`s that name the field, so the API can answer INVALID_ARGUMENT with
 a message a user can act on.
@@ -63,10 +65,30 @@ def parse_host_port(text: str, field: str, *, allow_any_host: bool = True) -> Ho
 
 
 def parse_remote(text: str, field: str = "remote") -> HostPort:
-    hp = parse_host_port(text, field, allow_any_host=False)
-    if ipaddress.ip_address(hp.host).version != 4:
-        raise AddressError(field, f"{hp.host} is not an IPv4 address (the guest network is IPv4)")
-    return hp
+    stripped = text.strip()
+    if stripped.startswith("["):
+        end = stripped.find("]")
+        mac = parse_mac(stripped[1:end]) if end > 0 else None
+        if mac is not None:
+            hp = parse_host_port(f"[::]{stripped[end + 1 :]}", field)  # the port's checks
+            return HostPort(mac, hp.port)
+    return parse_host_port(text, field, allow_any_host=False)
+
+
+def parse_mac(text: str) -> str | None:
+    """`text` as a canonical MAC ("5a:94:ef:e4:0c:ee"), or None when it is not one."""
+    parts = text.strip().replace("-", ":").split(":")
+    if len(parts) != 6 or not all(len(p) == 2 for p in parts):
+        return None
+    try:
+        return ":".join(f"{int(p, 16):02x}" for p in parts)
+    except ValueError:
+        return None
+
+
+def is_mac_host(host: str) -> bool:
+    """Whether a remote's host names a guest by its MAC (see `parse_remote`)."""
+    return host.count(":") == 5 and parse_mac(host) == host
 
 
 def parse_unix_path(text: str, field: str = "local") -> str:

@@ -253,7 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="127.0.0.1:8080, :8080, [::1]:8080 or a socket path (unix); a tcp:, udp: or "
         "unix: prefix names the protocol (udp:127.0.0.1:5353)",
     )
-    e.add_argument("remote", help="guest address, e.g. 192.168.127.2:80")
+    e.add_argument(
+        "remote", help="guest address, e.g. 192.168.127.2:80, [fd00:192:168:127::2]:80 or [MAC]:80"
+    )
     u = sub.add_parser("unexpose", help="remove a forward")
     u.add_argument("-p", "--protocol", choices=sorted(PROTOCOLS), help="default tcp")
     u.add_argument("local")
