@@ -48,6 +48,9 @@ ND_ROUTER_SOLICIT = 133
 ND_OPT_RDNSS = 25
 ND_OPT_DNSSL = 31
 ALL_ROUTERS = "ff02::2"
+# How long after our router solicitation an RA may take before readiness stops waiting for
+# IPv6: hostd answers a solicitation at once, so this only bounds the case of no router.
+ROUTER_WAIT = 3.0
 
 # (sysctl name, value when IPv6 is on) for the tap, set before it comes up
 SYSCTLS_ON = (
@@ -434,6 +437,8 @@ class Ipv6Guest:
         self.dhcp: Dhcpv6Client | None = None
         self.dhcp_address = ""
         self.ready = asyncio.Event()
+        self.solicited = asyncio.Event()  # our router solicitation went out
+        self.router_seen = asyncio.Event()  # an RA arrived (RDNSS, or the route it made)
         self.task: asyncio.Task[None] | None = None
         self.solicit_task: asyncio.Task[None] | None = None
 
@@ -446,6 +451,7 @@ class Ipv6Guest:
 
     def _on_rdnss(self, servers: list[str], search: list[str]) -> None:
         log.info("ipv6.rdnss", dns=",".join(servers), search=",".join(search))
+        self.router_seen.set()
         self.resolv.set_v6("ra", servers, search)
 
     def _on_dhcpv6(self, ip: str, servers: list[str], search: list[str]) -> None:
@@ -472,17 +478,35 @@ class Ipv6Guest:
             send_router_solicitation(self.ifname)
         except OSError as e:
             log.warning("ipv6.solicit_failed", error=str(e))
+        self.solicited.set()
 
     async def _wait_ready(self) -> None:
         while True:
             addrs = await global_addresses(self.ifname)
             route = await default_route6(self.ifname)
+            if route:
+                self.router_seen.set()
             dhcp_ok = not self.want_dhcpv6 or (self.dhcp_address and self.dhcp_address in addrs)
             if addrs and route and dhcp_ok and (self.resolv.has_v6 or not self.resolv.path):
                 log.info("ipv6.up", addresses=",".join(addrs), route=route)
                 self.ready.set()
                 return
             await asyncio.sleep(0.1)
+
+    async def wait_up(self, timeout: float, router_wait: float = ROUTER_WAIT) -> bool:
+        """True once IPv6 is up (within `timeout`). False at `timeout`, or as soon as no
+        router answered our solicitation within `router_wait`: a hostd without IPv6 (its
+        --no-ipv6, or netferry-gvproxy) must not hold readiness back for the whole timeout."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        try:
+            await asyncio.wait_for(self.solicited.wait(), timeout)
+            left = max(0.0, deadline - loop.time())
+            await asyncio.wait_for(self.router_seen.wait(), min(router_wait, left))
+            await asyncio.wait_for(self.ready.wait(), max(0.0, deadline - loop.time()))
+        except TimeoutError:
+            return False
+        return True
 
     async def stop(self) -> None:
         for task in (self.task, self.solicit_task):

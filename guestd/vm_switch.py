@@ -10,7 +10,8 @@ IPv6 (guestd/ipv6_setup.py): before the tap comes up its sysctls let the kernel 
 router advertisements (SLAAC address, default route, MTU); the RA's DNS servers (RDNSS) are
 read from netlink and written to the resolv.conf beside the IPv4 lease's; `--dhcpv6` adds
 a DHCPv6 client for the stateful address; `--no-ipv6` disables IPv6 on the tap. `--ready-fd`
-waits for the IPv6 address and route too (at most `--ipv6-timeout` seconds).
+waits for the IPv6 address and route too (at most `--ipv6-timeout` seconds; no longer than
+a few seconds after its router solicitation when no router answers).
 
 With `--give-tap FD` it does not pump at all: it opens the tap, passes the fd to hostd over
 the unix socket FD (SCM_RIGHTS) and keeps only the DHCP client; hostd then reads and writes
@@ -527,9 +528,7 @@ async def signal_ready(
     if client != "none":
         await dhcp.bound.wait()
     if v6 is not None:
-        try:
-            await asyncio.wait_for(v6.ready.wait(), v6_timeout)
-        except TimeoutError:  # hostd without IPv6 (its --no-ipv6): ready with IPv4 alone
+        if not await v6.wait_up(v6_timeout):  # no router (hostd's --no-ipv6): IPv4 alone
             log.warning("ipv6.not_up", waited=v6_timeout, hint="hostd offers no IPv6? "
                         "start vm-switch with --no-ipv6 to match")  # fmt: skip
     with contextlib.suppress(OSError):

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import struct
@@ -117,3 +118,21 @@ def test_router_solicitation_and_lease_line():
         "%(out)s" in v6.DHCLIENT_SCRIPT
         and "/etc/resolv.conf" not in v6.DHCLIENT_SCRIPT.split("\n", 2)[2]
     )
+
+
+def test_readiness_stops_waiting_for_ipv6_when_no_router_answers():
+    """A hostd without IPv6 never answers the solicitation: `wait_up` gives up after the
+    router wait, not after the (here hour-long) timeout; once an RA is seen it waits for
+    the address as long as the timeout allows."""
+    async def scenario() -> tuple[bool, bool]:
+        silent = v6.Ipv6Guest("eth0", v6.ResolvConf(None), dhcpv6=False)
+        silent.solicited.set()
+        no_router = await silent.wait_up(3600, router_wait=0.05)
+        answered = v6.Ipv6Guest("eth0", v6.ResolvConf(None), dhcpv6=False)
+        answered.solicited.set()
+        answered.router_seen.set()
+        asyncio.get_running_loop().call_later(0.1, answered.ready.set)  # after router_wait
+        up = await answered.wait_up(3600, router_wait=0.05)
+        return no_router, up
+
+    assert asyncio.run(scenario()) == (False, True)
