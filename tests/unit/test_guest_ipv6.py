@@ -124,6 +124,7 @@ def test_readiness_stops_waiting_for_ipv6_when_no_router_answers():
     """A hostd without IPv6 never answers the solicitation: `wait_up` gives up after the
     router wait, not after the (here hour-long) timeout; once an RA is seen it waits for
     the address as long as the timeout allows."""
+
     async def scenario() -> tuple[bool, bool]:
         silent = v6.Ipv6Guest("eth0", v6.ResolvConf(None), dhcpv6=False)
         silent.solicited.set()
