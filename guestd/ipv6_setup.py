@@ -49,8 +49,9 @@ ND_OPT_RDNSS = 25
 ND_OPT_DNSSL = 31
 ALL_ROUTERS = "ff02::2"
 # How long after our router solicitation an RA may take before readiness stops waiting for
-# IPv6: hostd answers a solicitation at once, so this only bounds the case of no router.
-ROUTER_WAIT = 3.0
+# IPv6 (no router: hostd's --no-ipv6). A router answers a solicitation within 0.5 s, but
+# not sooner than 3 s after its previous multicast RA (RFC 4861 6.2.6): 4 s covers both.
+ROUTER_WAIT = 4.0
 
 # (sysctl name, value when IPv6 is on) for the tap, set before it comes up
 SYSCTLS_ON = (
@@ -61,6 +62,10 @@ SYSCTLS_ON = (
     ("accept_ra_pinfo", "1"),
     ("accept_ra_mtu", "1"),
 )
+# Optimistic DAD (RFC 4429), where the kernel has it: the link-local and SLAAC addresses are
+# usable while DAD runs, so the solicitation goes out at once and readiness does not wait a
+# DAD second per address; without it the kernel simply does plain DAD.
+SYSCTLS_OPTIONAL = (("optimistic_dad", "1"), ("use_optimistic", "1"))
 
 
 def sysctl_path(ifname: str, key: str) -> str:
@@ -80,6 +85,11 @@ def configure_sysctls(ifname: str, enabled: bool) -> str | None:
                 f.write(value)
         except OSError as e:
             return f"{sysctl_path(ifname, key)}: {e.strerror}"
+    if enabled:
+        for key, value in SYSCTLS_OPTIONAL:
+            with contextlib.suppress(OSError):  # a kernel built without optimistic DAD
+                with open(sysctl_path(ifname, key), "w") as f:
+                    f.write(value)
     return None
 
 
@@ -226,14 +236,15 @@ def send_router_solicitation(ifname: str) -> None:
 
 
 def parse_ip_addr(text: str) -> list[tuple[str, int, bool]]:
-    """`ip -6 -o addr show` lines → (address, prefixlen, usable: not tentative/dadfailed)."""
+    """`ip -6 -o addr show` lines → (address, prefixlen, usable: not dadfailed, and not
+    tentative unless optimistic, RFC 4429)."""
     out = []
     for line in text.splitlines():
         words = line.split()
         if "inet6" not in words:
             continue
         addr, _, plen = words[words.index("inet6") + 1].partition("/")
-        usable = "tentative" not in words and "dadfailed" not in words
+        usable = "dadfailed" not in words and ("tentative" not in words or "optimistic" in words)
         out.append((addr, int(plen or 128), usable))
     return out
 
@@ -481,6 +492,11 @@ class Ipv6Guest:
         self.solicited.set()
 
     async def _wait_ready(self) -> None:
+        """Poll the tap until IPv6 is up; stop early when no router answered our
+        solicitation within ROUTER_WAIT (hostd without IPv6): the RA watcher still takes
+        a later RA's DNS servers, and nothing polls for the rest of vm-switch's life."""
+        loop = asyncio.get_running_loop()
+        give_up: float | None = None
         while True:
             addrs = await global_addresses(self.ifname)
             route = await default_route6(self.ifname)
@@ -491,6 +507,12 @@ class Ipv6Guest:
                 log.info("ipv6.up", addresses=",".join(addrs), route=route)
                 self.ready.set()
                 return
+            if self.solicited.is_set() and not self.router_seen.is_set():
+                if give_up is None:
+                    give_up = loop.time() + ROUTER_WAIT
+                elif loop.time() >= give_up:
+                    log.info("ipv6.no_router", waited=ROUTER_WAIT)
+                    return
             await asyncio.sleep(0.1)
 
     async def wait_up(self, timeout: float, router_wait: float = ROUTER_WAIT) -> bool:

@@ -120,3 +120,33 @@ def test_capture_carries_ipv6_with_tshark(hostd, guest, short_tmp):
         capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
     assert out.split().count(GATEWAY6) >= 3, out
+
+
+def test_vm_switch_ready_without_an_ipv6_router(hostd, netns, short_tmp):
+    """A hostd without IPv6 (--no-ipv6, as netferry-gvproxy by default) never answers the
+    router solicitation: vm-switch still writes `ready` on --ready-fd (with an hour-long
+    --ipv6-timeout, so only the router wait can end the wait), says why, and stops
+    polling the tap (`ipv6.no_router`); the guest has no global IPv6 address."""
+    h = hostd("--no-ipv6")
+    ns = netns()
+    log = short_tmp / "vm-switch.log"
+    ready_r, ready_w = os.pipe()
+    proc = ns.popen(_bin("vm-switch"), "--connect", h.link_uri, "--dhcp-client", "udhcpc",
+                    "--ready-fd", str(ready_w), "--ipv6-timeout", "3600", "--log-format",
+                    "json", "--log-file", str(log), stdin=subprocess.DEVNULL,
+                    pass_fds=(ready_w,))  # fmt: skip
+    STARTED.append(proc)
+    os.close(ready_w)
+    try:
+        with os.fdopen(ready_r, "rb") as r:
+            assert r.read() == b"ready\n", log.read_text()  # EOF would mean it exited
+        text = log.read_text()
+        assert '"ipv6.not_up"' in text, text
+        wait_for(lambda: '"ipv6.no_router"' in log.read_text(), 30, "the tap poll to stop")
+        assert proc.poll() is None, log.read_text()
+        out = ns.run("ip", "-6", "-o", "addr", "show", "dev", "eth0", "scope", "global").stdout
+        assert out.strip() == "", out
+        r = ns.run("ip", "-4", "-o", "addr", "show", "dev", "eth0").stdout
+        assert "inet 192.168.127.2/24" in r, r
+    finally:
+        stop_process(proc)
