@@ -182,7 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.5,
         metavar="FRACTION",
         help="the part of a full UDP or ICMP flow table beyond which a guest's new flow "
-        "evicts its own least recently used flow, not another guest's",
+        "evicts its own least recently used flow, not another guest's (a guest is its "
+        "switch port, IPv4 and IPv6 together)",
     )
     lim.add_argument("--icmp-idle-timeout", type=float, default=30.0, metavar="SECONDS")
     lim.add_argument("--icmp-max-flows", type=int, default=1024)
@@ -249,7 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-connections-per-guest",
         type=int,
         metavar="N",
-        help="of --max-connections, what one guest address may hold (default: half)",
+        help="of --max-connections, what one guest may hold: its switch port, IPv4 and IPv6 "
+        "together (default: half)",
     )
     lim.add_argument(
         "--tcp-ack-delay",

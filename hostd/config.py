@@ -81,7 +81,8 @@ class NetworkConfig:
     tcp_time_wait: float = 60.0
     tcp_ack_delay: float = 0.002  # a reply from a loopback server usually comes sooner
     # Host sockets guests may hold at once (None: the descriptor limit less a reserve,
-    # hostd/nat/budget.py) and each guest address's share of them (None: half).
+    # hostd/nat/budget.py) and each guest's share of them (None: half). A guest is its switch
+    # port (Network.guest_owner), for the flow tables' `flow_guest_share` too.
     max_connections: int | None = None
     max_connections_per_guest: int | None = None
     # Port security (issue 16.1): addresses bound to the port DHCP or first use gave them,
