@@ -109,6 +109,38 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve no IPv6: no router advertisements, NDP or DHCPv6; IPv6 frames are "
         "dropped and counted (network.ipv6_dropped)",
     )
+    net6.add_argument(
+        "--ndp-max-neighbours",
+        type=int,
+        default=4096,
+        metavar="N",
+        help="guest IPv6 addresses the neighbour cache holds; beyond it the least recently "
+        "used is evicted (ndp.evicted; default %(default)s)",
+    )
+    net6.add_argument(
+        "--ndp-pending-packets",
+        type=int,
+        default=64,
+        metavar="N",
+        help="packets held for one guest IPv6 address while a neighbour solicitation asks "
+        "for it; beyond it they are dropped (ndp_queue_dropped; default %(default)s)",
+    )
+    net6.add_argument(
+        "--ndp-pending-addresses",
+        type=int,
+        default=256,
+        metavar="N",
+        help="unresolved guest IPv6 addresses with packets held at once; beyond it the "
+        "oldest address's packets are dropped (default %(default)s)",
+    )
+    net6.add_argument(
+        "--ra-interval",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="the longest wait between unsolicited router advertisements, 4..1800 (RFC 4861 "
+        "MaxRtrAdvInterval; the shortest is a third of it, at least 3 s; default %(default)g)",
+    )
     dns = p.add_argument_group("dns")
     dns.add_argument(
         "--dns-upstream",
@@ -150,7 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.5,
         metavar="FRACTION",
         help="the part of a full UDP or ICMP flow table beyond which a guest's new flow "
-        "evicts its own least recently used flow, not another guest's",
+        "evicts its own least recently used flow, not another guest's (a guest is its "
+        "switch port, IPv4 and IPv6 together)",
     )
     lim.add_argument("--icmp-idle-timeout", type=float, default=30.0, metavar="SECONDS")
     lim.add_argument("--icmp-max-flows", type=int, default=1024)
@@ -189,6 +222,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     lim.add_argument("--tcp-time-wait", type=float, default=60.0, metavar="SECONDS")
     lim.add_argument(
+        "--reassembly-max-bytes",
+        type=int,
+        default=4 << 20,
+        metavar="BYTES",
+        help="fragments IPv4 reassembly holds at once, and IPv6's as much again; beyond it "
+        "the oldest partial datagram gives way (default %(default)s)",
+    )
+    lim.add_argument(
+        "--reassembly-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="how long a partial IPv4 or IPv6 datagram waits for its missing fragments "
+        "(default %(default)g)",
+    )
+    lim.add_argument(
         "--max-connections",
         type=int,
         metavar="N",
@@ -201,7 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-connections-per-guest",
         type=int,
         metavar="N",
-        help="of --max-connections, what one guest address may hold (default: half)",
+        help="of --max-connections, what one guest may hold: its switch port, IPv4 and IPv6 "
+        "together (default: half)",
     )
     lim.add_argument(
         "--tcp-ack-delay",
@@ -423,6 +473,12 @@ def config_from_args(args: argparse.Namespace) -> NetworkConfig:
         flow_guest_share=args.flow_guest_share,
         icmp_idle_timeout=args.icmp_idle_timeout,
         icmp_max_flows=args.icmp_max_flows,
+        reassembly_max_bytes=args.reassembly_max_bytes,
+        reassembly_timeout=args.reassembly_timeout,
+        ndp_max_neighbours=args.ndp_max_neighbours,
+        ndp_pending_packets=args.ndp_pending_packets,
+        ndp_pending_addresses=args.ndp_pending_addresses,
+        ra_interval=args.ra_interval,
         lease_time=args.lease_time,
         tcp_connect_timeout=args.tcp_connect_timeout,
         tcp_max_pending=args.tcp_max_pending,

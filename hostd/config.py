@@ -21,6 +21,8 @@ DEFAULT_GATEWAY_MAC = "5a:94:ef:e4:0c:dd"
 DEFAULT_GUEST_MAC = "5a:94:ef:e4:0c:ee"
 MIN_MTU = 576
 MAX_MTU = 65520
+RA_INTERVAL_MIN = 4.0  # --ra-interval's range: RFC 4861 6.2.1's MaxRtrAdvInterval
+RA_INTERVAL_MAX = 1800.0
 
 # ---- IPv6 address plan (issue 15) -----------------------------------------------------------
 # A ULA /64 that mirrors the IPv4 default's digits; /64 because SLAAC (RFC 4862) forms 64-bit
@@ -60,6 +62,8 @@ class NetworkConfig:
     udp_max_flows: int = 4096
     icmp_idle_timeout: float = 30.0
     icmp_max_flows: int = 1024
+    # IPv4 and IPv6 fragment reassembly, each: bytes held at once and how long a partial
+    # datagram waits for its missing fragments (IPv6: at least 1 s).
     reassembly_max_bytes: int = 4 << 20
     reassembly_timeout: float = 30.0
     lease_time: int = 3600
@@ -77,7 +81,8 @@ class NetworkConfig:
     tcp_time_wait: float = 60.0
     tcp_ack_delay: float = 0.002  # a reply from a loopback server usually comes sooner
     # Host sockets guests may hold at once (None: the descriptor limit less a reserve,
-    # hostd/nat/budget.py) and each guest address's share of them (None: half).
+    # hostd/nat/budget.py) and each guest's share of them (None: half). A guest is its switch
+    # port (Network.guest_owner), for the flow tables' `flow_guest_share` too.
     max_connections: int | None = None
     max_connections_per_guest: int | None = None
     # Port security (issue 16.1): addresses bound to the port DHCP or first use gave them,
@@ -105,6 +110,13 @@ class NetworkConfig:
     guest6: IPv6Address = None  # type: ignore[assignment]  # default: prefix ::2
     static_leases6: dict[str, IPv6Address] = field(default_factory=dict)  # MAC or DUID → address
     dhcp6_range: tuple[IPv6Address, IPv6Address] | None = None  # default: ::1000 .. ::1fff
+    # IPv6 neighbour discovery: the neighbour cache (least recently used evicted at the
+    # bound), the packets held while a solicitation asks for an unknown on-link address (per
+    # address, and addresses at once), the longest wait between unsolicited RAs (RFC 4861).
+    ndp_max_neighbours: int = 4096
+    ndp_pending_packets: int = 64
+    ndp_pending_addresses: int = 256
+    ra_interval: float = 600.0
     # ---- end of the IPv6 address plan ---------------------------------------------------------
 
     def __post_init__(self) -> None:
@@ -143,6 +155,7 @@ class NetworkConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name.replace('_', '-')} {value} must be at least 1")
+        self._check_limits()
         if not MIN_MTU <= self.mtu <= MAX_MTU:
             raise ValueError(f"MTU {self.mtu} out of range {MIN_MTU}..{MAX_MTU}")
         if not self.static_leases:
@@ -151,6 +164,25 @@ class NetworkConfig:
             if ip not in self.subnet or ip in self.virtual_addresses:
                 raise ValueError(f"static lease {mac}={ip}: address not usable in {self.subnet}")
         self._check_ipv6()
+
+    def _check_limits(self) -> None:
+        """The limits that are flags, named as the flags are (a usage error names the flag)."""
+        for name in (
+            "reassembly_max_bytes", "ndp_max_neighbours", "ndp_pending_packets",
+            "ndp_pending_addresses",
+        ):  # fmt: skip
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} {value} must be at least 1")
+        if not 0 < self.reassembly_timeout <= 3600:
+            raise ValueError(
+                f"--reassembly-timeout {self.reassembly_timeout} out of range (0, 3600] seconds"
+            )
+        if not RA_INTERVAL_MIN <= self.ra_interval <= RA_INTERVAL_MAX:
+            raise ValueError(
+                f"--ra-interval {self.ra_interval} out of range "
+                f"{RA_INTERVAL_MIN:g}..{RA_INTERVAL_MAX:g} seconds (RFC 4861 MaxRtrAdvInterval)"
+            )
 
     @property
     def virtual_addresses(self) -> set[IPv4Address]:

@@ -72,7 +72,9 @@ class HostSwitch:
         max_connections = config.max_connections
         if max_connections is None:
             max_connections = default_max_connections(self.nofile_limit)
-        self.budget = DescriptorBudget(max_connections, config.max_connections_per_guest)
+        self.budget = DescriptorBudget(
+            max_connections, config.max_connections_per_guest, self.network.guest_owner
+        )
         reserve = self.nofile_limit - max_connections
         self.udp_nat = UdpNat(
             self.network,

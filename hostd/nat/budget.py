@@ -5,8 +5,12 @@ the API servers and their clients, the DNS forwarder, the pcap and state files -
 guests open at will: NAT connections and dials, UDP and ICMP flows, forwarded connections.
 At start the soft limit is raised to the hard one (`raise_nofile_limit`, before privileges
 are dropped); guest traffic then draws from `--max-connections`, by default the limit less a
-reserve of an eighth (at least 256 descriptors), and each guest address from a share of it
-(`--max-connections-per-guest`, by default half), so one guest cannot take every slot.
+reserve of an eighth (at least 256 descriptors), and each guest from a share of it
+(`--max-connections-per-guest`, by default half), so one guest cannot take every slot. A
+guest is who `guest_owner` says a guest address belongs to: hostd passes
+`Network.guest_owner`, the switch port the address sits on (its address while the port is
+unknown), so a dual-stack guest's IPv4 and IPv6 sockets draw from one share. The UDP and
+ICMP flow tables ask the budget's `owner_of` too, for their `--flow-guest-share`.
 
 A socket opened through `DescriptorBudget.open` (or adopted after `accept`) is counted until
 it is closed: its `close` returns the slot, wherever in the NAT it happens. Over the budget,
@@ -24,6 +28,7 @@ import resource
 import socket
 import struct
 import time
+from collections.abc import Callable, Hashable
 
 import structlog
 
@@ -78,7 +83,7 @@ class _BudgetSocket(socket.socket):
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self._budget: DescriptorBudget | None = None
-        self._guest: bytes | None = None
+        self._guest: Hashable | None = None  # its owner's key in `by_guest`
 
     def close(self) -> None:
         budget = self._budget
@@ -88,17 +93,29 @@ class _BudgetSocket(socket.socket):
         super().close()
 
 
+def _the_address(guest: bytes) -> Hashable:
+    return guest
+
+
 class DescriptorBudget:
-    def __init__(self, limit: int, per_guest: int | None = None) -> None:
+    def __init__(
+        self,
+        limit: int,
+        per_guest: int | None = None,
+        guest_owner: Callable[[bytes], Hashable] | None = None,
+    ) -> None:
         self.limit = limit
         self.per_guest = per_guest if per_guest is not None else max(1, limit // 2)
+        # Who holds a guest address's sockets (Network.guest_owner: its switch port); asked
+        # once per socket, remembered on it until it closes. Default: the address itself.
+        self.owner_of: Callable[[bytes], Hashable] = guest_owner or _the_address
         self.in_use = 0
-        self.by_guest: dict[bytes, int] = {}
+        self.by_guest: dict[Hashable, int] = {}  # owner → sockets it holds
         self.stats = {"refused": 0, "refused_guest_share": 0, "socket_errors": 0}
         self._error_logged = float("-inf")
         self._refusal_logged = float("-inf")
 
-    def _check(self, guest: bytes | None, what: str) -> None:
+    def _check(self, guest: Hashable | None, what: str) -> None:
         if self.in_use >= self.limit:
             self._refuse("refused", what)
         if guest is not None and self.by_guest.get(guest, 0) >= self.per_guest:
@@ -119,7 +136,7 @@ class DescriptorBudget:
             )
         raise BudgetExceeded(what)
 
-    def _take(self, sock: _BudgetSocket, guest: bytes | None) -> _BudgetSocket:
+    def _take(self, sock: _BudgetSocket, guest: Hashable | None) -> _BudgetSocket:
         sock._budget = self
         sock._guest = guest
         self.in_use += 1
@@ -127,7 +144,7 @@ class DescriptorBudget:
             self.by_guest[guest] = self.by_guest.get(guest, 0) + 1
         return sock
 
-    def _release(self, guest: bytes | None) -> None:
+    def _release(self, guest: Hashable | None) -> None:
         self.in_use -= 1
         if guest is not None:
             n = self.by_guest.get(guest, 0) - 1
@@ -156,16 +173,18 @@ class DescriptorBudget:
         """A new non-blocking socket counted against the budget (and `guest`'s share).
         BudgetExceeded over the budget; OSError when socket() fails (the caller reports it
         with `socket_failed` or its own counter)."""
-        self._check(guest, what)
+        owner = None if guest is None else self.owner_of(guest)
+        self._check(owner, what)
         sock = _BudgetSocket(family, type_, proto)
         sock.setblocking(False)
-        return self._take(sock, guest)
+        return self._take(sock, owner)
 
     def adopt(self, sock: socket.socket, *, guest: bytes | None = None, what: str) -> socket.socket:
         """Count an accepted socket; over the budget it is reset (RST) and closed, and
         BudgetExceeded raised."""
+        owner = None if guest is None else self.owner_of(guest)
         try:
-            self._check(guest, what)
+            self._check(owner, what)
         except BudgetExceeded:
             try:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
@@ -174,7 +193,7 @@ class DescriptorBudget:
             sock.close()
             raise
         counted = _BudgetSocket(sock.family, sock.type, sock.proto, fileno=sock.detach())
-        return self._take(counted, guest)
+        return self._take(counted, owner)
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.stats, limit=self.limit, per_guest=self.per_guest, in_use=self.in_use)

@@ -4,14 +4,20 @@ UDP NAT flows (`hostd/nat/udp.py`), ICMP echo flows (`hostd/nat/icmp.py`) and UD
 sessions (`hostd/forwards.py`) are kept the same way: an ordered map from the flow's key
 to the flow, most recently used last. `touch` moves a flow to the end; `make_room` evicts
 from the front until one more fits under `max_flows` (call it before opening the new
-flow's socket, so an evicted flow's descriptor is free again first). With an `owner` (the
-guest address a flow belongs to), a full table makes room at the new flow's owner's own
-oldest flow once that owner holds `share` of the table, else at the busiest owner's oldest:
-a guest alone may use the whole table, and one guest flooding new flows evicts its own,
-never another guest's flows below the share; a sweep every
-`idle_timeout / 4` (0.2 .. 5 s) closes flows idle for `idle_timeout` (the gvproxy #622
-lesson: one socket per DNS query held for 90 s starves a host of descriptors). What a
-flow holds is released by the owner's `close` callback, which every removal calls once.
+flow's socket, so an evicted flow's descriptor is free again first).
+
+With an `owner` (who a flow belongs to: the NAT passes the guest's switch port,
+`Network.guest_owner`, or its address while the port is unknown, so a dual-stack guest's
+IPv4 and IPv6 flows are one guest's), a full table makes room at the new flow's owner's
+own oldest flow once that owner holds `share` of the table, else at the busiest owner's
+oldest: a guest alone may use the whole table, and one guest flooding new flows evicts its
+own, never another guest's flows below the share. The owner is asked once, when a flow is
+added, and remembered with it, so a guest that moves or leaves still gives back its count.
+
+A sweep every `idle_timeout / 4` (0.2 .. 5 s) closes flows idle for `idle_timeout` (the
+gvproxy #622 lesson: one socket per DNS query held for 90 s starves a host of
+descriptors). What a flow holds is released by the table user's `close` callback, which
+every removal calls once.
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ class FlowTable(Generic[K, F]):
         self._owner = owner
         self.share = share
         self._counts: dict[Hashable, int] = {}  # owner → flows it holds
+        self._owners: dict[K, Hashable] = {}  # flow → its owner when it was added
         self.stats = {"opened": 0, "evicted": 0, "reaped": 0, "share_evicted": 0}
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -101,9 +108,8 @@ class FlowTable(Generic[K, F]):
 
     def _oldest_of(self, owner: Hashable) -> K:
         """The least recently used flow of `owner` (it holds at least one)."""
-        of = self._owner
-        assert of is not None
-        return next(k for k in self.flows if of(k) == owner)
+        owners = self._owners
+        return next(k for k in self.flows if owners[k] == owner)
 
     def _evict(self, key: K) -> None:
         self._close(self._pop(key))
@@ -111,7 +117,7 @@ class FlowTable(Generic[K, F]):
     def _pop(self, key: K) -> F:
         flow = self.flows.pop(key)
         if self._owner is not None:
-            who = self._owner(key)
+            who = self._owners.pop(key)
             left = self._counts[who] - 1
             if left:
                 self._counts[who] = left
@@ -122,7 +128,7 @@ class FlowTable(Generic[K, F]):
     def add(self, key: K, flow: F) -> None:
         """A new flow (after `make_room`), most recently used."""
         if self._owner is not None and key not in self.flows:
-            who = self._owner(key)
+            who = self._owners[key] = self._owner(key)
             self._counts[who] = self._counts.get(who, 0) + 1
         self.flows[key] = flow
         self.flows.move_to_end(key)
@@ -167,5 +173,6 @@ class FlowTable(Generic[K, F]):
             self._sweeper = None
         flows, self.flows = self.flows, OrderedDict()
         self._counts.clear()
+        self._owners.clear()
         for flow in flows.values():
             self._close(flow)

@@ -58,10 +58,6 @@ QUOTED_PAYLOAD = 64  # bytes of the guest's echo payload an error quotes (RFC 48
 FlowKey = tuple[bytes, bytes, int]
 
 
-def _guest_of(key: FlowKey) -> bytes:
-    return key[0]  # the guest's address
-
-
 def ping_sockets_allowed() -> tuple[bool, str]:
     """Whether this process may open ping sockets, and the sysctl value that decides it."""
     try:
@@ -143,7 +139,8 @@ class IcmpNat:
             max_flows=max_flows,
             idle_timeout=idle_timeout,
             close=self._close,
-            owner=_guest_of,  # one guest's share of the table: it evicts its own flows
+            # One guest's share of the table (its port, as the budget's): it evicts its own.
+            owner=lambda key: self.budget.owner_of(key[0]),
             share=guest_share,
         )
         self.loop = asyncio.get_running_loop()

@@ -43,10 +43,6 @@ log = structlog.get_logger("hostd.nat.udp")
 FlowKey = tuple[bytes, int, bytes, int]
 
 
-def _guest_of(key: FlowKey) -> bytes:
-    return key[0]  # the guest's address
-
-
 READ_BATCH = 64
 RECV_SIZE = 65535
 
@@ -80,7 +76,8 @@ class UdpNat:
             max_flows=max_flows,
             idle_timeout=idle_timeout,
             close=self._close,
-            owner=_guest_of,  # one guest's share of the table: it evicts its own flows
+            # One guest's share of the table (its port, as the budget's): it evicts its own.
+            owner=lambda key: self.budget.owner_of(key[0]),
             share=guest_share,
         )
         self.loop = asyncio.get_running_loop()

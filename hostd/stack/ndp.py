@@ -37,6 +37,7 @@ import struct
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+from netferry.hostd.config import RA_INTERVAL_MAX, RA_INTERVAL_MIN
 from netferry.hostd.services.dhcp import encode_domain_search
 from netferry.hostd.stack.icmpv6 import (
     NEIGHBOR_ADVERTISEMENT,
@@ -434,10 +435,14 @@ class RaScheduler:
         min_interval: float | None = None,
         rng: random.Random | None = None,
     ) -> None:
-        if not 4.0 <= max_interval <= 1800.0:
+        if not RA_INTERVAL_MIN <= max_interval <= RA_INTERVAL_MAX:
             raise ValueError(f"RA interval {max_interval} s out of range 4..1800")
         self.max_interval = max_interval
-        self.min_interval = max_interval * 0.33 if min_interval is None else min_interval
+        # RFC 4861's default minimum, a third of the maximum, but never under its 3 s floor
+        # (so a short --ra-interval, 4..9 s, is valid too).
+        if min_interval is None:
+            min_interval = max(max_interval * 0.33, MIN_DELAY_BETWEEN_RAS)
+        self.min_interval = min_interval
         if not 3.0 <= self.min_interval <= 0.75 * max_interval:
             raise ValueError(f"minimum RA interval {self.min_interval} s out of range")
         self._rng = rng or random.Random()

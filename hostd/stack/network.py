@@ -19,7 +19,8 @@ The asyncio side (hostd/switch.py) feeds batches of frames per link with
 `receive_frames(port, frames, now)` and then drains `frames_to_send()` (frames per port),
 `events` (work for the NAT: datagrams and echo requests to relay, DNS queries to forward,
 dials, connection events) and `take_udp_flow_datagrams()`. Replies from host sockets come
-back through `send_udp`, `send_icmp_echo_reply` and `send_icmp_error`.
+back through `send_udp`, `send_icmp_echo_reply` and `send_icmp_error`. The NAT's per-guest
+shares ask `guest_owner` who a guest address belongs to (its switch port).
 
 One receive path. Every frame of a batch goes through one classifier, in order, as passt's
 tap handler does: layer 2 once (length, source MAC, CAM learning; unicast between guests is
@@ -60,6 +61,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections import Counter, deque
+from collections.abc import Hashable
 
 from netferry.hostd.config import NetworkConfig
 from netferry.hostd.policy import Policy
@@ -460,6 +462,18 @@ class Network(Ipv6Layer):
         """The switch port guest address `ip` sits on now, if known."""
         mac = self.neighbours.lookup(ip) if len(ip) == 4 else self._ndp_lookup(ip)
         return None if mac is None else self.cam.lookup(mac)
+
+    def guest_owner(self, ip: bytes) -> Hashable:
+        """Who guest address `ip` belongs to, for the NAT's per-guest shares: the switch port
+        it sits on, so one guest's IPv4 and IPv6 addresses are one guest (guests bridged
+        behind one port share it, as the transport's per-port caps do), else the address
+        itself. Once per new NAT socket or flow; looks, never refreshes a table's LRU."""
+        if len(ip) == 4:
+            mac = self.neighbours.lookup(ip)
+        else:
+            mac = self.ndp.cache.peek(ip) if self.ndp is not None else None
+        port = None if mac is None else self.cam.lookup(mac)
+        return ip if port is None else port
 
     def offload_port(self, ip: bytes) -> bool:
         """Whether what goes to guest address `ip` now leaves by an offload port."""

@@ -31,7 +31,8 @@ Receive (`_ipv6_frame`, from the one receive path for every IPv6 frame):
 
 Send: `_send_ip6` builds the header (hop limit 64), fragments UDP and ICMPv6 above the MTU,
 and finds the destination MAC in the neighbour cache; an unknown on-link destination's
-packets wait (bounded per address and in addresses) while a solicitation asks for it.
+packets wait (bounded per address and in addresses: `ndp_pending_packets`,
+`ndp_pending_addresses`) while a solicitation asks for it.
 `_send_tcp6` does for IPv6 what `send_tcp` does for IPv4, with VIRTIO_NET_HDR_GSO_TCPV6 and
 partial checksums on offload ports. Errors the transport and the NAT ask for in ICMPv4's
 terms are mapped to ICMPv6 (`_ICMP4_TO_ICMP6`). Timers: reassembly expiry (time exceeded,
@@ -58,8 +59,6 @@ ALL_NODES = ipv6.ALL_NODES
 UNSPECIFIED = ipv6.UNSPECIFIED
 LOOPBACK_V6 = IPv6Address("::1").packed
 ALL_MLDV2_ROUTERS = IPv6Address("ff02::16").packed
-PENDING_NDP_MAX = 64  # packets held per unresolved guest address
-PENDING_NDP_ADDRESSES = 256  # unresolved guest addresses with packets held
 NS_RETRY = 1.0  # seconds between solicitations for one address while packets wait
 DHCP6_SWEEP = 30.0  # seconds between DHCPv6 expiry sweeps (leases also expire on each call)
 MLD_TYPES = frozenset({130, 131, 132, 143})
@@ -169,6 +168,8 @@ class Ipv6Layer:
             self.virtual_ips6,
             ndp.router_advertisement_for(config, managed=True),
             now=0.0,  # the first advertisement at the first timer
+            max_neighbours=config.ndp_max_neighbours,
+            ra_interval=config.ra_interval,
         )
         self.ndp.stats = self.stats  # counted with the switch's others
         self.reassembler6 = ipv6.Reassembler(
@@ -633,12 +634,12 @@ class Ipv6Layer:
             self.stats["no_route_dropped"] += len(packets)
             return
         pending = self._pending_ndp
-        if dst not in pending and len(pending) >= PENDING_NDP_ADDRESSES:
+        if dst not in pending and len(pending) >= self.config.ndp_pending_addresses:
             oldest = next(iter(pending))
             self.stats["ndp_queue_dropped"] += len(pending.pop(oldest))
             self._ns_sent.pop(oldest, None)
         queue = pending.setdefault(dst, [])
-        room = PENDING_NDP_MAX - len(queue)
+        room = self.config.ndp_pending_packets - len(queue)
         if room < len(packets):
             self.stats["ndp_queue_dropped"] += len(packets) - max(room, 0)
         queue.extend(packets[: max(room, 0)])

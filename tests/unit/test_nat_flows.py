@@ -107,3 +107,21 @@ def test_the_sweeper_reaps_and_logs() -> None:
     closed, logs = asyncio.run(main())
     assert closed == ["a"]
     assert [e["event"] for e in logs] == ["test.flows_reaped"]
+
+
+def test_a_flow_keeps_the_owner_it_was_added_with() -> None:
+    """The owner (a guest's switch port) may change while its flows live (the guest moved,
+    its port went): each flow gives its count back to the owner it was counted for."""
+    where = {"g": "port1"}
+    t: FlowTable[str, Flow] = FlowTable(
+        "test", max_flows=4, idle_timeout=10.0, close=lambda f: None,
+        owner=lambda k: where[k[0]], share=0.5,
+    )  # fmt: skip
+    t.add("g0", Flow("g0", 0.0))
+    where["g"] = "port2"
+    t.add("g1", Flow("g1", 1.0))
+    assert t.owners() == {"port1": 1, "port2": 1}
+    t.remove("g0")
+    assert t.owners() == {"port2": 1}
+    t.reap(100.0)
+    assert t.owners() == {} and len(t) == 0
