@@ -329,9 +329,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=lambda text: ("allow", text),
         dest="policy",
         metavar="RULE",
-        help="allow new guest flows to RULE = CIDR[:PORT[-PORT]][/tcp|udp|icmp], or 'host' for "
-        "the CIDR (every address of this host, loopback included); rules are tried in the "
-        "order given, first match wins, default allow (repeatable)",
+        help="allow new guest flows to RULE = CIDR[:PORT[-PORT]][/tcp|udp|icmp] (IPv6 with "
+        "ports in brackets: [2001:db8::/32]:443/tcp), or 'host' for the CIDR (every IPv4 and "
+        "IPv6 address of this host, loopback included); rules are tried in the order given, "
+        "first match wins, default allow; 0.0.0.0/0 matches both families, ::/0 IPv6 only "
+        "(repeatable)",
     )
     pol.add_argument(
         "--deny",

@@ -1,8 +1,14 @@
 """Outbound policy: which host destinations a guest's new flows may reach.
 
 A rule is `CIDR[:PORT[-PORT]][/tcp|udp|icmp]` or, in place of the CIDR, the group `host`
-(every address of the host's own interfaces, loopback included, and so .254's target).
+(every IPv4 and IPv6 address of the host's own interfaces, loopback included, and so the
+targets of .254 and of the IPv6 host-loopback address). An IPv6 CIDR stands bare when it has
+no ports (`2001:db8::/32`, `::/0/udp`) and in brackets when it has (`[::1]:22/tcp`).
 Rules are tried in order and the first that matches decides; nothing matching means allow.
+Both families share one rule list: a v4 CIDR matches only IPv4 destinations and a v6 one
+only IPv6 ones, except `0.0.0.0/0` (the usual "everything else"), which matches every
+destination of both, so a policy written before IPv6 existed (`... --deny 0.0.0.0/0`) still
+denies what it did not allow; `::/0` is IPv6 only.
 Rules added through the API are tried before the ones given as flags (so an operator can
 open or close something at run time without restarting), and only they are written to the
 state file: flags stay the source of truth for themselves.
@@ -25,6 +31,7 @@ HOST_GROUP = "host"
 RECENT_FLOWS = 256  # the connections view: this many recent verdicts are kept
 MAX_RULES = 1024
 _LOOPBACK_V6 = ipaddress.IPv6Address("::1").packed
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class PolicyError(ValueError):
@@ -34,7 +41,7 @@ class PolicyError(ValueError):
 @dataclass(frozen=True)
 class Rule:
     action: str  # "allow" | "deny"
-    network: ipaddress.IPv4Network | None  # None: the host group
+    network: IPNetwork | None  # None: the host group
     ports: tuple[int, int] | None
     protocol: str | None
     static: bool = False  # from a flag (not changeable through the API, not persisted)
@@ -45,9 +52,11 @@ class Rule:
         if net is None:
             where = HOST_GROUP
         else:
-            where = str(net.network_address) if net.prefixlen == 32 else str(net)
+            where = str(net.network_address) if net.prefixlen == net.max_prefixlen else str(net)
         if self.ports is not None:
             lo, hi = self.ports
+            if net is not None and net.version == 6:
+                where = f"[{where}]"  # the port's colon must not read as the address's
             where += f":{lo}" if lo == hi else f":{lo}-{hi}"
         if self.protocol:
             where += "/" + self.protocol
@@ -74,8 +83,19 @@ def parse_rule(action: str, text: str, static: bool = False) -> Rule:
     if slash and tail.lower() in PROTOCOLS:
         protocol, spec = tail.lower(), head
     ports = None
-    if ":" in spec:
+    port_text = None
+    if spec.startswith("["):  # [IPv6 address or CIDR]:PORT[-PORT]
+        inner, bracket, rest = spec[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise PolicyError(
+                f"rule {_short(text)}: expected [IPv6 CIDR]:PORT[-PORT] after the '['"
+            )
+        spec, port_text = inner, (rest[1:] if rest else None)
+        if ":" not in spec:
+            raise PolicyError(f"rule {_short(text)}: brackets are for IPv6 addresses only")
+    elif spec.count(":") == 1:  # IPv4 CIDR or host, then :PORT; a bare IPv6 CIDR has 2+
         spec, _, port_text = spec.rpartition(":")
+    if port_text is not None:
         lo_text, dash, hi_text = port_text.partition("-")
         try:
             lo = int(lo_text)
@@ -87,14 +107,15 @@ def parse_rule(action: str, text: str, static: bool = False) -> Rule:
         if protocol == "icmp":
             raise PolicyError(f"rule {_short(text)}: icmp has no ports")
         ports = (lo, hi)
-    network = None
+    network: IPNetwork | None = None
     if spec.lower() != HOST_GROUP:
         try:
-            network = ipaddress.IPv4Network(spec, strict=False)
+            network = ipaddress.ip_network(spec, strict=False)
         except ValueError:
             raise PolicyError(
-                f"rule {_short(text)}: {_short(spec)} is not an IPv4 CIDR or 'host' "
-                "(expected CIDR[:PORT[-PORT]][/tcp|udp|icmp])"
+                f"rule {_short(text)}: {_short(spec)} is not an IPv4/IPv6 CIDR or 'host' "
+                "(expected CIDR[:PORT[-PORT]][/tcp|udp|icmp], [IPv6 CIDR]:PORT for IPv6 "
+                "with ports)"
             ) from None
     return Rule(action, network, ports, protocol, static)
 
@@ -151,10 +172,14 @@ class Policy:
         if ports is not None and (proto == "icmp" or not ports[0] <= port <= ports[1]):
             return False
         if rule.network is None:
-            return dst in self.host_addresses or dst[0] == 127 or dst == _LOOPBACK_V6
+            if len(dst) == 4:
+                return dst[0] == 127 or dst in self.host_addresses
+            return dst == _LOOPBACK_V6 or dst in self.host_addresses
         net = rule.network
         if len(dst) != len(net.network_address.packed):
-            return False  # an IPv4 rule never matches an IPv6 destination, nor the reverse
+            # 0.0.0.0/0 is "everything", of both families (see the module docstring); any
+            # other IPv4 rule never matches an IPv6 destination, nor the reverse.
+            return net.version == 4 and net.prefixlen == 0
         addr = int.from_bytes(dst, "big")
         return addr & int(net.netmask) == int(net.network_address)
 
@@ -178,13 +203,11 @@ class Policy:
         self.counters["allowed" if allowed else "denied"] += 1
         if not allowed:
             self.counters[f"denied_{proto}"] += 1
-        s = ipaddress.ip_address(src)
-        d = ipaddress.ip_address(dst)
         verdict = FlowVerdict(
             now,
             proto,
-            f"{s}:{sport}" if proto != "icmp" else str(s),
-            f"{d}:{port}" if proto != "icmp" else str(d),
+            _endpoint(src, sport) if proto != "icmp" else str(ipaddress.ip_address(src)),
+            _endpoint(dst, port) if proto != "icmp" else str(ipaddress.ip_address(dst)),
             allowed,
             str(rule) if rule is not None else "",
         )
@@ -192,20 +215,42 @@ class Policy:
         return verdict
 
 
-def host_addresses() -> frozenset[bytes]:
-    """Every IPv4 address of this host's interfaces (read from the kernel's routing table of
-    local addresses), loopback included."""
-    found = {ipaddress.IPv4Address("127.0.0.1").packed}
+def _endpoint(addr: bytes, port: int) -> str:
+    """`1.2.3.4:80`, `[2001:db8::1]:80`."""
+    ip = ipaddress.ip_address(addr)
+    return f"{ip}:{port}" if ip.version == 4 else f"[{ip}]:{port}"
+
+
+def host_addresses(
+    fib_trie: str = "/proc/net/fib_trie", if_inet6: str = "/proc/net/if_inet6"
+) -> frozenset[bytes]:
+    """Every IPv4 and IPv6 address of this host's interfaces, loopback included: IPv4 from
+    the kernel's routing table of local addresses, IPv6 from its list of interface addresses
+    (any scope: a global, ULA or link-local address of the host is the host all the same)."""
+    found = {ipaddress.IPv4Address("127.0.0.1").packed, _LOOPBACK_V6}
     try:
-        with open("/proc/net/fib_trie") as f:
+        with open(fib_trie) as f:
             lines = f.read().splitlines()
     except OSError:
-        return frozenset(found)
+        lines = []
     for prev, line in itertools.pairwise(lines):
         if line.strip() == "/32 host LOCAL":
             text = prev.strip().split()[-1]
             try:
                 found.add(ipaddress.IPv4Address(text).packed)
+            except ValueError:
+                continue
+    try:
+        with open(if_inet6) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        # "20010db8000000000000000000000001 02 40 00 80 eth0": the address, 32 hex digits
+        fields = line.split()
+        if fields and len(fields[0]) == 32:
+            try:
+                found.add(bytes.fromhex(fields[0]))
             except ValueError:
                 continue
     return frozenset(found)

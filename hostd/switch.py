@@ -292,9 +292,9 @@ class HostSwitch:
         allowed = []
         for host, port in self.dns_upstreams:
             try:
-                packed = ipaddress.IPv4Address(host).packed
+                packed = ipaddress.ip_address(host).packed
             except ValueError:
-                allowed.append((host, port))  # the policy speaks IPv4 only
+                allowed.append((host, port))  # not an address: nothing to decide on
                 continue
             rule = policy.decide("udp", packed, port)
             if rule is None or rule.action == "allow":

@@ -1,12 +1,14 @@
 """Outbound policy against the guest's real kernel: refused connects fail at once with the
 right errno, allowed ones work, the connections view and WatchEvents show both, rules
-changed through the API apply to new flows, DNS upstreams follow the policy too."""
+changed through the API apply to new flows, DNS upstreams follow the policy too, and IPv6
+flows (to the v6 host-loopback address) follow IPv6 rules and the v4 catch-all."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import queue
+import socket
 import subprocess
 import threading
 
@@ -14,6 +16,7 @@ import pytest
 
 from netferry.client import NetferryError
 from tests.conftest import _bin
+from tests.e2e.test_ipv6 import HOST6, no_tentative, wait_slaac
 
 pytestmark = pytest.mark.e2e
 
@@ -39,8 +42,8 @@ print(json.dumps(result))
 """
 
 
-def probe(g, kind: str, port: int) -> str:
-    return json.loads(g.ns.python(GUEST_PROBE, HOST, kind, str(port)).stdout)
+def probe(g, kind: str, port: int, host: str = HOST) -> str:
+    return json.loads(g.ns.python(GUEST_PROBE, host, kind, str(port)).stdout)
 
 
 def test_deny_refuses_at_once_allow_works(hostd, guest, tcp_echo_server, udp_echo_server):
@@ -123,11 +126,13 @@ def test_bad_rules_are_clear_errors(hostd, short_tmp):
     client = h.client()
 
     for rule, words in (
-        ("10.0.0.0/33", "not an IPv4 CIDR"),
+        ("10.0.0.0/33", "not an IPv4/IPv6 CIDR"),
+        ("[::1]:0/tcp", "ports must be 1..65535"),
+        ("2001:db8::1:80-90", "[IPv6 CIDR]:PORT"),
         ("10.0.0.0/8:0", "ports must be 1..65535"),
         ("10.0.0.0/8:90-80/tcp", "ports must be 1..65535"),
         ("host:22/icmp", "icmp has no ports"),
-        ("x" * 1_000_000, "not an IPv4 CIDR"),
+        ("x" * 1_000_000, "not an IPv4/IPv6 CIDR"),
     ):
         with pytest.raises(NetferryError) as e:
             client.policy_add("deny", rule)
@@ -141,19 +146,67 @@ def test_bad_rules_are_clear_errors(hostd, short_tmp):
         [_bin("host-switch"), "--listen", f"unix://{short_tmp}/x.sock", "--deny", "bogus"],
         capture_output=True, text=True, timeout=30,
     )  # fmt: skip
-    assert r.returncode == 2 and "'bogus' is not an IPv4 CIDR or 'host'" in r.stderr
+    assert r.returncode == 2 and "'bogus' is not an IPv4/IPv6 CIDR or 'host'" in r.stderr
+
+
+def test_ipv6_rules_and_a_v4_catch_all_apply_to_ipv6_flows(hostd, guest):
+    """A v6 flow to the v6 host-loopback address (→ [::1] on the host): a bracketed v6 rule
+    allows one port, and the policy's IPv4-written `--deny 0.0.0.0/0` denies the rest of
+    IPv6 too (a v4-only policy must not leave IPv6 open)."""
+    with tcp_listener("::1", echo=True) as allowed, tcp_listener("::1") as live:
+        h = hostd("--allow", f"[::1]:{allowed}/tcp", "--deny", "0.0.0.0/0")
+        g = guest(h)
+        wait_slaac(g)
+        no_tentative(g)
+        assert probe(g, "tcp", allowed, HOST6) == "hello"
+        # a live [::1] listener behind the catch-all: RST, not a timeout
+        assert probe(g, "tcp", live, HOST6) == "ECONNREFUSED"
+        client = h.client()
+        verdicts = {
+            (f.protocol, f.destination, f.allowed, f.rule) for f in client.connections().flows
+        }
+        assert ("tcp", f"[::1]:{allowed}", True, f"allow [::1]:{allowed}/tcp") in verdicts
+        assert ("tcp", f"[::1]:{live}", False, "deny 0.0.0.0/0") in verdicts
+        # `host` covers the IPv6 loopback: a run-time deny before the allow closes it
+        client.policy_add("deny", "host/tcp", 0)
+        assert probe(g, "tcp", allowed, HOST6) == "ECONNREFUSED"
+        client.close()
 
 
 class tcp_listener:
-    """A live TCP listener on 127.0.0.1 (accepts and echoes nothing)."""
+    """A live TCP listener on 127.0.0.1 or ::1 (accepts and echoes nothing, unless `echo`:
+    then it echoes each connection's first bytes back)."""
+
+    def __init__(self, addr: str = "127.0.0.1", echo: bool = False) -> None:
+        self.addr, self.echo = addr, echo
 
     def __enter__(self) -> int:
-        import socket
-
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
+        family = socket.AF_INET6 if ":" in self.addr else socket.AF_INET
+        self.sock = socket.socket(family)
+        self.sock.bind((self.addr, 0))
         self.sock.listen(8)
+        self.thread = threading.Thread(target=self._serve, daemon=True) if self.echo else None
+        if self.thread:
+            self.thread.start()
         return self.sock.getsockname()[1]
 
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return  # closed at the end of the test
+            with conn:
+                conn.settimeout(20)
+                with contextlib.suppress(OSError):
+                    got = b""
+                    while len(got) < 5 and (chunk := conn.recv(5 - len(got))):
+                        got += chunk
+                    conn.sendall(got)
+
     def __exit__(self, *exc: object) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the accept() of the echo thread
         self.sock.close()
+        if self.thread:
+            self.thread.join(5)

@@ -9,10 +9,13 @@ import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.l2 import Ether
 
-from netferry.hostd.policy import Policy, PolicyError, parse_rule
+from netferry.hostd.policy import Policy, PolicyError, host_addresses, parse_rule
 from netferry.hostd.stack.network import FlowDenied, IcmpEchoOutbound, TcpDial, UdpOutbound
 from tests.unit.test_network import GUEST_IP, HOST_IP, REMOTE_IP, feed, learn_guest, make_net, to_gw
-from tests.unit.test_network import b as packed
+
+
+def packed(ip: str) -> bytes:
+    return ipaddress.ip_address(ip).packed
 
 
 @pytest.mark.parametrize(
@@ -28,6 +31,14 @@ from tests.unit.test_network import b as packed
         ("host", "host"),
         ("HOST:5432/TCP", "host:5432/tcp"),
         ("127.0.0.1:80-80/tcp", "127.0.0.1:80/tcp"),
+        ("::/0", "::/0"),
+        ("::1", "::1"),
+        ("2001:db8::/32", "2001:db8::/32"),
+        ("2001:DB8::1/48/udp", "2001:db8::/48/udp"),
+        ("[::1]", "::1"),
+        ("[::1]:22/tcp", "[::1]:22/tcp"),
+        ("[2001:db8::/32]:1000-2000", "[2001:db8::/32]:1000-2000"),
+        ("[::/0]/icmp", "::/0/icmp"),
     ],
 )
 def test_rules_parse_to_their_canonical_text(text, target):
@@ -39,15 +50,21 @@ def test_rules_parse_to_their_canonical_text(text, target):
     ("text", "words"),
     [
         ("", "is empty"),
-        ("10.0.0.0/33", "not an IPv4 CIDR"),
-        ("::1", "not an IPv4 CIDR"),
+        ("10.0.0.0/33", "not an IPv4/IPv6 CIDR"),
+        ("::/129", "not an IPv4/IPv6 CIDR"),
+        ("2001:db8::1:80-90", "[IPv6 CIDR]:PORT"),
+        ("[::1", "expected [IPv6 CIDR]:PORT"),
+        ("[::1]22", "expected [IPv6 CIDR]:PORT"),
+        ("[10.0.0.1]:22", "brackets are for IPv6"),
+        ("[::1]:0", "ports must be 1..65535"),
+        ("[::1]:22/icmp", "icmp has no ports"),
         ("10.0.0.0/8:0", "ports must be 1..65535"),
         ("10.0.0.0/8:70000", "ports must be 1..65535"),
         ("10.0.0.0/8:9-8", "ports must be 1..65535"),
         ("10.0.0.0/8:x", "is not N or N-M"),
         ("host:22/icmp", "icmp has no ports"),
-        ("10.0.0.0/8/sctp", "not an IPv4 CIDR"),
-        ("y" * 100_000, "not an IPv4 CIDR"),
+        ("10.0.0.0/8/sctp", "not an IPv4/IPv6 CIDR"),
+        ("y" * 100_000, "not an IPv4/IPv6 CIDR"),
     ],
 )
 def test_bad_rules_say_what_is_wrong(text, words):
@@ -129,8 +146,94 @@ def test_no_rules_no_verdicts_recorded():
 
 
 def test_host_group_covers_the_hosts_addresses():
-    from netferry.hostd.policy import host_addresses
-
     found = host_addresses()
     assert ipaddress.IPv4Address("127.0.0.1").packed in found
-    assert all(len(a) == 4 for a in found)
+    assert ipaddress.IPv6Address("::1").packed in found
+    assert all(len(a) in (4, 16) for a in found)
+
+
+def test_host_group_reads_ipv6_addresses(tmp_path):
+    fib = tmp_path / "fib_trie"
+    fib.write_text("  |-- 10.9.9.9\n     /32 host LOCAL\n")
+    inet6 = tmp_path / "if_inet6"
+    inet6.write_text(
+        "00000000000000000000000000000001 01 80 10 80       lo\n"
+        "fd00000000000000000000000000abcd 02 40 00 80     eth0\n"
+        "20010db8000000000000000000000042 02 40 00 80     eth0\n"
+        "fe800000000000000000000000000001 02 40 20 80     eth0\n"
+        "garbage line\n"
+        "zz00000000000000000000000000abcd 02 40 00 80     eth0\n"
+    )
+    found = host_addresses(str(fib), str(inet6))
+    assert found == {
+        packed("127.0.0.1"),
+        packed("10.9.9.9"),
+        packed("::1"),
+        packed("fd00::abcd"),
+        packed("2001:db8::42"),
+        packed("fe80::1"),
+    }
+    p = Policy(host_addresses=found)
+    p.static_rules = [parse_rule("deny", "host", static=True)]
+    for mine in ("::1", "fd00::abcd", "2001:db8::42", "fe80::1", "10.9.9.9", "127.3.2.1"):
+        assert p.decide("tcp", packed(mine), 80).action == "deny", mine
+    assert p.decide("tcp", packed("2001:db8::43"), 80) is None
+    # 127/8 is IPv4 loopback only: 7f00::/8 is not the host
+    assert p.decide("tcp", packed("7f00::1"), 80) is None
+    missing = host_addresses(str(tmp_path / "none"), str(tmp_path / "none6"))
+    assert missing == {packed("127.0.0.1"), packed("::1")}
+
+
+def test_ipv6_rules_match_ipv6_destinations_only():
+    p = Policy()
+    p.static_rules = [
+        parse_rule("allow", "[2001:db8::/32]:443/tcp", static=True),
+        parse_rule("deny", "2001:db8::/32", static=True),
+        parse_rule("deny", "[::1]:22", static=True),
+    ]
+    assert p.decide("tcp", packed("2001:db8::1"), 443).action == "allow"
+    assert p.decide("udp", packed("2001:db8::1"), 443).action == "deny"
+    assert p.decide("tcp", packed("2001:db9::1"), 443) is None
+    assert p.decide("tcp", packed("::1"), 22).action == "deny"
+    assert p.decide("tcp", packed("::1"), 23) is None
+    assert p.decide("tcp", packed("127.0.0.1"), 22) is None  # a v6 rule is not v4
+    p.static_rules = [parse_rule("deny", "::/0", static=True)]
+    assert p.decide("tcp", packed("2606:4700::1"), 443).action == "deny"
+    assert p.decide("tcp", packed("192.0.2.1"), 443) is None  # ::/0 is IPv6 only
+
+
+def test_v4_only_policy_still_denies_ipv6_it_did_not_allow():
+    """A policy written with IPv4 rules only: its `--deny 0.0.0.0/0` is "everything else",
+    IPv6 included; narrower IPv4 rules stay IPv4."""
+    p = Policy()
+    p.static_rules = [
+        parse_rule("allow", "10.0.0.0/8", static=True),
+        parse_rule("deny", "192.0.2.0/24", static=True),
+        parse_rule("deny", "0.0.0.0/0", static=True),
+    ]
+    v6 = packed("2606:4700::1")
+    assert p.decide("tcp", packed("10.1.2.3"), 443).action == "allow"
+    rule = p.decide("tcp", v6, 443)
+    assert rule is not None and str(rule) == "deny 0.0.0.0/0"
+    assert p.check("tcp", packed("fd00::2"), 40000, v6, 443, 1.0).allowed is False
+    p.add(parse_rule("allow", "[2606:4700::/32]:443/tcp"))
+    assert p.decide("tcp", v6, 443).action == "allow"  # an explicit v6 allow before it
+    # a v4 catch-all with ports covers both families too; 192.0.2.0/24 stays IPv4
+    p.rules.clear()
+    p.static_rules = [
+        parse_rule("deny", "0.0.0.0/0:25/tcp", static=True),
+        parse_rule("deny", "192.0.2.0/24", static=True),
+    ]
+    assert p.decide("tcp", v6, 25).action == "deny"
+    assert p.decide("tcp", v6, 26) is None
+
+
+def test_verdicts_format_ipv6_endpoints():
+    p = Policy()
+    p.static_rules = [parse_rule("deny", "[2001:db8::/32]:443/tcp", static=True)]
+    v = p.check("tcp", packed("fd00::2"), 40000, packed("2001:db8::1"), 443, 1.0)
+    assert (v.source, v.destination, v.allowed) == ("[fd00::2]:40000", "[2001:db8::1]:443", False)
+    assert v.rule == "deny [2001:db8::/32]:443/tcp"
+    assert parse_rule("deny", v.rule.split(" ", 1)[1]).target == "[2001:db8::/32]:443/tcp"
+    e = p.check("icmp", packed("fd00::2"), 0, packed("2001:db8::1"), 0, 2.0)
+    assert (e.source, e.destination, e.allowed) == ("fd00::2", "2001:db8::1", True)

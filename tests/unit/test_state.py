@@ -32,6 +32,7 @@ def test_dns_difference_round_trip(tmp_path: Path) -> None:
         control.add_dns_pattern("svc.test.", "^web-[0-9]+$", "192.168.127.8")
         control.set_dns_default("docker.internal.", "192.168.127.9")
         control.add_policy_rule("deny", "10.0.0.0/8:22/tcp")
+        control.add_policy_rule("allow", "[2001:db8::/32]:443/tcp")  # IPv6 round-trips too
         control.remove_dns_zone("docker.internal.")
         control.add_dns_zone("docker.internal.")  # back, but empty: its host record is gone
         data = store.snapshot()
@@ -47,7 +48,10 @@ def test_dns_difference_round_trip(tmp_path: Path) -> None:
         ["gateway.containers.internal.", "A", "192.168.127.1", 0],
         ["gateway.containers.internal.", "AAAA", "fd00:192:168:127::1", 0],
     ]
-    assert saved["policy"] == [{"action": "deny", "rule": "10.0.0.0/8:22/tcp"}]
+    assert saved["policy"] == [
+        {"action": "deny", "rule": "10.0.0.0/8:22/tcp"},
+        {"action": "allow", "rule": "[2001:db8::/32]:443/tcp"},
+    ]
 
     async def second() -> tuple[list, list, list, tuple]:
         switch, control = await _switch_and_control()
@@ -74,7 +78,7 @@ def test_dns_difference_round_trip(tmp_path: Path) -> None:
     assert by_zone["docker.internal."] == set()
     assert extras[0] == ([("^web-[0-9]+$", "192.168.127.8")], None)
     assert extras[1] == ([], None)  # the zone was removed after its DefaultIP was set
-    assert rules == ["deny 10.0.0.0/8:22/tcp"]
+    assert rules == ["deny 10.0.0.0/8:22/tcp", "allow [2001:db8::/32]:443/tcp"]
 
 
 def test_write_is_atomic_and_leaves_no_temporary(tmp_path: Path) -> None:

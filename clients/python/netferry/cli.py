@@ -281,7 +281,11 @@ def build_parser() -> argparse.ArgumentParser:
     posub.add_parser("ls")
     for action in ("allow", "deny"):
         pa = posub.add_parser(action)
-        pa.add_argument("rule", help="CIDR[:PORT[-PORT]][/tcp|udp|icmp], or host for the CIDR")
+        pa.add_argument(
+            "rule",
+            help="CIDR[:PORT[-PORT]][/tcp|udp|icmp] ([IPv6 CIDR]:PORT with ports), or host "
+            "for the CIDR",
+        )
         pa.add_argument("--index", type=int, help="position among the run-time rules")
     pr = posub.add_parser("rm")
     pr.add_argument("index", type=int)
