@@ -31,7 +31,7 @@ then against a MAC inside the client's DUID-LL/DUID-LLT) or by a whole DUID in h
 State: bindings keyed by (client DUID, IAID); outstanding advertisements hold their address
 for ``offer_timeout``; bindings and offers together are at most ``max_leases``; a bounded
 history gives a returning client its former address. Everything expires lazily at the start
-of each call.
+of each call, from a heap of deadlines: the cost is what expired, not what is held.
 
 Limits, so that one guest inventing DUIDs cannot take the pool or stall the loop: a request
 is served at most ``MAX_IA_PER_REQUEST`` IA_NAs (the rest get NoAddrsAvail,
@@ -467,6 +467,10 @@ class Dhcpv6Server:
         self._port_holds: dict[int, int] = {}
         self._port: int | None = None  # the port of the request being handled
         self._refusal_logged = -REFUSAL_LOG_INTERVAL
+        # Deadlines of offers, bindings and quarantines: (when, seq, kind, key), checked
+        # against the live state when reached, so expiry is O(expired), not O(everything).
+        self._deadlines: list[tuple[float, int, str, object]] = []
+        self._deadline_seq = 0
 
     # ---------------------------------------------------------------- public API
 
@@ -538,6 +542,7 @@ class Dhcpv6Server:
         if self._static_for(key, mac) is not None or not self._room_for(key):
             return False
         self._bindings[key] = _Binding(lease.ip, expires, mac, hostname, False)
+        self._deadline(expires, "binding", key)
         self._owner[lease.ip] = key
         self._history[key] = lease.ip
         return True
@@ -546,20 +551,44 @@ class Dhcpv6Server:
         return self._events.popleft() if self._events else None
 
     def expire(self, now: float) -> None:
-        for key, (ip, until) in list(self._offers.items()):
-            if until <= now:
-                del self._offers[key]
+        """Reclaim expired offers, bindings and DECLINE quarantines (from a deadline heap:
+        the cost is the number expired, not the number held)."""
+        heap = self._deadlines
+        while heap and heap[0][0] <= now:
+            entry = heapq.heappop(heap)
+            if not self._deadline_live(entry):
+                continue  # renewed, bound, released or re-declined meanwhile
+            _, _, kind, what = entry
+            if kind == "offer":
+                key: _Key = what  # type: ignore[assignment]
+                ip = self._offers.pop(key)[0]
                 if self._owner.get(ip) == key and key not in self._bindings:
                     self._disown(ip)
                 self._let_go(key)
-        for key, b in list(self._bindings.items()):
-            if b.expires <= now:
-                self._unbind(key, "expired")
+            elif kind == "binding":
+                self._unbind(what, "expired")  # type: ignore[arg-type]
                 self.stats.expired += 1
-        for ip, until in list(self._declined.items()):
-            if until <= now:
-                del self._declined[ip]
-                self._hand_back(ip)
+            else:
+                del self._declined[what]  # type: ignore[arg-type]
+                self._hand_back(what)  # type: ignore[arg-type]
+        live = len(self._offers) + len(self._bindings) + len(self._declined)
+        if len(heap) > 2 * live + 64:  # renewals leave stale entries: drop them now and then
+            self._deadlines = heap = [e for e in heap if self._deadline_live(e)]
+            heapq.heapify(heap)
+
+    def _deadline_live(self, entry: tuple[float, int, str, object]) -> bool:
+        when, _, kind, what = entry
+        if kind == "offer":
+            offer = self._offers.get(what)  # type: ignore[arg-type]
+            return offer is not None and offer[1] == when
+        if kind == "binding":
+            b = self._bindings.get(what)  # type: ignore[arg-type]
+            return b is not None and b.expires == when
+        return self._declined.get(what) == when  # type: ignore[call-overload]
+
+    def _deadline(self, when: float, kind: str, what: object) -> None:
+        self._deadline_seq += 1
+        heapq.heappush(self._deadlines, (when, self._deadline_seq, kind, what))
 
     # ---------------------------------------------------------------- dispatch
 
@@ -623,6 +652,7 @@ class Dhcpv6Server:
             any_addr = True
             if key not in self._bindings:
                 self._offers[key] = (ip, now + self.config.offer_timeout)
+                self._deadline(now + self.config.offer_timeout, "offer", key)
                 self._owner[ip] = key
                 self._hold(key, ip)
             out.append(self._ia(ia.iaid, ip, self.config.lease_time))
@@ -691,6 +721,7 @@ class Dhcpv6Server:
             self._unbind(key, reason)
             if reason == "declined" and not b.static:
                 self._declined[b.ip] = now + self.config.decline_hold
+                self._deadline(now + self.config.decline_hold, "declined", b.ip)
                 self._history.pop(key, None)
         return self._reply(REPLY, req, [_status(SUCCESS, reason), *out])
 
@@ -860,6 +891,7 @@ class Dhcpv6Server:
         expires = now + self.config.lease_time
         static = ip in self._static_ips
         self._bindings[key] = _Binding(ip, expires, mac, hostname, static)
+        self._deadline(expires, "binding", key)
         self._owner[ip] = key
         self._hold(key, ip)
         self._history[key] = ip

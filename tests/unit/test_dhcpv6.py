@@ -496,3 +496,21 @@ def test_restore_lease_refuses_malformed_ones():
     good = dhcpv6.Lease("02-00-00-00-00-07", ip, 100.0, None, False, duid, 1)
     assert srv.restore_lease(good, 0.0)
     assert [lease.mac for lease in srv.leases(0.0)] == [OTHER_MAC]  # normalised
+
+
+def test_expiry_from_a_deadline_heap_bounded_under_renewals():
+    srv = server(lease_time=100)
+    sol = d6.DHCP6_Solicit() / client_id(OTHER_MAC) / d6.DHCP6OptIA_NA(iaid=1)
+    ((ip, _, _),) = addresses(send(srv, sol / d6.DHCP6OptRapidCommit(), mac=OTHER_MAC))
+    renew = (
+        d6.DHCP6_Renew()
+        / client_id(OTHER_MAC)
+        / server_id(srv)
+        / d6.DHCP6OptIA_NA(iaid=1, ianaopts=[d6.DHCP6OptIAAddress(addr=ip)])
+    )
+    raw = bytes(renew)
+    for n in range(1, 501):  # each renewal leaves a stale deadline behind
+        srv.handle(raw, CLIENT_LL, bytes.fromhex(OTHER_MAC.replace(":", "")), n * 0.1)
+    assert len(srv._deadlines) <= 2 * 1 + 64 + 1  # stale ones are dropped now and then
+    assert [lease.ip for lease in srv.leases(149.0)] == [IPv6Address(ip)]
+    assert srv.leases(150.0) == [] and srv.stats.expired == 1
