@@ -416,7 +416,7 @@ def add_port_security_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         default=16,
         metavar="N",
-        help="DHCP offers and leases one port may hold, and addresses it may bind "
+        help="DHCP (and DHCPv6) offers and leases one port may hold, and addresses it may bind "
         "(0: no limit; default %(default)s)",
     )
     sec.add_argument(

@@ -208,7 +208,9 @@ class StateStore:
         sw = self.control.switch
         now = sw.loop.time()
         offset = time.time() - now
-        for item in leases:
+        for i, item in enumerate(leases):
+            if not isinstance(item, dict):
+                raise StateError(f"state file {self.path}: leases[{i}]: not an object")
             ip = ipaddress.IPv4Address(item["ip"])
             expires = float(item["expires"]) - offset
             if not sw.network.dhcp.restore_lease(
@@ -227,7 +229,9 @@ class StateStore:
             return
         now = sw.loop.time()
         offset = time.time() - now
-        for item in leases:
+        for i, item in enumerate(leases):
+            if not isinstance(item, dict):
+                raise StateError(f"state file {self.path}: leases6[{i}]: not an object")
             lease = Lease6(
                 mac=str(item.get("mac", "")),
                 ip=ipaddress.IPv6Address(item["ip"]),

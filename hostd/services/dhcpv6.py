@@ -28,9 +28,19 @@ Address plan (defaults for ``fd00:192:168:127::/64``): ``::1`` the gateway (rese
 ``::1000``-``::1fff``. A static lease is keyed by a MAC (matched against the Ethernet source,
 then against a MAC inside the client's DUID-LL/DUID-LLT) or by a whole DUID in hex.
 
-State: bindings keyed by (client DUID, IAID), at most ``max_leases`` of them; outstanding
-advertisements hold their address for ``offer_timeout``; a bounded history gives a returning
-client its former address. Everything expires lazily at the start of each call. Lease events
+State: bindings keyed by (client DUID, IAID); outstanding advertisements hold their address
+for ``offer_timeout``; bindings and offers together are at most ``max_leases``; a bounded
+history gives a returning client its former address. Everything expires lazily at the start
+of each call, from a heap of deadlines: the cost is what expired, not what is held.
+
+Limits, so that one guest inventing DUIDs cannot take the pool or stall the loop: a request
+is served at most ``MAX_IA_PER_REQUEST`` IA_NAs (the rest get NoAddrsAvail,
+``stats.ia_limit_refused``); with ``max_leases_per_port`` set, a switch port (the stack passes
+the one a request came in on) whose clients already hold that many offers and bindings gets
+NoAddrsAvail for a further IA (``stats.port_limit_refused``; static leases are exempt).
+Refusals are logged at most every few seconds. A new address comes from a cursor that walks
+the pool once plus a heap of the addresses handed back below it, so choosing one costs
+O(log n) amortised, however full the pool is. Lease events
 (:class:`LeaseGranted`, :class:`LeaseReleased`) queue up, bounded, for the stack to drain with
 :meth:`Dhcpv6Server.next_event`; :meth:`Dhcpv6Server.leases` lists active leases in the shape
 of the DHCPv4 ones (mac, ip, expires, hostname, static) for the lease API.
@@ -38,6 +48,7 @@ of the DHCPv4 ones (mac, ip, expires, hostname, static) for the lease API.
 
 from __future__ import annotations
 
+import heapq
 import ipaddress
 import struct
 from collections import OrderedDict, deque
@@ -102,6 +113,8 @@ _OPT = struct.Struct("!HH")
 _IA_NA = struct.Struct("!III")
 _IAADDR = struct.Struct("!16sII")
 MAX_OPTIONS = 64  # per message (and per IA): more is an attack, not a client
+MAX_IA_PER_REQUEST = 8  # IA_NAs served per message: a host asks for one or two
+REFUSAL_LOG_INTERVAL = 5.0  # seconds between warnings about refused IAs
 
 
 def duid_ll(mac: bytes) -> bytes:
@@ -161,9 +174,12 @@ class Dhcpv6Config:
     information_refresh_time: int = 86400
     offer_timeout: float = 60.0
     decline_hold: float = 600.0
-    max_leases: int = 4096
+    max_leases: int = 4096  # bindings and outstanding offers
     history_size: int = 4096
     event_queue_size: int = 1024
+    # Addresses (offers and bindings) the clients on one switch port may hold at once; 0: no
+    # limit. Static leases are exempt.
+    max_leases_per_port: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.prefix, IPv6Network):
@@ -185,6 +201,8 @@ class Dhcpv6Config:
             raise ValueError(f"preference {self.preference} out of range 0..255")
         if self.max_leases < 1:
             raise ValueError("max_leases must be at least 1")
+        if self.max_leases_per_port < 0:
+            raise ValueError("max_leases_per_port must be >= 0 (0: no limit)")
         if self.static_leases is None:
             self.static_leases = {DEFAULT_STATIC_MAC: base + 2}
         statics: dict[str, IPv6Address] = {}
@@ -231,6 +249,7 @@ def dhcpv6_config_for(config) -> Dhcpv6Config:
         reserved=set(config.virtual_addresses6),
         pool=config.dhcp6_range,
         lease_time=config.lease_time,
+        max_leases_per_port=config.port_max_leases,
     )
 
 
@@ -291,8 +310,11 @@ class Dhcpv6Stats:
     rapid_commits: int = 0
     malformed: int = 0
     ignored: int = 0
-    no_addrs: int = 0  # IAs left without an address (pool or lease table full)
+    no_addrs: int = 0  # IAs left without an address (pool or lease table full, a limit)
     expired: int = 0
+    port_limit_refused: int = 0  # IAs refused: their port holds max_leases_per_port
+    ia_limit_refused: int = 0  # IAs refused: beyond MAX_IA_PER_REQUEST in one message
+    restore_rejected: int = 0  # remembered leases not restored because malformed
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -433,13 +455,36 @@ class Dhcpv6Server:
         self.stats = Dhcpv6Stats()
         self.server_duid = config.server_duid
         self._config_options = self._build_config_options()
+        # New addresses: `_cursor` walks the pool once (everything at or above it was never
+        # handed out by it); addresses handed back below it wait in a heap (lowest first,
+        # `_freed_set` keeps it free of duplicates; an entry taken meanwhile is dropped).
+        self._cursor = self._pool_lo
+        self._freed: list[int] = []
+        self._freed_set: set[int] = set()
+        # Which switch port each IA holding an offer or a binding asked from, and how many
+        # such IAs each port has (for `max_leases_per_port`).
+        self._key_port: dict[_Key, int] = {}
+        self._port_holds: dict[int, int] = {}
+        self._port: int | None = None  # the port of the request being handled
+        self._refusal_logged = -REFUSAL_LOG_INTERVAL
+        # Deadlines of offers, bindings and quarantines: (when, seq, kind, key), checked
+        # against the live state when reached, so expiry is O(expired), not O(everything).
+        self._deadlines: list[tuple[float, int, str, object]] = []
+        self._deadline_seq = 0
 
     # ---------------------------------------------------------------- public API
 
     def handle(
-        self, payload: bytes, src_ip: IPv6Address, src_mac: bytes | None, now: float
+        self,
+        payload: bytes,
+        src_ip: IPv6Address,
+        src_mac: bytes | None,
+        now: float,
+        port: int | None = None,
     ) -> Dhcpv6Reply | None:
-        """Process one client message; the reply to send, if any. Never raises."""
+        """Process one client message; the reply to send, if any. Never raises.
+        `port`: the switch port it came in on (None: unknown, no per-port limit)."""
+        self._port = port
         try:
             req = _parse_request(bytes(payload))
         except (_Malformed, ValueError) as exc:
@@ -468,18 +513,36 @@ class Dhcpv6Server:
 
     def restore_lease(self, lease: Lease, now: float) -> bool:
         """Bind a dynamic lease remembered from an earlier run (the state file, which keeps
-        `duid` and `iaid` too); False when expired, outside the pool, or taken meanwhile."""
+        `duid` and `iaid` too); False when expired, outside the pool, or taken meanwhile.
+        A malformed one (MAC, DUID, IAID, address, times) is refused, counted
+        (`stats.restore_rejected`) and logged: its events would reach the stack later."""
         try:
+            if not isinstance(lease.ip, IPv6Address):
+                raise ValueError(f"address {lease.ip!r} is not an IPv6Address")
+            mac = normalize_mac(lease.mac) if lease.mac else ""
+            if not isinstance(lease.duid, str) or not isinstance(lease.iaid, int):
+                raise ValueError("duid must be hex text and iaid an integer")
             key = (bytes.fromhex(lease.duid), lease.iaid)
-        except ValueError:
+            if not 3 <= len(key[0]) <= 130 or not 0 <= lease.iaid <= 0xFFFFFFFF:
+                raise ValueError("DUID of 3..130 bytes and a 32-bit IAID expected")
+            expires = float(lease.expires)
+            if expires != expires:  # NaN would never expire
+                raise ValueError("expiry is not a number")
+            hostname = lease.hostname
+            if hostname is not None and not isinstance(hostname, str):
+                raise ValueError("hostname is not text")
+        except (TypeError, ValueError) as exc:
+            self.stats.restore_rejected += 1
+            log.warning("dhcpv6.restore_rejected", ip=str(lease.ip), error=str(exc))
             return False
-        if lease.expires <= now or not 3 <= len(key[0]) <= 130 or key in self._bindings:
+        if expires <= now or key in self._bindings:
             return False
         if not self._in_pool(lease.ip) or not self._is_free(lease.ip, key):
             return False
-        if self._static_for(key, lease.mac) is not None or not self._room_for(key):
+        if self._static_for(key, mac) is not None or not self._room_for(key):
             return False
-        self._bindings[key] = _Binding(lease.ip, lease.expires, lease.mac, lease.hostname, False)
+        self._bindings[key] = _Binding(lease.ip, expires, mac, hostname, False)
+        self._deadline(expires, "binding", key)
         self._owner[lease.ip] = key
         self._history[key] = lease.ip
         return True
@@ -488,18 +551,44 @@ class Dhcpv6Server:
         return self._events.popleft() if self._events else None
 
     def expire(self, now: float) -> None:
-        for key, (ip, until) in list(self._offers.items()):
-            if until <= now:
-                del self._offers[key]
+        """Reclaim expired offers, bindings and DECLINE quarantines (from a deadline heap:
+        the cost is the number expired, not the number held)."""
+        heap = self._deadlines
+        while heap and heap[0][0] <= now:
+            entry = heapq.heappop(heap)
+            if not self._deadline_live(entry):
+                continue  # renewed, bound, released or re-declined meanwhile
+            _, _, kind, what = entry
+            if kind == "offer":
+                key: _Key = what  # type: ignore[assignment]
+                ip = self._offers.pop(key)[0]
                 if self._owner.get(ip) == key and key not in self._bindings:
-                    del self._owner[ip]
-        for key, b in list(self._bindings.items()):
-            if b.expires <= now:
-                self._unbind(key, "expired")
+                    self._disown(ip)
+                self._let_go(key)
+            elif kind == "binding":
+                self._unbind(what, "expired")  # type: ignore[arg-type]
                 self.stats.expired += 1
-        for ip, until in list(self._declined.items()):
-            if until <= now:
-                del self._declined[ip]
+            else:
+                del self._declined[what]  # type: ignore[arg-type]
+                self._hand_back(what)  # type: ignore[arg-type]
+        live = len(self._offers) + len(self._bindings) + len(self._declined)
+        if len(heap) > 2 * live + 64:  # renewals leave stale entries: drop them now and then
+            self._deadlines = heap = [e for e in heap if self._deadline_live(e)]
+            heapq.heapify(heap)
+
+    def _deadline_live(self, entry: tuple[float, int, str, object]) -> bool:
+        when, _, kind, what = entry
+        if kind == "offer":
+            offer = self._offers.get(what)  # type: ignore[arg-type]
+            return offer is not None and offer[1] == when
+        if kind == "binding":
+            b = self._bindings.get(what)  # type: ignore[arg-type]
+            return b is not None and b.expires == when
+        return self._declined.get(what) == when  # type: ignore[call-overload]
+
+    def _deadline(self, when: float, kind: str, what: object) -> None:
+        self._deadline_seq += 1
+        heapq.heappush(self._deadlines, (when, self._deadline_seq, kind, what))
 
     # ---------------------------------------------------------------- dispatch
 
@@ -553,9 +642,9 @@ class Dhcpv6Server:
             return self._reply(REPLY, req, [*extra, _opt(OPT_RAPID_COMMIT, b"")])
         out = []
         any_addr = False
-        for ia in req.ia_nas:
+        for n, ia in enumerate(req.ia_nas):
             key = (duid, ia.iaid)
-            ip = self._choose(key, mac, ia.addresses)
+            ip = self._choose(key, mac, ia.addresses, now) if self._ia_allowed(n, now) else None
             if ip is None:
                 self.stats.no_addrs += 1
                 out.append(self._ia_status(ia.iaid, NO_ADDRS_AVAIL, "no addresses available"))
@@ -563,7 +652,9 @@ class Dhcpv6Server:
             any_addr = True
             if key not in self._bindings:
                 self._offers[key] = (ip, now + self.config.offer_timeout)
+                self._deadline(now + self.config.offer_timeout, "offer", key)
                 self._owner[ip] = key
+                self._hold(key, ip)
             out.append(self._ia(ia.iaid, ip, self.config.lease_time))
         if req.ia_nas and not any_addr:
             out.append(_status(NO_ADDRS_AVAIL, "no addresses available"))
@@ -573,9 +664,9 @@ class Dhcpv6Server:
     def _bind_all(self, req: _Request, mac: str, now: float) -> list[bytes]:
         duid = req.client_id or b""  # present: _dispatch checked
         out = []
-        for ia in req.ia_nas:
+        for n, ia in enumerate(req.ia_nas):
             key = (duid, ia.iaid)
-            ip = self._choose(key, mac, ia.addresses)
+            ip = self._choose(key, mac, ia.addresses, now) if self._ia_allowed(n, now) else None
             if ip is None:
                 self.stats.no_addrs += 1
                 out.append(self._ia_status(ia.iaid, NO_ADDRS_AVAIL, "no addresses available"))
@@ -603,6 +694,10 @@ class Dhcpv6Server:
                 continue
             if b is None:
                 wanted = [a for a in ia.addresses if self._acceptable(key, mac, a)]
+                if wanted and not self._may_hold(key, wanted[0], now):
+                    self.stats.no_addrs += 1
+                    out.append(self._ia_status(ia.iaid, NO_ADDRS_AVAIL, "no addresses available"))
+                    continue
                 if not wanted:  # not ours to give: tell the client to stop using them
                     out.append(self._ia_zero(ia.iaid, ia.addresses))
                     continue
@@ -626,6 +721,7 @@ class Dhcpv6Server:
             self._unbind(key, reason)
             if reason == "declined" and not b.static:
                 self._declined[b.ip] = now + self.config.decline_hold
+                self._deadline(now + self.config.decline_hold, "declined", b.ip)
                 self._history.pop(key, None)
         return self._reply(REPLY, req, [_status(SUCCESS, reason), *out])
 
@@ -668,9 +764,15 @@ class Dhcpv6Server:
         return self._in_pool(ip) and self._is_free(ip, key) and self._room_for(key)
 
     def _room_for(self, key: _Key) -> bool:
-        return key in self._bindings or len(self._bindings) < self.config.max_leases
+        """Whether `key` may hold an address: it does already, or bindings and outstanding
+        offers together are below `max_leases`."""
+        if key in self._bindings or key in self._offers:
+            return True
+        return len(self._bindings) + len(self._offers) < self.config.max_leases
 
-    def _choose(self, key: _Key, mac: str, hints: list[IPv6Address]) -> IPv6Address | None:
+    def _choose(
+        self, key: _Key, mac: str, hints: list[IPv6Address], now: float
+    ) -> IPv6Address | None:
         static = self._static_for(key, mac)
         if static is not None:
             return static
@@ -678,7 +780,7 @@ class Dhcpv6Server:
             return self._bindings[key].ip
         if key in self._offers:
             return self._offers[key][0]
-        if not self._room_for(key):
+        if not self._room_for(key) or self._over_port_limit(key, now):
             return None
         old = self._history.get(key)
         if old is not None and self._is_free(old, key) and self._in_pool(old):
@@ -686,12 +788,98 @@ class Dhcpv6Server:
         for hint in hints:
             if self._in_pool(hint) and self._is_free(hint, key):
                 return hint
-        # the lowest free address: at most (taken + reserved + quarantined) steps
-        for n in range(self._pool_lo, self._pool_hi + 1):
+        return self._next_free(key)
+
+    def _next_free(self, key: _Key) -> IPv6Address | None:
+        """A free pool address: the lowest handed back below the cursor, else the cursor's.
+        Every address is passed by the cursor once and leaves the heap once per hand-back,
+        so a full pool costs nothing and a free address O(log n) amortised."""
+        while self._freed:
+            n = heapq.heappop(self._freed)
+            self._freed_set.discard(n)
             ip = IPv6Address(n)
             if self._is_free(ip, key):
                 return ip
+        while self._cursor <= self._pool_hi:
+            ip = IPv6Address(self._cursor)
+            self._cursor += 1
+            if self._is_free(ip, key):
+                return ip
         return None
+
+    def _hand_back(self, ip: IPv6Address) -> None:
+        """`ip` may be free again: a candidate for `_next_free` if the cursor passed it."""
+        n = int(ip)
+        if self._pool_lo <= n < self._cursor and n not in self._freed_set:
+            self._freed_set.add(n)
+            heapq.heappush(self._freed, n)
+
+    def _disown(self, ip: IPv6Address) -> None:
+        del self._owner[ip]
+        self._hand_back(ip)
+
+    # ---------------------------------------------------------------- limits
+
+    def _ia_allowed(self, n: int, now: float) -> bool:
+        """Whether the `n`-th IA_NA (from 0) of a message is served at all."""
+        if n < MAX_IA_PER_REQUEST:
+            return True
+        self.stats.ia_limit_refused += 1
+        self._log_refusal(now, f"more than {MAX_IA_PER_REQUEST} IA_NA in one message")
+        return False
+
+    def _may_hold(self, key: _Key, ip: IPv6Address, now: float) -> bool:
+        """Whether `key` may bind `ip` it asked for (a REBIND without binding)."""
+        return ip in self._static_ips or not self._over_port_limit(key, now)
+
+    def _over_port_limit(self, key: _Key, now: float) -> bool:
+        """True (counted, logged now and then) when `key` would be a new holder on a port
+        that already holds `max_leases_per_port` offers and bindings."""
+        limit = self.config.max_leases_per_port
+        port = self._port
+        if not limit or port is None:
+            return False
+        if self._key_port.get(key) == port or self._port_holds.get(port, 0) < limit:
+            return False
+        self.stats.port_limit_refused += 1
+        self._log_refusal(now, f"port {port} holds {limit} addresses (the limit)")
+        return True
+
+    def _log_refusal(self, now: float, why: str) -> None:
+        if now - self._refusal_logged >= REFUSAL_LOG_INTERVAL:
+            self._refusal_logged = now
+            log.warning(
+                "dhcpv6.refused",
+                why=why,
+                port_limit_refused=self.stats.port_limit_refused,
+                ia_limit_refused=self.stats.ia_limit_refused,
+            )
+
+    def _hold(self, key: _Key, ip: IPv6Address) -> None:
+        """`key` holds an offer or a binding of `ip`: count it against its request's port."""
+        port = self._port
+        if port is None or ip in self._static_ips:
+            return
+        old = self._key_port.get(key)
+        if old == port:
+            return
+        if old is not None:
+            self._drop_hold(old)
+        self._key_port[key] = port
+        self._port_holds[port] = self._port_holds.get(port, 0) + 1
+
+    def _let_go(self, key: _Key) -> None:
+        """`key` may have stopped holding anything: uncount it."""
+        if key in self._bindings or key in self._offers:
+            return
+        port = self._key_port.pop(key, None)
+        if port is not None:
+            self._drop_hold(port)
+
+    def _drop_hold(self, port: int) -> None:
+        self._port_holds[port] -= 1
+        if not self._port_holds[port]:
+            del self._port_holds[port]
 
     def _bind(self, key: _Key, ip: IPv6Address, mac: str, hostname: str | None, now: float) -> None:
         old = self._bindings.get(key)
@@ -699,11 +887,13 @@ class Dhcpv6Server:
             self._unbind(key, "released")
         offer = self._offers.pop(key, None)
         if offer is not None and offer[0] != ip and self._owner.get(offer[0]) == key:
-            del self._owner[offer[0]]
+            self._disown(offer[0])
         expires = now + self.config.lease_time
         static = ip in self._static_ips
         self._bindings[key] = _Binding(ip, expires, mac, hostname, static)
+        self._deadline(expires, "binding", key)
         self._owner[ip] = key
+        self._hold(key, ip)
         self._history[key] = ip
         self._history.move_to_end(key)
         while len(self._history) > self.config.history_size:
@@ -716,7 +906,8 @@ class Dhcpv6Server:
         if b is None:
             return
         if self._owner.get(b.ip) == key:
-            del self._owner[b.ip]
+            self._disown(b.ip)
+        self._let_go(key)
         self._events.append(LeaseReleased(b.mac, b.ip, b.hostname, reason))
 
     # ---------------------------------------------------------------- building

@@ -26,8 +26,10 @@ Receive (`_ipv6_frame`, from the one receive path for every IPv6 frame):
 * Fragments go to `reassembler6` (overlaps, budgets and timeouts there); a whole datagram
   goes on like any packet. Layer 4: NDP (133-136) to the responder, MLD counted and
   ignored, echo to the gateway's addresses answered, other echo to the NAT
-  (`IcmpEchoOutbound`), DHCPv6 (547) to `dhcp6`, DNS to `dns6` to the resolver, TCP and
-  UDP to the same transport as IPv4 with 16-byte addresses.
+  (`IcmpEchoOutbound`), DHCPv6 (547) to `dhcp6` with the port it came by (the per-port
+  limit; its lease events, bad ones counted and dropped, feed the neighbour cache and port
+  security), DNS to `dns6` to the resolver, TCP and UDP to the same transport as IPv4 with
+  16-byte addresses.
 
 Send: `_send_ip6` builds the header (hop limit 64), fragments UDP and ICMPv6 above the MTU,
 and finds the destination MAC in the neighbour cache; an unknown on-link destination's
@@ -406,8 +408,10 @@ class Ipv6Layer:
     def _dhcp6_request(
         self, pkt: ipv6.Ipv6Packet, payload: bytes, src_mac: bytes, now: float
     ) -> None:
+        # The port the request came in by (the CAM table learnt it from this very frame):
+        # addresses are counted per port and bound to it.
         port = self.cam.lookup(src_mac)
-        reply = self.dhcp6.handle(payload, IPv6Address(pkt.src), src_mac, now)
+        reply = self.dhcp6.handle(payload, IPv6Address(pkt.src), src_mac, now, port)
         self._drain_dhcp6_events(port)
         if reply is None:
             return
@@ -421,8 +425,14 @@ class Ipv6Layer:
 
     def _drain_dhcp6_events(self, port: int | None) -> None:
         while (event := self.dhcp6.next_event()) is not None:
-            ip = event.ip.packed
-            mac = ethernet.parse_mac(event.mac) if event.mac else None
+            try:
+                ip = event.ip.packed
+                mac = ethernet.parse_mac(event.mac) if event.mac else None
+            except (AttributeError, TypeError, ValueError):
+                # the server validates what it binds; a bad event must still not escape
+                # the timer or the datagram path
+                self.stats["dhcp6_lease_event_malformed"] += 1
+                continue
             if isinstance(event, Lease6Granted):
                 if mac is not None:
                     self.ndp.cache.learn(ip, mac)

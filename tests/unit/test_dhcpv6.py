@@ -4,6 +4,7 @@ with a fake clock."""
 from __future__ import annotations
 
 import random
+import struct
 from ipaddress import IPv6Address, IPv6Network
 
 import pytest
@@ -37,9 +38,10 @@ def dissect(payload: bytes):
     return UDP(bytes(UDP(sport=547, dport=546) / Raw(payload))).payload
 
 
-def send(srv, msg, mac: str | None = GUEST_MAC, now: float = 0.0):
+def send(srv, msg, mac: str | None = GUEST_MAC, now: float = 0.0, port: int | None = None):
     raw_mac = bytes.fromhex(mac.replace(":", "")) if mac else None
-    reply = srv.handle(bytes(msg), CLIENT_LL, raw_mac, now)
+    kw = {} if port is None else {"port": port}
+    reply = srv.handle(bytes(msg), CLIENT_LL, raw_mac, now, **kw)
     return None if reply is None else dissect(reply.payload)
 
 
@@ -356,3 +358,159 @@ def test_config_from_the_network_plan():
     slirp = dhcpv6.dhcpv6_config_for(NetworkConfig(**slirp4netns_plan6()))
     assert slirp.static_leases == {GUEST_MAC: IPv6Address("fd00::100")}
     assert slirp.dns_servers == [IPv6Address("fd00::3")]
+
+
+# ---- limits: one guest inventing DUIDs takes neither the pool nor the loop
+
+
+def stall_solicit(i: int, ias: int = 62, rapid: bool = False) -> bytes:
+    """A SOLICIT with a fresh DUID and `ias` IA_NAs, as a guest trying to take the pool
+    (built by hand: scapy takes seconds over 65 messages of 62 IAs)."""
+    duid = dhcpv6.duid_ll(bytes.fromhex(f"02660000{i:04x}"))
+    msg = bytes([dhcpv6.SOLICIT]) + i.to_bytes(3, "big") + dhcpv6._opt(dhcpv6.OPT_CLIENTID, duid)
+    for iaid in range(ias):
+        msg += dhcpv6._opt(dhcpv6.OPT_IA_NA, struct.pack("!III", iaid, 0, 0))
+    return msg + dhcpv6._opt(dhcpv6.OPT_RAPID_COMMIT, b"") if rapid else msg
+
+
+def granted(srv, msg: bytes, mac: str | None, now: float, port: int | None) -> list[str]:
+    """The addresses a reply gives (parsed with the server's own option walker, fast)."""
+    raw_mac = bytes.fromhex(mac.replace(":", "")) if mac else None
+    kw = {} if port is None else {"port": port}
+    reply = srv.handle(msg, CLIENT_LL, raw_mac, now, **kw)
+    assert reply is not None
+    out = []
+    for code, value in walk_options(reply.payload[4:]):
+        if code == dhcpv6.OPT_IA_NA:
+            for sub, sval in walk_options(value[12:]):
+                if sub == dhcpv6.OPT_IAADDR:
+                    out.append(str(IPv6Address(sval[:16])))
+    return out
+
+
+def walk_options(data: bytes) -> list[tuple[int, bytes]]:
+    out, i = [], 0
+    while i < len(data):
+        code, length = struct.unpack_from("!HH", data, i)
+        out.append((code, data[i + 4 : i + 4 + length]))
+        i += 4 + length
+    return out
+
+
+def count_probes(monkeypatch, srv: Dhcpv6Server) -> list[int]:
+    """Count the server's `_is_free` calls: the pool probes a request costs."""
+    calls = [0]
+    real = srv._is_free
+
+    def counted(ip, key):
+        calls[0] += 1
+        return real(ip, key)
+
+    monkeypatch.setattr(srv, "_is_free", counted)
+    return calls
+
+
+@pytest.mark.parametrize("rapid", [False, True])
+def test_stall_input_refused_at_the_port_limit(monkeypatch, rapid):
+    srv = server(max_leases_per_port=16)
+    probes = count_probes(monkeypatch, srv)
+    held = []
+    for i in range(65):
+        held += granted(srv, stall_solicit(i, rapid=rapid), OTHER_MAC, 1.0, 1)
+    assert len(held) == 16 and len(set(held)) == 16
+    assert srv.stats.ia_limit_refused == 65 * (62 - dhcpv6.MAX_IA_PER_REQUEST)
+    assert srv.stats.port_limit_refused == 65 * dhcpv6.MAX_IA_PER_REQUEST - 16
+    assert len(srv.leases(1.0)) == (16 if rapid else 0)
+    # each refused SOLICIT probes no pool address at all (before: the whole pool per IA)
+    before = probes[0]
+    assert granted(srv, stall_solicit(1000, rapid=rapid), OTHER_MAC, 2.0, 1) == []
+    assert probes[0] == before
+    # a guest on another port is served, and the lowest free address is next
+    other = d6.DHCP6_Solicit() / client_id("02:00:00:00:00:09") / d6.DHCP6OptIA_NA(iaid=1)
+    assert addresses(send(srv, other, mac="02:00:00:00:00:09", now=2.0, port=2)) == [
+        (str(PREFIX[0x1010]), 3600, 3600)
+    ]
+
+
+def test_port_limit_counts_offers_until_they_lapse_and_leases_until_released():
+    srv = server(max_leases_per_port=2)
+    for i in range(2):
+        assert granted(srv, stall_solicit(i, ias=1), OTHER_MAC, 0.0, 1)
+    assert not granted(srv, stall_solicit(2, ias=1), OTHER_MAC, 1.0, 1)
+    assert srv.stats.port_limit_refused == 1
+    # the offers lapse: the port may hold two again; rapid commit makes them leases
+    for i in (2, 3):
+        assert granted(srv, stall_solicit(i, ias=1, rapid=True), OTHER_MAC, 61.0, 1)
+    assert not granted(srv, stall_solicit(4, ias=1), OTHER_MAC, 62.0, 1)
+    # releasing one lease frees its place on the port
+    duid = d6.DUID_LL(lladdr="02:66:00:00:00:02")
+    rel = d6.DHCP6_Release() / d6.DHCP6OptClientId(duid=duid) / server_id(srv)
+    send(srv, rel / d6.DHCP6OptIA_NA(iaid=0), mac=OTHER_MAC, now=63.0, port=1)
+    assert granted(srv, stall_solicit(4, ias=1), OTHER_MAC, 64.0, 1)
+    # the static lease is exempt from the limit
+    static = d6.DHCP6_Solicit() / client_id() / d6.DHCP6OptIA_NA(iaid=1)
+    assert addresses(send(srv, static, now=64.0, port=1))[0][0] == str(PREFIX[2])
+
+
+def test_offers_count_against_max_leases():
+    srv = server(max_leases=3)
+    got = [granted(srv, stall_solicit(i, ias=1), None, 0.0, None) for i in range(5)]
+    assert [len(a) for a in got] == [1, 1, 1, 0, 0] and srv.stats.no_addrs == 2
+
+
+def test_full_pool_costs_no_probes_and_freed_addresses_come_back(monkeypatch):
+    srv = server(pool=(PREFIX[0x1000], PREFIX[0x103F]))  # no per-port limit
+    probes = count_probes(monkeypatch, srv)
+    taken = []
+    for i in range(9):
+        taken += granted(srv, stall_solicit(i, rapid=True), None, 1.0, None)
+    assert sorted(taken) == sorted(str(PREFIX[0x1000 + n]) for n in range(64))
+    assert probes[0] <= 64 + 8  # the cursor passed each address once
+    before = probes[0]
+    assert granted(srv, stall_solicit(100, rapid=True), None, 2.0, None) == []
+    assert probes[0] == before
+    # addresses handed back are found again, lowest first
+    for i, iaid in ((0, 3), (0, 1)):
+        duid = d6.DUID_LL(lladdr=f"02:66:00:00:00:{i:02x}")
+        rel = d6.DHCP6_Release() / d6.DHCP6OptClientId(duid=duid) / server_id(srv)
+        send(srv, rel / d6.DHCP6OptIA_NA(iaid=iaid), mac=None, now=3.0)
+    got = granted(srv, stall_solicit(101, ias=3, rapid=True), None, 4.0, None)
+    assert got == [str(PREFIX[0x1001]), str(PREFIX[0x1003])]
+    assert probes[0] - before <= 2
+
+
+def test_restore_lease_refuses_malformed_ones():
+    srv = server()
+    duid = bytes(d6.DUID_LL(lladdr=OTHER_MAC)).hex()
+    ip = PREFIX[0x1005]
+    bad = [
+        dhcpv6.Lease("not-a-mac", ip, 100.0, None, False, duid, 1),
+        dhcpv6.Lease(OTHER_MAC, ip, 100.0, None, False, duid, -1),
+        dhcpv6.Lease(OTHER_MAC, ip, 100.0, None, False, duid, 1 << 32),
+        dhcpv6.Lease(OTHER_MAC, ip, float("nan"), None, False, duid, 1),
+        dhcpv6.Lease(OTHER_MAC, ip, 100.0, 7, False, duid, 1),  # type: ignore[arg-type]
+        dhcpv6.Lease(OTHER_MAC, "fd00::5", 100.0, None, False, duid, 1),  # type: ignore[arg-type]
+    ]
+    assert [srv.restore_lease(lease, 0.0) for lease in bad] == [False] * len(bad)
+    assert srv.stats.restore_rejected == len(bad) and srv.leases(0.0) == []
+    good = dhcpv6.Lease("02-00-00-00-00-07", ip, 100.0, None, False, duid, 1)
+    assert srv.restore_lease(good, 0.0)
+    assert [lease.mac for lease in srv.leases(0.0)] == [OTHER_MAC]  # normalised
+
+
+def test_expiry_from_a_deadline_heap_bounded_under_renewals():
+    srv = server(lease_time=100)
+    sol = d6.DHCP6_Solicit() / client_id(OTHER_MAC) / d6.DHCP6OptIA_NA(iaid=1)
+    ((ip, _, _),) = addresses(send(srv, sol / d6.DHCP6OptRapidCommit(), mac=OTHER_MAC))
+    renew = (
+        d6.DHCP6_Renew()
+        / client_id(OTHER_MAC)
+        / server_id(srv)
+        / d6.DHCP6OptIA_NA(iaid=1, ianaopts=[d6.DHCP6OptIAAddress(addr=ip)])
+    )
+    raw = bytes(renew)
+    for n in range(1, 501):  # each renewal leaves a stale deadline behind
+        srv.handle(raw, CLIENT_LL, bytes.fromhex(OTHER_MAC.replace(":", "")), n * 0.1)
+    assert len(srv._deadlines) <= 2 * 1 + 64 + 1  # stale ones are dropped now and then
+    assert [lease.ip for lease in srv.leases(149.0)] == [IPv6Address(ip)]
+    assert srv.leases(150.0) == [] and srv.stats.expired == 1

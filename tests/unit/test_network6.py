@@ -357,6 +357,48 @@ def test_dhcpv6_solicit_with_rapid_commit_gets_the_static_lease():
     assert net.ndp.cache.lookup(a6(GUEST6)) == ethernet.parse_mac(MAC1)
 
 
+def _solicit6(mac: str, duid_mac: str, trid: int, src: str = GUEST_LL) -> bytes:
+    sol = (
+        IPv6(src=src, dst="ff02::1:2")
+        / UDP(sport=546, dport=547)
+        / DHCP6_Solicit(trid=trid)
+        / DHCP6OptClientId(duid=DUID_LL(lladdr=duid_mac))
+        / DHCP6OptRapidCommit()
+        / DHCP6OptIA_NA(iaid=1)
+    )
+    return bytes(Ether(src=mac, dst="33:33:00:01:00:02") / sol)
+
+
+def test_dhcpv6_addresses_limited_per_port():
+    """The port a request came by reaches the server: one guest inventing DUIDs gets
+    `port_max_leases` addresses (neighbour cache, port security and state file with them),
+    a guest on another port is still served."""
+    net = make_net(ports=2, port_max_leases=2)
+    for i in range(4):
+        feed(net, _solicit6(MAC2, f"02:66:00:00:00:{i:02x}", i), port=1)
+    assert [e.ip for e in net.events] == [f"{PREFIX}1000", f"{PREFIX}1001"]
+    assert net.dhcp6.stats.port_limit_refused == 2
+    net.events.clear()
+    feed(net, _solicit6("02:00:00:00:00:33", "02:00:00:00:00:33", 9, "fe80::33"), port=2)
+    assert [e.ip for e in net.events] == [f"{PREFIX}1002"]
+
+
+def test_malformed_dhcpv6_lease_event_never_escapes_the_timer():
+    from netferry.hostd.services import dhcpv6
+
+    net = make_net()
+    duid = bytes(DUID_LL(lladdr=MAC2)).hex()
+    lease = dhcpv6.Lease("not-a-mac", ipaddress.IPv6Address(f"{PREFIX}1005"), 5.0, None,
+                         False, duid, 1)  # fmt: skip
+    assert not net.dhcp6.restore_lease(lease, 1.0)  # refused at the door...
+    # ...and should a bad event reach the stack anyway, the timer counts and drops it
+    net.dhcp6._events.append(dhcpv6.LeaseReleased("not-a-mac", lease.ip, None, "expired"))
+    net.dhcp6._events.append(dhcpv6.LeaseReleased(MAC2, lease.ip, None, "expired"))
+    net.handle_timer(100.0)
+    assert net.stats["dhcp6_lease_event_malformed"] == 1
+    assert list(net.events) == [LeaseEvent(MAC2, f"{PREFIX}1005", None, True)]
+
+
 def test_dns_to_dns6_forwarded_with_its_server_address():
     net = make_net()
     learn6(net)

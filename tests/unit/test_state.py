@@ -115,3 +115,46 @@ def test_released_lease_is_an_event_so_the_state_file_forgets_it() -> None:
     feed(net, release, now=3.0)
     assert list(net.events) == [LeaseEvent(mac, ip, None, released=True)]
     assert net.dhcp.leases(3.0) == []
+
+
+def _restore(path: Path, leases6: list) -> tuple[str | None, list]:
+    """Restore a state file holding `leases6`: the StateError's text (or None), the
+    DHCPv6 leases bound after."""
+    from netferry.hostd.state import StateError
+
+    path.write_text(json.dumps({"version": 1, "leases6": leases6}))
+
+    async def run() -> tuple[str | None, list]:
+        switch, control = await _switch_and_control()
+        store = StateStore(control, str(path))
+        error = None
+        try:
+            state = store.read()
+            assert state is not None
+            await store.restore(state)
+        except StateError as e:
+            error = str(e)
+        leases = switch.network.dhcp6.leases(switch.loop.time())
+        await switch.close()
+        return error, leases
+
+    return asyncio.run(run())
+
+
+def test_malformed_leases6_entry_is_a_state_error_naming_it(tmp_path: Path) -> None:
+    error, leases = _restore(tmp_path / "state.json", [42])
+    assert error is not None and "leases6[0]: not an object" in error and leases == []
+
+
+def test_leases6_entry_with_a_bad_mac_is_skipped_not_bound(tmp_path: Path) -> None:
+    import time
+
+    duid = "00030001020000000007"
+    entry = {"ip": "fd00:192:168:127::1005", "expires": time.time() + 600, "duid": duid,
+             "iaid": 1, "hostname": None}  # fmt: skip
+    error, leases = _restore(tmp_path / "state.json", [dict(entry, mac="not-a-mac")])
+    assert error is None and leases == []
+    error, leases = _restore(tmp_path / "state.json", [dict(entry, mac="02:00:00:00:00:07")])
+    assert error is None and [(lease.mac, str(lease.ip)) for lease in leases] == [
+        ("02:00:00:00:00:07", "fd00:192:168:127::1005")
+    ]
