@@ -171,6 +171,7 @@ class Ipv6Layer:
             now=0.0,  # the first advertisement at the first timer
         )
         self.ndp.stats = self.stats  # counted with the switch's others
+        self.ndp.cache.port_of = self.cam.lookup  # per-port shares; live ports' entries stay
         self.reassembler6 = ipv6.Reassembler(
             config.reassembly_max_bytes, max(config.reassembly_timeout, 1.0)
         )

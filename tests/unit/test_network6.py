@@ -204,6 +204,35 @@ def test_address_of_another_port_not_taken():
     assert net.ndp.cache.lookup(a6(GUEST6)) == ethernet.parse_mac(MAC1)
 
 
+def test_flooding_the_neighbour_cache_does_not_free_another_ports_address():
+    """B fills the cache with link-local sources: A's entry stays (B's share is capped and
+    a live port's entries are never evicted for another port's), so A's address stays A's."""
+    net = make_net(ports=2)
+    learn6(net, port=1, mac=MAC1, ip=GUEST6)
+    echo = IPv6(src=GUEST6, dst=GW6) / ICMPv6EchoRequest()
+    assert feed(net, to_gw(echo, MAC2), port=2) == {}
+    assert net.stats["ipv6_source_conflict_dropped"] == 1
+    for i in range(4200):
+        src = str(ipaddress.IPv6Address(f"fe80::1:0:0:{i + 1:x}"))
+        feed(net, to_gw(IPv6(src=src, dst=GW6) / ICMPv6EchoRequest(), MAC2), port=2)
+    cache = net.ndp.cache
+    assert len(cache.addresses_of(ethernet.parse_mac(MAC2))) <= cache.per_port
+    assert cache.peek(a6(GUEST6)) == ethernet.parse_mac(MAC1)
+    assert feed(net, to_gw(echo, MAC2), port=2) == {}
+    assert net.stats["ipv6_source_conflict_dropped"] == 2
+    # a full cache refuses a port's new entry rather than push out another live port's
+    small = make_net(ports=2)
+    small.ndp.cache.max_entries = small.ndp.cache.per_port = 20
+    for i in range(20):
+        learn6(small, port=1, mac=MAC1, ip=f"{PREFIX}1:{i + 1:x}")
+    learn6(small, port=2, mac=MAC2, ip=GUEST2_6)
+    assert small.ndp.cache.peek(a6(GUEST2_6)) is None and len(small.ndp.cache) == 20
+    assert small.ndp.cache.stats["refused_full"] >= 1
+    small.remove_port(1)  # its entries go with it: room again
+    learn6(small, port=2, mac=MAC2, ip=GUEST2_6)
+    assert small.ndp.cache.peek(a6(GUEST2_6)) == ethernet.parse_mac(MAC2)
+
+
 # ---- echo --------------------------------------------------------------------------------
 
 
