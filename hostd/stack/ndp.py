@@ -378,8 +378,16 @@ class NeighborCache:
     of no live port; when none of those is near the LRU end, the new entry is refused
     (counted as `refused_full`), as port security refuses a claim beyond its limit."""
 
-    __slots__ = ("_macs", "_port", "_by_port", "max_entries", "per_port", "port_of",
-                 "protected", "stats")  # fmt: skip
+    __slots__ = (
+        "_by_port",
+        "_macs",
+        "_port",
+        "max_entries",
+        "per_port",
+        "port_of",
+        "protected",
+        "stats",
+    )  # fmt: skip
 
     def __init__(self, max_entries: int = 4096, protected: frozenset[bytes] = frozenset()) -> None:
         self._macs: OrderedDict[bytes, bytes] = OrderedDict()
