@@ -110,6 +110,7 @@ class Ipv6Packet:
     payload: bytes | memoryview  # the upper-layer message, or the fragment's data
     fragment: FragmentInfo | None = None
     raw: bytes | memoryview = b""  # the whole packet (no Ethernet padding): ICMPv6 errors quote it
+    reassembled: bool = False  # rebuilt from fragments (atomic ones too): NDP must refuse it
 
     @property
     def is_fragment(self) -> bool:
@@ -474,6 +475,7 @@ class Reassembler:
             self.stats["malformed_dropped"] += 1
             raise
         self.stats["reassembled"] += 1
+        pkt.reassembled = True
         return pkt
 
     def expire(self, now: float) -> list[bytes]:

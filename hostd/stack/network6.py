@@ -106,23 +106,34 @@ _ICMP4_TO_ICMP6 = {
     (icmp.TIME_EXCEEDED, 1): (icmpv6.TIME_EXCEEDED, icmpv6.REASSEMBLY_TIME_EXCEEDED),
 }
 _PROTO6_NAMES = {6: "tcp", 17: "udp", 58: "icmpv6"}
+# The least of each upper-layer header a first fragment must carry (RFC 7112).
+_MIN_UPPER_LEN = {ipv6.NH_TCP: 20, ipv6.NH_UDP: 8, ipv6.NH_ICMPV6: 4}
+NDP_FIRST, NDP_LAST = 133, 137  # RS, RA, NS, NA, Redirect: RFC 6980 forbids fragmenting them
 
 
 def upper_layer(frame: bytes, ip: int, end: int) -> tuple[int, int] | None:
     """(upper-layer protocol, its offset) of the IPv6 packet at `ip`, walking extension
     headers with bounds and without judging options; None for a broken chain. A non-first
     fragment's upper layer is unknown: (NH_FRAGMENT, offset of its data)."""
+    found = header_chain(frame, ip, end)
+    return None if found is None else found[:2]
+
+
+def header_chain(frame: bytes, ip: int, end: int) -> tuple[int, int, bool] | None:
+    """`upper_layer` and whether the chain crossed a fragment header (a first, atomic or
+    non-first fragment)."""
     nh = frame[ip + 6]
     off = ip + ipv6.HEADER_LEN
+    fragmented = False
     for _ in range(ipv6.MAX_EXTENSION_HEADERS):
         if nh not in ipv6.EXTENSION_HEADERS:
-            return nh, off
+            return nh, off, fragmented
         if off + 8 > end:
             return None
         if nh == ipv6.NH_FRAGMENT:
             if int.from_bytes(frame[off + 2 : off + 4], "big") & 0xFFF8:
-                return ipv6.NH_FRAGMENT, off + 8
-            nh, off = frame[off], off + 8
+                return ipv6.NH_FRAGMENT, off + 8, True
+            nh, off, fragmented = frame[off], off + 8, True
             continue
         nh, off = frame[off], off + (frame[off + 1] + 1) * 8
     return None
@@ -267,11 +278,21 @@ class Ipv6Layer:
             stats["ipv6_spoof_dropped"] += 1
             return self.port_security.refuse("ipv6_gateway_claim_dropped", src)
         end = min(len(frame), ip + ipv6.HEADER_LEN + int.from_bytes(frame[ip + 4 : ip + 6], "big"))
-        found = upper_layer(frame, ip, end)
+        found = header_chain(frame, ip, end)
         if found is None:
             stats["ipv6_bad_extension_chain"] += 1
             return False
-        upper, at = found
+        upper, at, fragmented = found
+        if fragmented and upper != ipv6.NH_FRAGMENT:
+            # A first (or atomic) fragment: RFC 7112, its chain reaches the upper-layer
+            # header, so the checks below see it (else an RA hides in the second fragment);
+            # RFC 6980, NDP is never fragmented.
+            if at + _MIN_UPPER_LEN.get(upper, 0) > end:
+                stats["ipv6_incomplete_chain_dropped"] += 1
+                return False
+            if upper == ipv6.NH_ICMPV6 and NDP_FIRST <= frame[at] <= NDP_LAST:
+                stats["ndp_fragmented_dropped"] += 1
+                return False
         if upper == ipv6.NH_ICMPV6 and at < end:
             kind = frame[at]
             if kind == icmpv6.ROUTER_ADVERTISEMENT or kind == icmpv6.REDIRECT:
@@ -444,6 +465,9 @@ class Ipv6Layer:
         if icmpv6.ROUTER_SOLICITATION <= kind <= icmpv6.NEIGHBOR_ADVERTISEMENT:
             if pkt.fragment is not None or len(pkt.header) > ipv6.HEADER_LEN:
                 stats["ndp_with_extension_dropped"] += 1  # RFC 6980: never fragmented
+                return
+            if pkt.reassembled:  # its pieces' fragment headers are gone, not the rule
+                stats["ndp_fragmented_dropped"] += 1
                 return
             if kind == icmpv6.NEIGHBOR_ADVERTISEMENT and len(data) >= 24:
                 # An advertisement for another port's address is a theft, as in ARP.

@@ -183,6 +183,51 @@ def test_ra_from_a_guest_dropped_never_flooded():
     assert net.stats["ndp_ra_from_guest_dropped"] == 1
 
 
+def _split_behind_destopt(msg, ident: int) -> tuple:
+    """The evasion: the first fragment ends after an 8-byte destination options header
+    (next header ICMPv6), the NDP message is all in the second fragment."""
+    body = bytes(msg)
+    first = IPv6(src=GUEST_LL, dst="ff02::1", hlim=255, nh=44)
+    first /= IPv6ExtHdrFragment(nh=60, m=1, offset=0, id=ident) / IPv6ExtHdrDestOpt(nh=58)
+    second = IPv6(src=GUEST_LL, dst="ff02::1", hlim=255, nh=44)
+    second /= IPv6ExtHdrFragment(nh=60, m=0, offset=1, id=ident) / body
+    return first, second
+
+
+@pytest.mark.parametrize("kind", ["ra", "na"])
+def test_ndp_hidden_behind_a_fragmented_header_chain_not_switched(kind):
+    net = make_net(ports=2)
+    if kind == "ra":
+        msg = ICMPv6ND_RA() / ICMPv6NDOptPrefixInfo(prefix="2001:db8:bad::", prefixlen=64)
+    else:
+        msg = ICMPv6ND_NA(tgt=GW6, R=1, S=0, O=1) / ICMPv6NDOptDstLLAddr(lladdr=MAC1)
+    first, _ = _split_behind_destopt(msg, 7)  # without its first, the second is never whole
+    assert feed(net, Ether(src=MAC1, dst="33:33:00:00:00:01") / first) == {}
+    assert net.stats["ipv6_incomplete_chain_dropped"] == 1
+    # an NDP message in a first fragment (or an atomic one) is refused by type (RFC 6980)
+    whole = IPv6(src=GUEST_LL, dst="ff02::1", hlim=255) / IPv6ExtHdrFragment(id=8) / msg
+    assert feed(net, Ether(src=MAC1, dst="33:33:00:00:00:01") / whole) == {}
+    assert net.stats["ndp_fragmented_dropped"] == 1
+    # ordinary fragmented traffic between guests still flows
+    echo = IPv6(src=GUEST_LL, dst="ff02::1") / IPv6ExtHdrFragment(id=9)
+    echo /= ICMPv6EchoRequest(data=b"x" * 3000)
+    for frag in fragment6(IPv6(bytes(echo)), 1280):
+        assert 2 in feed(net, Ether(src=MAC1, dst="33:33:00:00:00:01") / frag)
+
+
+def test_ndp_that_arrived_in_fragments_refused_by_the_gateway():
+    net = make_net()
+    ns = ICMPv6ND_NS(tgt=GW6) / ICMPv6NDOptSrcLLAddr(lladdr=MAC1)
+    pkt = IPv6(src=GUEST6, dst=GW6, hlim=255) / IPv6ExtHdrFragment(id=3) / ns
+    pieces = fragment6(IPv6(bytes(pkt)), 64)
+    assert len(pieces) >= 2
+    for piece in pieces:
+        assert feed(net, to_gw(piece)) == {}
+    atomic = IPv6(src=GUEST6, dst=GW6, hlim=255) / IPv6ExtHdrFragment(id=4, m=0) / ns
+    assert feed(net, to_gw(atomic)) == {}
+    assert net.stats["ndp_fragmented_dropped"] == 2 and not net.stats["ndp_na_out"]
+
+
 def test_source_claiming_the_gateway_or_off_prefix_dropped():
     net = make_net(ports=2)
     for src, counter in ((GW6, "ipv6_bad_source"), ("2001:db8::1", "ipv6_bad_source")):
