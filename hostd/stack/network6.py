@@ -5,8 +5,9 @@ the switch (ports, CAM table, port security, output boxes), the transport and th
 and adds what IPv6 needs beside IPv4's neighbour table, reassembler and DHCP server: the
 NDP responder (`ndp`: neighbour cache, solicitations for the gateway's and virtual
 addresses, router advertisements), the IPv6 `reassembler6`, the DHCPv6 server (`dhcp6`),
-the ICMPv6 error rate limiter, and the queue of packets waiting for a neighbour
-solicitation's answer. `_init_ipv6` builds them when `config.ipv6` (and the MTU carries
+the ICMPv6 error rate limiter (for errors about guests' packets; a NAT refusal's or a host
+failure's answer for one flow is not limited by it), and the queue of packets waiting for
+a neighbour solicitation's answer. `_init_ipv6` builds them when `config.ipv6` (and the MTU carries
 IPv6's minimum 1280); otherwise every IPv6 frame to the gateway is dropped and counted as
 `ipv6_dropped`, as before IPv6 existed here (guests still reach each other over it).
 
@@ -503,7 +504,9 @@ class Ipv6Layer:
         if dst in self.virtual_ips6 or dst == ALL_NODES:
             if dst == self.host_ip6 and not self.config.host_loopback and not self.gateway_is_host6:
                 stats["host_loopback_refused"] += 1
-                self._icmp6_error_about(pkt, icmpv6.DEST_UNREACHABLE, icmpv6.ADMIN_PROHIBITED)
+                self._icmp6_error_about(
+                    pkt, icmpv6.DEST_UNREACHABLE, icmpv6.ADMIN_PROHIBITED, limited=False
+                )
                 return
             src = self.gateway_ll6 if dst == ALL_NODES else dst
             self.send_icmp_echo_reply(src, pkt.src, msg.ident, msg.seq, bytes(msg.body))
@@ -546,26 +549,36 @@ class Ipv6Layer:
         return self.gateway_ll6 if ipv6.is_link_local(guest) else self.gateway_ip6
 
     def _icmp6_error_about(
-        self, pkt: ipv6.Ipv6Packet, type_: int, code: int, param: int = 0, src: bytes | None = None
+        self,
+        pkt: ipv6.Ipv6Packet,
+        type_: int,
+        code: int,
+        param: int = 0,
+        src: bytes | None = None,
+        limited: bool = True,
     ) -> None:
         invoking = None
         if pkt.next_header == ipv6.NH_ICMPV6 and pkt.payload:
             invoking = pkt.payload[0]
         own = src if src is not None else self._own_source6(pkt.dst, pkt.src)
         self._send_icmp6_error_checked(
-            own, pkt.src, type_, code, pkt.quote, param, invoking, pkt.dst
+            own, pkt.src, type_, code, pkt.quote, param, invoking, pkt.dst, limited
         )
 
     def _send_icmp6_error_checked(
-        self, src, dst, type_, code, quote, param=0, invoking_type=None, invoking_dst=b""
-    ) -> None:
+        self, src, dst, type_, code, quote, param=0, invoking_type=None, invoking_dst=b"",
+        limited=True,
+    ) -> None:  # fmt: skip
         """RFC 4443 2.4(e) and (f): never about an error or a multicast/unspecified source,
-        and rate limited; else built and sent."""
+        and rate limited; else built and sent. `limited` False: the answer for one flow the
+        NAT refused or the host failed (no route: happy eyeballs needs it at once), one per
+        packet of that flow, to its source only; the global limiter, there for errors
+        about the guests' own bad packets, must not delay it, nor one guest use it up."""
         invoking_dst = invoking_dst or self.gateway_ip6
         if not icmpv6.may_send_error(dst, invoking_dst, type_, code, invoking_type):
             self.stats["icmpv6_error_suppressed"] += 1
             return
-        if not self.icmp6_limiter.allow(self._now):
+        if limited and not self.icmp6_limiter.allow(self._now):
             self.stats["icmpv6_error_rate_limited"] += 1
             return
         self.stats["icmpv6_errors_out"] += 1
@@ -573,9 +586,18 @@ class Ipv6Layer:
         self._send_ip6(src, dst, ipv6.NH_ICMPV6, msg)
 
     def send_icmp6_error(
-        self, src: bytes, dst: bytes, type_: int, code: int, quote: bytes, param: int = 0
+        self,
+        src: bytes,
+        dst: bytes,
+        type_: int,
+        code: int,
+        quote: bytes,
+        param: int = 0,
+        limited: bool = False,
     ) -> None:
-        """A native ICMPv6 error (`icmpv6` types) to guest `dst` about the packet `quote`."""
+        """A native ICMPv6 error (`icmpv6` types) to guest `dst` about the packet `quote`.
+        The NAT and the transport call it for one flow's host-side failure or refusal: not
+        rate limited unless `limited` (the gateway's own errors about guest packets)."""
         if not self.ipv6_enabled:
             return
         if len(src) != 16:
@@ -586,7 +608,7 @@ class Ipv6Layer:
             invoking_type = quote[found[1]]
         invoking_dst = bytes(quote[24:40]) if len(quote) >= ipv6.HEADER_LEN else b""
         self._send_icmp6_error_checked(
-            src, dst, type_, code, quote, param, invoking_type, invoking_dst
+            src, dst, type_, code, quote, param, invoking_type, invoking_dst, limited
         )
 
     def _send_icmp_error6(
@@ -739,7 +761,9 @@ class Ipv6Layer:
         if dst == self.host_ip6:
             if not self.config.host_loopback:
                 self.stats["host_loopback_refused"] += 1
-                self._icmp6_error_about(pkt, icmpv6.DEST_UNREACHABLE, icmpv6.ADMIN_PROHIBITED)
+                self._icmp6_error_about(
+                    pkt, icmpv6.DEST_UNREACHABLE, icmpv6.ADMIN_PROHIBITED, limited=False
+                )
                 return ANSWERED
             target = LOOPBACK_V6
         else:
@@ -765,7 +789,9 @@ class Ipv6Layer:
                 self.events.append(FlowDenied(verdict))
                 if proto == "tcp":
                     return SILENT
-                self._icmp6_error_about(pkt, icmpv6.DEST_UNREACHABLE, icmpv6.ADMIN_PROHIBITED)
+                self._icmp6_error_about(
+                    pkt, icmpv6.DEST_UNREACHABLE, icmpv6.ADMIN_PROHIBITED, limited=False
+                )
                 return ANSWERED
         return str(ipaddress.IPv6Address(target))
 
@@ -785,7 +811,7 @@ class Ipv6Layer:
             if len(first) >= ipv6.HEADER_LEN and self._on_link6(first[8:24]):
                 self.send_icmp6_error(
                     self._own_source6(first[24:40], first[8:24]), first[8:24],
-                    icmpv6.TIME_EXCEEDED, icmpv6.REASSEMBLY_TIME_EXCEEDED, first,
+                    icmpv6.TIME_EXCEEDED, icmpv6.REASSEMBLY_TIME_EXCEEDED, first, limited=True,
                 )  # fmt: skip
         for ra in self.ndp.handle_timer(now):
             packet = ipv6.build_ipv6(ra.src, ra.dst, 58, ra.message, ra.hop_limit)

@@ -640,6 +640,38 @@ def test_icmpv6_errors_rate_limited():
     assert 0 < sent < 200 and net.stats["icmpv6_error_rate_limited"] == 200 - sent
 
 
+def test_flow_refusals_and_host_failures_not_throttled_by_the_error_limiter():
+    """A host without IPv6 routes fails every v6 connect (ENETUNREACH): each SYN gets its
+    unreachable at once (happy eyeballs), however many, as each UDP datagram the host could
+    not send; the global limiter is only for the gateway's errors about guest packets."""
+    from scapy.layers.inet import TCPerror
+
+    from netferry.hostd.nat import host_errors
+
+    net = make_net()
+    learn6(net)
+    for i in range(200):
+        syn = IPv6(src=GUEST6, dst=REMOTE6) / TCP(sport=20000 + i, dport=443, flags="S")
+        feed(net, to_gw(syn), now=5.0)
+    dials = [e for e in net.events if isinstance(e, TcpDial)]
+    assert len(dials) == 200
+    for dial in dials:
+        net.tcp_refuse(dial.conn, 5.0, unreachable=icmp.NET_UNREACHABLE)
+    answers = frames(net.frames_to_send(5.0))
+    assert len(answers) == 200
+    assert {a[ICMPv6DestUnreach].code for a in answers} == {0}
+    assert {a[TCPerror].sport for a in answers} == {20000 + i for i in range(200)}
+    for i in range(200):  # a UDP send that failed with ENETUNREACH (the NAT's relay_errno)
+        dgram = bytes(IPv6(src=GUEST6, dst=REMOTE6) / UDP(sport=30000 + i, dport=53) / b"q")
+        assert host_errors.relay_errno(net, a6(REMOTE6), a6(GUEST6), dgram, 101)
+    assert len(frames(net.frames_to_send(5.0))) == 200
+    assert not net.stats["icmpv6_error_rate_limited"]
+    # the gateway's own errors about guest packets stay limited
+    for i in range(200):
+        feed(net, to_gw(IPv6(src=GUEST6, dst=GW6) / UDP(sport=i + 1, dport=9)), now=5.0)
+    assert net.stats["icmpv6_error_rate_limited"] > 0
+
+
 def _corpus6() -> list[bytes]:
     base = IPv6(src=GUEST6, dst=GW6)
     pkts = [
