@@ -15,7 +15,10 @@ Receive (`_ipv6_frame`, from the one receive path for every IPv6 frame):
 
 * A frame to another guest (unicast or flooded) passes `_ipv6_may_leave` first, the rule
   ARP's sender check is for IPv4: nobody sources the gateway's addresses, router
-  advertisements and redirects come only from the gateway (RA guard), a neighbour
+  advertisements and redirects come only from the gateway (RA guard, with port security:
+  without it a port may bridge a network with its own router; the gateway itself always
+  ignores guests' advertisements), a first fragment must carry the whole header chain
+  (RFC 7112) and NDP is never fragmented (RFC 6980), a neighbour
   advertisement for the gateway's or another port's address is dropped before it is
   switched or flooded, and with port security the source must not be another port's.
 * A frame for the gateway (its MAC, or a multicast group it listens to: all nodes, all
@@ -296,7 +299,9 @@ class Ipv6Layer:
                 return False
         if upper == ipv6.NH_ICMPV6 and at < end:
             kind = frame[at]
-            if kind == icmpv6.ROUTER_ADVERTISEMENT or kind == icmpv6.REDIRECT:
+            if (
+                kind == icmpv6.ROUTER_ADVERTISEMENT or kind == icmpv6.REDIRECT
+            ) and self.port_security.enabled:  # off: a port may bridge a real router
                 stats["ndp_ra_from_guest_dropped"] += 1  # RA guard: the gateway is the router
                 return False
             if kind == icmpv6.NEIGHBOR_ADVERTISEMENT and at + 24 <= end:

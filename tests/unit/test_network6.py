@@ -183,6 +183,17 @@ def test_ra_from_a_guest_dropped_never_flooded():
     assert net.stats["ndp_ra_from_guest_dropped"] == 1
 
 
+def test_ra_guard_off_with_port_security_off():
+    """A bridged setup (port security off) may have a router behind a port: its RAs and
+    redirects reach the other guests; the gateway itself still ignores them."""
+    net = make_net(ports=2, port_security=False)
+    ra = IPv6(src=GUEST_LL, dst="ff02::1", hlim=255) / ICMPv6ND_RA()
+    ra /= ICMPv6NDOptPrefixInfo(prefix="2001:db8:1::", prefixlen=64)
+    out = feed(net, Ether(src=MAC1, dst="33:33:00:00:00:01") / ra)
+    assert set(out) == {2} and Ether(out[2][0]).haslayer(ICMPv6ND_RA)
+    assert net.stats["ndp_ra_from_guest_dropped"] == 1  # by the gateway's own responder
+
+
 def _split_behind_destopt(msg, ident: int) -> tuple:
     """The evasion: the first fragment ends after an 8-byte destination options header
     (next header ICMPv6), the NDP message is all in the second fragment."""
