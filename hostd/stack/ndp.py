@@ -421,8 +421,10 @@ class NeighborCache:
                 self.stats["changed"] += 1
                 self._unindex(ip)
                 self._index(ip, port)
-            elif port is not None and ip in self._port:
+            elif ip in self._port:
                 self._by_port[self._port[ip]].move_to_end(ip)
+            elif port is not None:
+                self._index(ip, port)  # learnt before its MAC was on a port
             return True
         if port is not None:
             own = self._by_port.get(port)
