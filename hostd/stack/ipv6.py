@@ -17,7 +17,8 @@ so callers see one shape whether a datagram came whole or in pieces. Its bounds:
 fragments discard the whole datagram (RFC 5722); a byte budget per datagram and one global
 count what is actually held, each fragment charged `FRAGMENT_OVERHEAD` on top of its data so
 that zero-length fragments are not free; at most `max_datagrams` partial datagrams; each
-expires `timeout` seconds after its first fragment (a deadline heap, lazily cleaned), and
+expires `timeout` seconds after its first fragment (a deadline heap, lazily cleaned and
+compacted when stale entries dominate), and
 `expire` hands back the first fragment of each so the caller can send "fragment reassembly
 time exceeded". An atomic fragment (offset 0, M clear: RFC 6946) is processed on its own,
 never mixed with a queue of the same identification.
@@ -109,6 +110,7 @@ class Ipv6Packet:
     payload: bytes | memoryview  # the upper-layer message, or the fragment's data
     fragment: FragmentInfo | None = None
     raw: bytes | memoryview = b""  # the whole packet (no Ethernet padding): ICMPv6 errors quote it
+    reassembled: bool = False  # rebuilt from fragments (atomic ones too): NDP must refuse it
 
     @property
     def is_fragment(self) -> bool:
@@ -473,6 +475,7 @@ class Reassembler:
             self.stats["malformed_dropped"] += 1
             raise
         self.stats["reassembled"] += 1
+        pkt.reassembled = True
         return pkt
 
     def expire(self, now: float) -> list[bytes]:
@@ -507,6 +510,19 @@ class Reassembler:
         part = self._partials.pop(key, None)
         if part is not None:
             self._held -= part.charged
+            self._maybe_compact()
+
+    def _maybe_compact(self) -> None:
+        """Bound the heap by the live partials: entries leave only from the front, so one
+        long-lived partial would pin every later stale entry; rebuild it when stale entries
+        dominate (as the IPv4 reassembler does)."""
+        if len(self._deadlines) > 2 * len(self._partials) + 64:
+            partials = self._partials
+            self._deadlines = [
+                e for e in self._deadlines if (p := partials.get(e[2])) is not None
+                and p.deadline == e[0]
+            ]  # fmt: skip
+            heapq.heapify(self._deadlines)
 
     def _evict_oldest(self, need: int = 0, keep: tuple[bytes, bytes, int] | None = None) -> None:
         """Drop the partial datagrams closest to their deadline until `need` more bytes fit

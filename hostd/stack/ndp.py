@@ -13,8 +13,10 @@ guest cannot take the gateway's address; a probe for any other address is left u
 a guest's SLAAC or DHCPv6 address passes DAD (RFC 4862 5.4) and guests answer for themselves.
 
 `NeighborCache` maps guests' IPv6 addresses to MACs, learned from NS/NA/RS options and from
-traffic; it is bounded and evicts the least recently used entry. It refuses to learn the
-switch's own addresses, so a guest advertising the gateway's address changes nothing.
+traffic; it is bounded and evicts the least recently used entry, within a per-port share and
+never an entry of another live port (so flooding it cannot make a guest's address look free
+to another). It refuses to learn the switch's own addresses, so a guest advertising the
+gateway's address changes nothing.
 
 `RaScheduler` decides, sans-IO, when the gateway multicasts a router advertisement: every
 `min_interval`..`max_interval` seconds (uniformly jittered, RFC 4861 6.2.4), the first
@@ -59,6 +61,7 @@ from netferry.hostd.stack.ipv6 import (
 )
 
 HOP_LIMIT = 255  # NDP is link-local only: anything less was forwarded
+EVICT_SCAN = 64  # a full neighbour cache looks this deep for an entry it may evict
 
 OPT_SOURCE_LLA = 1
 OPT_TARGET_LLA = 2
@@ -368,41 +371,113 @@ def answer_solicitation(
 
 
 class NeighborCache:
-    """IPv6 → MAC for guests, least recently used evicted first; never the switch's own."""
+    """IPv6 → MAC for guests, least recently used evicted first; never the switch's own.
 
-    __slots__ = ("_macs", "max_entries", "protected", "stats")
+    With `port_of` set (the switch's CAM lookup: MAC → live port or None), one port cannot
+    push another's entries out: a port holds at most `per_port` entries (beyond, its own
+    least recently used goes), and a full cache evicts only entries of the learning port or
+    of no live port; when none of those is near the LRU end, the new entry is refused
+    (counted as `refused_full`), as port security refuses a claim beyond its limit."""
+
+    __slots__ = (
+        "_by_port",
+        "_macs",
+        "_port",
+        "max_entries",
+        "per_port",
+        "port_of",
+        "protected",
+        "stats",
+    )  # fmt: skip
 
     def __init__(self, max_entries: int = 4096, protected: frozenset[bytes] = frozenset()) -> None:
         self._macs: OrderedDict[bytes, bytes] = OrderedDict()
+        self._port: dict[bytes, int] = {}  # ip → the port that taught it (with `port_of`)
+        self._by_port: dict[int, OrderedDict[bytes, None]] = {}  # per port, LRU first
         self.max_entries = max_entries
+        # A constant share: it follows the cache size, and 16 guests fill the cache; a port
+        # needs few (link-local, SLAAC stable and temporary, a DHCPv6 lease, per MAC).
+        self.per_port = max(16, max_entries // 16)
+        self.port_of = None  # callable: MAC → live port or None; None: one global LRU
         self.protected = protected
-        self.stats = {"learned": 0, "changed": 0, "evicted": 0, "refused": 0}
+        self.stats = {
+            "learned": 0, "changed": 0, "evicted": 0, "refused": 0, "port_evicted": 0,
+            "refused_full": 0,
+        }  # fmt: skip
 
     def learn(self, ip: bytes, mac: bytes) -> bool:
-        """Record `ip` at `mac`; False when refused (unspecified, multicast, or ours)."""
+        """Record `ip` at `mac`; False when refused (unspecified, multicast, ours, or no room
+        without taking another live port's entry)."""
         if ip == UNSPECIFIED or is_multicast(ip) or mac[0] & 1:
             return False
         if ip in self.protected:
             self.stats["refused"] += 1
             return False
+        port = self.port_of(mac) if self.port_of is not None else None
         old = self._macs.get(ip)
         if old is not None:
             self._macs.move_to_end(ip)
             if old != mac:
                 self._macs[ip] = mac
                 self.stats["changed"] += 1
+                self._unindex(ip)
+                self._index(ip, port)
+            elif ip in self._port:
+                self._by_port[self._port[ip]].move_to_end(ip)
+            elif port is not None:
+                self._index(ip, port)  # learnt before its MAC was on a port
             return True
-        if len(self._macs) >= self.max_entries:
-            self._macs.popitem(last=False)
-            self.stats["evicted"] += 1
+        if port is not None:
+            own = self._by_port.get(port)
+            if own is not None and len(own) >= self.per_port:
+                self._remove(next(iter(own)))  # the port's own least recently used
+                self.stats["port_evicted"] += 1
+        if len(self._macs) >= self.max_entries and not self._evict_for(port):
+            self.stats["refused_full"] += 1
+            return False
         self._macs[ip] = mac
+        self._index(ip, port)
         self.stats["learned"] += 1
         return True
+
+    def _evict_for(self, port: int | None) -> bool:
+        """Make room for `port`'s entry: the least recently used entry that belongs to no
+        live port or to `port` itself, looking at most `EVICT_SCAN` entries deep."""
+        port_of = self.port_of
+        for n, (ip, mac) in enumerate(self._macs.items()):
+            if n >= EVICT_SCAN:
+                return False
+            owner = port_of(mac) if port_of is not None else None
+            if owner is None or owner == port:
+                self._remove(ip)
+                self.stats["evicted"] += 1
+                return True
+        return False
+
+    def _index(self, ip: bytes, port: int | None) -> None:
+        if port is not None:
+            self._port[ip] = port
+            self._by_port.setdefault(port, OrderedDict())[ip] = None
+
+    def _unindex(self, ip: bytes) -> None:
+        port = self._port.pop(ip, None)
+        if port is not None:
+            own = self._by_port[port]
+            del own[ip]
+            if not own:
+                del self._by_port[port]
+
+    def _remove(self, ip: bytes) -> None:
+        del self._macs[ip]
+        self._unindex(ip)
 
     def lookup(self, ip: bytes) -> bytes | None:
         mac = self._macs.get(ip)
         if mac is not None:
             self._macs.move_to_end(ip)
+            port = self._port.get(ip)
+            if port is not None:
+                self._by_port[port].move_to_end(ip)
         return mac
 
     def peek(self, ip: bytes) -> bytes | None:
@@ -416,7 +491,7 @@ class NeighborCache:
     def forget_macs(self, macs: list[bytes]) -> None:
         gone = set(macs)
         for ip in [ip for ip, m in self._macs.items() if m in gone]:
-            del self._macs[ip]
+            self._remove(ip)
 
     def items(self) -> list[tuple[bytes, bytes]]:
         return list(self._macs.items())

@@ -5,8 +5,9 @@ the switch (ports, CAM table, port security, output boxes), the transport and th
 and adds what IPv6 needs beside IPv4's neighbour table, reassembler and DHCP server: the
 NDP responder (`ndp`: neighbour cache, solicitations for the gateway's and virtual
 addresses, router advertisements), the IPv6 `reassembler6`, the DHCPv6 server (`dhcp6`),
-the ICMPv6 error rate limiter, and the queue of packets waiting for a neighbour
-solicitation's answer. `_init_ipv6` builds them when `config.ipv6` (and the MTU carries
+the ICMPv6 error rate limiter (for errors about guests' packets; a NAT refusal's or a host
+failure's answer for one flow is not limited by it), and the queue of packets waiting for
+a neighbour solicitation's answer. `_init_ipv6` builds them when `config.ipv6` (and the MTU carries
 IPv6's minimum 1280); otherwise every IPv6 frame to the gateway is dropped and counted as
 `ipv6_dropped`, as before IPv6 existed here (guests still reach each other over it).
 
@@ -14,7 +15,10 @@ Receive (`_ipv6_frame`, from the one receive path for every IPv6 frame):
 
 * A frame to another guest (unicast or flooded) passes `_ipv6_may_leave` first, the rule
   ARP's sender check is for IPv4: nobody sources the gateway's addresses, router
-  advertisements and redirects come only from the gateway (RA guard), a neighbour
+  advertisements and redirects come only from the gateway (RA guard, with port security:
+  without it a port may bridge a network with its own router; the gateway itself always
+  ignores guests' advertisements), a first fragment must carry the whole header chain
+  (RFC 7112) and NDP is never fragmented (RFC 6980), a neighbour
   advertisement for the gateway's or another port's address is dropped before it is
   switched or flooded, and with port security the source must not be another port's.
 * A frame for the gateway (its MAC, or a multicast group it listens to: all nodes, all
@@ -107,23 +111,34 @@ _ICMP4_TO_ICMP6 = {
     (icmp.TIME_EXCEEDED, 1): (icmpv6.TIME_EXCEEDED, icmpv6.REASSEMBLY_TIME_EXCEEDED),
 }
 _PROTO6_NAMES = {6: "tcp", 17: "udp", 58: "icmpv6"}
+# The least of each upper-layer header a first fragment must carry (RFC 7112).
+_MIN_UPPER_LEN = {ipv6.NH_TCP: 20, ipv6.NH_UDP: 8, ipv6.NH_ICMPV6: 4}
+NDP_FIRST, NDP_LAST = 133, 137  # RS, RA, NS, NA, Redirect: RFC 6980 forbids fragmenting them
 
 
 def upper_layer(frame: bytes, ip: int, end: int) -> tuple[int, int] | None:
     """(upper-layer protocol, its offset) of the IPv6 packet at `ip`, walking extension
     headers with bounds and without judging options; None for a broken chain. A non-first
     fragment's upper layer is unknown: (NH_FRAGMENT, offset of its data)."""
+    found = header_chain(frame, ip, end)
+    return None if found is None else found[:2]
+
+
+def header_chain(frame: bytes, ip: int, end: int) -> tuple[int, int, bool] | None:
+    """`upper_layer` and whether the chain crossed a fragment header (a first, atomic or
+    non-first fragment)."""
     nh = frame[ip + 6]
     off = ip + ipv6.HEADER_LEN
+    fragmented = False
     for _ in range(ipv6.MAX_EXTENSION_HEADERS):
         if nh not in ipv6.EXTENSION_HEADERS:
-            return nh, off
+            return nh, off, fragmented
         if off + 8 > end:
             return None
         if nh == ipv6.NH_FRAGMENT:
             if int.from_bytes(frame[off + 2 : off + 4], "big") & 0xFFF8:
-                return ipv6.NH_FRAGMENT, off + 8
-            nh, off = frame[off], off + 8
+                return ipv6.NH_FRAGMENT, off + 8, True
+            nh, off, fragmented = frame[off], off + 8, True
             continue
         nh, off = frame[off], off + (frame[off + 1] + 1) * 8
     return None
@@ -174,6 +189,7 @@ class Ipv6Layer:
             ra_interval=config.ra_interval,
         )
         self.ndp.stats = self.stats  # counted with the switch's others
+        self.ndp.cache.port_of = self.cam.lookup  # per-port shares; live ports' entries stay
         self.reassembler6 = ipv6.Reassembler(
             config.reassembly_max_bytes, max(config.reassembly_timeout, 1.0)
         )
@@ -269,14 +285,26 @@ class Ipv6Layer:
             stats["ipv6_spoof_dropped"] += 1
             return self.port_security.refuse("ipv6_gateway_claim_dropped", src)
         end = min(len(frame), ip + ipv6.HEADER_LEN + int.from_bytes(frame[ip + 4 : ip + 6], "big"))
-        found = upper_layer(frame, ip, end)
+        found = header_chain(frame, ip, end)
         if found is None:
             stats["ipv6_bad_extension_chain"] += 1
             return False
-        upper, at = found
+        upper, at, fragmented = found
+        if fragmented and upper != ipv6.NH_FRAGMENT:
+            # A first (or atomic) fragment: RFC 7112, its chain reaches the upper-layer
+            # header, so the checks below see it (else an RA hides in the second fragment);
+            # RFC 6980, NDP is never fragmented.
+            if at + _MIN_UPPER_LEN.get(upper, 0) > end:
+                stats["ipv6_incomplete_chain_dropped"] += 1
+                return False
+            if upper == ipv6.NH_ICMPV6 and NDP_FIRST <= frame[at] <= NDP_LAST:
+                stats["ndp_fragmented_dropped"] += 1
+                return False
         if upper == ipv6.NH_ICMPV6 and at < end:
             kind = frame[at]
-            if kind == icmpv6.ROUTER_ADVERTISEMENT or kind == icmpv6.REDIRECT:
+            if (
+                kind == icmpv6.ROUTER_ADVERTISEMENT or kind == icmpv6.REDIRECT
+            ) and self.port_security.enabled:  # off: a port may bridge a real router
                 stats["ndp_ra_from_guest_dropped"] += 1  # RA guard: the gateway is the router
                 return False
             if kind == icmpv6.NEIGHBOR_ADVERTISEMENT and at + 24 <= end:
@@ -455,6 +483,9 @@ class Ipv6Layer:
             if pkt.fragment is not None or len(pkt.header) > ipv6.HEADER_LEN:
                 stats["ndp_with_extension_dropped"] += 1  # RFC 6980: never fragmented
                 return
+            if pkt.reassembled:  # its pieces' fragment headers are gone, not the rule
+                stats["ndp_fragmented_dropped"] += 1
+                return
             if kind == icmpv6.NEIGHBOR_ADVERTISEMENT and len(data) >= 24:
                 # An advertisement for another port's address is a theft, as in ARP.
                 port = self.cam.lookup(src_mac)
@@ -489,7 +520,9 @@ class Ipv6Layer:
         if dst in self.virtual_ips6 or dst == ALL_NODES:
             if dst == self.host_ip6 and not self.config.host_loopback and not self.gateway_is_host6:
                 stats["host_loopback_refused"] += 1
-                self._icmp6_error_about(pkt, icmpv6.DEST_UNREACHABLE, icmpv6.ADMIN_PROHIBITED)
+                self._icmp6_error_about(
+                    pkt, icmpv6.DEST_UNREACHABLE, icmpv6.ADMIN_PROHIBITED, limited=False
+                )
                 return
             src = self.gateway_ll6 if dst == ALL_NODES else dst
             self.send_icmp_echo_reply(src, pkt.src, msg.ident, msg.seq, bytes(msg.body))
@@ -532,26 +565,36 @@ class Ipv6Layer:
         return self.gateway_ll6 if ipv6.is_link_local(guest) else self.gateway_ip6
 
     def _icmp6_error_about(
-        self, pkt: ipv6.Ipv6Packet, type_: int, code: int, param: int = 0, src: bytes | None = None
+        self,
+        pkt: ipv6.Ipv6Packet,
+        type_: int,
+        code: int,
+        param: int = 0,
+        src: bytes | None = None,
+        limited: bool = True,
     ) -> None:
         invoking = None
         if pkt.next_header == ipv6.NH_ICMPV6 and pkt.payload:
             invoking = pkt.payload[0]
         own = src if src is not None else self._own_source6(pkt.dst, pkt.src)
         self._send_icmp6_error_checked(
-            own, pkt.src, type_, code, pkt.quote, param, invoking, pkt.dst
+            own, pkt.src, type_, code, pkt.quote, param, invoking, pkt.dst, limited
         )
 
     def _send_icmp6_error_checked(
-        self, src, dst, type_, code, quote, param=0, invoking_type=None, invoking_dst=b""
-    ) -> None:
+        self, src, dst, type_, code, quote, param=0, invoking_type=None, invoking_dst=b"",
+        limited=True,
+    ) -> None:  # fmt: skip
         """RFC 4443 2.4(e) and (f): never about an error or a multicast/unspecified source,
-        and rate limited; else built and sent."""
+        and rate limited; else built and sent. `limited` False: the answer for one flow the
+        NAT refused or the host failed (no route: happy eyeballs needs it at once), one per
+        packet of that flow, to its source only; the global limiter, there for errors
+        about the guests' own bad packets, must not delay it, nor one guest use it up."""
         invoking_dst = invoking_dst or self.gateway_ip6
         if not icmpv6.may_send_error(dst, invoking_dst, type_, code, invoking_type):
             self.stats["icmpv6_error_suppressed"] += 1
             return
-        if not self.icmp6_limiter.allow(self._now):
+        if limited and not self.icmp6_limiter.allow(self._now):
             self.stats["icmpv6_error_rate_limited"] += 1
             return
         self.stats["icmpv6_errors_out"] += 1
@@ -559,9 +602,18 @@ class Ipv6Layer:
         self._send_ip6(src, dst, ipv6.NH_ICMPV6, msg)
 
     def send_icmp6_error(
-        self, src: bytes, dst: bytes, type_: int, code: int, quote: bytes, param: int = 0
+        self,
+        src: bytes,
+        dst: bytes,
+        type_: int,
+        code: int,
+        quote: bytes,
+        param: int = 0,
+        limited: bool = False,
     ) -> None:
-        """A native ICMPv6 error (`icmpv6` types) to guest `dst` about the packet `quote`."""
+        """A native ICMPv6 error (`icmpv6` types) to guest `dst` about the packet `quote`.
+        The NAT and the transport call it for one flow's host-side failure or refusal: not
+        rate limited unless `limited` (the gateway's own errors about guest packets)."""
         if not self.ipv6_enabled:
             return
         if len(src) != 16:
@@ -572,7 +624,7 @@ class Ipv6Layer:
             invoking_type = quote[found[1]]
         invoking_dst = bytes(quote[24:40]) if len(quote) >= ipv6.HEADER_LEN else b""
         self._send_icmp6_error_checked(
-            src, dst, type_, code, quote, param, invoking_type, invoking_dst
+            src, dst, type_, code, quote, param, invoking_type, invoking_dst, limited
         )
 
     def _send_icmp_error6(
@@ -725,7 +777,9 @@ class Ipv6Layer:
         if dst == self.host_ip6:
             if not self.config.host_loopback:
                 self.stats["host_loopback_refused"] += 1
-                self._icmp6_error_about(pkt, icmpv6.DEST_UNREACHABLE, icmpv6.ADMIN_PROHIBITED)
+                self._icmp6_error_about(
+                    pkt, icmpv6.DEST_UNREACHABLE, icmpv6.ADMIN_PROHIBITED, limited=False
+                )
                 return ANSWERED
             target = LOOPBACK_V6
         else:
@@ -751,7 +805,9 @@ class Ipv6Layer:
                 self.events.append(FlowDenied(verdict))
                 if proto == "tcp":
                     return SILENT
-                self._icmp6_error_about(pkt, icmpv6.DEST_UNREACHABLE, icmpv6.ADMIN_PROHIBITED)
+                self._icmp6_error_about(
+                    pkt, icmpv6.DEST_UNREACHABLE, icmpv6.ADMIN_PROHIBITED, limited=False
+                )
                 return ANSWERED
         return str(ipaddress.IPv6Address(target))
 
@@ -771,7 +827,7 @@ class Ipv6Layer:
             if len(first) >= ipv6.HEADER_LEN and self._on_link6(first[8:24]):
                 self.send_icmp6_error(
                     self._own_source6(first[24:40], first[8:24]), first[8:24],
-                    icmpv6.TIME_EXCEEDED, icmpv6.REASSEMBLY_TIME_EXCEEDED, first,
+                    icmpv6.TIME_EXCEEDED, icmpv6.REASSEMBLY_TIME_EXCEEDED, first, limited=True,
                 )  # fmt: skip
         for ra in self.ndp.handle_timer(now):
             packet = ipv6.build_ipv6(ra.src, ra.dst, 58, ra.message, ra.hop_limit)

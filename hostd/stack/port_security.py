@@ -28,7 +28,8 @@ reason, with how many were dropped since. With `enabled` False (setups that brid
 hosts through a port) everything is allowed and nothing is bound.
 IPv6 (network6.py) uses the binding table for DHCPv6 leases (`bind`, `unbind`, `owner`)
 and leaves SLAAC addresses to the neighbour cache's rule (an address in use by another live
-port's MAC stays there), so a guest's many SLAAC addresses do not use up its IPv4 limit.
+port's MAC stays there), so a guest's many SLAAC addresses do not use up its IPv4 limit;
+IPv6 leases are counted per port apart from IPv4's, against a limit of the same size.
 It does no I/O and reads no clock: `now` comes in where a log line may be due.
 """
 
@@ -60,7 +61,8 @@ class PortSecurity:
         self.max_addresses_per_port = max_addresses_per_port
         self.log_interval = log_interval
         self._owner: dict[bytes, tuple[bytes, int]] = {}  # ip → (mac, port)
-        self._port_ips: dict[int, set[bytes]] = {}
+        self._port_ips: dict[int, set[bytes]] = {}  # IPv4 addresses per port
+        self._port_ips6: dict[int, set[bytes]] = {}  # IPv6 (DHCPv6 leases) per port, apart
         self.stats: Counter[str] = Counter() if stats is None else stats  # may be the switch's
         self._logged: dict[str, tuple[float, int]] = {}  # reason → (when, count then)
         self.now = 0.0  # the latest batch's time (the receive path sets it): log pacing
@@ -70,18 +72,30 @@ class PortSecurity:
 
     # ---- the binding table ---------------------------------------------------------------
 
+    def _ips_of(self, ip: bytes) -> dict[int, set[bytes]]:
+        """The per-port sets of `ip`'s family: each family has its own limit."""
+        return self._port_ips6 if len(ip) == 16 else self._port_ips
+
     def bind(self, port: int, mac: bytes, ip: bytes) -> None:
-        """A DHCP lease: `ip` belongs to `mac` on `port` from now on."""
+        """A DHCP lease: `ip` belongs to `mac` on `port` from now on. DHCPv4 caps its leases
+        per port; DHCPv6 does not, so an IPv6 lease beyond `max_addresses_per_port` is left
+        unbound (counted; the neighbour cache's rule still guards it)."""
         if not self.enabled:
             return
+        by_port = self._ips_of(ip)
         old = self._owner.get(ip)
         if old is not None:
             if old == (mac, port):
                 return
-            self._port_ips[old[1]].discard(ip)
+            by_port[old[1]].discard(ip)
             self.stats["port_security_rebound"] += 1
+        ips = by_port.setdefault(port, set())
+        if len(ip) == 16 and len(ips) >= self.max_addresses_per_port:
+            self._owner.pop(ip, None)
+            self.refuse("ipv6_lease_limit_unbound", ip)
+            return
         self._owner[ip] = (mac, port)
-        self._port_ips.setdefault(port, set()).add(ip)
+        ips.add(ip)
         self.stats["port_security_bound"] += 1
 
     def unbind(self, ip: bytes, mac: bytes) -> None:
@@ -89,10 +103,12 @@ class PortSecurity:
         old = self._owner.get(ip)
         if old is not None and old[0] == mac:
             del self._owner[ip]
-            self._port_ips[old[1]].discard(ip)
+            self._ips_of(ip)[old[1]].discard(ip)
 
     def forget_port(self, port: int) -> None:
         for ip in self._port_ips.pop(port, ()):
+            del self._owner[ip]
+        for ip in self._port_ips6.pop(port, ()):
             del self._owner[ip]
 
     def owner(self, ip: bytes) -> tuple[bytes, int] | None:

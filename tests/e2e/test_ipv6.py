@@ -392,6 +392,15 @@ ra = ra / ICMPv6NDOptSrcLLAddr(lladdr=mac) / ICMPv6NDOptPrefixInfo(prefix="2001:
 frames.append(mc / ra)
 na = IPv6(src=sys.argv[6], dst="ff02::1", hlim=255) / ICMPv6ND_NA(tgt=gw6, R=1, S=0, O=1)
 frames.append(mc / na / ICMPv6NDOptDstLLAddr(lladdr=mac))
+# the same two hidden behind a first fragment that stops after a destination options header
+# (RFC 7112): the NDP message is all in the second fragment
+rogue = ICMPv6NDOptPrefixInfo(prefix="2001:db8:bad:f::", prefixlen=64)
+for ident, msg in ((80, ra.payload.copy() / rogue), (81, na.payload.copy())):
+    whole = IPv6(src=sys.argv[6], dst="ff02::1", hlim=255) / IPv6ExtHdrDestOpt(nh=58) / msg
+    icmp = bytes(IPv6(bytes(whole))[IPv6ExtHdrDestOpt].payload)  # checksummed in place
+    head = IPv6(src=sys.argv[6], dst="ff02::1", hlim=255, nh=44)
+    frames.append(mc / head / IPv6ExtHdrFragment(nh=60, m=1, id=ident) / IPv6ExtHdrDestOpt(nh=58))
+    frames.append(mc / head / IPv6ExtHdrFragment(nh=60, offset=1, m=0, id=ident) / icmp)
 sendp(frames, iface="eth0", verbose=False)
 print(len(frames))
 """
@@ -416,7 +425,7 @@ def test_malformed_and_spoofing_frames_counted_and_dropped(hostd, guest, short_t
         HOST6,
         ll1,
     )
-    assert r.stdout.strip() == "8"
+    assert r.stdout.strip() == "12"
 
     def counted() -> dict | None:
         stats = h.stats()
@@ -428,6 +437,7 @@ def test_malformed_and_spoofing_frames_counted_and_dropped(hostd, guest, short_t
             "ipv6_incomplete_chain": 1,
             "ndp_ra_from_guest_dropped": 1,
             "ndp_spoof_dropped": 1,
+            "ipv6_incomplete_chain_dropped": 2,  # the fragmented RA and NA, never switched
         }
         if all(net.get(k, 0) - before.get(k, 0) >= v for k, v in want.items()) and (
             stats["reassembly6"].get("overlap_dropped", 0) >= 1

@@ -365,3 +365,22 @@ def test_pseudo_header_checksum_matches_scapy():
     assert not cs.verify_transport_v6(D, S, 17, bytes(pkt[UDP])[:-1] + b"f")
     # the existing IPv4 API is unchanged
     assert cs.pseudo_header_sum_v4(b"\x01\x02\x03\x04", b"\x05\x06\x07\x08", 17, 8) > 0
+
+
+def test_deadline_heap_is_compacted_behind_a_long_lived_partial():
+    """Stale deadline entries leave only from the heap's front: one partial that stays (its
+    deadline first) must not pin every later dropped one (overlaps, completions)."""
+
+    def frag(ident, offset, m, data):
+        hdr = IPv6(src=SRC, dst=DST) / IPv6ExtHdrFragment(id=ident, offset=offset // 8, m=m, nh=17)
+        return ipv6.parse_ipv6(bytes(hdr / data))
+
+    r = ipv6.Reassembler()
+    assert r.add(frag(1, 0, 1, bytes(UDP(sport=1, dport=2, len=48)) + b"a" * 8), 0.0) is None
+    for ident in range(2, 20002):  # each pair overlaps: a partial made, then dropped
+        r.add(frag(ident, 0, 1, b"b" * 16), 1.0)
+        r.add(frag(ident, 8, 1, b"c" * 16), 1.0)
+    assert len(r) == 1 and r.stats["overlap_dropped"] == 20000
+    assert len(r._deadlines) <= 2 * len(r) + 64 + 1
+    assert r.next_deadline() == r.timeout  # the long-lived one still expires on time
+    assert r.expire(r.timeout) and len(r) == 0

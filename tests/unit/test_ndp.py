@@ -373,3 +373,24 @@ def test_responder_solicits_unknown_guests():
     assert pkt.dst == a(ipv6.solicited_node(GUEST)) and pkt[ICMPv6ND_NS].tgt == a(GUEST)
     assert ns.dst_mac == bytes.fromhex("3333ff000002")
     assert pkt[ICMPv6NDOptSrcLLAddr].lladdr == "5a:94:ef:e4:0c:dd"
+
+
+def test_neighbour_cache_per_port_share_and_live_ports_kept():
+    ports = {bytes([2, 0, 0, 0, 0, 1]): 1, bytes([2, 0, 0, 0, 0, 2]): 2}
+    a, b = ports
+    cache = ndp.NeighborCache(max_entries=32, protected=OWN)
+    cache.port_of = ports.get
+    assert cache.per_port == 16
+    assert cache.learn(PREFIX[2].packed, a)
+    for i in range(100):  # port 2 churns only its own share
+        assert cache.learn(PREFIX[1000 + i].packed, b)
+    assert len(cache.addresses_of(b)) == 16 and cache.stats["port_evicted"] == 84
+    assert cache.lookup(PREFIX[2].packed) == a
+    for i in range(15):
+        assert cache.learn(PREFIX[100 + i].packed, a)
+    assert len(cache) == 32  # each port at its share, and the cache full
+    c = bytes([2, 0, 0, 0, 0, 3])
+    ports[c] = 3
+    assert not cache.learn(PREFIX[5000].packed, c) and cache.stats["refused_full"] == 1
+    del ports[a]  # port 1 gone (its MAC left the CAM table): its entries may go
+    assert cache.learn(PREFIX[5000].packed, c) and cache.stats["evicted"] == 1

@@ -183,6 +183,62 @@ def test_ra_from_a_guest_dropped_never_flooded():
     assert net.stats["ndp_ra_from_guest_dropped"] == 1
 
 
+def test_ra_guard_off_with_port_security_off():
+    """A bridged setup (port security off) may have a router behind a port: its RAs and
+    redirects reach the other guests; the gateway itself still ignores them."""
+    net = make_net(ports=2, port_security=False)
+    ra = IPv6(src=GUEST_LL, dst="ff02::1", hlim=255) / ICMPv6ND_RA()
+    ra /= ICMPv6NDOptPrefixInfo(prefix="2001:db8:1::", prefixlen=64)
+    out = feed(net, Ether(src=MAC1, dst="33:33:00:00:00:01") / ra)
+    assert set(out) == {2} and Ether(out[2][0]).haslayer(ICMPv6ND_RA)
+    assert net.stats["ndp_ra_from_guest_dropped"] == 1  # by the gateway's own responder
+
+
+def _split_behind_destopt(msg, ident: int) -> tuple:
+    """The evasion: the first fragment ends after an 8-byte destination options header
+    (next header ICMPv6), the NDP message is all in the second fragment."""
+    body = bytes(msg)
+    first = IPv6(src=GUEST_LL, dst="ff02::1", hlim=255, nh=44)
+    first /= IPv6ExtHdrFragment(nh=60, m=1, offset=0, id=ident) / IPv6ExtHdrDestOpt(nh=58)
+    second = IPv6(src=GUEST_LL, dst="ff02::1", hlim=255, nh=44)
+    second /= IPv6ExtHdrFragment(nh=60, m=0, offset=1, id=ident) / body
+    return first, second
+
+
+@pytest.mark.parametrize("kind", ["ra", "na"])
+def test_ndp_hidden_behind_a_fragmented_header_chain_not_switched(kind):
+    net = make_net(ports=2)
+    if kind == "ra":
+        msg = ICMPv6ND_RA() / ICMPv6NDOptPrefixInfo(prefix="2001:db8:bad::", prefixlen=64)
+    else:
+        msg = ICMPv6ND_NA(tgt=GW6, R=1, S=0, O=1) / ICMPv6NDOptDstLLAddr(lladdr=MAC1)
+    first, _ = _split_behind_destopt(msg, 7)  # without its first, the second is never whole
+    assert feed(net, Ether(src=MAC1, dst="33:33:00:00:00:01") / first) == {}
+    assert net.stats["ipv6_incomplete_chain_dropped"] == 1
+    # an NDP message in a first fragment (or an atomic one) is refused by type (RFC 6980)
+    whole = IPv6(src=GUEST_LL, dst="ff02::1", hlim=255) / IPv6ExtHdrFragment(id=8) / msg
+    assert feed(net, Ether(src=MAC1, dst="33:33:00:00:00:01") / whole) == {}
+    assert net.stats["ndp_fragmented_dropped"] == 1
+    # ordinary fragmented traffic between guests still flows
+    echo = IPv6(src=GUEST_LL, dst="ff02::1") / IPv6ExtHdrFragment(id=9)
+    echo /= ICMPv6EchoRequest(data=b"x" * 3000)
+    for frag in fragment6(IPv6(bytes(echo)), 1280):
+        assert 2 in feed(net, Ether(src=MAC1, dst="33:33:00:00:00:01") / frag)
+
+
+def test_ndp_that_arrived_in_fragments_refused_by_the_gateway():
+    net = make_net()
+    ns = ICMPv6ND_NS(tgt=GW6) / ICMPv6NDOptSrcLLAddr(lladdr=MAC1)
+    pkt = IPv6(src=GUEST6, dst=GW6, hlim=255) / IPv6ExtHdrFragment(id=3) / ns
+    pieces = fragment6(IPv6(bytes(pkt)), 64)
+    assert len(pieces) >= 2
+    for piece in pieces:
+        assert feed(net, to_gw(piece)) == {}
+    atomic = IPv6(src=GUEST6, dst=GW6, hlim=255) / IPv6ExtHdrFragment(id=4, m=0) / ns
+    assert feed(net, to_gw(atomic)) == {}
+    assert net.stats["ndp_fragmented_dropped"] == 2 and not net.stats["ndp_na_out"]
+
+
 def test_source_claiming_the_gateway_or_off_prefix_dropped():
     net = make_net(ports=2)
     for src, counter in ((GW6, "ipv6_bad_source"), ("2001:db8::1", "ipv6_bad_source")):
@@ -202,6 +258,35 @@ def test_address_of_another_port_not_taken():
     assert feed(net, to_gw(pkt, MAC2), port=2) == {}
     assert net.stats["ipv6_source_conflict_dropped"] == 1
     assert net.ndp.cache.lookup(a6(GUEST6)) == ethernet.parse_mac(MAC1)
+
+
+def test_flooding_the_neighbour_cache_does_not_free_another_ports_address():
+    """B fills the cache with link-local sources: A's entry stays (B's share is capped and
+    a live port's entries are never evicted for another port's), so A's address stays A's."""
+    net = make_net(ports=2)
+    learn6(net, port=1, mac=MAC1, ip=GUEST6)
+    echo = IPv6(src=GUEST6, dst=GW6) / ICMPv6EchoRequest()
+    assert feed(net, to_gw(echo, MAC2), port=2) == {}
+    assert net.stats["ipv6_source_conflict_dropped"] == 1
+    for i in range(4200):
+        src = str(ipaddress.IPv6Address(f"fe80::1:0:0:{i + 1:x}"))
+        feed(net, to_gw(IPv6(src=src, dst=GW6) / ICMPv6EchoRequest(), MAC2), port=2)
+    cache = net.ndp.cache
+    assert len(cache.addresses_of(ethernet.parse_mac(MAC2))) <= cache.per_port
+    assert cache.peek(a6(GUEST6)) == ethernet.parse_mac(MAC1)
+    assert feed(net, to_gw(echo, MAC2), port=2) == {}
+    assert net.stats["ipv6_source_conflict_dropped"] == 2
+    # a full cache refuses a port's new entry rather than push out another live port's
+    small = make_net(ports=2)
+    small.ndp.cache.max_entries = small.ndp.cache.per_port = 20
+    for i in range(20):
+        learn6(small, port=1, mac=MAC1, ip=f"{PREFIX}1:{i + 1:x}")
+    learn6(small, port=2, mac=MAC2, ip=GUEST2_6)
+    assert small.ndp.cache.peek(a6(GUEST2_6)) is None and len(small.ndp.cache) == 20
+    assert small.ndp.cache.stats["refused_full"] >= 1
+    small.remove_port(1)  # its entries go with it: room again
+    learn6(small, port=2, mac=MAC2, ip=GUEST2_6)
+    assert small.ndp.cache.peek(a6(GUEST2_6)) == ethernet.parse_mac(MAC2)
 
 
 # ---- echo --------------------------------------------------------------------------------
@@ -606,6 +691,38 @@ def test_icmpv6_errors_rate_limited():
         out = feed(net, to_gw(IPv6(src=GUEST6, dst=GW6) / UDP(sport=i + 1, dport=9)), now=5.0)
         sent += len(out.get(1, []))
     assert 0 < sent < 200 and net.stats["icmpv6_error_rate_limited"] == 200 - sent
+
+
+def test_flow_refusals_and_host_failures_not_throttled_by_the_error_limiter():
+    """A host without IPv6 routes fails every v6 connect (ENETUNREACH): each SYN gets its
+    unreachable at once (happy eyeballs), however many, as each UDP datagram the host could
+    not send; the global limiter is only for the gateway's errors about guest packets."""
+    from scapy.layers.inet import TCPerror
+
+    from netferry.hostd.nat import host_errors
+
+    net = make_net()
+    learn6(net)
+    for i in range(200):
+        syn = IPv6(src=GUEST6, dst=REMOTE6) / TCP(sport=20000 + i, dport=443, flags="S")
+        feed(net, to_gw(syn), now=5.0)
+    dials = [e for e in net.events if isinstance(e, TcpDial)]
+    assert len(dials) == 200
+    for dial in dials:
+        net.tcp_refuse(dial.conn, 5.0, unreachable=icmp.NET_UNREACHABLE)
+    answers = frames(net.frames_to_send(5.0))
+    assert len(answers) == 200
+    assert {a[ICMPv6DestUnreach].code for a in answers} == {0}
+    assert {a[TCPerror].sport for a in answers} == {20000 + i for i in range(200)}
+    for i in range(200):  # a UDP send that failed with ENETUNREACH (the NAT's relay_errno)
+        dgram = bytes(IPv6(src=GUEST6, dst=REMOTE6) / UDP(sport=30000 + i, dport=53) / b"q")
+        assert host_errors.relay_errno(net, a6(REMOTE6), a6(GUEST6), dgram, 101)
+    assert len(frames(net.frames_to_send(5.0))) == 200
+    assert not net.stats["icmpv6_error_rate_limited"]
+    # the gateway's own errors about guest packets stay limited
+    for i in range(200):
+        feed(net, to_gw(IPv6(src=GUEST6, dst=GW6) / UDP(sport=i + 1, dport=9)), now=5.0)
+    assert net.stats["icmpv6_error_rate_limited"] > 0
 
 
 def _corpus6() -> list[bytes]:

@@ -109,6 +109,24 @@ def test_binding_by_first_use_and_by_lease():
     assert ps.source_allowed(4, m(MAC2), b"\xc0\xa8\x7f\x0a")
 
 
+def test_ipv6_leases_counted_apart_from_ipv4_addresses():
+    """DHCPv6 leases do not use up a port's IPv4 addresses; they have their own limit."""
+    ps = PortSecurity(CamTable(secure=True), max_addresses_per_port=2)
+    v6 = [bytes.fromhex("fd000192016801270000000000000a0" + str(i)) for i in range(4)]
+    ps.bind(1, m(MAC1), v6[0])
+    ps.bind(1, m(MAC1), v6[1])
+    assert ps.source_allowed(1, m(MAC1), b"\xc0\xa8\x7f\x0a")
+    assert ps.source_allowed(1, m(MAC1), b"\xc0\xa8\x7f\x0b")
+    assert ps.owner(v6[1]) == (m(MAC1), 1)
+    ps.bind(1, m(MAC1), v6[2])  # beyond the IPv6 share: left unbound, counted
+    assert ps.owner(v6[2]) is None and ps.stats["ipv6_lease_limit_unbound"] == 1
+    ps.unbind(v6[0], m(MAC1))
+    ps.bind(1, m(MAC1), v6[3])
+    assert ps.owner(v6[3]) == (m(MAC1), 1)
+    ps.forget_port(1)
+    assert len(ps) == 0
+
+
 def test_disabled_allows_everything_and_binds_nothing():
     ps = PortSecurity(CamTable(secure=False), enabled=False)
     assert ps.source_allowed(1, m(MAC1), b(GUEST_IP))
