@@ -204,12 +204,14 @@ def silent_udp_port() -> Iterator[int]:
         s.close()
 
 
-@pytest.fixture
-def udp_echo_server() -> Iterator[int]:
-    """UDP echo on 127.0.0.1; returns the port."""
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.bind(("127.0.0.1", 0))
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+@contextlib.contextmanager
+def serve_udp_echo(host: str = "127.0.0.1", buffers: int = 4 << 20) -> Iterator[int]:
+    """A UDP echo server on `host` (IPv4 or IPv6 loopback) in a thread; yields its port."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(family, socket.SOCK_DGRAM)
+    s.bind((host, 0))
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffers)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buffers)
     s.settimeout(0.2)
     stop = threading.Event()
 
@@ -231,6 +233,13 @@ def udp_echo_server() -> Iterator[int]:
         stop.set()
         t.join(2)
         s.close()
+
+
+@pytest.fixture
+def udp_echo_server() -> Iterator[int]:
+    """UDP echo on 127.0.0.1; returns the port."""
+    with serve_udp_echo() as port:
+        yield port
 
 
 # ---- hostd ------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Blob, wait_for
+from tests.conftest import Blob, serve_udp_echo, wait_for
 from tests.e2e.test_ipv4 import answers
 
 pytestmark = pytest.mark.e2e
@@ -149,31 +149,8 @@ def blob64(big_blob: Blob, short_tmp: Path) -> tuple[Path, str]:
 @pytest.fixture
 def udp6_echo_server() -> Iterator[int]:
     """UDP echo on [::1]; returns the port."""
-    s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-    s.bind(("::1", 0))
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 << 20)
-    s.settimeout(0.2)
-    stop = threading.Event()
-
-    def loop() -> None:
-        while not stop.is_set():
-            try:
-                data, addr = s.recvfrom(65535)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            s.sendto(data, addr)
-
-    t = threading.Thread(target=loop, daemon=True)
-    t.start()
-    try:
-        yield s.getsockname()[1]
-    finally:
-        stop.set()
-        t.join(2)
-        s.close()
+    with serve_udp_echo("::1", 8 << 20) as port:
+        yield port
 
 
 def closed_udp6_port() -> int:
