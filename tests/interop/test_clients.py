@@ -435,7 +435,7 @@ def test_grpcurl_examples_every_rpc(hostd) -> None:
     (added_rule,) = messages(str(sec["policy-add"]["output"]))
     assert added_rule["rule"] == {"action": "POLICY_ACTION_DENY", "rule": "10.99.0.0/16:443/tcp"}
     code, msg = error_of(sec["policy-add-invalid"])
-    assert code == "InvalidArgument" and "not an IPv4 CIDR" in msg, msg
+    assert code == "InvalidArgument" and "not an IPv4/IPv6 CIDR" in msg, msg
     (rules,) = messages(str(sec["policy-list"]["output"]))
     assert rules["rules"] == [added_rule["rule"]]
     assert error_of(sec["policy-remove-missing"])[0] == "NotFound"
