@@ -519,10 +519,10 @@ class HttpServer:
     uploads: list[tuple[int, str]]  # (size, sha256) of every upload received
 
 
-@pytest.fixture
-def http_server(big_blob: Blob) -> Iterator[HttpServer]:
-    """HTTP on 127.0.0.1: GET /blob sends the 256 MiB blob (or /blob?mib=N its first N MiB);
-    PUT /upload answers with the sha256 of the body it received."""
+@contextlib.contextmanager
+def serve_blob(big_blob: Blob, host: str = "127.0.0.1") -> Iterator[HttpServer]:
+    """HTTP on `host` (IPv4 or IPv6 loopback): GET /blob sends the 256 MiB blob (or
+    /blob?mib=N its first N MiB); PUT /upload answers with the sha256 of the body it got."""
     import hashlib
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
     from urllib.parse import parse_qs, urlsplit
@@ -570,8 +570,11 @@ def http_server(big_blob: Blob) -> Iterator[HttpServer]:
             self.end_headers()
             self.wfile.write(body)
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
+    class Server(ThreadingHTTPServer):
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        daemon_threads = True
+
+    server = Server((host, 0), Handler)
     t = threading.Thread(target=server.serve_forever, daemon=True)
     t.start()
     try:
@@ -579,6 +582,13 @@ def http_server(big_blob: Blob) -> Iterator[HttpServer]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture
+def http_server(big_blob: Blob) -> Iterator[HttpServer]:
+    """`serve_blob` on 127.0.0.1."""
+    with serve_blob(big_blob) as server:
+        yield server
 
 
 @contextlib.contextmanager

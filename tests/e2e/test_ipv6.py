@@ -11,16 +11,15 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import os
-import shutil
 import socket
 import subprocess
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
 from tests.conftest import wait_for
+from tests.e2e.test_dhcpv6_client import dhclient_log, run_dhclient
 
 pytestmark = pytest.mark.e2e
 
@@ -30,13 +29,6 @@ HOST6 = f"{PREFIX}254"
 GUEST_MAC = "5a:94:ef:e4:0c:ee"
 GATEWAY_MAC = "5a:94:ef:e4:0c:dd"
 GATEWAY_LL = "fe80::5894:efff:fee4:cdd"
-
-
-def _dhclient() -> str:
-    path = shutil.which("dhclient") or "/sbin/dhclient"
-    if not os.path.exists(path):
-        pytest.fail("dhclient is missing: ./scripts/bootstrap installs isc-dhcp-client")
-    return path
 
 
 def in_prefix(addr: str) -> bool:
@@ -71,28 +63,6 @@ def no_tentative(g) -> None:
     )
 
 
-def run_dhclient6(g, tmp: Path):
-    """dhclient -6 in the foreground; its script sets the address it got."""
-    script = tmp / "dhclient6-script.sh"
-    got = tmp / "dhclient6-got"
-    script.write_text(
-        "#!/bin/sh\n"
-        f'echo "$reason $new_ip6_address $new_dhcp6_name_servers" >> {got}\n'
-        'case "$reason" in BOUND6|RENEW6|REBIND6|REBOOT6)\n'
-        '  [ -z "$new_ip6_address" ] || ip -6 addr replace "$new_ip6_address/64" dev "$interface"'
-        " ;;\n"
-        "esac\n"
-    )
-    script.chmod(0o755)
-    conf = tmp / "dhclient6.conf"
-    conf.write_text("request dhcp6.name-servers;\n")
-    args = [_dhclient(), "-6", "-d", "-v", "-cf", str(conf), "-lf", str(tmp / "leases6")]
-    args += ["-pf", str(tmp / "dhclient6.pid"), "-sf", str(script), "eth0"]
-    log = open(tmp / "dhclient6.log", "w")
-    proc = g.ns.popen(*args, stdout=log, stderr=log)
-    return proc, got, log
-
-
 @pytest.fixture
 def guest6(hostd, guest, short_tmp):
     """hostd, a vm-switch guest with its IPv4 lease, its SLAAC address and the ::2 lease."""
@@ -107,12 +77,12 @@ def guest6(hostd, guest, short_tmp):
         wait_slaac(g)
         no_tentative(g)  # dhclient binds to the link-local address: DAD must be done
         if dhcp6:
-            proc, _got, log = run_dhclient6(g, short_tmp)
+            proc, _got, log = run_dhclient(g.ns, short_tmp)
             started.append((proc, log))
             deadline = time.monotonic() + 60
             while f"{PREFIX}2/64" not in global_addrs(g):
                 if time.monotonic() > deadline:
-                    log_text = (short_tmp / "dhclient6.log").read_text()[-3000:]
+                    log_text = dhclient_log(short_tmp)
                     pytest.fail(f"dhclient -6 did not configure {PREFIX}2:\n{log_text}")
                 time.sleep(0.2)
             no_tentative(g)
@@ -144,7 +114,7 @@ def test_slaac_dhcpv6_default_route_and_rdnss(guest6, short_tmp):
     assert "mtu 1500" in route or "mtu" not in route  # the RA's MTU option: the link's
     # dhclient's script saw the DNS server of the reply; the kernel took the RA's RDNSS
     # (seen in the RA hostd sent: the pcap holds it) and its prefix.
-    got = (short_tmp / "dhclient6-got").read_text()
+    got = (short_tmp / "got").read_text()  # what run_dhclient's script recorded
     assert f"BOUND6 {PREFIX}2 {GATEWAY6}" in got, got
     from scapy.layers.inet6 import ICMPv6ND_RA, ICMPv6NDOptRDNSS
     from scapy.utils import rdpcap

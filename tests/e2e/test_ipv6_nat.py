@@ -16,17 +16,14 @@ import json
 import os
 import socket
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from ipaddress import IPv6Address, IPv6Network
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import Blob, serve_udp_echo, wait_for
+from tests.conftest import Blob, HttpServer, serve_blob, serve_udp_echo, wait_for
 from tests.e2e.test_ipv4 import answers
 
 pytestmark = pytest.mark.e2e
@@ -69,68 +66,11 @@ def wait_v6(g) -> str:
 # ---- loopback peers on ::1 ------------------------------------------------------------
 
 
-class V6HttpServer(ThreadingHTTPServer):
-    address_family = socket.AF_INET6
-    daemon_threads = True
-
-
-@dataclass
-class Http6:
-    port: int
-    uploads: list[tuple[int, str]]
-
-
 @pytest.fixture
-def http6_server(big_blob: Blob) -> Iterator[Http6]:
-    """HTTP on [::1]: GET /blob?mib=N sends the blob's first N MiB; PUT /upload answers the
-    sha256 of the body it received."""
-    from urllib.parse import parse_qs, urlsplit
-
-    uploads: list[tuple[int, str]] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, *args):  # quiet
-            pass
-
-        def do_GET(self):
-            url = urlsplit(self.path)
-            size = min(int(parse_qs(url.query).get("mib", ["64"])[0]) << 20, big_blob.size)
-            self.send_response(200)
-            self.send_header("Content-Length", str(size))
-            self.end_headers()
-            with open(big_blob.path, "rb") as f:
-                left = size
-                while left:
-                    chunk = f.read(min(1 << 20, left))
-                    self.wfile.write(chunk)
-                    left -= len(chunk)
-
-        def do_PUT(self):
-            n = int(self.headers["Content-Length"])
-            h = hashlib.sha256()
-            left = n
-            while left:
-                chunk = self.rfile.read(min(1 << 20, left))
-                if not chunk:
-                    break
-                h.update(chunk)
-                left -= len(chunk)
-            uploads.append((n - left, h.hexdigest()))
-            body = h.hexdigest().encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-    server = V6HttpServer(("::1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield Http6(server.server_address[1], uploads)
-    finally:
-        server.shutdown()
-        server.server_close()
+def http6_server(big_blob: Blob) -> Iterator[HttpServer]:
+    """`serve_blob` on [::1]."""
+    with serve_blob(big_blob, "::1") as server:
+        yield server
 
 
 @pytest.fixture
